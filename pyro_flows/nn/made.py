@@ -57,8 +57,9 @@ class MADE(nn.Module):
     output of variable :math:`i` sees hidden units of degree :math:`< o_i`.
     The context (optional) feeds every unit of the first hidden layer, so
     every output may depend on it. ``forward`` maps ``(..., D)`` (and a
-    context ``(..., C)``, broadcast) to parameters ``(..., D, P)``,
-    ``P = params_per_feature``. The output layer starts at zero.
+    context ``(..., C)``, broadcast) to parameters ``(..., P, D)``,
+    ``P = params_per_feature`` (parameter-major: each kind of parameter is a
+    contiguous block of ``D``). The output layer starts at zero.
 
     Hidden units are laid out by increasing degree, so the units of one
     degree form a contiguous block. :meth:`sequential` uses this to invert an
@@ -69,7 +70,7 @@ class MADE(nn.Module):
     Example:
         >>> made = MADE(4, params_per_feature=2, hidden=(32, 32))
         >>> made(torch.randn(10, 4)).shape
-        torch.Size([10, 4, 2])
+        torch.Size([10, 2, 4])
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class MADE(nn.Module):
                 mask = torch.cat((mask, torch.ones(len(degrees), C, dtype=torch.bool)), dim=1)
             layers.append(MaskedLinear(mask))
             previous = degrees
-        degrees_out = degrees_in.repeat_interleave(P)
+        degrees_out = degrees_in.repeat(P)  # output p * D + i is parameter p of variable i
         self.output = MaskedLinear(degrees_out[:, None] > previous[None, :])
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
@@ -116,7 +117,7 @@ class MADE(nn.Module):
         h = broadcast_cat(x, context)
         for layer in self.hidden:
             h = self.activation(layer(h))
-        return self.output(h).unflatten(-1, (self.features, self.params_per_feature))
+        return self.output(h).unflatten(-1, (self.params_per_feature, self.features))
 
     def sequential(
         self, solve: Callable[[int, Tensor], Tensor], batch_shape: torch.Size, context: Optional[Tensor] = None
@@ -148,7 +149,7 @@ class MADE(nn.Module):
                     pre = F.linear(source, layer.weight[start:end, : source.shape[-1]], layer.bias[start:end])
                 hidden[i] = torch.cat((hidden[i], self.activation(pre)), dim=-1)
             variable = int(self.variable_of_rank[r])
-            rows = slice(variable * P, (variable + 1) * P)
+            rows = slice(variable, P * D, D)
             last = hidden[-1]
             params = F.linear(last, self.output.weight[rows, : last.shape[-1]], self.output.bias[rows])
             known = torch.cat((known, solve(variable, params).unsqueeze(-1)), dim=-1)

@@ -60,8 +60,8 @@ class Autoregressive(FlowTransform):
         self.network = MADE(features, transform_map.num_params, hidden, context_features, order, activation)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        params = self.network(x, context)
-        x = x.expand(params.shape[:-1])  # broadcast with the context's batch
+        params = self.network(x, context).movedim(-2, 0)
+        x = x.expand(params.shape[1:])  # broadcast with the context's batch
         y, log_derivative = self.transform_map.forward(x, params)
         return y, log_derivative.sum(-1)
 
@@ -70,7 +70,7 @@ class Autoregressive(FlowTransform):
         log_derivatives = []
 
         def solve(i: int, params: Tensor) -> Tensor:
-            x_i, log_derivative = self.transform_map.inverse(y[..., i : i + 1], params.unsqueeze(-2))
+            x_i, log_derivative = self.transform_map.inverse(y[..., i : i + 1], params.movedim(-1, 0).unsqueeze(-1))
             log_derivatives.append(log_derivative)
             return x_i.squeeze(-1)
 

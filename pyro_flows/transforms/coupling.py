@@ -74,7 +74,7 @@ class Coupling(FlowTransform):
     def _couple(self, x: Tensor, context: Optional[Tensor], inverse: bool) -> tuple[Tensor, Tensor]:
         params = self.conditioner(x.index_select(-1, self.identity_index), context)
         x = x.expand(params.shape[:-1] + x.shape[-1:])  # broadcast with the context's batch
-        params = params.unflatten(-1, (self.num_transformed, self.transform_map.num_params))
+        params = params.unflatten(-1, (self.transform_map.num_params, self.num_transformed)).movedim(-2, 0)
         apply = self.transform_map.inverse if inverse else self.transform_map.forward
         y_transformed, log_derivative = apply(x.index_select(-1, self.transformed_index), params)
         return x.index_copy(-1, self.transformed_index, y_transformed), log_derivative.sum(-1)
