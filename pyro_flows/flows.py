@@ -147,6 +147,17 @@ class Flow(nn.Module):
         return FlowDistribution(base, transforms)
 
 
+MIXING = ("alternate", "random", "lu")
+
+
+def _mixing_layer(features: int, mixing: str) -> list[Transform]:
+    if mixing == "random":
+        return [T.Permute(features, "random")]
+    if mixing == "lu":
+        return [T.LULinear(features)]
+    return []
+
+
 def _stack(
     features: int,
     context: int,
@@ -154,14 +165,25 @@ def _stack(
     conditional_layer,
     transforms: int,
     hidden: Sequence[int],
+    mixing: str = "alternate",
     **kwargs,
 ) -> Flow:
-    """Build ``transforms`` layers (conditional twins if ``context``); ``layer`` gets the layer index."""
+    """Build ``transforms`` layers (conditional twins if ``context``); ``layer`` gets the layer index.
+
+    Masks or orders alternate between layers; ``mixing="random"`` adds a random
+    permutation between layers and ``mixing="lu"`` an :class:`~.transforms.LULinear`.
+    """
     if features < 1 or transforms < 1:
         raise ValueError(f"a flow needs features >= 1 and transforms >= 1, got {features}, {transforms}")
+    if mixing not in MIXING:
+        raise ValueError(f"mixing must be one of {MIXING}, got {mixing!r}")
     make = conditional_layer if context else layer
     extra = {"context_features": context} if context else {}
-    layers = [make(i, hidden=tuple(hidden), **extra, **kwargs) for i in range(transforms)]
+    layers: list[Transform] = []
+    for i in range(transforms):
+        if i:
+            layers += _mixing_layer(features, mixing)
+        layers.append(make(i, hidden=tuple(hidden), **extra, **kwargs))
     return Flow(StandardNormal(features), layers, context)
 
 

@@ -137,7 +137,7 @@ class MADE(nn.Module):
             const = const + F.linear(context, first.weight[:, D:])
         known = const.new_empty(*batch_shape, 0)  # determined variables, by rank
         hidden = [const.new_empty(*batch_shape, 0) for _ in self.hidden]  # units computed so far
-        for r in range(D):
+        for r, variable in enumerate(self.variable_of_rank.tolist()):  # one host read, not D
             for i, layer in enumerate(self.hidden):
                 start, end = self._ends[i][r], self._ends[i][r + 1]
                 if start == end:
@@ -148,7 +148,6 @@ class MADE(nn.Module):
                     source = hidden[i - 1]
                     pre = F.linear(source, layer.weight[start:end, : source.shape[-1]], layer.bias[start:end])
                 hidden[i] = torch.cat((hidden[i], self.activation(pre)), dim=-1)
-            variable = int(self.variable_of_rank[r])
             rows = slice(variable, P * D, D)
             last = hidden[-1]
             params = F.linear(last, self.output.weight[rows, : last.shape[-1]], self.output.bias[rows])

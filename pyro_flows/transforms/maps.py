@@ -114,40 +114,32 @@ class RationalQuadraticSpline(ElementwiseMap):
     Args:
         bins: :math:`K`.
         bound: :math:`B`.
-        min_bin_width, min_bin_height, min_derivative: floors for numerical safety.
+        min_bin_size: floor of every bin's width and height, as a fraction of :math:`2B`.
+        min_derivative: floor of the knot derivatives.
     """
 
-    def __init__(
-        self,
-        bins: int = 8,
-        bound: float = 5.0,
-        min_bin_width: float = 1e-3,
-        min_bin_height: float = 1e-3,
-        min_derivative: float = 1e-3,
-    ) -> None:
+    def __init__(self, bins: int = 8, bound: float = 5.0, min_bin_size: float = 1e-3, min_derivative: float = 1e-3) -> None:
         if bins < 1 or bound <= 0:
             raise ValueError(f"RationalQuadraticSpline needs bins >= 1 and bound > 0, got {bins}, {bound}")
-        if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
-            raise ValueError("RationalQuadraticSpline: min_bin_width/height times bins must be below 1")
+        if not 0 <= min_bin_size * bins < 1:
+            raise ValueError(f"RationalQuadraticSpline: min_bin_size * bins must be in [0, 1), got {min_bin_size * bins}")
         self.bins, self.bound = int(bins), float(bound)
-        self.min_bin_width, self.min_bin_height, self.min_derivative = min_bin_width, min_bin_height, min_derivative
+        self.min_bin_size, self.min_derivative = min_bin_size, min_derivative
         # softplus(0 + offset) + min_derivative == 1: zero parameters give the identity
         self._derivative_offset = math.log(math.expm1(1.0 - min_derivative))
         self.num_params = 3 * self.bins - 1
 
-    def _knots(self, params: Tensor) -> tuple[Tensor, ...]:
-        """Knot positions, bin sizes and knot derivatives (bins on the leading axis)."""
+    def _knot_table(self, params: Tensor) -> Tensor:
+        """``(3, K + 1, ...)``: x-knots, y-knots and knot derivatives, bins on axis 1."""
         K, B = self.bins, self.bound
-        raw_widths, raw_heights, raw_derivatives = params.split((K, K, K - 1), dim=0)
-        widths = torch.softmax(raw_widths, dim=0).mul(2 * B * (1 - self.min_bin_width * K)).add(2 * B * self.min_bin_width)
-        heights = torch.softmax(raw_heights, dim=0).mul(2 * B * (1 - self.min_bin_height * K)).add(2 * B * self.min_bin_height)
-        edge = torch.full_like(raw_derivatives[:1], -B)
-        knots_x = torch.cat((edge, torch.cumsum(widths, dim=0).sub(B)), dim=0)
-        knots_y = torch.cat((edge, torch.cumsum(heights, dim=0).sub(B)), dim=0)
+        raw_sizes, raw_derivatives = params.split((2 * K, K - 1), dim=0)
+        sizes = torch.softmax(raw_sizes.unflatten(0, (2, K)), dim=1)  # bin widths and heights
+        sizes = sizes.mul(2 * B * (1 - self.min_bin_size * K)).add(2 * B * self.min_bin_size)
+        knots = torch.cat((torch.full_like(sizes[:, :1], -B), torch.cumsum(sizes, dim=1).sub(B)), dim=1)
+        one = torch.ones_like(knots[:1, :1])
         interior = F.softplus(raw_derivatives + self._derivative_offset).add(self.min_derivative)
-        one = torch.ones_like(edge)
-        derivatives = torch.cat((one, interior, one), dim=0)
-        return knots_x, knots_y, widths, heights, derivatives
+        derivatives = torch.cat((one, interior.unsqueeze(0), one), dim=1)
+        return torch.cat((knots, derivatives), dim=0)
 
     @staticmethod
     def _log_derivative(xi: Tensor, slope: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
@@ -158,17 +150,15 @@ class RationalQuadraticSpline(ElementwiseMap):
         return 2 * torch.log(slope) + torch.log(numerator) - 2 * torch.log(denominator)
 
     def _select(self, values: Tensor, params: Tensor, by_y: bool):
-        """Clamp into the interval, find each value's bin and gather that bin's knots."""
+        """Clamp into the interval, find each value's bin, gather the knots at both its ends."""
         B = self.bound
         inside = (values >= -B) & (values <= B)
         clamped = values.clamp(-B, B)
-        knots_x, knots_y, widths, heights, derivatives = self._knots(params)
-        knots = knots_y if by_y else knots_x
-        k = (clamped.unsqueeze(0) >= knots[1:-1]).sum(dim=0, keepdim=True)
-        x0, y0 = knots_x.gather(0, k)[0], knots_y.gather(0, k)[0]
-        w, h = widths.gather(0, k)[0], heights.gather(0, k)[0]
-        d0, d1 = derivatives.gather(0, k)[0], derivatives.gather(0, k + 1)[0]
-        return inside, clamped, x0, y0, w, h, d0, d1
+        table = self._knot_table(params)
+        knots = table[1 if by_y else 0]
+        k = (clamped.unsqueeze(0) >= knots[1:-1]).sum(dim=0, keepdim=True).unsqueeze(0).expand(3, 1, *values.shape)
+        (x0, y0, d0), (x1, y1, d1) = table.gather(1, k)[:, 0], table.gather(1, k + 1)[:, 0]
+        return inside, clamped, x0, y0, x1 - x0, y1 - y0, d0, d1
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         inside, xc, x0, y0, w, h, d0, d1 = self._select(x, params, by_y=False)
