@@ -34,7 +34,13 @@ def demo(flow: str = "nsf", epochs: int = 40, seed: int = 0) -> dict:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         flow_ll = float(model().log_prob(test).mean())
-    return {"flow": flow, "epochs": epochs, "seconds": seconds, "flow_ll": flow_ll, "gaussian_ll": gaussian_log_likelihood(train, test)}
+    return {
+        "flow": flow,
+        "epochs": epochs,
+        "seconds": seconds,
+        "flow_ll": flow_ll,
+        "gaussian_ll": gaussian_log_likelihood(train, test),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,7 +32,7 @@ class StandardNormal(nn.Module):
         self.register_buffer("loc", torch.zeros(features))
         self.register_buffer("scale", torch.ones(features))
 
-    def forward(self, batch_shape: torch.Size = torch.Size()) -> Distribution:
+    def forward(self, batch_shape: tuple = ()) -> Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1).expand(batch_shape)
 
 
@@ -72,7 +72,7 @@ class FlowDistribution(dist.TransformedDistribution):
             y = x
         return log_prob + _sum_rightmost(self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape))
 
-    def rsample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         """A reparameterised sample and its log-density in one forward pass."""
         x = self.base_dist.rsample(sample_shape)
         event_dim = len(self.event_shape)
@@ -87,7 +87,7 @@ class FlowDistribution(dist.TransformedDistribution):
             x = y
         return x, log_prob
 
-    def sample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             return self.rsample_and_log_prob(sample_shape)
 
@@ -139,7 +139,9 @@ class Flow(nn.Module):
             transforms = self.transforms
         else:
             if context is None:
-                raise ValueError(f"{name} is conditional: call it with a context of shape (..., {self.context_features})")
+                raise ValueError(
+                    f"{name} is conditional: call it with a context of shape (..., {self.context_features})"
+                )
             check_shape(name, context, (self.context_features,), "context")
             batch_shape = context.shape[:-1]
             transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
@@ -220,7 +222,9 @@ def NICE(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[
 
     Example: ``NICE(features=2)().log_prob(torch.randn(7, 2))``.
     """
-    return _coupling_flow(features, context, transforms, hidden, T.AdditiveCoupling, T.ConditionalAdditiveCoupling, **kwargs)
+    return _coupling_flow(
+        features, context, transforms, hidden, T.AdditiveCoupling, T.ConditionalAdditiveCoupling, **kwargs
+    )
 
 
 def RealNVP(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[int] = (64, 64), **kwargs) -> Flow:
@@ -228,7 +232,9 @@ def RealNVP(features: int, context: int = 0, transforms: int = 4, hidden: Sequen
 
     Example: ``RealNVP(features=2, context=3)(torch.randn(3)).sample((10,))``.
     """
-    return _coupling_flow(features, context, transforms, hidden, T.AffineCoupling, T.ConditionalAffineCoupling, **kwargs)
+    return _coupling_flow(
+        features, context, transforms, hidden, T.AffineCoupling, T.ConditionalAffineCoupling, **kwargs
+    )
 
 
 def MAF(features: int, context: int = 0, transforms: int = 5, hidden: Sequence[int] = (64, 64), **kwargs) -> Flow:
@@ -249,7 +255,14 @@ def IAF(features: int, context: int = 0, transforms: int = 5, hidden: Sequence[i
     inverts it sequentially, while ``rsample_and_log_prob`` (VI) never does.
     """
     return _autoregressive_flow(
-        features, context, transforms, hidden, T.AffineAutoregressive, T.ConditionalAffineAutoregressive, False, **kwargs
+        features,
+        context,
+        transforms,
+        hidden,
+        T.AffineAutoregressive,
+        T.ConditionalAffineAutoregressive,
+        False,
+        **kwargs,
     )
 
 
@@ -273,9 +286,25 @@ def NSF(
     """
     if autoregressive:
         return _autoregressive_flow(
-            features, context, transforms, hidden, T.SplineAutoregressive, T.ConditionalSplineAutoregressive, True,
-            bins=bins, bound=bound, **kwargs,
+            features,
+            context,
+            transforms,
+            hidden,
+            T.SplineAutoregressive,
+            T.ConditionalSplineAutoregressive,
+            True,
+            bins=bins,
+            bound=bound,
+            **kwargs,
         )
     return _coupling_flow(
-        features, context, transforms, hidden, T.SplineCoupling, T.ConditionalSplineCoupling, bins=bins, bound=bound, **kwargs
+        features,
+        context,
+        transforms,
+        hidden,
+        T.SplineCoupling,
+        T.ConditionalSplineCoupling,
+        bins=bins,
+        bound=bound,
+        **kwargs,
     )

@@ -45,7 +45,7 @@ class MLP(nn.Module):
         self.in_features, self.out_features, self.context_features = in_features, out_features, context_features
         self.residual = residual
         widths = [in_features + context_features, *hidden]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.activation = activation()
         self.output = nn.Linear(widths[-1], out_features)
         if zero_init:

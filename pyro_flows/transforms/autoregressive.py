@@ -82,7 +82,9 @@ class Autoregressive(FlowTransform):
 
 
 class AffineAutoregressive(Autoregressive):
-    """Affine autoregressive layer (IAF; its ``.inv`` is a MAF layer): :class:`Autoregressive` with :class:`~.maps.Affine`.
+    """Affine autoregressive layer: :class:`Autoregressive` with :class:`~.maps.Affine`.
+
+    As a base→data layer it is an IAF layer; its ``.inv`` is a MAF layer.
 
     Example: ``AffineAutoregressive(4, hidden=(64, 64))``.
     """
@@ -92,7 +94,9 @@ class AffineAutoregressive(Autoregressive):
 
 
 class SplineAutoregressive(Autoregressive):
-    """Autoregressive neural spline layer (Durkan et al. 2019): :class:`Autoregressive` with a rational-quadratic spline.
+    """Autoregressive neural spline layer (Durkan et al. 2019).
+
+    :class:`Autoregressive` with a :class:`~.maps.RationalQuadraticSpline`.
 
     Example: ``SplineAutoregressive(4, bins=8, bound=5.0)``.
     """

@@ -22,7 +22,7 @@ import itertools
 from typing import NamedTuple, Optional
 
 import torch
-from pyro.distributions.conditional import ConditionalTransform, ConditionalTransformModule
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
@@ -43,8 +43,7 @@ def check_shape(name: str, tensor: Tensor, event_shape: tuple, what: str) -> Non
     n = len(event_shape)
     if tensor.dim() < n or tuple(tensor.shape[tensor.dim() - n :]) != tuple(event_shape):
         raise ValueError(
-            f"{name}: the {what} must have shape (..., {', '.join(map(str, event_shape))}), "
-            f"got {tuple(tensor.shape)}"
+            f"{name}: the {what} must have shape (..., {', '.join(map(str, event_shape))}), got {tuple(tensor.shape)}"
         )
 
 
@@ -127,14 +126,14 @@ class FlowTransform(TransformModule):
         return None
 
     @property
-    def inv(self) -> "FlowTransform":
+    def inv(self) -> FlowTransform:
         """The inverse layer, itself a module sharing this layer's parameters."""
         return self._make_inverse()
 
-    def _make_inverse(self) -> "FlowTransform":
+    def _make_inverse(self) -> FlowTransform:
         return (ConditionalInverse if self.context_features else Inverse)(self)
 
-    def with_cache(self, cache_size: int = 1) -> "FlowTransform":
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
         return self  # always cached, never stale
 
     def forward_shape(self, shape):
@@ -194,7 +193,7 @@ class Conditional(ConditionalTransformModule):
 
     inv = FlowTransform.inv
 
-    def condition(self, context: Tensor) -> "ConditionedTransform":
+    def condition(self, context: Tensor) -> ConditionedTransform:
         return ConditionedTransform(self, context)
 
     def _context_or_raise(self):
@@ -226,7 +225,7 @@ class ConditionedTransform(Transform):
     codomain = domain
 
     @property
-    def inv(self) -> "ConditionedTransform":
+    def inv(self) -> ConditionedTransform:
         return ConditionedTransform(self.layer.inv, self.context)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,7 +243,7 @@ class ConditionedTransform(Transform):
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.layer.ladj(x, y, self.context)
 
-    def with_cache(self, cache_size: int = 1) -> "ConditionedTransform":
+    def with_cache(self, cache_size: int = 1) -> ConditionedTransform:
         return self
 
     def _broadcast(self, shape):

@@ -120,7 +120,10 @@ class SplineCoupling(Coupling):
 
 
 class ConditionalCoupling(Conditional, Coupling):
-    """:class:`Coupling` whose conditioner also sees a context: ``ConditionalCoupling(4, Affine(), context_features=3)``."""
+    """:class:`Coupling` whose conditioner also sees a context.
+
+    Example: ``ConditionalCoupling(4, Affine(), context_features=3)``.
+    """
 
 
 class ConditionalAdditiveCoupling(Conditional, AdditiveCoupling):

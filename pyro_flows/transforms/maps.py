@@ -118,11 +118,15 @@ class RationalQuadraticSpline(ElementwiseMap):
         min_derivative: floor of the knot derivatives.
     """
 
-    def __init__(self, bins: int = 8, bound: float = 5.0, min_bin_size: float = 1e-3, min_derivative: float = 1e-3) -> None:
+    def __init__(
+        self, bins: int = 8, bound: float = 5.0, min_bin_size: float = 1e-3, min_derivative: float = 1e-3
+    ) -> None:
         if bins < 1 or bound <= 0:
             raise ValueError(f"RationalQuadraticSpline needs bins >= 1 and bound > 0, got {bins}, {bound}")
         if not 0 <= min_bin_size * bins < 1:
-            raise ValueError(f"RationalQuadraticSpline: min_bin_size * bins must be in [0, 1), got {min_bin_size * bins}")
+            raise ValueError(
+                f"RationalQuadraticSpline: min_bin_size * bins must be in [0, 1), got {min_bin_size * bins}"
+            )
         self.bins, self.bound = int(bins), float(bound)
         self.min_bin_size, self.min_derivative = min_bin_size, min_derivative
         # softplus(0 + offset) + min_derivative == 1: zero parameters give the identity
