@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 def negative_log_likelihood(model: nn.Module, x: Tensor, context: Optional[Tensor]) -> Tensor:

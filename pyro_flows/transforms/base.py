@@ -166,9 +166,24 @@ class FlowTransform(TransformModule):
         elif context is not None:
             raise ValueError(f"{name} is unconditional: it takes no context")
 
-    def _state_key(self, *tensors: Tensor) -> tuple:
-        params = itertools.chain(self.parameters(), self.buffers())
-        return (self.training, *(t._version for t in params), *(t._version for t in tensors))
+    def _state_key(self, *tensors: Optional[Tensor]) -> tuple:
+        """What a cached value depends on: mode, the parameter and buffer objects and every version counter.
+
+        The objects themselves (compared by identity) catch parameters replaced
+        by new tensors (``load_state_dict(assign=True)``); the version counters
+        catch in-place updates (optimizer steps, ``load_state_dict``, in-place
+        edits of the input, output or context).
+        """
+        state = tuple(itertools.chain(self.parameters(), self.buffers()))
+        versions = tuple(t._version for t in itertools.chain(state, (t for t in tensors if t is not None)))
+        return self.training, state, versions
+
+    @staticmethod
+    def _same_key(a: tuple, b: tuple) -> bool:
+        (mode_a, state_a, versions_a), (mode_b, state_b, versions_b) = a, b
+        if mode_a != mode_b or versions_a != versions_b or len(state_a) != len(state_b):
+            return False
+        return all(u is v for u, v in zip(state_a, state_b, strict=True))
 
     def _lookup(self, context, x=None, y=None) -> Optional[_CacheEntry]:
         entry = self._flow_cache
@@ -176,10 +191,10 @@ class FlowTransform(TransformModule):
             return None
         if (x is not None and entry.x is not x) or (y is not None and entry.y is not y):
             return None
-        return entry if entry.key == self._state_key(entry.x, entry.y) else None
+        return entry if self._same_key(entry.key, self._state_key(entry.x, entry.y, context)) else None
 
     def _store(self, x: Tensor, y: Tensor, ladj: Tensor, context: Optional[Tensor]) -> None:
-        self._flow_cache = _CacheEntry(x, y, ladj, context, self._state_key(x, y))
+        self._flow_cache = _CacheEntry(x, y, ladj, context, self._state_key(x, y, context))
 
 
 class Conditional(ConditionalTransformModule):
