@@ -50,6 +50,14 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def _check_value(self, value: Tensor) -> None:
         check_shape("FlowDistribution.log_prob", value, self.event_shape, "value")
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        try:
+            torch.broadcast_shapes(batch, self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"log_prob: value of batch shape {tuple(batch)} does not broadcast with the "
+                f"distribution's batch shape {tuple(self.batch_shape)}"
+            ) from None
         if value.dtype != self.base_dist.mean.dtype:
             raise ValueError(f"log_prob: value has dtype {value.dtype}, the flow has {self.base_dist.mean.dtype}")
         if not bool(torch.isfinite(value).all()):
@@ -143,6 +151,8 @@ class Flow(nn.Module):
                     f"{name} is conditional: call it with a context of shape (..., {self.context_features})"
                 )
             check_shape(name, context, (self.context_features,), "context")
+            if not bool(torch.isfinite(context).all()):
+                raise ValueError(f"{name}: the context has NaN or inf entries")
             batch_shape = context.shape[:-1]
             transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
         base = self.base(batch_shape) if isinstance(self.base, nn.Module) else self.base.expand(batch_shape)
@@ -218,13 +228,18 @@ def _autoregressive_flow(features, context, transforms, hidden, cls, ccls, inver
 
 
 def NICE(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[int] = (64, 64), **kwargs) -> Flow:
-    r"""NICE (Dinh et al. 2015): additive couplings with alternating masks; volume preserving.
+    r"""NICE (Dinh et al. 2015): additive couplings with alternating masks, then a diagonal scaling.
+
+    The couplings are volume preserving; the scaling next to the base (an
+    :class:`~.transforms.ActNorm`, initialised from the first batch) is what
+    lets the flow match the data's scale, as NICE's final scaling layer does.
 
     Example: ``NICE(features=2)().log_prob(torch.randn(7, 2))``.
     """
-    return _coupling_flow(
+    flow = _coupling_flow(
         features, context, transforms, hidden, T.AdditiveCoupling, T.ConditionalAdditiveCoupling, **kwargs
     )
+    return Flow(flow.base, [T.ActNorm(features), *flow.transforms], context)
 
 
 def RealNVP(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[int] = (64, 64), **kwargs) -> Flow:

@@ -153,11 +153,22 @@ def test_user_story_exactly_as_written():
 
 
 def test_fresh_flows_are_the_standard_normal():
+    # eval mode: NICE's ActNorm would otherwise initialise itself from this first batch
     y = randn(6, 4)
     for name in NAMES:
         torch.manual_seed(0)
-        flow = FACTORIES[name](4, transforms=2, hidden=(8, 8))
+        flow = FACTORIES[name](4, transforms=2, hidden=(8, 8)).eval()
         torch.testing.assert_close(flow().log_prob(y), standard_normal_log_prob(y))
+
+
+def test_nice_scaling_initialises_from_the_first_batch():
+    torch.manual_seed(0)
+    flow = FACTORIES["NICE"](2, transforms=2, hidden=(8, 8))
+    data = 3.0 + 0.5 * randn(500, 2)
+    flow().log_prob(data)  # first call in training mode: the scaling standardises the data
+    actnorm = flow.transforms[0]
+    torch.testing.assert_close(actnorm.shift, data.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actnorm.log_scale.exp(), data.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- densities
@@ -254,7 +265,7 @@ def test_inverse_round_trip(name, context):
 @pytest.mark.parametrize("context", [0, 2], ids=["unconditional", "conditional"])
 @pytest.mark.parametrize("name", NAMES)
 def test_density_integrates_to_one(name, context):
-    flow = build(name, 2, context, torch.float64, seed=4)
+    flow = build(name, 2, context, torch.float64, seed=4).eval()  # eval: no ActNorm init from the grid
     n, bound = 401, 8.0
     grid = torch.linspace(-bound, bound, n, dtype=torch.float64)
     points = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), dim=-1).reshape(-1, 2)

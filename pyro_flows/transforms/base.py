@@ -170,12 +170,14 @@ class FlowTransform(TransformModule):
         """What a cached value depends on: mode, the parameter and buffer objects and every version counter.
 
         The objects themselves (compared by identity) catch parameters replaced
-        by new tensors (``load_state_dict(assign=True)``); the version counters
-        catch in-place updates (optimizer steps, ``load_state_dict``, in-place
-        edits of the input, output or context).
+        by new tensors (``load_state_dict(assign=True)``), the storage pointers
+        catch a rebound ``.data`` (``vector_to_parameters``), and the version
+        counters catch in-place updates (optimizer steps, ``load_state_dict``,
+        in-place edits of the input, output or context).
         """
         state = tuple(itertools.chain(self.parameters(), self.buffers()))
-        versions = tuple(t._version for t in itertools.chain(state, (t for t in tensors if t is not None)))
+        watched = itertools.chain(state, (t for t in tensors if t is not None))
+        versions = tuple((t._version, t.data_ptr()) for t in watched)
         return self.training, state, versions
 
     @staticmethod
