@@ -1,4 +1,4 @@
-"""Built-in data sets, generated on the fly (nothing is downloaded)."""
+"""Built-in data sets: generated on the fly or shipped with scikit-learn (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+DIGITS_LEVELS = 17
+"""Grey levels of scikit-learn's digits (integers ``0..16``): pass as ``levels`` to bits/dim of the discrete data."""
 
 
 def two_moons(n: int, noise: float = 0.1, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -17,3 +20,45 @@ def two_moons(n: int, noise: float = 0.1, generator: Optional[torch.Generator] =
     y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
     points = torch.stack((x, y), dim=-1) + noise * torch.randn(n, 2, generator=generator)
     return points.to(torch.get_default_dtype())
+
+
+def ring_mixture(
+    n: int,
+    rings: int = 8,
+    radius: float = 2.0,
+    noise: float = 0.1,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """``n`` points ``(n, 2)`` from an equal mixture of ``rings`` Gaussians (std ``noise``) spaced evenly on a circle.
+
+    With the defaults, the classic "8 Gaussians" benchmark: eight modes at
+    radius 2, separated by low-density gaps a unimodal model cannot represent.
+    """
+    if rings < 1:
+        raise ValueError(f"ring_mixture: rings must be at least 1, got {rings}")
+    component = torch.randint(rings, (n,), generator=generator)
+    angle = component.to(torch.float64) * (2 * math.pi / rings)
+    centres = radius * torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1)
+    points = centres + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    return points.to(torch.get_default_dtype())
+
+
+def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8×8 handwritten digits: images ``X`` ``(1797, 64)`` and labels ``y`` ``(1797,)``.
+
+    The pixels are integers in ``0..16`` (:data:`DIGITS_LEVELS` = 17 grey levels).
+    With ``dequantize=True`` (default) they become ``(x + u) / 17`` with
+    ``u ~ U[0, 1)``: continuous values in ``[0, 1)`` whose density bounds the
+    discrete likelihood, so ``bits_per_dim(X, levels=DIGITS_LEVELS)`` is the
+    discrete data's. With ``dequantize=False`` the raw integer levels come back.
+    """
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    dtype = torch.get_default_dtype()
+    x = torch.as_tensor(images, dtype=torch.float64)
+    if dequantize:
+        x = (x + torch.rand(x.shape, generator=generator, dtype=torch.float64)) / DIGITS_LEVELS
+        below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+        x = x.to(dtype).clamp(max=below_one)  # (16 + u) / 17 must not round up to 1 in float32
+    return x.to(dtype), torch.as_tensor(labels, dtype=torch.long)
