@@ -1,12 +1,15 @@
 """pyro_flows: normalizing flows for Pyro."""
 
-from . import nn, transforms
+from . import diagnostics, nn, transforms
+from .diagnostics import bits_per_dim, nats_per_dim
 from .flows import IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
 from .train import fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "bits_per_dim",
+    "diagnostics",
     "fit",
     "IAF",
     "MAF",
@@ -16,6 +19,7 @@ __all__ = [
     "FlowDistribution",
     "RealNVP",
     "StandardNormal",
+    "nats_per_dim",
     "nn",
     "transforms",
 ]

@@ -23,7 +23,7 @@ from .coupling import (
 )
 from .linear import LULinear, LUWeight, Permute
 from .maps import Affine, RationalQuadraticSpline, Shift
-from .normalization import ActNorm, BatchNorm
+from .normalization import ActNorm, BatchNorm, Standardize
 
 __all__ = [
     "ActNorm",
@@ -53,5 +53,6 @@ __all__ = [
     "Shift",
     "SplineAutoregressive",
     "SplineCoupling",
+    "Standardize",
     "maps",
 ]

@@ -1,4 +1,4 @@
-"""Normalisation layers: ActNorm (Glow) and flow batch normalisation (RealNVP, MAF)."""
+"""Normalisation layers: ActNorm (Glow), flow batch normalisation (RealNVP, MAF) and a fixed Standardize."""
 
 from __future__ import annotations
 
@@ -115,3 +115,68 @@ class BatchNorm(FlowTransform):
         mean, var = self._statistics(y)
         log_scale = self.log_gamma - 0.5 * var.log()
         return (y - mean) * log_scale.exp() + self.beta, log_scale.sum().expand(y.shape[:-1])
+
+
+class Standardize(FlowTransform):
+    r"""A fixed (non-trainable) per-feature affine map, base→data: :math:`y = \mu + \sigma \odot x`.
+
+    .. math:: y = \mu + \sigma \odot x, \qquad
+              \log|\det J_f(x)| = \sum_{i=1}^{D} \log \sigma_i .
+
+    Put last in a flow's base→data layers, it makes the flow model data
+    with location :math:`\mu` and scale :math:`\sigma` while the layers before
+    it see standardised values :math:`(y - \mu) / \sigma`; its log-det keeps
+    densities in the data's own units. ``loc`` and ``scale`` are buffers: they
+    are saved in the ``state_dict`` and follow ``.to(device, dtype)``, but an
+    optimizer never sees them.
+
+    Args:
+        loc: :math:`\mu`, shape ``(D,)``.
+        scale: :math:`\sigma`, shape ``(D,)``, finite and positive.
+
+    Example:
+        >>> layer = Standardize(torch.tensor([10.0, -1.0]), torch.tensor([100.0, 0.5]))
+        >>> layer(torch.tensor([[1.0, 2.0]]))
+        tensor([[110.,   0.]])
+        >>> y, ladj = layer.call_and_ladj(torch.zeros(1, 2))  # ladj = log 100 + log 0.5
+        >>> ladj
+        tensor([3.9120])
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor) -> None:
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+        if loc.dim() != 1 or scale.shape != loc.shape:
+            raise ValueError(
+                f"Standardize: loc and scale must both have shape (D,), got {tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
+        if not bool(torch.isfinite(loc).all()) or not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError("Standardize: loc must be finite and scale finite and positive")
+        super().__init__((loc.shape[0],))
+        self.register_buffer("loc", loc.clone())
+        self.register_buffer("scale", scale.clone())
+
+    @classmethod
+    def from_data(cls, data: Tensor, min_scale: float = 1e-6) -> Standardize:
+        r"""The map whose inverse standardises ``data`` ``(N, D)``: column means and standard deviations.
+
+        The standard deviation (``N - 1`` denominator) is floored at
+        ``min_scale`` times the largest of 1 and the column's absolute mean, so
+        constant columns give a finite, invertible map.
+        """
+        if data.dim() != 2 or data.shape[0] < 2:
+            raise ValueError(f"Standardize.from_data: need data of shape (N >= 2, D), got {tuple(data.shape)}")
+        std, mean = torch.std_mean(data, dim=0)
+        floor = min_scale * mean.abs().clamp(min=1.0)
+        return cls(mean, torch.maximum(std, floor))
+
+    def _log_det(self, batch_shape: torch.Size) -> Tensor:
+        return self.scale.log().sum().expand(batch_shape)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.loc + self.scale * x, self._log_det(x.shape[:-1])
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return (y - self.loc) / self.scale, -self._log_det(y.shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"features={self.loc.shape[0]}"
