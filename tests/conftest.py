@@ -1,0 +1,46 @@
+"""Shared helpers for the transform tests (small on purpose)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Tiny tensors: one intra-op thread per test process (pytest -n workers would otherwise oversubscribe the cores,
+# which makes these tests ~20x slower).
+torch.set_num_threads(1)
+
+# Tolerances of the exact (round-trip, fused-vs-Pyro) checks.
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
+    """Add seeded Gaussian noise to every parameter, so zero-initialised last layers stop being the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
+    return module
+
+
+def per_sample_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
+    """Jacobians ``d fn(x)_b / d x_b`` of shape ``(n, D, D)`` for ``x`` of shape ``(n, D)``.
+
+    Computed by autograd over the whole batch; also asserts that samples do not
+    interact (the cross-sample blocks are exactly zero).
+    """
+    n, d = x.shape
+    full = torch.autograd.functional.jacobian(fn, x)  # (n, D, n, D)
+    assert full.shape == (n, d, n, d)
+    index = torch.arange(n)
+    blocks = full[index, :, index, :]  # (n, D, D)
+    off = full.clone()
+    off[index, :, index, :] = 0
+    assert off.abs().max() == 0, "samples of a batch must not interact"
+    return blocks
+
+
+def slogdet_ladj(fn, x: torch.Tensor) -> torch.Tensor:
+    """``log|det d fn / dx|`` per sample by autograd, shape ``(n,)``."""
+    sign, logabsdet = torch.linalg.slogdet(per_sample_jacobian(fn, x))
+    assert (sign != 0).all(), "singular Jacobian"
+    return logabsdet

@@ -1,0 +1,809 @@
+"""The transform contract (docs: DESIGN.md, "The transform contract"), checked once for every layer.
+
+Every layer is built with a fixed seed and its parameters are perturbed (fresh
+coupling/autoregressive layers are the identity, which would make the checks
+vacuous). Inputs have standard deviation 2 and splines a bound of 3, so some
+coordinates fall outside the spline interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import ATOL, perturb, slogdet_ladj
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import Transform
+
+from pyro_flows import transforms as T
+
+D, C, HIDDEN = 5, 3, (16, 16)
+BINS, BOUND = 5, 3.0
+# Scale of the random perturbation of every parameter: far from the identity (outputs move by O(1)), yet the splines
+# keep moderate slopes. With much stronger perturbations (0.3) nearly flat spline bins appear and the float32 round
+# trip in x loses up to ulp(B) / min slope ~ 2e-2 (ill-conditioning; float64 stays below 1e-10).
+PERTURB = 0.15
+
+
+def _spline(**kwargs):
+    return dict(bins=BINS, bound=BOUND, hidden=HIDDEN, **kwargs)
+
+
+def _mask():
+    return torch.tensor([True, False, True, False, True])
+
+
+def _order():
+    return [3, 0, 4, 1, 2]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], T.FlowTransform]
+    conditional: bool = False
+    kind: str = ""  # "actnorm" / "batchnorm": data-dependent warm-up; "fixed": no parameters
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @property
+    def volume_preserving(self) -> bool:
+        return "Shift" in self.name or "Additive" in self.name or "Permute" in self.name
+
+
+CASES = [
+    Case("AdditiveCoupling", lambda: T.AdditiveCoupling(D, hidden=HIDDEN)),
+    Case("AffineCoupling", lambda: T.AffineCoupling(D, hidden=HIDDEN)),
+    Case("SplineCoupling", lambda: T.SplineCoupling(D, **_spline())),
+    Case("AffineAutoregressive", lambda: T.AffineAutoregressive(D, hidden=HIDDEN)),
+    Case("AffineAutoregressive.inv", lambda: T.AffineAutoregressive(D, hidden=HIDDEN).inv),
+    Case("SplineAutoregressive", lambda: T.SplineAutoregressive(D, **_spline())),
+    Case("SplineAutoregressive.inv", lambda: T.SplineAutoregressive(D, **_spline()).inv),
+    Case("Permute-reverse", lambda: T.Permute(D, "reverse"), kind="fixed"),
+    Case("Permute-random", lambda: T.Permute(D, "random"), kind="fixed"),
+    Case(
+        "Standardize",
+        lambda: T.Standardize(torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]), torch.tensor([2.0, 0.5, 1.5, 3.0, 0.8])),
+        kind="fixed",
+    ),
+    Case("LULinear", lambda: T.LULinear(D)),
+    Case("ActNorm", lambda: T.ActNorm(D), kind="actnorm"),
+    Case("BatchNorm", lambda: T.BatchNorm(D), kind="batchnorm"),
+    Case("Coupling-Shift", lambda: T.Coupling(D, T.Shift(), mask=_mask(), hidden=HIDDEN)),
+    Case("Coupling-Affine", lambda: T.Coupling(D, T.Affine(), mask=_mask(), hidden=HIDDEN)),
+    Case(
+        "Coupling-Spline",
+        lambda: T.Coupling(D, T.RationalQuadraticSpline(BINS, BOUND), mask=_mask(), hidden=HIDDEN),
+    ),
+    Case("Autoregressive-Shift", lambda: T.Autoregressive(D, T.Shift(), hidden=HIDDEN, order=_order())),
+    Case("Autoregressive-Affine", lambda: T.Autoregressive(D, T.Affine(), hidden=HIDDEN, order=_order())),
+    Case(
+        "Autoregressive-Spline",
+        lambda: T.Autoregressive(D, T.RationalQuadraticSpline(BINS, BOUND), hidden=HIDDEN, order=_order()),
+    ),
+    Case(
+        "ConditionalAdditiveCoupling",
+        lambda: T.ConditionalAdditiveCoupling(D, hidden=HIDDEN, context_features=C),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalAffineCoupling",
+        lambda: T.ConditionalAffineCoupling(D, hidden=HIDDEN, context_features=C),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalSplineCoupling",
+        lambda: T.ConditionalSplineCoupling(D, context_features=C, **_spline()),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalCoupling-Affine",
+        lambda: T.ConditionalCoupling(D, T.Affine(), mask=_mask(), hidden=HIDDEN, context_features=C),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalAffineAutoregressive",
+        lambda: T.ConditionalAffineAutoregressive(D, hidden=HIDDEN, context_features=C),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalAffineAutoregressive.inv",
+        lambda: T.ConditionalAffineAutoregressive(D, hidden=HIDDEN, context_features=C).inv,
+        conditional=True,
+    ),
+    Case(
+        "ConditionalSplineAutoregressive",
+        lambda: T.ConditionalSplineAutoregressive(D, context_features=C, **_spline()),
+        conditional=True,
+    ),
+    Case(
+        "ConditionalSplineAutoregressive.inv",
+        lambda: T.ConditionalSplineAutoregressive(D, context_features=C, **_spline()).inv,
+        conditional=True,
+    ),
+    Case(
+        "ConditionalAutoregressive-Spline",
+        lambda: T.ConditionalAutoregressive(
+            D, T.RationalQuadraticSpline(BINS, BOUND), hidden=HIDDEN, context_features=C, order=_order()
+        ),
+        conditional=True,
+    ),
+]
+PARAMETRIC = [c for c in CASES if c.kind != "fixed"]
+CONDITIONAL = [c for c in CASES if c.conditional]
+UNCONDITIONAL = [c for c in CASES if not c.conditional]
+DTYPES = [torch.float32, torch.float64]
+
+all_cases = pytest.mark.parametrize("case", CASES, ids=repr)
+parametric_cases = pytest.mark.parametrize("case", PARAMETRIC, ids=repr)
+conditional_cases = pytest.mark.parametrize("case", CONDITIONAL, ids=repr)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+def randn(shape, dtype=torch.float64, seed=0, std=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    return std * torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def make(
+    case: Case, dtype=torch.float32, seed: int = 0, perturbed: bool = True, scale: float = PERTURB
+) -> T.FlowTransform:
+    """The layer of ``case``: built under ``seed``, warmed, perturbed, then converted to ``dtype``."""
+    torch.manual_seed(seed)
+    layer = case.build()
+    data = 1.0 + randn((64, D), torch.get_default_dtype(), seed=100 + seed)
+    if case.kind == "actnorm":
+        layer.inv(data)  # data-dependent initialisation (training mode)
+        assert bool(layer.initialized)
+    if perturbed:
+        perturb(layer, scale=scale, seed=1 + seed)
+    if case.kind == "batchnorm":
+        layer.inv(data)  # one training-mode call fills the running statistics
+        layer.eval()
+    return layer.to(dtype)
+
+
+def context(case: Case, batch_shape, dtype, seed=7) -> Optional[torch.Tensor]:
+    return randn(tuple(batch_shape) + (C,), dtype, seed=seed, std=1.0) if case.conditional else None
+
+
+def pyro_transform(layer, ctx) -> Transform:
+    """What Pyro sees: the layer itself, or ``layer.condition(ctx)`` for a conditional one."""
+    return layer if ctx is None else layer.condition(ctx)
+
+
+def ladj_tol(dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 1e-9
+
+
+def close(a, b, atol):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= atol, f"max abs error {err:.3g} > {atol:.3g}"
+
+
+# -- structure --------------------------------------------------------------------------------------------------------
+@all_cases
+def test_transform_attributes(case):
+    layer = make(case)
+    assert isinstance(layer, T.FlowTransform) and isinstance(layer, TransformModule)
+    assert layer.bijective
+    assert layer.domain.event_dim == 1 and layer.codomain.event_dim == 1
+    if not isinstance(layer, T.Inverse):
+        assert layer.inv.inv is layer
+    x = randn((4, D), torch.float32)
+    ctx = context(case, (4,), torch.float32)
+    close(layer.inv.inv.call_and_ladj(x.clone(), ctx)[0], layer.call_and_ladj(x.clone(), ctx)[0], 0.0)
+    assert layer.inv.domain.event_dim == 1
+    assert isinstance(layer, ConditionalTransformModule) == case.conditional
+    assert isinstance(layer.inv, ConditionalTransformModule) == case.conditional
+    if case.conditional:
+        t = layer.condition(context(case, (4,), torch.float32))
+        assert isinstance(t, Transform) and t.bijective and t.domain.event_dim == 1
+    # the inverse shares the parameters (same objects)
+    assert {id(p) for p in layer.parameters()} == {id(p) for p in layer.inv.parameters()}
+
+
+# -- round trip -------------------------------------------------------------------------------------------------------
+@all_cases
+@dtypes
+def test_round_trip(case, dtype):
+    layer = make(case, dtype)
+    n = 16
+    ctx = context(case, (n,), dtype)
+    x = randn((n, D), dtype, seed=1)
+    assert (x.abs() > BOUND).any() and (x.abs() < BOUND).any()
+
+    y, ladj = layer.call_and_ladj(x, ctx)
+    assert (y - x).abs().max() > 1e-2, "the layer is (close to) the identity: the test would be vacuous"
+    x_back, ladj_back = layer.inverse_and_ladj(y.clone(), ctx)  # clone: no cache hit
+    close(x_back, x, ATOL[dtype])
+    close(ladj_back, -ladj, ladj_tol(dtype))
+
+    y2 = randn((n, D), dtype, seed=2)
+    x2, ladj2 = layer.inverse_and_ladj(y2, ctx)
+    y2_back, ladj2_back = layer.call_and_ladj(x2.clone(), ctx)
+    close(y2_back, y2, ATOL[dtype])
+    close(ladj2_back, -ladj2, ladj_tol(dtype))
+    assert torch.isfinite(ladj).all() and torch.isfinite(ladj2).all()
+
+
+# -- log-det vs autograd ----------------------------------------------------------------------------------------------
+@all_cases
+def test_log_det_matches_autograd_jacobian(case):
+    dtype = torch.float64
+    layer = make(case, dtype)
+    n = 6
+    ctx = context(case, (n,), dtype)
+    x = randn((n, D), dtype, seed=3)
+    y = randn((n, D), dtype, seed=4)
+
+    _, ladj = layer.call_and_ladj(x, ctx)
+    expected = slogdet_ladj(lambda v: layer.call_and_ladj(v, ctx)[0], x)
+    close(ladj, expected, 1e-9)
+
+    _, ladj_inv = layer.inverse_and_ladj(y, ctx)
+    expected_inv = slogdet_ladj(lambda v: layer.inverse_and_ladj(v, ctx)[0], y)
+    close(ladj_inv, expected_inv, 1e-9)
+
+    # inverse_and_ladj's log-det is the negative of call_and_ladj's at the matching point
+    x_of_y = layer.inverse_and_ladj(y.clone(), ctx)[0]
+    close(ladj_inv, -layer.call_and_ladj(x_of_y.clone(), ctx)[1], 1e-9)
+
+
+# -- Pyro entry points ------------------------------------------------------------------------------------------------
+@all_cases
+@dtypes
+def test_pyro_entry_points_agree_with_fused(case, dtype):
+    layer = make(case, dtype)
+    n = 8
+    ctx = context(case, (n,), dtype)
+    t = pyro_transform(layer, ctx)
+    x = randn((n, D), dtype, seed=5)
+    y = randn((n, D), dtype, seed=6)
+    eps = ATOL[dtype]
+
+    y_fused, ladj_fused = layer.call_and_ladj(x.clone(), ctx)
+    x_fused, ladj_inv_fused = layer.inverse_and_ladj(y.clone(), ctx)
+
+    xa = x.clone()
+    y_pyro = t(xa)
+    close(y_pyro, y_fused, eps)
+    close(t.log_abs_det_jacobian(xa, y_pyro), ladj_fused, eps)  # through the cache
+    close(t.log_abs_det_jacobian(x.clone(), y_pyro.clone()), ladj_fused, eps)  # recomputed
+
+    ya = y.clone()
+    x_pyro = t.inv(ya)
+    close(x_pyro, x_fused, eps)
+    close(t.log_abs_det_jacobian(x_pyro, ya), -ladj_inv_fused, eps)
+    close(t.inv.log_abs_det_jacobian(ya, x_pyro), ladj_inv_fused, eps)
+    close(t.inv.log_abs_det_jacobian(y.clone(), x_pyro.clone()), ladj_inv_fused, ladj_tol(dtype))
+
+
+# -- shapes -----------------------------------------------------------------------------------------------------------
+@all_cases
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)], ids=str)
+def test_batch_shapes(case, batch):
+    dtype = torch.float64
+    layer = make(case, dtype)
+    ctx = context(case, batch, dtype)
+    x = randn(batch + (D,), dtype, seed=8)
+    y, ladj = layer.call_and_ladj(x, ctx)
+    assert y.shape == batch + (D,) and ladj.shape == batch
+    xi, ladj_inv = layer.inverse_and_ladj(x.clone(), ctx)
+    assert xi.shape == batch + (D,) and ladj_inv.shape == batch
+
+    # values equal a flat (N, D) batch computation
+    flat_ctx = None if ctx is None else ctx.reshape(-1, C)
+    y_flat, ladj_flat = layer.call_and_ladj(x.reshape(-1, D).clone(), flat_ctx)
+    close(y, y_flat.reshape(batch + (D,)), 1e-12)
+    close(ladj, ladj_flat.reshape(batch), 1e-12)
+    xi_flat, ladj_inv_flat = layer.inverse_and_ladj(x.reshape(-1, D).clone(), flat_ctx)
+    close(xi, xi_flat.reshape(batch + (D,)), 1e-12)
+    close(ladj_inv, ladj_inv_flat.reshape(batch), 1e-12)
+
+    t = pyro_transform(layer, ctx)
+    xx = x.clone()
+    yy = t(xx)
+    assert yy.shape == batch + (D,)
+    assert t.inv(yy.clone()).shape == batch + (D,)
+    assert t.log_abs_det_jacobian(xx, yy).shape == batch
+    assert tuple(t.forward_shape(x.shape)) == batch + (D,)
+    assert tuple(t.inverse_shape(x.shape)) == batch + (D,)
+
+
+@conditional_cases
+def test_context_broadcasting(case):
+    dtype = torch.float64
+    layer = make(case, dtype)
+    k, n = 2, 3
+    for direction in ("call_and_ladj", "inverse_and_ladj"):
+        apply = getattr(layer, direction)
+        # x (k, n, D) with context (n, C)
+        x = randn((k, n, D), dtype, seed=9)
+        ctx = context(case, (n,), dtype)
+        out, ladj = apply(x, ctx)
+        assert out.shape == (k, n, D) and ladj.shape == (k, n)
+        ref, ref_ladj = apply(x.clone(), ctx.expand(k, n, C).clone())
+        close(out, ref, 1e-12)
+        close(ladj, ref_ladj, 1e-12)
+        # x (D,) with context (n, C)
+        x1 = randn((D,), dtype, seed=10)
+        out, ladj = apply(x1, ctx)
+        assert out.shape == (n, D) and ladj.shape == (n,)
+        ref, ref_ladj = apply(x1.expand(n, D).clone(), ctx.clone())
+        close(out, ref, 1e-12)
+        close(ladj, ref_ladj, 1e-12)
+        # different contexts give different outputs for the same x (the context is used)
+        assert (out[0] - out[1]).abs().max() > 1e-6
+        # x (n, D) with context (C,)
+        xn = randn((n, D), dtype, seed=11)
+        c1 = context(case, (), dtype)
+        out, ladj = apply(xn, c1)
+        assert out.shape == (n, D) and ladj.shape == (n,)
+        ref, ref_ladj = apply(xn.clone(), c1.expand(n, C).clone())
+        close(out, ref, 1e-12)
+        close(ladj, ref_ladj, 1e-12)
+
+    # the same through Pyro's conditioned transform
+    ctx = context(case, (n,), dtype)
+    t = layer.condition(ctx)
+    x1 = randn((D,), dtype, seed=12)
+    y = t(x1)
+    assert y.shape == (n, D) and tuple(t.forward_shape(x1.shape)) == (n, D)
+    assert t.log_abs_det_jacobian(x1, y).shape == (n,)
+    assert t(randn((k, n, D), dtype, seed=13)).shape == (k, n, D)
+
+
+# -- gradients --------------------------------------------------------------------------------------------------------
+@all_cases
+def test_gradients_reach_every_parameter(case):
+    dtype = torch.float32
+    layer = make(case, dtype)
+    n = 12
+    ctx = context(case, (n,), dtype)
+    if ctx is not None:
+        ctx.requires_grad_(True)
+    x = randn((n, D), dtype, seed=14).requires_grad_(True)
+    y0 = randn((n, D), dtype, seed=15).requires_grad_(True)
+    y, ladj = layer.call_and_ladj(x, ctx)
+    xi, ladj_inv = layer.inverse_and_ladj(y0, ctx)
+    loss = (y**2).mean() + ladj.mean() + (xi**2).mean() + ladj_inv.mean()
+    loss.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
+        assert p.grad.abs().max() > 0, f"zero gradient for {name}"
+    for name, v in (("x", x), ("y", y0), ("context", ctx)):
+        if v is not None:
+            assert v.grad is not None and torch.isfinite(v.grad).all(), name
+            assert v.grad.abs().max() > 0, name
+    if case.kind != "fixed":
+        assert len(list(layer.parameters())) > 0
+
+
+@all_cases
+@pytest.mark.parametrize("terms", ["all", "log_dets"])
+def test_gradients_match_finite_differences(case, terms):
+    """Autograd's directional derivative (parameters, inputs and context together) equals a central difference."""
+    dtype = torch.float64
+    layer = make(case, dtype)
+    n = 6
+    ctx = context(case, (n,), dtype)
+    x, y = randn((n, D), dtype, seed=32), randn((n, D), dtype, seed=33)
+    w1, w2 = randn((n, D), dtype, seed=34, std=1.0), randn((n, D), dtype, seed=35, std=1.0)
+    leaves = list(layer.parameters()) + [x, y] + ([ctx] if ctx is not None else [])
+    generator = torch.Generator().manual_seed(36)
+    direction = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in leaves]
+
+    def loss():
+        out, ladj = layer.call_and_ladj(x.clone(), None if ctx is None else ctx.clone())
+        back, ladj_inv = layer.inverse_and_ladj(y.clone(), None if ctx is None else ctx.clone())
+        value = (ladj * w1[:, 0]).sum() + (ladj_inv * w2[:, 0]).sum()  # weighted: constant log-dets must not cancel
+        return value + (out * w1).sum() + (back * w2).sum() if terms == "all" else value
+
+    for t in leaves:
+        t.requires_grad_(True)
+    value = loss()
+    if not value.requires_grad:  # volume-preserving layers: constant log-dets
+        assert terms == "log_dets" and (case.volume_preserving or case.kind == "fixed")
+        return
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    analytic = sum(((g * v).sum() for g, v in zip(grads, direction, strict=True) if g is not None), torch.zeros(()))
+    eps = 1e-6
+    with torch.no_grad():
+        for t, v in zip(leaves, direction, strict=True):
+            t.add_(eps * v)
+        plus = loss()
+        for t, v in zip(leaves, direction, strict=True):
+            t.sub_(2 * eps * v)
+        minus = loss()
+        for t, v in zip(leaves, direction, strict=True):
+            t.add_(eps * v)
+    numeric = (plus - minus) / (2 * eps)
+    assert abs(numeric) > 1e-3 or terms == "log_dets" and case.volume_preserving
+    assert abs(analytic - numeric) <= 1e-5 * (1 + abs(numeric)), (analytic.item(), numeric.item())
+
+
+# -- TransformedDistribution ------------------------------------------------------------------------------------------
+@all_cases
+def test_transformed_distribution_log_prob_matches_hand_computation(case):
+    dtype = torch.float64
+    layer = make(case, dtype)
+    n = 7
+    base = dist.Normal(torch.zeros(D, dtype=dtype), torch.ones(D, dtype=dtype)).to_event(1)
+    ctx = context(case, (n,), dtype)
+    if case.conditional:
+        d = dist.ConditionalTransformedDistribution(base, [layer]).condition(ctx)
+    else:
+        d = dist.TransformedDistribution(base, [layer])
+    y = randn((n, D), dtype, seed=16)
+    log_prob = d.log_prob(y)
+
+    def inverse(v):
+        return layer.inverse_and_ladj(v, ctx)[0]
+
+    x = inverse(y.clone())
+    expected = base.log_prob(x) + slogdet_ladj(inverse, y.clone())
+    close(log_prob, expected, 1e-9)
+
+    # sampling works and its samples have finite densities
+    if case.conditional:
+        s = d.rsample()
+        assert s.shape == (n, D)
+    else:
+        s = d.rsample((4,))
+        assert s.shape == (4, D)
+    assert torch.isfinite(d.log_prob(s)).all()
+    assert torch.isfinite(d.log_prob(s.clone())).all()
+
+
+@conditional_cases
+def test_conditional_transformed_distribution_depends_on_context(case):
+    dtype = torch.float64
+    layer = make(case, dtype)
+    base = dist.Normal(torch.zeros(D, dtype=dtype), torch.ones(D, dtype=dtype)).to_event(1)
+    cd = dist.ConditionalTransformedDistribution(base, [layer])
+    y = randn((4, D), dtype, seed=17)
+    lp1 = cd.condition(context(case, (4,), dtype, seed=1)).log_prob(y)
+    lp2 = cd.condition(context(case, (4,), dtype, seed=2)).log_prob(y)
+    assert lp1.shape == (4,) and (lp1 - lp2).abs().max() > 1e-6
+    # a single context (C,) broadcasts against a batch of values
+    c1 = context(case, (), dtype, seed=3)
+    close(cd.condition(c1).log_prob(y), cd.condition(c1.expand(4, C)).log_prob(y.clone()), 1e-12)
+
+
+# -- dtype ------------------------------------------------------------------------------------------------------------
+@all_cases
+def test_follows_dtype_and_works_in_float64(case):
+    layer32 = make(case, torch.float32)
+    layer = copy.deepcopy(layer32)
+    layer.to(torch.float64)
+    fresh32 = make(case, torch.float32)
+    for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        ref = dict(list(fresh32.named_parameters()) + list(fresh32.named_buffers()))[name]
+        if ref.is_floating_point():
+            assert t.dtype == torch.float64, f"{name} did not follow .to(float64)"
+            close(t, ref.double(), 0.0)
+        else:
+            assert t.dtype == ref.dtype, f"{name} ({ref.dtype}) changed dtype"
+    n = 6
+    ctx = context(case, (n,), torch.float64)
+    x = randn((n, D), torch.float64, seed=18)
+    y, ladj = layer.call_and_ladj(x, ctx)
+    assert y.dtype == torch.float64 and ladj.dtype == torch.float64
+    close(layer.inverse_and_ladj(y.clone(), ctx)[0], x, 1e-10)
+    # the float64 layer computes the same function as the float32 one
+    ctx32 = None if ctx is None else ctx.float()
+    y32, ladj32 = layer32.call_and_ladj(x.float(), ctx32)
+    close(y32.double(), y, 1e-4)
+    close(ladj32.double(), ladj, 1e-4)
+    # and back to float32
+    layer.to(torch.float32)
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    assert layer.call_and_ladj(x.float(), ctx32)[0].dtype == torch.float32
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+@conditional_cases
+def test_conditional_layer_without_context_raises(case):
+    layer = make(case)
+    x = randn((4, D), torch.float32)
+    for call in (
+        lambda: layer(x),
+        lambda: layer.inv(x),
+        lambda: layer.log_abs_det_jacobian(x, x),
+        lambda: layer.call_and_ladj(x),
+        lambda: layer.inverse_and_ladj(x),
+    ):
+        with pytest.raises(ValueError, match="conditional"):
+            call()
+    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
+    with pytest.raises(ValueError):
+        dist.TransformedDistribution(base, [layer]).log_prob(x)
+    # a context of the wrong size or dtype is a ValueError too
+    with pytest.raises(ValueError, match=rf"\(\.\.\., {C}\)"):
+        layer.call_and_ladj(x, torch.zeros(4, C + 1))
+    with pytest.raises(ValueError, match=rf"\(\.\.\., {C}\)"):
+        layer.condition(torch.zeros(4, C + 1))
+    with pytest.raises(ValueError, match="dtype"):
+        layer.call_and_ladj(x, torch.zeros(4, C, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", UNCONDITIONAL, ids=repr)
+def test_unconditional_layer_with_context_raises(case):
+    layer = make(case)
+    x = randn((4, D), torch.float32)
+    with pytest.raises(ValueError, match="unconditional"):
+        layer.call_and_ladj(x, torch.zeros(4, C))
+    with pytest.raises(ValueError, match="unconditional"):
+        layer.inverse_and_ladj(x, torch.zeros(4, C))
+
+
+@all_cases
+def test_wrong_feature_count_raises_naming_the_shape(case):
+    layer = make(case)
+    ctx = context(case, (4,), torch.float32)
+    t = pyro_transform(layer, ctx)
+    bad = randn((4, D + 1), torch.float32)
+    for call in (
+        lambda: layer.call_and_ladj(bad, ctx),
+        lambda: layer.inverse_and_ladj(bad, ctx),
+        lambda: t(bad),
+        lambda: t.inv(bad),
+    ):
+        with pytest.raises(ValueError, match=rf"\(\.\.\., {D}\).*\(4, {D + 1}\)"):
+            call()
+    with pytest.raises(ValueError, match=rf"\(\.\.\., {D}\)"):
+        layer.call_and_ladj(torch.tensor(1.0), ctx)
+
+
+# -- stale cache (pyro #2564) ------------------------------------------------------------------------------------------
+# Each check calls the layer with the SAME tensor object first (the cache is one slot: a reference computed on the
+# original layer beforehand would evict the entry under test), then compares with a reference from an independent copy.
+def reference(layer, direction, value, ctx):
+    other = copy.deepcopy(layer)  # its own (empty) cache, same parameters
+    return getattr(other, direction)(value.clone(), None if ctx is None else ctx.clone())
+
+
+def _step(layer, loss):
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@parametric_cases
+@pytest.mark.parametrize("entry", ["call", "ladj_new_y", "ladj_old_y", "inv", "fused"])
+def test_no_stale_cache_after_optimizer_step(case, entry):
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    t = pyro_transform(layer, ctx)
+    x = randn((n, D), torch.float32, seed=19)
+    y_data = randn((n, D), torch.float32, seed=20)
+
+    y = t(x)
+    ladj = t.log_abs_det_jacobian(x, y)
+    x_of_data = t.inv(y_data)
+    if entry == "inv":  # the last cached pair is the one under test
+        y, x_of_data = t(x), t.inv(y_data)
+    _step(layer, (y**2).mean() + ladj.mean() + (x_of_data**2).mean())
+
+    if entry == "call":
+        got = t(x)
+        expected = reference(layer, "call_and_ladj", x, ctx)[0]
+        old = y
+    elif entry == "ladj_new_y":  # Pyro: y = t(x); t.log_abs_det_jacobian(x, y)
+        y_new = t(x)
+        got = t.log_abs_det_jacobian(x, y_new)
+        expected = reference(layer, "call_and_ladj", x, ctx)[1]
+        old = ladj
+    elif entry == "ladj_old_y":  # the pair (x, y) cached before the step must not be served
+        got = t.log_abs_det_jacobian(x, y)
+        expected = reference(layer, "call_and_ladj", x, ctx)[1]
+        old = ladj
+    elif entry == "inv":
+        got = t.inv(y_data)
+        expected = reference(layer, "inverse_and_ladj", y_data, ctx)[0]
+        old = x_of_data
+    else:
+        got = layer.call_and_ladj(x, ctx)[0]
+        expected = reference(layer, "call_and_ladj", x, ctx)[0]
+        old = y
+    if not (entry.startswith("ladj") and case.volume_preserving):
+        assert (expected - old).abs().max() > 1e-4, "the step did not change the layer: vacuous"
+    close(got, expected, 0.0)
+
+
+@parametric_cases
+def test_transformed_distribution_log_prob_not_stale_after_optimizer_step(case):
+    """pyro #2564: log_prob of the same data tensor after a step must use the new parameters."""
+    layer = make(case)
+    n = 8
+    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
+    ctx = context(case, (n,), torch.float32)
+    if case.conditional:
+        d = dist.ConditionalTransformedDistribution(base, [layer]).condition(ctx)
+    else:
+        d = dist.TransformedDistribution(base, [layer])
+    data = randn((n, D), torch.float32, seed=21)
+    lp = d.log_prob(data)
+    _step(layer, -lp.mean())
+    lp_new = d.log_prob(data)
+    x, ladj = reference(layer, "inverse_and_ladj", data, ctx)
+    expected = base.log_prob(x) + ladj
+    assert (expected - lp).abs().max() > 1e-4
+    close(lp_new, expected, 1e-5)
+
+
+@parametric_cases
+def test_no_stale_cache_after_parameter_data_update(case):
+    """A hand-written update through ``.data`` (classic ``p.data -= lr * p.grad``) must not serve stale values."""
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    t = pyro_transform(layer, ctx)
+    x = randn((n, D), torch.float32, seed=22)
+    y = t(x)
+    (y**2).mean().backward()
+    for p in layer.parameters():
+        p.data.sub_(0.1 * p.grad)
+    got = t(x)
+    expected = reference(layer, "call_and_ladj", x, ctx)[0]
+    assert (expected - y).abs().max() > 1e-4
+    close(got, expected, 0.0)
+
+
+def _load_state_dict_then_call(case, assign):
+    n = 8
+    layer = make(case, seed=0)
+    other = make(case, seed=5)
+    ctx = context(case, (n,), torch.float32)
+    t = pyro_transform(layer, ctx)
+    x = randn((n, D), torch.float32, seed=23)
+    y = t(x)
+    layer.load_state_dict(other.state_dict(), assign=assign)
+    got = t(x)
+    expected = other.call_and_ladj(x.clone(), ctx)[0]
+    assert (expected - y).abs().max() > 1e-4
+    close(got, expected, 0.0)
+
+
+@parametric_cases
+def test_no_stale_cache_after_load_state_dict(case):
+    _load_state_dict_then_call(case, assign=False)
+
+
+@parametric_cases
+def test_no_stale_cache_after_load_state_dict_with_assign(case):
+    """``load_state_dict(..., assign=True)`` swaps in new parameter tensors (whose version counters may coincide)."""
+    _load_state_dict_then_call(case, assign=True)
+
+
+@parametric_cases
+@pytest.mark.parametrize("direction", ["call_and_ladj", "inverse_and_ladj"])
+def test_cache_does_not_serve_no_grad_values_under_autograd(case, direction):
+    """A value computed under ``torch.no_grad()`` (e.g. a validation pass) must not be served to a training pass."""
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    x = randn((n, D), torch.float32, seed=24)
+    apply = getattr(layer, direction)
+    with torch.no_grad():
+        apply(x, ctx)
+    out, _ = apply(x, ctx)  # the same x object, now with autograd on
+    assert out.requires_grad, "served a value without a graph"
+    (out**2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in layer.parameters())
+
+
+@all_cases
+def test_no_stale_cache_after_input_modified_in_place(case):
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    t = pyro_transform(layer, ctx)
+    x = randn((n, D), torch.float32, seed=25)
+    y = t(x)
+    with torch.no_grad():
+        x.mul_(0.5)
+    got = t(x)
+    close(got, reference(layer, "call_and_ladj", x, ctx)[0], 0.0)
+    assert (got - y).abs().max() > 1e-4
+
+
+@conditional_cases
+def test_no_stale_cache_after_context_modified_in_place(case):
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    t = layer.condition(ctx)
+    x = randn((n, D), torch.float32, seed=26)
+    y = t(x)
+    with torch.no_grad():
+        ctx.add_(1.0)
+    got = t(x)
+    expected = reference(layer, "call_and_ladj", x, ctx)[0]
+    assert (expected - y).abs().max() > 1e-4
+    close(got, expected, 0.0)
+
+
+@conditional_cases
+def test_cache_hit_returns_the_broadcast_shape(case):
+    """``t.inv(t(x))`` has the shape of ``t(x)``, whether or not the cache answers."""
+    dtype = torch.float64
+    layer = make(case, dtype)
+    t = layer.condition(context(case, (3,), dtype))
+    x = randn((D,), dtype, seed=27)
+    y = t(x)
+    assert y.shape == (3, D)
+    cached = t.inv(y)  # the cache holds (x, y): it must not answer with x's shape (D,)
+    assert cached.shape == (3, D)
+    fresh = t.inv(y.clone())
+    assert fresh.shape == (3, D)
+    close(cached, fresh, 1e-10)
+
+
+def test_batchnorm_cache_respects_train_eval_switch():
+    layer = make(Case("BatchNorm", lambda: T.BatchNorm(D), kind="batchnorm"))
+    y = randn((32, D), torch.float32, seed=28)
+    layer.train()
+    x_train = layer.inv(y)
+    layer.eval()
+    x_eval = layer.inv(y)
+    close(x_eval, layer.inverse_and_ladj(y.clone())[0], 0.0)
+    assert (x_eval - x_train).abs().max() > 1e-3
+    # training mode standardises the batch
+    close(x_train.mean(0), layer.beta.detach(), 1e-4)
+
+
+# -- copying and serialisation ----------------------------------------------------------------------------------------
+@all_cases
+def test_deepcopy_and_pickle_after_a_call(case):
+    layer = make(case)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    x = randn((n, D), torch.float32, seed=29)
+    y, ladj = layer.call_and_ladj(x, ctx)  # fills the cache
+    xi, ladj_inv = layer.inverse_and_ladj(x, ctx)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(clone) is type(layer)
+        y2, ladj2 = clone.call_and_ladj(x, ctx)
+        close(y2, y, 0.0)
+        close(ladj2, ladj, 0.0)
+        xi2, ladj_inv2 = clone.inverse_and_ladj(x, ctx)
+        close(xi2, xi, 0.0)
+        close(ladj_inv2, ladj_inv, 0.0)
+        # the copy is independent: changing it changes neither the original nor its cache
+        if case.kind != "fixed":
+            perturb(clone, seed=9)
+            close(clone.call_and_ladj(x, ctx)[0], clone.call_and_ladj(x.clone(), ctx)[0], 0.0)
+            assert (clone.call_and_ladj(x.clone(), ctx)[0] - y).abs().max() > 1e-4
+            close(layer.call_and_ladj(x.clone(), ctx)[0], y, 0.0)
+
+
+@all_cases
+def test_state_dict_round_trip(case):
+    layer = make(case, seed=0)
+    fresh = make(case, seed=3, perturbed=False)
+    missing, unexpected = fresh.load_state_dict(layer.state_dict())
+    assert not missing and not unexpected
+    fresh.train(layer.training)
+    n = 8
+    ctx = context(case, (n,), torch.float32)
+    x = randn((n, D), torch.float32, seed=30)
+    for direction in ("call_and_ladj", "inverse_and_ladj"):
+        out, ladj = getattr(layer, direction)(x.clone(), ctx)
+        out2, ladj2 = getattr(fresh, direction)(x.clone(), ctx)
+        close(out2, out, 0.0)
+        close(ladj2, ladj, 0.0)

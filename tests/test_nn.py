@@ -1,0 +1,340 @@
+"""Conditioner networks: MADE (autoregressive masks, sequential inversion), MLP, MaskedLinear."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb
+from torch import nn
+
+from pyro_flows.nn import MADE, MLP, MaskedLinear
+
+D, C = 5, 3
+
+
+def draw(shape, dtype=torch.float64, seed=0, std=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return std * torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def random_order(d, seed):
+    return torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+
+
+def made(features=D, params=2, hidden=(16, 16), context=0, order=None, activation=nn.ReLU, seed=0):
+    torch.manual_seed(seed)
+    net = MADE(features, params, hidden, context, order, activation)
+    return perturb(net, scale=0.5, seed=seed + 1).double()
+
+
+# -- MADE: the autoregressive property --------------------------------------------------------------------------------
+MADE_CONFIGS = [
+    pytest.param(D, 1, (16, 16), 0, id="D5-P1"),
+    pytest.param(D, 3, (16, 16), 0, id="D5-P3"),
+    pytest.param(D, 2, (16, 16), C, id="D5-P2-context"),
+    pytest.param(D, 2, (7, 3, 9), 0, id="D5-P2-narrow"),
+    pytest.param(D, 2, (3,), C, id="D5-P2-narrow-context"),
+    pytest.param(1, 2, (4,), 0, id="D1"),
+    pytest.param(1, 2, (4,), C, id="D1-context"),
+]
+
+
+@pytest.mark.parametrize("features, params, hidden, context", MADE_CONFIGS)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
+def test_made_is_autoregressive(features, params, hidden, context, seed, activation):
+    order = random_order(features, seed)
+    net = made(features, params, hidden, context, order, activation, seed)
+    x = draw((features,), seed=seed + 10, std=2.0)
+    ctx = draw((context,), seed=seed + 20) if context else None
+    out = net(x, ctx)
+    assert out.shape == (params, features)
+
+    jac = torch.autograd.functional.jacobian(lambda v: net(v, ctx), x)  # (P, D, D_in)
+    allowed = order[None, :] < order[:, None]  # [i, j]: output variable i may depend on input j
+    forbidden = ~allowed
+    assert (jac[:, forbidden] == 0).all(), "an output depends on an input at or after it in the order"
+    if activation is nn.Tanh and min(hidden) >= features - 1:  # wide enough to realise every allowed connection
+        assert (jac.abs().amax(0)[allowed] > 0).all(), "an allowed dependency is missing"
+    # the variable first in the order depends on nothing but the context
+    first = int(torch.argmin(order))
+    assert (jac[:, first] == 0).all()
+
+    if context:
+        jac_ctx = torch.autograd.functional.jacobian(lambda c: net(x, c), ctx)  # (P, D, C)
+        if activation is nn.Tanh:
+            assert (jac_ctx.abs().amax(dim=(0, 2)) > 0).all(), "the context must reach every output"
+        assert (jac_ctx.abs() > 0).any()
+
+
+@pytest.mark.parametrize("features, params, hidden, context", MADE_CONFIGS)
+def test_made_mask_connectivity(features, params, hidden, context):
+    """The product of the masks connects output i to input j exactly when order[j] < order[i] (wide enough nets)."""
+    order = random_order(features, 3)
+    net = MADE(features, params, hidden, context, order)
+    path = net.hidden[0].mask[:, :features].double()
+    for layer in list(net.hidden[1:]) + [net.output]:
+        path = layer.mask.double() @ path
+    path = path.unflatten(0, (params, features)) > 0  # (P, D, D_in)
+    allowed = order[None, :] < order[:, None]
+    assert not (path & ~allowed).any()
+    if min(hidden) >= features - 1:
+        assert (path == allowed).all()
+    if context:  # every first-layer unit sees the whole context
+        assert (net.hidden[0].mask[:, features:] == 1).all()
+
+
+def test_made_output_layer_starts_at_zero():
+    net = MADE(D, 3, (16, 16), C)
+    out = net(draw((4, D), torch.float32), draw((4, C), torch.float32))
+    assert out.shape == (4, 3, D)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_made_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        MADE(3, 1, (8,), order=[0, 0, 1])
+    with pytest.raises(ValueError):
+        MADE(3, 1, ())
+    with pytest.raises(ValueError):
+        MADE(0, 1, (8,))
+
+
+# -- MADE.sequential --------------------------------------------------------------------------------------------------
+def affine_forward(net, x, ctx):
+    """y = x * exp(tanh(s(x))) + t(x), s and t from the MADE (parameter-major output: (..., 2, D))."""
+    params = net(x, ctx)
+    shift, log_scale = params[..., 0, :], torch.tanh(params[..., 1, :])
+    return x * log_scale.exp() + shift
+
+
+def affine_inverse_step(y_i, params):
+    return (y_i - params[..., 0]) * torch.exp(-torch.tanh(params[..., 1]))
+
+
+@pytest.mark.parametrize("hidden", [(16, 16), (7, 3, 9), (3,)], ids=str)
+@pytest.mark.parametrize("context", [0, C], ids=["no-context", "context"])
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)], ids=str)
+def test_made_sequential_inverts_an_autoregressive_affine_map(hidden, context, batch):
+    order = random_order(D, 5)
+    net = made(D, 2, hidden, context, order, seed=7)
+    x_true = draw(batch + (D,), seed=8, std=2.0)
+    ctx = draw(batch + (context,), seed=9) if context else None
+    y = affine_forward(net, x_true, ctx)
+    assert (y - x_true).abs().max() > 0.1
+
+    calls = []
+
+    def solve(i, params):
+        assert params.shape == batch + (2,)
+        calls.append(i)
+        return affine_inverse_step(y[..., i], params)
+
+    x = net.sequential(solve, torch.Size(batch), ctx)
+    assert x.shape == batch + (D,)
+    torch.testing.assert_close(x, x_true, rtol=0, atol=1e-12)
+    assert calls == torch.argsort(order).tolist(), "variables must be solved in the MADE's order"
+
+
+@pytest.mark.parametrize("context", [0, C], ids=["no-context", "context"])
+def test_made_sequential_gradients_match_the_implicit_derivative(context):
+    """Gradients through ``sequential`` equal those through D fixed-point sweeps of the full network.
+
+    The sweep x <- g(y, MADE(x)) has a strictly triangular Jacobian in x, so D sweeps from any start reach the exact
+    inverse *and* its exact derivative w.r.t. the parameters: an independent reference for the sequential path (which
+    reads raw weight slices instead of the masked layers).
+    """
+    order = random_order(D, 11)
+    net = made(D, 2, (16, 16), context, order, seed=12)
+    batch = (6,)
+    y = draw(batch + (D,), seed=13, std=2.0)
+    ctx = draw(batch + (context,), seed=14).requires_grad_(True) if context else None
+
+    def solve(i, params):
+        return affine_inverse_step(y[..., i], params)
+
+    x_seq = net.sequential(solve, torch.Size(batch), ctx)
+    inputs = list(net.parameters()) + ([ctx] if context else [])
+    weights = draw(batch + (D,), seed=19)
+    grads_seq = torch.autograd.grad((x_seq**2 * weights).sum(), inputs)
+
+    x = torch.zeros_like(y)
+    for _ in range(D):
+        params = net(x, ctx)
+        x = affine_inverse_step(y, params.movedim(-2, -1))
+    torch.testing.assert_close(x_seq, x, rtol=0, atol=1e-12)
+    grads_ref = torch.autograd.grad((x**2 * weights).sum(), inputs)
+    names = [name for name, _ in net.named_parameters()] + (["context"] if context else [])
+    for name, g_seq, g_ref in zip(names, grads_seq, grads_ref, strict=True):
+        torch.testing.assert_close(g_seq, g_ref, rtol=0, atol=1e-10, msg=name)
+    assert any(g.abs().max() > 0 for g in grads_seq)
+
+
+def test_made_sequential_with_context_broadcast_in_batch():
+    """A context (C,) shared by a batch of values."""
+    net = made(D, 2, (16, 16), C, random_order(D, 15), seed=16)
+    x_true = draw((4, D), seed=17)
+    ctx = draw((C,), seed=18)
+    y = affine_forward(net, x_true, ctx)
+
+    def solve(i, params):
+        return affine_inverse_step(y[..., i], params)
+
+    x = net.sequential(solve, torch.Size((4,)), ctx.expand(4, C))
+    torch.testing.assert_close(x, x_true, rtol=0, atol=1e-12)
+
+
+# -- MLP --------------------------------------------------------------------------------------------------------------
+def manual_mlp(net: MLP, h: torch.Tensor) -> torch.Tensor:
+    for i, layer in enumerate(net.hidden):
+        z = torch.relu(h @ layer.weight.T + layer.bias)
+        h = h + z if net.residual and i > 0 and z.shape[-1] == h.shape[-1] else z
+    return h @ net.output.weight.T + net.output.bias
+
+
+def test_mlp_shapes_and_values():
+    torch.manual_seed(0)
+    net = perturb(MLP(3, 8, hidden=(16, 16)), seed=1)
+    for shape in [(3,), (5, 3), (2, 5, 3)]:
+        x = draw(shape, torch.float32, seed=2)
+        out = net(x)
+        assert out.shape == shape[:-1] + (8,)
+        torch.testing.assert_close(out, manual_mlp(net, x), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_context_broadcasting():
+    torch.manual_seed(0)
+    net = perturb(MLP(3, 8, hidden=(16, 16), context_features=2), seed=1).double()
+    k, n = 4, 5
+
+    def ref(x, c):
+        batch = torch.broadcast_shapes(x.shape[:-1], c.shape[:-1])
+        return manual_mlp(net, torch.cat((x.expand(batch + (3,)), c.expand(batch + (2,))), dim=-1))
+
+    cases = [
+        (draw((k, n, 3), seed=2), draw((n, 2), seed=3), (k, n, 8)),
+        (draw((3,), seed=4), draw((n, 2), seed=5), (n, 8)),
+        (draw((n, 3), seed=6), draw((2,), seed=7), (n, 8)),
+        (draw((n, 3), seed=8), draw((n, 2), seed=9), (n, 8)),
+    ]
+    for x, c, shape in cases:
+        out = net(x, c)
+        assert out.shape == shape
+        torch.testing.assert_close(out, ref(x, c), rtol=0, atol=1e-12)
+    # the context is used
+    x = draw((3,), seed=10)
+    assert (net(x, draw((2,), seed=11)) - net(x, draw((2,), seed=12))).abs().max() > 1e-6
+
+
+def test_mlp_zero_init():
+    x = draw((6, 3), torch.float32)
+    out = MLP(3, 4, hidden=(16, 16), context_features=2)(x, draw((6, 2), torch.float32))
+    assert torch.equal(out, torch.zeros(6, 4))
+    torch.manual_seed(0)
+    out = MLP(3, 4, hidden=(16, 16), zero_init=False)(x)
+    assert out.abs().max() > 0
+
+
+@pytest.mark.parametrize("hidden", [(8, 8, 8), (8, 6, 6)], ids=str)
+def test_mlp_residual(hidden):
+    torch.manual_seed(0)
+    net = perturb(MLP(3, 4, hidden=hidden, residual=True), seed=1).double()
+    x = draw((7, 3), seed=2)
+    torch.testing.assert_close(net(x), manual_mlp(net, x), rtol=0, atol=1e-12)
+    plain = copy.deepcopy(net)
+    plain.residual = False
+    assert (net(x) - plain(x)).abs().max() > 1e-6  # the skip connections do something
+
+
+# -- MaskedLinear -----------------------------------------------------------------------------------------------------
+def masked_layer(seed=0):
+    torch.manual_seed(seed)
+    mask = torch.rand(6, 4) > 0.4
+    return MaskedLinear(mask), mask
+
+
+def test_masked_linear_grad_and_no_grad_paths_agree():
+    layer, mask = masked_layer()
+    x = draw((5, 4), torch.float32, seed=1)
+    expected = x @ (layer.weight * mask).T + layer.bias
+    out = layer(x)
+    assert out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), out.detach(), rtol=0, atol=0)
+    # masked entries get no gradient, unmasked ones do
+    out.sum().backward()
+    assert (layer.weight.grad[~mask] == 0).all()
+    assert (layer.weight.grad[mask] != 0).all()
+
+
+def _expected(layer, mask, x):
+    return F.linear(x, layer.weight.detach() * mask, layer.bias.detach())
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        "inplace_no_grad",
+        "optimizer_step",
+        "load_state_dict",
+        "assign_data",
+        "data_inplace",
+    ],
+)
+def test_masked_linear_no_grad_cache_refreshes_after_weight_change(update):
+    layer, mask = masked_layer()
+    x = draw((5, 4), torch.float32, seed=2)
+    with torch.no_grad():
+        before = layer(x)  # fills the cache
+    if update == "inplace_no_grad":
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+    elif update == "optimizer_step":
+        layer(x).pow(2).sum().backward()
+        torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    elif update == "load_state_dict":
+        other, _ = masked_layer(seed=1)
+        other.mask.copy_(layer.mask)
+        layer.load_state_dict(other.state_dict())
+    elif update == "assign_data":
+        layer.weight.data = layer.weight.data * 2.0
+    else:  # the classic hand-written update: p.data.add_(...) does not bump p._version
+        layer.weight.data.mul_(2.0)
+    with torch.no_grad():
+        after = layer(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, _expected(layer, mask, x), rtol=0, atol=1e-6)
+
+
+def test_masked_linear_frozen_weight_under_autograd():
+    """requires_grad=False takes the cached path even with autograd on; it must still follow weight changes."""
+    layer, mask = masked_layer()
+    layer.weight.requires_grad_(False)
+    x = draw((5, 4), torch.float32, seed=3)
+    before = layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    after = layer(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, _expected(layer, mask, x), rtol=0, atol=1e-6)
+
+
+def test_masked_linear_dtype_copy_and_pickle():
+    layer, mask = masked_layer()
+    x = draw((5, 4), torch.float32, seed=4)
+    with torch.no_grad():
+        layer(x)  # cache filled
+        layer64 = copy.deepcopy(layer).double()
+        out64 = layer64(x.double())
+        assert out64.dtype == torch.float64 and layer64.mask.dtype == torch.float64
+        torch.testing.assert_close(out64, _expected(layer64, mask, x.double()), rtol=0, atol=1e-12)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+            clone.weight.mul_(3.0)
+            torch.testing.assert_close(clone(x), _expected(clone, mask, x), rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer(x), _expected(layer, mask, x), rtol=0, atol=1e-6)
