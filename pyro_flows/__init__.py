@@ -2,6 +2,7 @@
 
 from . import diagnostics, nn, transforms
 from .diagnostics import bits_per_dim, nats_per_dim
+from .estimator import DensityEstimator
 from .flows import IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
 from .train import fit
 
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bits_per_dim",
+    "DensityEstimator",
     "diagnostics",
     "fit",
     "IAF",

@@ -1,0 +1,346 @@
+"""``DensityEstimator``: a normalizing flow as a scikit-learn-like density estimator.
+
+Errors follow one convention: bad data or arguments raise ``ValueError``
+naming the problem (rows, shapes, names); using an estimator before ``fit``
+raises :class:`NotFittedError`, a ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import diagnostics, flows
+from .flows import Flow
+from .train import fit as fit_flow
+from .transforms.normalization import Standardize
+from .utils import PathLike, atomic_save, safe_load
+
+FLOWS = {"nice": flows.NICE, "realnvp": flows.RealNVP, "maf": flows.MAF, "iaf": flows.IAF, "nsf": flows.NSF}
+FORMAT, VERSION = "pyro_flows.DensityEstimator", 1
+SHOWN_ROWS = 10  # how many offending rows an error message names
+JSONLike = Union[None, bool, int, float, str, list, dict]
+ArrayLike = Union[np.ndarray, Tensor]
+
+
+class NotFittedError(RuntimeError):
+    """The estimator is used (``log_prob``, ``sample``, ``save``, ...) before ``fit``."""
+
+
+class DensityEstimator:
+    r"""A normalizing flow fitted by maximum likelihood, with a scikit-learn-like interface.
+
+    ``fit`` standardises the data: the flow built by the factory ``flow``
+    (:func:`~pyro_flows.NSF`, ...) gets a fixed :class:`~pyro_flows.transforms.Standardize`
+    layer as its last base→data layer, :math:`y = \mu + \sigma \odot x`, with the column means
+    and standard deviations :math:`\mu, \sigma` of the rows passed to ``fit``
+    (floored at ``min_scale`` times :math:`\max(1, |\mu|)`). Its log-det is part of every
+    density, so
+
+    .. math:: \log p(y) = \log p_{\text{flow}}\big((y - \mu) / \sigma\big) - \sum_i \log \sigma_i
+
+    is in the data's own units, and samples come out in the data's units.
+
+    Inputs ``X`` are NumPy arrays or torch tensors of shape ``(rows, features)``;
+    outputs have the input's type (NumPy float64 for NumPy input, a tensor of the
+    model's dtype for tensor input; ``sample`` follows the type ``fit`` saw). The
+    model computes in ``dtype`` (float32 by default, also for float64 NumPy data:
+    pass ``dtype=torch.float64`` for double precision).
+
+    Errors: ``ValueError`` for bad data or arguments (NaN/inf rows, wrong shapes or
+    feature counts, too few rows, a file that is not a saved estimator);
+    :class:`NotFittedError` (a ``RuntimeError``) before ``fit``.
+
+    Args:
+        flow: ``"nice"``, ``"realnvp"``, ``"maf"``, ``"iaf"`` or ``"nsf"``.
+        transforms: number of flow layers.
+        hidden: hidden layer sizes of each layer's conditioner network.
+        dtype: floating dtype of the model.
+        min_scale: relative floor of the standardisation's standard deviations.
+        **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...);
+            only JSON-like values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
+
+    Attributes (after ``fit``):
+        flow_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``).
+        features_: number of features :math:`D`.
+        history_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
+
+    Example:
+        >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
+        >>> est = DensityEstimator("realnvp", transforms=2, hidden=(16,)).fit(
+        ...     X, max_epochs=2, validation_fraction=0.2, progress=False)
+        >>> est.score_samples(X[:3]).shape
+        (3,)
+        >>> est.sample(4, seed=0).shape
+        (4, 2)
+    """
+
+    def __init__(
+        self,
+        flow: str = "nsf",
+        transforms: int = 5,
+        hidden: Sequence[int] = (128, 128),
+        *,
+        dtype: torch.dtype = torch.float32,
+        min_scale: float = 1e-6,
+        **flow_kwargs: JSONLike,
+    ) -> None:
+        if flow not in FLOWS:
+            raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {flow!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        for name, value in flow_kwargs.items():
+            _check_json_like(value, name)
+        self.flow, self.transforms, self.hidden = flow, int(transforms), tuple(int(h) for h in hidden)
+        self.dtype, self.min_scale, self.flow_kwargs = dtype, float(min_scale), dict(flow_kwargs)
+        self.flow_: Optional[Flow] = None
+        self.features_: Optional[int] = None
+        self.history_: Any = None
+        self._fitted_on = "numpy"
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.flow_kwargs.items())
+        return f"{type(self).__name__}(flow={self.flow!r}, transforms={self.transforms}, hidden={self.hidden}{extra})"
+
+    # -- fitting ----------------------------------------------------------------
+    def fit(
+        self,
+        X: ArrayLike,
+        max_epochs: int = 200,
+        batch_size: int = 256,
+        validation_fraction: float = 0.1,
+        lr: float = 1e-3,
+        patience: Optional[int] = 20,
+        seed: Optional[int] = 0,
+        progress: Optional[bool] = None,
+        **fit_kwargs: Any,
+    ) -> DensityEstimator:
+        """Build a fresh flow for ``X`` ``(rows, features)`` and fit it by maximum likelihood; returns ``self``.
+
+        The arguments go to :func:`pyro_flows.fit` (``fit_kwargs`` too: ``weight_decay``,
+        ``schedule``, ``checkpoint``, ``device``, ...): a ``validation_fraction`` of the
+        rows is held out for early stopping with ``patience`` epochs (the best
+        weights are kept). ``seed`` fixes the initialisation and the training run.
+        """
+        data = self._check_rows(X, "fit")
+        _check_validation_split(len(data), validation_fraction)
+        self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
+        self.features_ = data.shape[1]
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.flow_ = self._build(self.features_, Standardize.from_data(data.double(), self.min_scale))
+        self.history_ = fit_flow(
+            self.flow_,
+            data.to(self.dtype),
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            validation_fraction=validation_fraction,
+            lr=lr,
+            patience=patience if validation_fraction > 0 or "validation_data" in fit_kwargs else None,
+            seed=seed,
+            progress=progress,
+            **fit_kwargs,
+        )
+        self.flow_.eval()
+        return self
+
+    def _build(self, features: int, standardize: Standardize) -> Flow:
+        """The factory's flow for ``features`` with ``standardize`` appended, in ``self.dtype``."""
+        model = FLOWS[self.flow](features=features, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
+        return Flow(model.base, [*model.transforms, standardize], model.context_features).to(self.dtype)
+
+    # -- evaluation -------------------------------------------------------------
+    @torch.no_grad()
+    def log_prob(self, X: ArrayLike) -> ArrayLike:
+        """Log-density of each row of ``X`` in the data's units: shape ``(rows,)``, the type of ``X``."""
+        flow = self._fitted_flow("log_prob")
+        data = self._check_rows(X, "log_prob", self.features_).to(self._device, self.dtype)
+        distribution = flow()
+        log_prob = torch.cat([distribution.log_prob(chunk) for chunk in data.split(65536)])
+        return _like(log_prob, numpy=not isinstance(X, Tensor))
+
+    score_samples = log_prob
+
+    def score(self, X: ArrayLike, y: None = None) -> float:
+        """Mean log-likelihood of the rows of ``X`` (nats; ``y`` is ignored, as in scikit-learn)."""
+        return float(self.log_prob(X).mean())
+
+    def nats_per_dim(self, X: ArrayLike) -> float:
+        """Negative mean log-likelihood per dimension in nats (:func:`pyro_flows.nats_per_dim`)."""
+        return diagnostics.nats_per_dim(self.log_prob(X), self.features_)
+
+    def bits_per_dim(self, X: ArrayLike, levels: Optional[int] = None) -> float:
+        """Negative mean log-likelihood per dimension in bits (:func:`pyro_flows.bits_per_dim`).
+
+        With ``levels``, ``X`` must be data dequantised into ``[0, 1)`` as ``(x + u) / levels``
+        and the result bounds the discrete data's bits/dim (see :func:`~pyro_flows.bits_per_dim`).
+        """
+        return diagnostics.bits_per_dim(self.log_prob(X), self.features_, levels)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: Optional[int] = None) -> ArrayLike:
+        """``n`` samples ``(n, features)`` in the data's units (NumPy if fitted on NumPy, else a tensor)."""
+        flow = self._fitted_flow("sample")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"sample: n must be a positive integer, got {n!r}")
+        with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            samples, _ = flow().sample_and_log_prob((int(n),))
+        return _like(samples, numpy=self._fitted_on == "numpy")
+
+    # -- persistence ----------------------------------------------------------------
+    def save(self, path: PathLike) -> None:
+        """Write the configuration, weights and standardisation to one file (atomically)."""
+        flow = self._fitted_flow("save")
+        atomic_save(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": self._config(),
+                "features": self.features_,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+                "fitted_on": self._fitted_on,
+                "history": _plain_history(self.history_),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: PathLike) -> DensityEstimator:
+        """Rebuild an estimator written by :meth:`save` (weights-only loading: a file that would run code is refused).
+
+        Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version.
+        """
+        payload = safe_load(path, map_location="cpu")
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved pyro_flows DensityEstimator")
+        if payload.get("version") != VERSION:
+            raise ValueError(f"{path}: unknown DensityEstimator file version {payload.get('version')!r}")
+        config = payload["config"]
+        estimator = cls(
+            config["flow"],
+            config["transforms"],
+            config["hidden"],
+            dtype=_dtype(payload["dtype"]),
+            min_scale=config["min_scale"],
+            **config["kwargs"],
+        )
+        features = payload["features"]
+        placeholder = Standardize(torch.zeros(features), torch.ones(features))
+        estimator.flow_ = estimator._build(features, placeholder)
+        estimator.flow_.load_state_dict(payload["state_dict"])
+        estimator.flow_.eval()
+        estimator.features_, estimator._fitted_on = features, payload["fitted_on"]
+        estimator.history_ = _restore_history(payload["history"])
+        return estimator
+
+    def _config(self) -> dict:
+        return {
+            "flow": self.flow,
+            "transforms": self.transforms,
+            "hidden": list(self.hidden),
+            "min_scale": self.min_scale,
+            "kwargs": self.flow_kwargs,
+        }
+
+    # -- checks -------------------------------------------------------------------------
+    def _fitted_flow(self, method: str) -> Flow:
+        if self.flow_ is None:
+            raise NotFittedError(f"DensityEstimator.{method}: the estimator is not fitted yet; call fit(X) first")
+        return self.flow_
+
+    @property
+    def _device(self) -> torch.device:
+        return self.flow_.transforms[-1].loc.device
+
+    @staticmethod
+    def _check_rows(X: ArrayLike, method: str, features: Optional[int] = None) -> Tensor:
+        """``X`` as a float64 tensor ``(rows, features)`` (floating tensors keep their dtype) after the checks."""
+        data = _as_tensor(X, method)
+        if data.dim() != 2:
+            raise ValueError(
+                f"{method}: X must be 2-D (rows, features), got shape {tuple(data.shape)}"
+                + (" (use X.reshape(-1, 1) for one feature)" if data.dim() == 1 else "")
+            )
+        if features is not None and data.shape[1] != features:
+            raise ValueError(f"{method}: expected {features} features, got {data.shape[1]}")
+        if data.shape[0] == 0 or data.shape[1] == 0:
+            raise ValueError(f"{method}: X has no {'rows' if data.shape[0] == 0 else 'features'}")
+        bad = torch.nonzero(~torch.isfinite(data).all(dim=1)).flatten().tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
+            raise ValueError(f"{method}: {len(bad)} rows of X have NaN or inf values (rows {shown})")
+        return data
+
+
+def _as_tensor(X: ArrayLike, method: str) -> Tensor:
+    if isinstance(X, Tensor):
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ValueError(f"{method}: X must be real numbers, got a tensor of dtype {X.dtype}")
+        return X.detach() if X.is_floating_point() else X.detach().double()
+    array = np.asarray(X)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{method}: X must be an array of real numbers, got dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+
+
+def _check_validation_split(rows: int, fraction: float) -> None:
+    """Enough rows for a validation split: at least 2 training rows and 1 validation row."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fit: validation_fraction must be in [0, 1), got {fraction}")
+    held_out = math.ceil(rows * fraction) if fraction > 0 else 0
+    if rows - held_out < 2:
+        raise ValueError(
+            f"fit: too few rows ({rows}) for validation_fraction={fraction}: "
+            f"{held_out} held out leaves {rows - held_out} for training (need at least 2)"
+        )
+
+
+def _like(values: Tensor, numpy: bool) -> ArrayLike:
+    return values.cpu().double().numpy() if numpy else values
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {name!r} in a saved DensityEstimator")
+    return dtype
+
+
+def _check_json_like(value: Any, name: str) -> None:
+    """Raise a ValueError unless ``value`` is made of None, bool, int, float, str, lists/tuples and str-keyed dicts."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_json_like(item, name)
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for item in value.values():
+            _check_json_like(item, name)
+        return
+    raise ValueError(
+        f"DensityEstimator: flow option {name}={value!r} is not a plain value (number, string, bool, list, dict); "
+        "it could not be saved"
+    )
+
+
+def _plain_history(history: Any) -> Any:
+    """The fit history as plain lists and numbers (what a weights-only file can hold)."""
+    if dataclasses.is_dataclass(history):
+        return dataclasses.asdict(history)
+    return history
+
+
+def _restore_history(plain: Any) -> Any:
+    from .train import FitHistory
+
+    return FitHistory(**plain) if isinstance(plain, dict) else plain
