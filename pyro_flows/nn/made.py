@@ -12,36 +12,20 @@ from .mlp import broadcast_cat
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is multiplied by a fixed 0/1 mask.
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (which also masks the gradient).
 
-    Under autograd the mask is applied on each call (one elementwise op on the
-    weight, which also masks the gradient); without autograd (sampling,
-    evaluation) the masked weight is computed once and reused until the weight
-    changes.
+    The mask costs one elementwise product on the weight per call, negligible
+    next to the batched matmul; :meth:`MADE.sequential` slices the unmasked
+    weight where the mask is all ones and does not multiply at all.
     """
 
     def __init__(self, mask: Tensor) -> None:
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
-        self._masked_cache: Optional[tuple[tuple, Tensor]] = None
-
-    def masked_weight(self) -> Tensor:
-        weight = self.weight
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return weight * self.mask
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-        if self._masked_cache is None or self._masked_cache[0] != key:
-            self._masked_cache = (key, (weight * self.mask).detach())
-        return self._masked_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.masked_weight(), self.bias)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_masked_cache"] = None
-        return state
+        return F.linear(x, self.weight * self.mask, self.bias)
 
 
 def _sorted_degrees(units: int, low: int, high: int) -> Tensor:

@@ -89,7 +89,7 @@ class FlowTransform(TransformModule):
         """``(f(x), log|det df/dx|)`` in one pass (served from the cache when possible)."""
         hit = self._lookup(context, x=x)
         if hit is not None:
-            return hit.y, hit.ladj
+            return _broadcast_hit(hit.y, hit.x, hit.ladj, len(self.event_shape))
         self._check(x, "input", context)
         y, ladj = self._forward(x, context)
         self._store(x, y, ladj, context)
@@ -99,7 +99,7 @@ class FlowTransform(TransformModule):
         """``(f^{-1}(y), log|det df^{-1}/dy|)`` in one pass (served from the cache when possible)."""
         hit = self._lookup(context, y=y)
         if hit is not None:
-            return hit.x, -hit.ladj
+            return _broadcast_hit(hit.x, hit.y, -hit.ladj, len(self.event_shape))
         self._check(y, "input of the inverse", context)
         x, ladj = self._backward(y, context)
         self._store(x, y, -ladj, context)
@@ -135,6 +135,15 @@ class FlowTransform(TransformModule):
 
     def with_cache(self, cache_size: int = 1) -> FlowTransform:
         return self  # always cached, never stale
+
+    def clear_cache(self) -> None:
+        """Forget the cached input/output pairs of this layer and the layers inside it.
+
+        Only needed after writes through ``.data``, which PyTorch does not track.
+        """
+        for module in self.modules():
+            if isinstance(module, FlowTransform):
+                module._flow_cache = None
 
     def forward_shape(self, shape):
         return shape
@@ -173,12 +182,15 @@ class FlowTransform(TransformModule):
         by new tensors (``load_state_dict(assign=True)``), the storage pointers
         catch a rebound ``.data`` (``vector_to_parameters``), and the version
         counters catch in-place updates (optimizer steps, ``load_state_dict``,
-        in-place edits of the input, output or context).
+        in-place edits of the input, output or context), and the mode key
+        keeps values computed without autograd from being served with it on.
+        Only writes through ``.data`` (``p.data.sub_(...)``), which PyTorch
+        itself does not track, are invisible: call :meth:`clear_cache` after them.
         """
         state = tuple(itertools.chain(self.parameters(), self.buffers()))
         watched = itertools.chain(state, (t for t in tensors if t is not None))
         versions = tuple((t._version, t.data_ptr()) for t in watched)
-        return self.training, state, versions
+        return (self.training, torch.is_grad_enabled()), state, versions
 
     @staticmethod
     def _same_key(a: tuple, b: tuple) -> bool:
@@ -197,6 +209,12 @@ class FlowTransform(TransformModule):
 
     def _store(self, x: Tensor, y: Tensor, ladj: Tensor, context: Optional[Tensor]) -> None:
         self._flow_cache = _CacheEntry(x, y, ladj, context, self._state_key(x, y, context))
+
+
+def _broadcast_hit(value: Tensor, other: Tensor, ladj: Tensor, event_dims: int) -> tuple[Tensor, Tensor]:
+    """A cached pair may have been broadcast against a context: return the broadcast shape."""
+    shape = torch.broadcast_shapes(value.shape, other.shape)
+    return value.expand(shape), ladj.expand(shape[: len(shape) - event_dims])
 
 
 class Conditional(ConditionalTransformModule):

@@ -102,8 +102,9 @@ class RationalQuadraticSpline(ElementwiseMap):
 
     Outside :math:`[-B, B]` the map is the identity (boundary derivatives are
     1, so it is :math:`C^1`). The inverse is closed form: the root in
-    :math:`[0, 1]` of a quadratic in :math:`\xi`, taken in the cancellation-free
-    form :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})`. Parameters per coordinate:
+    :math:`[0, 1]` of the quadratic :math:`a\xi^2 + b\xi + c = 0`, taken as
+    :math:`2c / (-b - \sqrt{b^2 - 4ac})` when :math:`b \ge 0` and as
+    :math:`(\sqrt{b^2 - 4ac} - b) / 2a` otherwise, so neither form cancels. Parameters per coordinate:
     :math:`K` widths, :math:`K` heights (softmax-normalised) and :math:`K - 1`
     interior derivatives (softplus), :math:`3K - 1` in all.
 
@@ -139,7 +140,8 @@ class RationalQuadraticSpline(ElementwiseMap):
         raw_sizes, raw_derivatives = params.split((2 * K, K - 1), dim=0)
         sizes = torch.softmax(raw_sizes.unflatten(0, (2, K)), dim=1)  # bin widths and heights
         sizes = sizes.mul(2 * B * (1 - self.min_bin_size * K)).add(2 * B * self.min_bin_size)
-        knots = torch.cat((torch.full_like(sizes[:, :1], -B), torch.cumsum(sizes, dim=1).sub(B)), dim=1)
+        edge = torch.full_like(sizes[:, :1], B)
+        knots = torch.cat((-edge, torch.cumsum(sizes[:, :-1], dim=1).sub(B), edge), dim=1)  # ends exactly at +-B
         one = torch.ones_like(knots[:1, :1])
         interior = F.softplus(raw_derivatives + self._derivative_offset).add(self.min_derivative)
         derivatives = torch.cat((one, interior.unsqueeze(0), one), dim=1)
@@ -181,8 +183,12 @@ class RationalQuadraticSpline(ElementwiseMap):
         a = h * (slope - d0) + dy * curvature
         b = h * d0 - dy * curvature
         c = -slope * dy
-        discriminant = (b * b - 4 * a * c).clamp_min(0)
-        xi = (2 * c / (-b - discriminant.sqrt())).clamp(0, 1)
+        root = (b * b - 4 * a * c).clamp_min(0).sqrt()
+        # the root in [0, 1], in whichever of its two forms does not cancel
+        positive = b >= 0
+        numerator = torch.where(positive, 2 * c, root - b)
+        denominator = torch.where(positive, -b - root, 2 * a)
+        xi = (numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)).clamp(0, 1)
         x = x0 + xi * w
         log_derivative = -self._log_derivative(xi, slope, d0, d1)
         return torch.where(inside, x, y), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
