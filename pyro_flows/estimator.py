@@ -8,7 +8,6 @@ raises :class:`NotFittedError`, a ``RuntimeError``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -125,29 +124,34 @@ class DensityEstimator:
         The arguments go to :func:`pyro_flows.fit` (``fit_kwargs`` too: ``weight_decay``,
         ``schedule``, ``checkpoint``, ``device``, ...): a ``validation_fraction`` of the
         rows is held out for early stopping with ``patience`` epochs (the best
-        weights are kept). ``seed`` fixes the initialisation and the training run.
+        weights are kept; ``patience`` is ignored without validation data). ``seed``
+        fixes the initialisation and the training run. The standardisation uses the
+        mean and standard deviation of all rows of ``X`` (validation rows included).
+        A failed ``fit`` leaves the estimator as it was.
         """
         data = self._check_rows(X, "fit")
-        _check_validation_split(len(data), validation_fraction)
-        self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
-        self.features_ = data.shape[1]
+        if len(data) < 2:
+            raise ValueError(f"fit: need at least 2 rows of X to standardise them, got {len(data)}")
+        features = data.shape[1]
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.flow_ = self._build(self.features_, Standardize.from_data(data.double(), self.min_scale))
-        self.history_ = fit_flow(
-            self.flow_,
+            model = self._build(features, Standardize.from_data(data.double(), self.min_scale))
+        validated = bool(validation_fraction) or fit_kwargs.get("validation_data") is not None
+        history = fit_flow(
+            model,
             data.to(self.dtype),
             max_epochs=max_epochs,
             batch_size=batch_size,
             validation_fraction=validation_fraction,
             lr=lr,
-            patience=patience if validation_fraction > 0 or "validation_data" in fit_kwargs else None,
+            patience=patience if validated else None,
             seed=seed,
             progress=progress,
             **fit_kwargs,
         )
-        self.flow_.eval()
+        self.flow_, self.features_, self.history_ = model.eval(), features, history
+        self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
 
     def _build(self, features: int, standardize: Standardize) -> Flow:
@@ -224,7 +228,14 @@ class DensityEstimator:
             raise ValueError(f"{path} is not a saved pyro_flows DensityEstimator")
         if payload.get("version") != VERSION:
             raise ValueError(f"{path}: unknown DensityEstimator file version {payload.get('version')!r}")
-        config = payload["config"]
+        try:
+            return cls._from_payload(payload)
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise ValueError(f"{path} is a damaged DensityEstimator file: {error}") from None
+
+    @classmethod
+    def _from_payload(cls, payload: dict) -> DensityEstimator:
+        config, features = payload["config"], payload["features"]
         estimator = cls(
             config["flow"],
             config["transforms"],
@@ -233,13 +244,10 @@ class DensityEstimator:
             min_scale=config["min_scale"],
             **config["kwargs"],
         )
-        features = payload["features"]
-        placeholder = Standardize(torch.zeros(features), torch.ones(features))
-        estimator.flow_ = estimator._build(features, placeholder)
-        estimator.flow_.load_state_dict(payload["state_dict"])
-        estimator.flow_.eval()
-        estimator.features_, estimator._fitted_on = features, payload["fitted_on"]
-        estimator.history_ = _restore_history(payload["history"])
+        flow = estimator._build(features, Standardize(torch.zeros(features), torch.ones(features)))
+        flow.load_state_dict(payload["state_dict"])
+        estimator.flow_, estimator.features_, estimator.history_ = flow.eval(), features, _restore_history(payload)
+        estimator._fitted_on = payload["fitted_on"]
         return estimator
 
     def _config(self) -> dict:
@@ -292,18 +300,6 @@ def _as_tensor(X: ArrayLike, method: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
 
 
-def _check_validation_split(rows: int, fraction: float) -> None:
-    """Enough rows for a validation split: at least 2 training rows and 1 validation row."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fit: validation_fraction must be in [0, 1), got {fraction}")
-    held_out = math.ceil(rows * fraction) if fraction > 0 else 0
-    if rows - held_out < 2:
-        raise ValueError(
-            f"fit: too few rows ({rows}) for validation_fraction={fraction}: "
-            f"{held_out} held out leaves {rows - held_out} for training (need at least 2)"
-        )
-
-
 def _like(values: Tensor, numpy: bool) -> ArrayLike:
     return values.cpu().double().numpy() if numpy else values
 
@@ -340,7 +336,8 @@ def _plain_history(history: Any) -> Any:
     return history
 
 
-def _restore_history(plain: Any) -> Any:
+def _restore_history(payload: dict) -> Any:
     from .train import FitHistory
 
+    plain = payload["history"]
     return FitHistory(**plain) if isinstance(plain, dict) else plain

@@ -254,6 +254,19 @@ def test_load_rejects_other_files(tmp_path, payload, message):
         pf.DensityEstimator.load(tmp_path / "m.pt")
 
 
+def test_load_rejects_a_damaged_file(tmp_path, fitted):
+    fitted.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["state_dict"][next(iter(payload["state_dict"]))]
+    atomic_save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged DensityEstimator file"):
+        pf.DensityEstimator.load(tmp_path / "damaged.pt")
+    del payload["config"]
+    atomic_save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged DensityEstimator file"):
+        pf.DensityEstimator.load(tmp_path / "damaged.pt")
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         pf.DensityEstimator.load(tmp_path / "nope.pt")
@@ -303,12 +316,25 @@ def test_bad_shapes_and_types(X, message):
 
 
 def test_too_few_rows_for_the_validation_split():
-    with pytest.raises(ValueError, match=re.escape("too few rows (3) for validation_fraction=0.5")):
-        pf.DensityEstimator("maf", **TINY).fit(np.random.default_rng(0).normal(size=(3, 2)), validation_fraction=0.5)
-    with pytest.raises(ValueError, match=re.escape("too few rows (1)")):
+    X = np.random.default_rng(0).normal(size=(3, 2))
+    with pytest.raises(ValueError, match=re.escape("validation_fraction=0.9 of 3 rows")):
+        pf.DensityEstimator("maf", **TINY).fit(X, validation_fraction=0.9)
+    with pytest.raises(ValueError, match=re.escape("validation_fraction=0.1 of 3 rows")):
+        pf.DensityEstimator("maf", **TINY).fit(X, validation_fraction=0.1)
+    with pytest.raises(ValueError, match=re.escape("need at least 2 rows of X to standardise them, got 1")):
         pf.DensityEstimator("maf", **TINY).fit(np.zeros((1, 2)), validation_fraction=0.0)
-    with pytest.raises(ValueError, match="validation_fraction must be in"):
+    with pytest.raises(ValueError, match=re.escape("validation_fraction must be in [0, 1)")):
         pf.DensityEstimator("maf", **TINY).fit(np.zeros((10, 2)), validation_fraction=1.0)
+
+
+def test_a_failed_fit_leaves_the_estimator_as_it_was(fitted, tmp_path):
+    fitted.save(tmp_path / "m.pt")
+    est = pf.DensityEstimator.load(tmp_path / "m.pt")
+    before = est.log_prob(gaussian_data(5))
+    with pytest.raises(ValueError, match="of 3 rows"):
+        est.fit(np.random.default_rng(0).normal(size=(3, 2)), validation_fraction=0.9)
+    assert est.features_ == 3
+    np.testing.assert_array_equal(est.log_prob(gaussian_data(5)), before)
 
 
 @pytest.mark.parametrize(
