@@ -4,7 +4,7 @@ from . import diagnostics, nn, transforms
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
 from .flows import IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
-from .train import fit
+from .train import FitHistory, NegativeLogLikelihood, fit
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,8 @@ __all__ = [
     "DensityEstimator",
     "diagnostics",
     "fit",
+    "FitHistory",
+    "NegativeLogLikelihood",
     "IAF",
     "MAF",
     "NICE",

@@ -1,20 +1,407 @@
-"""The one fitting loop: minibatch maximum likelihood for any flow."""
+"""The one fitting loop: minibatches, validation and early stopping, checkpoints, recovery, ``torch.distributed``.
+
+:func:`fit` minimises ``objective(model, x, context)`` by Adam. The default
+objective is the negative log-likelihood of a flow; flow matching or a
+simulation-based-inference loss plug in as other objectives, and the loop knows
+nothing about flows beyond that call.
+
+Fault tolerance. Every optimizer step starts from an in-memory copy of the
+model's and the optimizer's tensors; a non-finite loss or gradient norm rolls
+back to the state *before the last good update* (the update that may have led
+into the bad region), halves the learning rate and goes on. Checkpoints hold
+everything a run needs to continue bit for bit (weights, optimizer and
+scheduler state, position in the data, loss history, RNG states, best weights),
+as tensors and plain containers only, so they load with ``weights_only=True``.
+
+Distributed training. Under an initialised ``torch.distributed`` process group
+the model is wrapped in ``DistributedDataParallel``: ``model(context)`` in the
+objective goes through the wrapper, which all-reduces (averages) the gradients
+during ``backward`` even though the forward returns a distribution and the
+parameters are used later, in ``log_prob`` (the reducer hooks the parameters'
+gradient accumulators, wherever the graph is built). Every parameter must get a
+gradient (``find_unused_parameters`` cannot see through a distribution).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
+import math
 import os
 import sys
-from typing import Optional
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .utils import PathLike, atomic_save, safe_load
 
-def negative_log_likelihood(model: nn.Module, x: Tensor, context: Optional[Tensor]) -> Tensor:
-    """Mean negative log-likelihood of a batch under ``model(context)``."""
-    distribution = model() if context is None else model(context)
-    return -distribution.log_prob(x).mean()
+Batch = tuple[Tensor, Optional[Tensor]]
+Objective = Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor]
+Schedule = Union[None, str, Callable[[torch.optim.Optimizer], LRScheduler]]
+
+CHECKPOINT_FORMAT = "pyro_flows.fit/1"
+
+
+class NegativeLogLikelihood:
+    """The default objective: ``-model(context).log_prob(x).mean()`` (``model()`` when ``context`` is None)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        distribution = model() if context is None else model(context)
+        return -distribution.log_prob(x).mean()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit` did. Indexing, ``len`` and iteration give the training losses.
+
+    Attributes:
+        train_loss: mean training loss per epoch (the last entry may be a partial
+            epoch, when ``max_steps`` stopped the run inside one).
+        validation_loss: validation loss per completed epoch (empty without validation).
+        best_epoch: index into ``validation_loss`` of the epoch whose weights were
+            restored at the end (None without validation).
+        steps: optimizer steps taken in total, including those before a resume.
+        stopped_early: whether ``patience`` ended the run.
+        recoveries: non-finite losses or gradients recovered from.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    steps: int = 0
+    stopped_early: bool = False
+    recoveries: int = 0
+
+    def __len__(self) -> int:
+        return len(self.train_loss)
+
+    def __getitem__(self, index):
+        return self.train_loss[index]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.train_loss)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _as_batch(item: Any) -> Batch:
+    """A batch from a loader or a callable: ``x`` or ``(x, context)``."""
+    if isinstance(item, Tensor):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) in (1, 2) and isinstance(item[0], Tensor):
+        context = item[1] if len(item) == 2 else None
+        if context is None or isinstance(context, Tensor):
+            return item[0], context
+    raise TypeError(f"fit: a batch must be a tensor x or a pair (x, context) of tensors, got {type(item).__name__}")
+
+
+def _shape(t: Optional[Tensor]) -> Optional[tuple]:
+    return None if t is None else tuple(t.shape)
+
+
+def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
+    """Tensors of rows: at least 2-D, the same rows in ``x`` and ``context``, finite values."""
+    if not isinstance(x, Tensor) or x.dim() < 2 or (context is not None and context.dim() < 2):
+        raise ValueError(
+            f"fit: {name} must be tensors of rows, (rows, *event_shape) and (rows, context_features); "
+            f"got shapes {_shape(x) if isinstance(x, Tensor) else type(x).__name__} and {_shape(context)}"
+        )
+    if context is not None and context.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"fit: {name} and its context must have the same number of rows; got shapes "
+            f"{_shape(x)} and {_shape(context)}"
+        )
+    for tensor, what in ((x, name), (context, f"{name} context")):
+        if tensor is not None:
+            _check_finite(tensor, what)
+
+
+def _check_finite(t: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(
+            f"fit: {name} has NaN or inf values in row {int(rows[0])} ({len(rows)} bad rows of {t.shape[0]}); "
+            "drop or impute them first"
+        )
+
+
+def _split(x: Tensor, context: Optional[Tensor], fraction: float, seed: int) -> tuple[Batch, Batch]:
+    """A seeded random split of the rows into (training, validation)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fit: validation_fraction must be in [0, 1), got {fraction}")
+    rows = x.shape[0]
+    held_out = round(fraction * rows)
+    if held_out < 1 or held_out >= rows:
+        raise ValueError(
+            f"fit: validation_fraction={fraction} of {rows} rows (data of shape {_shape(x)}) leaves "
+            f"{held_out} validation and {rows - held_out} training rows; each needs at least 1"
+        )
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    train, validation = order[held_out:], order[:held_out]
+    pick = lambda index: (x[index], None if context is None else context[index])
+    return pick(train), pick(validation)
+
+
+class _TensorSource:
+    """Shuffled minibatches of tensor rows, sharded over ranks by a seeded ``DistributedSampler``.
+
+    Epoch ``e`` is a permutation seeded by ``seed + e``, so a run can resume at any batch of any epoch.
+    """
+
+    def __init__(self, x: Tensor, context: Optional[Tensor], batch_size: int, seed: int, rank: int, world: int):
+        self.x, self.context, self.batch_size = x, context, batch_size
+        self.sampler = DistributedSampler(range(x.shape[0]), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.steps_per_epoch: Optional[int] = math.ceil(len(self.sampler) / batch_size)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.x.device)
+        for index in order.split(self.batch_size)[start:]:
+            yield self.x[index], None if self.context is None else self.context[index]
+
+
+class _LoaderSource:
+    """The batches of a ``DataLoader`` (at most ``steps_per_epoch`` of them per epoch)."""
+
+    def __init__(self, loader: DataLoader, steps_per_epoch: Optional[int]):
+        self.loader = loader
+        length = len(loader) if hasattr(loader.dataset, "__len__") else None
+        self.steps_per_epoch = length if steps_per_epoch is None else min(steps_per_epoch, length or steps_per_epoch)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        for sampler in (self.loader.sampler, self.loader.batch_sampler):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+        batches = iter(self.loader)  # created (and advanced) now: its shuffling draws from the current RNG state
+        for _ in itertools.islice(batches, start):
+            pass
+        remaining = None if self.steps_per_epoch is None else max(0, self.steps_per_epoch - start)
+        return map(_as_batch, itertools.islice(batches, remaining))
+
+
+class _CallableSource:
+    """``steps_per_epoch`` fresh batches from ``data()`` per epoch."""
+
+    def __init__(self, data: Callable[[], Any], steps_per_epoch: Optional[int]):
+        self.data, self.steps_per_epoch = data, steps_per_epoch or 100
+
+    def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        return (_as_batch(self.data()) for _ in range(start, self.steps_per_epoch))
+
+
+def _sources(
+    data: Any,
+    context: Optional[Tensor],
+    validation_fraction: float,
+    validation_data: Any,
+    batch_size: int,
+    steps_per_epoch: Optional[int],
+    seed: int,
+    rank: int,
+    world: int,
+) -> tuple[Any, Optional[Batch]]:
+    """The training source and this rank's share of the validation rows (or None)."""
+    if validation_fraction and validation_data is not None:
+        raise ValueError("fit: pass validation_fraction or validation_data, not both")
+    validation = None
+    if validation_data is not None:
+        validation = _as_batch(validation_data)
+        _check_rows(*validation, "validation_data")
+    if isinstance(data, Tensor):
+        _check_rows(data, context, "data")
+        if validation is not None and (validation[1] is None) != (context is None):
+            raise ValueError("fit: validation_data must have a context exactly when the training data has one")
+        train = (data, context)
+        if validation_fraction:
+            train, validation = _split(data, context, validation_fraction, seed)
+        source: Any = _TensorSource(*train, batch_size, seed + 1, rank, world)
+    elif context is not None or validation_fraction:
+        raise ValueError(
+            "fit: context and validation_fraction go with tensor data; a DataLoader or a callable "
+            "yields (x, context) pairs, and validation_data gives it validation rows"
+        )
+    elif isinstance(data, DataLoader):
+        source = _LoaderSource(data, steps_per_epoch)
+    elif callable(data):
+        source = _CallableSource(data, steps_per_epoch)
+    else:
+        raise TypeError(f"fit: data must be a Tensor, a DataLoader or a callable, got {type(data).__name__}")
+    if validation is not None:
+        validation = (validation[0][rank::world], None if validation[1] is None else validation[1][rank::world])
+    return source, validation
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(t: Tensor) -> Tensor:
+    """Sum over ranks (in place); the tensor itself without a process group."""
+    if _rank_and_world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
+    """Rank 0's parameters and buffers on every rank (e.g. after a data-dependent initialisation)."""
+    if _rank_and_world()[1] == 1:
+        return
+    tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+def _barrier() -> None:
+    if _rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def _gather(t: Tensor, device: torch.device) -> list[Tensor]:
+    """Every rank's copy of ``t`` (same shape on every rank), on the CPU."""
+    if _rank_and_world()[1] == 1:
+        return [t]
+    local = t.to(device)
+    copies = [torch.empty_like(local) for _ in range(_rank_and_world()[1])]
+    dist.all_gather(copies, local)
+    return [c.cpu() for c in copies]
+
+
+def _shared_seed(seed: Optional[int], device: torch.device) -> int:
+    """``seed``, or one drawn from torch's RNG; rank 0's on every rank."""
+    value = seed if seed is not None else int(torch.randint(2**62, ()).item())
+    if _rank_and_world()[1] > 1:
+        t = torch.tensor(value, dtype=torch.int64, device=device)
+        dist.broadcast(t, 0)
+        value = int(t)
+    return value
+
+
+# --------------------------------------------------------------------------- state
+
+
+@contextlib.contextmanager
+def _argument_validation(enabled: bool) -> Iterator[None]:
+    """``torch.distributions`` argument validation on or off inside the block (the setting is global)."""
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """torch's CPU RNG state (and the device's, for CUDA) as one byte tensor."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return torch.cat(states)
+
+
+def _set_rng_state(state: Tensor, device: torch.device) -> None:
+    cpu = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:cpu].clone())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[cpu:].clone(), device)
+
+
+def _copy_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _Snapshot:
+    """A copy of the model's and the optimizer's tensors, refreshed in place (one fused copy per step)."""
+
+    def __init__(self) -> None:
+        self.layout: list = []
+        self.model: list[Tensor] = []
+        self.optimizer: dict[tuple[Tensor, str], Tensor] = {}
+
+    @staticmethod
+    def _live(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
+        tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        state = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items() if isinstance(v, Tensor)}
+        return tensors, state
+
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        tensors, state = self._live(model, optimizer)
+        layout = [t.shape for t in tensors] + [(id(p), k, v.shape) for (p, k), v in state.items()]
+        if layout == self.layout:
+            torch._foreach_copy_([*self.model, *self.optimizer.values()], [*tensors, *state.values()])
+        else:
+            self.layout = layout
+            self.model = [t.clone() for t in tensors]
+            self.optimizer = {key: v.clone() for key, v in state.items()}
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        torch._foreach_copy_(self._live(model, optimizer)[0], self.model)
+        optimizer.state.clear()
+        for (p, k), v in self.optimizer.items():
+            optimizer.state[p][k] = v.clone()
+
+
+def _halve_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Optional[LRScheduler]) -> float:
+    """Halve every group's learning rate, and the scheduler's base rates so the schedule keeps the halving."""
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.5
+        if "initial_lr" in group:
+            group["initial_lr"] *= 0.5
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * 0.5 for lr in scheduler.base_lrs]
+    return optimizer.param_groups[0]["lr"]
+
+
+def _scheduler(
+    schedule: Schedule, optimizer: torch.optim.Optimizer, total_steps: Optional[int]
+) -> Optional[LRScheduler]:
+    if schedule is None:
+        return None
+    if schedule == "cosine":
+        if total_steps is None:
+            raise ValueError("fit: schedule='cosine' needs a known number of steps; pass max_steps or steps_per_epoch")
+        return CosineAnnealingLR(optimizer, T_max=total_steps)
+    if callable(schedule):
+        return schedule(optimizer)
+    raise ValueError(f"fit: schedule must be None, 'cosine' or a callable optimizer -> LRScheduler, got {schedule!r}")
+
+
+def _total_steps(max_epochs: int, max_steps: Optional[int], steps_per_epoch: Optional[int]) -> Optional[int]:
+    """The run's number of optimizer steps, when known (``max_steps`` or epochs of a known length)."""
+    limits = [
+        n for n in (max_steps, None if steps_per_epoch is None else max_epochs * steps_per_epoch) if n is not None
+    ]
+    return min(limits, default=None)
+
+
+def _device(model: nn.Module, device: Union[None, str, torch.device]) -> torch.device:
+    if device is not None:
+        model.to(device)
+        return torch.device(device)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _show_progress(progress: Optional[bool]) -> bool:
@@ -23,49 +410,368 @@ def _show_progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Position:
+    """Where a run is: everything besides tensors that a checkpoint must restore."""
+
+    seed: int = 0  # the run's base seed: validation split and epoch permutations
+    history: FitHistory = field(default_factory=FitHistory)
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch consumed
+    loss_sum: float = 0.0  # sum over the current epoch's good batches of loss x rows
+    loss_rows: float = 0.0
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> _Position:
+        return cls(**{**state, "history": FitHistory(**state["history"])})
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options of one :func:`fit` call that the loop reads."""
+
+    max_epochs: int
+    max_steps: Optional[int]
+    batch_size: int
+    clip_grad: Optional[float]
+    patience: Optional[int]
+    checkpoint: Optional[PathLike]
+    checkpoint_every: int
+    max_recoveries: int
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` under a process group of several ranks, else itself."""
+    if _rank_and_world()[1] == 1:
+        return model
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return DistributedDataParallel(model, device_ids=[index] if device.type == "cuda" else None)
+
+
+class _Loop:
+    """One call of :func:`fit`: the model, its optimizer, the data and the run's position."""
+
+    def __init__(self, model, objective, source, validation, optimizer, scheduler, device, options: _Options, seed):
+        self.model, self.objective, self.source, self.validation = model, objective, source, validation
+        self.optimizer, self.scheduler, self.device, self.options = optimizer, scheduler, device, options
+        self.rank, self.world = _rank_and_world()
+        self.trained = _data_parallel(model, device)
+        self.position = _Position(seed=seed)
+        self.best_state: Optional[dict[str, Tensor]] = None
+        self.epoch_rng = _rng_state(device)
+        self.last_good, self.pending = _Snapshot(), _Snapshot()
+        self.first_step = True
+        self.validate_arguments = Distribution._validate_args  # the user's setting
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write a checkpoint (rank 0 writes; every rank takes part, for the RNG states, and waits)."""
+        rng = [_gather(state, self.device) for state in (_rng_state(self.device), self.epoch_rng)]
+        if self.rank == 0:
+            atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                    "position": self.position.to_dict(),
+                    "best": self.best_state,
+                    "rng": rng[0],
+                    "epoch_rng": rng[1],
+                },
+                self.options.checkpoint,
+            )
+        _barrier()
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.position = _Position.from_dict(state["position"])
+        self.best_state = state["best"]
+        _set_rng_state(state["rng"][self.rank % len(state["rng"])], self.device)
+        self.epoch_rng = state["epoch_rng"][self.rank % len(state["epoch_rng"])]
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        p = self.position
+        out_of_steps = self.options.max_steps is not None and p.history.steps >= self.options.max_steps
+        return out_of_steps or p.epoch >= self.options.max_epochs or p.history.stopped_early
+
+    def step(self, x: Tensor, context: Optional[Tensor]) -> None:
+        """One minibatch: forward, backward, clip; then an optimizer step, or a rollback when not finite."""
+        p = self.position
+        p.batch += 1
+        x = x.to(self.device, non_blocking=True)
+        context = None if context is None else context.to(self.device, non_blocking=True)
+        self.pending.take(self.model, self.optimizer)
+        total, rows, norm = self.backward(x, context)
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.recover(f"loss ({total / rows:.4g})" if not math.isfinite(total) else f"gradient norm ({norm})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.first_step:  # a data-dependent initialisation (ActNorm) saw each rank's own batch: keep rank 0's
+            _broadcast_state(self.model)
+            self.first_step = False
+        self.last_good, self.pending = self.pending, self.last_good
+        p.history.steps += 1
+        p.loss_sum, p.loss_rows = p.loss_sum + total, p.loss_rows + rows
+        if self.options.checkpoint is not None and p.history.steps % self.options.checkpoint_every == 0:
+            self.save()
+
+    def backward(self, x: Tensor, context: Optional[Tensor]) -> tuple[float, float, float]:
+        """Gradients of the objective (averaged over ranks), clipped; the loss x rows and the rows summed
+        over ranks, and the gradient norm, read in one device-to-host transfer.
+
+        Distribution argument validation stays as configured for the first step, which catches bad input
+        with a clear error; after that it is off, so a NaN inside the model (an overflowing layer) makes a
+        non-finite loss that the loop recovers from rather than a ValueError.
+        """
+        with _argument_validation(self.validate_arguments and self.first_step):
+            loss = self.objective(self.trained, x, context)
+        loss.backward()
+        clip = math.inf if self.options.clip_grad is None else self.options.clip_grad
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double().reshape(1)
+        rows = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=loss.device)
+        sums = _all_sum(torch.cat([loss.detach().double().reshape(1) * rows, rows]))
+        total, rows_, norm_ = torch.cat([sums, norm.to(loss.device)]).tolist()
+        return total, rows_, norm_
+
+    def recover(self, what: str) -> None:
+        """Roll back to the state before the last good update and halve the learning rate."""
+        h = self.position.history
+        if h.recoveries >= self.options.max_recoveries:
+            raise RuntimeError(
+                f"fit: non-finite {what} at step {h.steps + 1}, after {h.recoveries} recoveries "
+                f"(max_recoveries={self.options.max_recoveries}); each rolled back to the last good state and halved "
+                "the learning rate. Check the data and the objective, or lower lr."
+            )
+        self.last_good.restore(self.model, self.optimizer)
+        lr = _halve_learning_rate(self.optimizer, self.scheduler)
+        h.recoveries += 1
+        warnings.warn(
+            f"fit: non-finite {what} at step {h.steps + 1}; rolled back to the last good state and "
+            f"halved the learning rate to {lr:.3g} (recovery {h.recoveries} of at most {self.options.max_recoveries})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    # -- epochs -----------------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[Batch]:
+        """This epoch's remaining batches; made under the RNG state of the epoch's start (loaders shuffle with it)."""
+        if self.position.batch == 0:
+            self.epoch_rng = _rng_state(self.device)
+            return self.source.epoch(self.position.epoch, 0)
+        now = _rng_state(self.device)
+        _set_rng_state(self.epoch_rng, self.device)
+        batches = self.source.epoch(self.position.epoch, self.position.batch)
+        _set_rng_state(now, self.device)
+        return batches
+
+    def train_epoch(self, bar: tqdm) -> bool:
+        """Train on the epoch's batches; False when ``max_steps`` stopped it inside the epoch."""
+        for x, context in self.batches():
+            self.step(x, context)
+            bar.update(1)
+            if not bar.disable and self.position.loss_rows:
+                bar.set_postfix(self.postfix(), refresh=False)
+            if self.done() and self.position.batch != self.source.steps_per_epoch:
+                return False
+        return True
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean objective over the validation rows (each rank its share), in eval mode."""
+        x, context = self.validation
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for index in torch.arange(x.shape[0], device=x.device).split(self.options.batch_size):
+            xb = x[index].to(self.device)
+            cb = None if context is None else context[index].to(self.device)
+            with _argument_validation(False):  # a NaN is a bad epoch, not an error
+                loss = self.objective(self.model, xb, cb)
+            sums += torch.stack([loss.double() * len(index), sums.new_tensor(len(index))])
+        self.model.train()
+        total, rows = _all_sum(sums).tolist()
+        return total / rows
+
+    def end_epoch(self) -> None:
+        p, h = self.position, self.position.history
+        h.train_loss.append(p.loss_sum / p.loss_rows if p.loss_rows else math.nan)
+        p.loss_sum = p.loss_rows = 0.0
+        if self.validation is not None:
+            loss = self.validate()
+            h.validation_loss.append(loss)
+            if loss < p.best_loss:
+                p.best_loss, p.bad_epochs, h.best_epoch = loss, 0, p.epoch
+                self.best_state = _copy_state(self.model)
+            else:
+                p.bad_epochs += 1
+                h.stopped_early = self.options.patience is not None and p.bad_epochs >= self.options.patience
+        p.epoch, p.batch = p.epoch + 1, 0
+
+    def postfix(self) -> dict:
+        p, h = self.position, self.position.history
+        postfix = {"epoch": p.epoch, "loss": f"{p.loss_sum / p.loss_rows if p.loss_rows else h.train_loss[-1]:.4f}"}
+        if h.validation_loss:
+            postfix["val"] = f"{h.validation_loss[-1]:.4f}"
+        return postfix
+
+    def run(self, bar: tqdm) -> FitHistory:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_good.take(self.model, self.optimizer)
+        while not self.done():
+            if self.train_epoch(bar):
+                self.end_epoch()
+                if not bar.disable:
+                    bar.set_postfix(self.postfix())
+        if self.options.checkpoint is not None:
+            self.save()
+        return self.finish()
+
+    def finish(self) -> FitHistory:
+        """Restore the best weights, agree on buffers across ranks, and report (with a partial last epoch)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        _broadcast_state(self.model, buffers_only=True)
+        self.model.eval()
+        p = self.position
+        history = dataclasses.replace(p.history, train_loss=list(p.history.train_loss))
+        if p.batch and p.loss_rows:
+            history.train_loss.append(p.loss_sum / p.loss_rows)
+        return history
+
+
+def _resume_state(resume: Optional[PathLike], checkpoint: Optional[PathLike]) -> Optional[dict]:
+    """The checkpoint to resume from; None when ``resume`` is this run's own ``checkpoint``, not written yet."""
+    if resume is None:
+        return None
+    if not Path(resume).exists() and checkpoint is not None and Path(resume) == Path(checkpoint):
+        return None
+    state = safe_load(resume, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"fit: {resume} is not a checkpoint written by pyro_flows.fit")
+    return state
+
+
 def fit(
     model: nn.Module,
-    data: Tensor,
+    data: Union[Tensor, DataLoader, Callable[[], Any]],
     context: Optional[Tensor] = None,
     *,
+    objective: Optional[Objective] = None,
     max_epochs: int = 100,
+    max_steps: Optional[int] = None,
+    steps_per_epoch: Optional[int] = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    schedule: Schedule = None,
     clip_grad: Optional[float] = 5.0,
+    validation_fraction: float = 0.0,
+    validation_data: Union[None, Tensor, Sequence[Tensor]] = None,
+    patience: Optional[int] = None,
     seed: Optional[int] = None,
     progress: Optional[bool] = None,
-) -> list[float]:
-    """Fit ``model`` to ``data`` (and ``context`` rows) by minibatch Adam; returns the mean loss per epoch.
+    checkpoint: Optional[PathLike] = None,
+    checkpoint_every: int = 500,
+    resume: Optional[PathLike] = None,
+    max_recoveries: int = 5,
+    device: Union[None, str, torch.device] = None,
+) -> FitHistory:
+    """Fit ``model`` by minimising ``objective(model, x, context)`` over minibatches with Adam.
+
+    Args:
+        model: any ``nn.Module``; the default objective calls ``model(context)``
+            (``model()`` without context) and takes the result's ``log_prob``.
+        data: a tensor of rows ``(rows, *event_shape)`` (with ``context`` rows,
+            shuffled each epoch), a ``DataLoader`` yielding ``x`` or
+            ``(x, context)``, or a callable returning a fresh batch ``x`` or
+            ``(x, context)`` at each step (``steps_per_epoch`` steps an epoch, default 100).
+        objective: ``objective(model, x, context) -> scalar``; default :class:`NegativeLogLikelihood`.
+        max_epochs, max_steps: stop after this many epochs / optimizer steps in total
+            (counting those before a resume).
+        batch_size: rows per step (per rank under ``torch.distributed``).
+        lr, weight_decay: Adam's. ``schedule``: None, ``"cosine"`` (annealed to 0
+            over the run's steps) or ``optimizer -> LRScheduler``; stepped every step.
+        clip_grad: maximum gradient norm (None: no clipping).
+        validation_fraction: hold out this fraction of the tensor rows (seeded
+            shuffle); or ``validation_data``, a tensor or ``(x, context)``. The
+            validation loss is computed after each epoch in eval mode; the best
+            epoch's weights are restored at the end.
+        patience: stop after this many epochs without a better validation loss.
+        seed: makes the run deterministic (batches from a private generator,
+            ``torch.manual_seed(seed + rank)`` for the model's own randomness).
+        progress: a tqdm bar (loss, validation loss); None shows it when stderr
+            is a terminal and the environment variable ``CI`` is unset.
+        checkpoint: file written atomically every ``checkpoint_every`` steps and
+            at the end, by rank 0 only. ``resume``: a checkpoint to continue from
+            with the same optimizer state, schedule, step count, data position and
+            RNG states (the same path as ``checkpoint`` starts fresh when the file
+            does not exist yet). The data and options should be the same as the
+            interrupted run's; exact continuation needs a seeded run.
+        max_recoveries: non-finite losses or gradients survived (each rolls back
+            to the state before the last good update and halves the learning
+            rate, with a warning) before a ``RuntimeError``.
+        device: move the model there and train there (default: the model's device).
+
+    Returns:
+        :class:`FitHistory`; the model is left in eval mode with the best (or last) weights.
+
+    Under an initialised ``torch.distributed`` process group (e.g. ``torchrun``)
+    the model trains as ``DistributedDataParallel``, tensor rows are sharded by a
+    ``DistributedSampler`` (pass one to a ``DataLoader`` yourself), losses are
+    averaged over ranks and every rank ends with the same weights.
 
     Example:
-        >>> flow = pyro_flows.RealNVP(features=2)
-        >>> history = fit(flow, torch.randn(512, 2), max_epochs=2, progress=False)
+        >>> import torch, pyro_flows as pf
+        >>> flow = pf.RealNVP(features=2, transforms=2, hidden=(16, 16))
+        >>> history = pf.fit(flow, torch.randn(512, 2), max_epochs=3, validation_fraction=0.25,
+        ...                  seed=0, progress=False)
+        >>> len(history.train_loss), len(history.validation_loss), history.steps
+        (3, 3, 6)
     """
-    if data.dim() != 2 or (context is not None and context.shape[0] != data.shape[0]):
-        raise ValueError(
-            f"fit: data must be (rows, features) and context (rows, context_features); got "
-            f"{tuple(data.shape)} and {None if context is None else tuple(context.shape)}"
-        )
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    rank, world = _rank_and_world()
+    device = _device(model, device)
+    state = _resume_state(resume, checkpoint)
+    base_seed = state["position"]["seed"] if state is not None else _shared_seed(seed, device)
     if seed is not None:
-        torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    history = []
-    bar = tqdm(range(max_epochs), disable=not _show_progress(progress), desc="fit")
-    for _ in bar:
-        order = torch.randperm(data.shape[0], generator=generator).to(data.device)
-        total, seen = 0.0, 0
-        for batch in order.split(batch_size):
-            loss = negative_log_likelihood(model, data[batch], None if context is None else context[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            total, seen = total + loss.item() * len(batch), seen + len(batch)
-        history.append(total / seen)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-    model.eval()
-    return history
+        torch.manual_seed(seed + rank)
+    source, validation = _sources(
+        data, context, validation_fraction, validation_data, batch_size, steps_per_epoch, base_seed, rank, world
+    )
+    if patience is not None and validation is None:
+        raise ValueError("fit: patience needs validation data (validation_fraction or validation_data)")
+    total = _total_steps(max_epochs, max_steps, source.steps_per_epoch)
+    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
+    scheduler = _scheduler(schedule, optimizer, total)
+    options = _Options(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        clip_grad=clip_grad,
+        patience=patience,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        max_recoveries=max_recoveries,
+    )
+    objective = objective or NegativeLogLikelihood()
+    loop = _Loop(model, objective, source, validation, optimizer, scheduler, device, options, base_seed)
+    if state is not None:
+        loop.load(state)
+    show = rank == 0 and _show_progress(progress)
+    with tqdm(total=total, initial=loop.position.history.steps, disable=not show, desc="fit", unit="step") as bar:
+        return loop.run(bar)

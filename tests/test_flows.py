@@ -724,17 +724,17 @@ def test_fit_loss_decreases_and_is_deterministic():
         torch.manual_seed(123 + i)  # fit's seed, not the global state, decides the batches
         histories.append(pf.fit(flow, data, max_epochs=15, batch_size=64, lr=3e-3, seed=5, progress=False))
         states.append(flow.state_dict())
-    history = histories[0]
-    assert len(history) == 15
+    assert histories[0] == histories[1]
+    history = histories[0].train_loss
+    assert len(history) == 15 and histories[0].steps == 15 * 8
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < history[0] - 0.3
     assert sum(history[-5:]) < sum(history[:5])
-    assert histories[0] == histories[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     # a different seed gives a different run
     torch.manual_seed(0)
     flow = pf.RealNVP(2, transforms=2, hidden=(16, 16))
-    assert pf.fit(flow, data, max_epochs=15, batch_size=64, lr=3e-3, seed=6, progress=False) != history
+    assert pf.fit(flow, data, max_epochs=15, batch_size=64, lr=3e-3, seed=6, progress=False).train_loss != history
 
 
 def test_fit_history_is_the_mean_loss():
@@ -743,14 +743,14 @@ def test_fit_history_is_the_mean_loss():
     with torch.no_grad():
         expected = float(-flow().log_prob(data).mean())
     history = pf.fit(flow, data, max_epochs=1, batch_size=100, lr=0.0, seed=0, progress=False)
-    assert history == pytest.approx([expected], rel=1e-5)
+    assert history.train_loss == pytest.approx([expected], rel=1e-5)
 
 
 def test_fit_conditional_and_bad_shapes():
     flow = build("RealNVP", 2, CONTEXT)
     data, context = randn(64, 2), randn(64, CONTEXT, seed=2)
     history = pf.fit(flow, data, context, max_epochs=3, batch_size=16, seed=0, progress=False)
-    assert len(history) == 3
+    assert len(history.train_loss) == 3 and history.steps == 12
     with pytest.raises(ValueError, match=r"\(64, 2\) and \(63, 3\)"):
         pf.fit(flow, data, context[:-1], max_epochs=1, progress=False)
     with pytest.raises(ValueError, match="rows"):
