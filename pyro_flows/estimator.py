@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import diagnostics, flows
 from .flows import Flow
+from .train import FitHistory
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
 from .utils import PathLike, atomic_save, safe_load
@@ -337,7 +338,5 @@ def _plain_history(history: Any) -> Any:
 
 
 def _restore_history(payload: dict) -> Any:
-    from .train import FitHistory
-
     plain = payload["history"]
     return FitHistory(**plain) if isinstance(plain, dict) else plain
