@@ -267,6 +267,13 @@ def test_load_rejects_a_damaged_file(tmp_path, fitted):
         pf.DensityEstimator.load(tmp_path / "damaged.pt")
 
 
+@pytest.mark.parametrize("content", [b"x,y\n1,2\n", b"", b"hello world", bytes(range(256)), b"PK\x03\x04junk"])
+def test_load_rejects_junk(tmp_path, content):
+    (tmp_path / "junk.pt").write_bytes(content)
+    with pytest.raises(ValueError, match="junk.pt"):
+        pf.DensityEstimator.load(tmp_path / "junk.pt")
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         pf.DensityEstimator.load(tmp_path / "nope.pt")
