@@ -1,61 +1,424 @@
-"""The ``pyro-flows`` command line."""
+"""The ``pyro-flows`` command line: a thin layer over :class:`DensityEstimator`, the table readers and built-in data.
+
+``fit`` a flow to a CSV/.npy table, ``score`` rows by log-density, ``sample``
+new rows, or run the self-contained ``demo``. Bad input (a missing file, a
+ragged or non-numeric table, a file that is not a saved estimator) ends with a
+one-line ``pyro-flows: error: ...`` on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import inspect
+import json
+import sys
 import time
-from typing import Optional, Sequence
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
-from . import flows
-from .data import two_moons
-from .train import fit
+from .data import DIGITS_LEVELS, digits, two_moons
+from .diagnostics import bits_per_dim
+from .estimator import FLOWS, DensityEstimator
+from .io import Table, read_table, write_table
+from .utils import atomic_save, safe_load
 
-FACTORIES = {"nice": flows.NICE, "realnvp": flows.RealNVP, "maf": flows.MAF, "iaf": flows.IAF, "nsf": flows.NSF}
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+EXIT_ERROR = 2
+COLUMNS_KEY = "columns"  # the training header, stored by the CLI next to DensityEstimator.save's own keys
 
 
-def gaussian_log_likelihood(train: torch.Tensor, test: torch.Tensor) -> float:
-    """Held-out mean log-likelihood of the maximum-likelihood Gaussian fitted on ``train``."""
-    mean, covariance = train.mean(0), torch.cov(train.T)
-    gaussian = torch.distributions.MultivariateNormal(mean, covariance)
-    return float(gaussian.log_prob(test).mean())
+def _defaults(function: Callable) -> dict[str, Any]:
+    """Keyword defaults of ``function``: the library stays the one source of the CLI's defaults."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
 
 
-def demo(flow: str = "nsf", epochs: int = 40, seed: int = 0) -> dict:
-    """Fit a flow on two-moons samples and compare its held-out log-likelihood with a Gaussian's."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train, test = two_moons(2000, generator=generator), two_moons(1000, generator=generator)
-    model = FACTORIES[flow](features=2, transforms=4, hidden=(64, 64))
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def save_model(estimator: DensityEstimator, columns: Optional[list[str]], path: Path) -> None:
+    """``estimator.save(path)``, with the training table's header (if any) kept in the same file, not a sidecar."""
+    estimator.save(path)
+    if columns is not None:
+        payload = safe_load(path)
+        payload[COLUMNS_KEY] = list(columns)
+        atomic_save(payload, path)
+
+
+def load_model(path: Path) -> tuple[DensityEstimator, Optional[list[str]]]:
+    """The estimator saved at ``path`` and the header of its training table (``None`` if it had none)."""
+    estimator = DensityEstimator.load(path)
+    return estimator, safe_load(path).get(COLUMNS_KEY)
+
+
+def check_columns(table: Table, columns: Optional[list[str]], features: int, path: Path) -> None:
+    """Fail on a table whose width, or header when both have one, differs from the training table's."""
+    if table.values.shape[1] != features:
+        raise ValueError(f"{path} has {table.values.shape[1]} columns; the model was fitted on {features}")
+    if columns is not None and table.columns is not None and table.columns != columns:
+        raise ValueError(f"{path} has columns {table.columns}; the model was fitted on {columns}")
+
+
+# --- fit / score / sample ---------------------------------------------------------------------------------------
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    table = read_table(args.data, drop_nonfinite=args.drop_nonfinite)
+    estimator = DensityEstimator(flow=args.flow, transforms=args.transforms, hidden=tuple(args.hidden))
     start = time.perf_counter()
-    fit(model, train, max_epochs=epochs, batch_size=256, lr=3e-3, seed=seed)
+    estimator.fit(
+        table.values,
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        validation_fraction=args.validation_fraction,
+        patience=args.patience,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        flow_ll = float(model().log_prob(test).mean())
-    return {
-        "flow": flow,
-        "epochs": epochs,
+    save_model(estimator, table.columns, args.out)
+    print(_fit_summary(estimator, table.values.shape, seconds, args.out))
+    return 0
+
+
+def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: float, out: Path) -> str:
+    history = estimator.history_
+    losses = f"train loss {history.train_loss[-1]:.4f}"
+    if history.validation_loss:
+        best = history.best_epoch
+        losses += f", validation loss {history.validation_loss[best]:.4f} (best epoch {best + 1})"
+    stopped = ", stopped early" if history.stopped_early else ""
+    return (
+        f"fitted {estimator.flow} on {shape[0]} rows x {shape[1]} columns: {losses}, "
+        f"{len(history.train_loss)} epochs{stopped} in {seconds:.1f} s -> {out}"
+    )
+
+
+def score_command(args: argparse.Namespace) -> int:
+    estimator, columns = load_model(args.model)
+    table = read_table(args.data, drop_nonfinite=args.drop_nonfinite)
+    check_columns(table, columns, estimator.features_, args.data)
+    write_table(estimator.score_samples(table.values), sys.stdout, header=["log_density"])
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    estimator, columns = load_model(args.model)
+    header = columns or [f"x{i}" for i in range(estimator.features_)]
+    write_table(estimator.sample(args.n, seed=args.seed), sys.stdout, header=header)
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """The demo's neural spline flows and epochs: the full demo takes about a minute on 2 CPU cores, quick seconds."""
+
+    moons_rows: int
+    transforms: int
+    hidden: tuple[int, ...]
+    moons_epochs: int
+    digits_epochs: int
+
+
+FULL = DemoBudget(moons_rows=4000, transforms=4, hidden=(64, 64), moons_epochs=100, digits_epochs=150)
+QUICK = DemoBudget(moons_rows=500, transforms=2, hidden=(16,), moons_epochs=2, digits_epochs=2)
+REPORT_FILES = ("two_moons.png", "digits_samples.png", "loss_curves.png", "metrics.json")
+
+
+def gaussian_log_density(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per-row log-density of ``test`` under the maximum-likelihood Gaussian of ``train`` (the demo's baseline)."""
+    train_t, test_t = torch.as_tensor(train, dtype=torch.float64), torch.as_tensor(test, dtype=torch.float64)
+    gaussian = torch.distributions.MultivariateNormal(train_t.mean(0), torch.cov(train_t.T, correction=0))
+    return gaussian.log_prob(test_t).numpy()
+
+
+def split(x: np.ndarray, test_fraction: float, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle the rows of ``x`` and cut off the last ``test_fraction`` as the test set."""
+    order = torch.randperm(len(x), generator=generator).numpy()
+    cut = len(x) - round(test_fraction * len(x))
+    return x[order[:cut]], x[order[cut:]]
+
+
+def evaluate(
+    estimator: DensityEstimator, train: np.ndarray, test: np.ndarray, seconds: float, levels: Optional[int] = None
+) -> dict[str, Any]:
+    """The demo's numbers for one fitted estimator: held-out log-likelihood against the Gaussian baseline."""
+    history, dims = estimator.history_, test.shape[1]
+    gaussian = gaussian_log_density(train, test)
+    metrics = {
+        "flow": estimator.flow,
+        "dims": dims,
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "epochs": len(history.train_loss),
+        "best_epoch": history.best_epoch + 1,
         "seconds": seconds,
-        "flow_ll": flow_ll,
-        "gaussian_ll": gaussian_log_likelihood(train, test),
+        "train_loss": history.train_loss,
+        "validation_loss": history.validation_loss,
+        "test_log_likelihood": estimator.score(test),
+        "gaussian_test_log_likelihood": float(gaussian.mean()),
+        "test_nats_per_dim": estimator.nats_per_dim(test),
     }
+    if levels is not None:
+        metrics["levels"] = levels
+        metrics["test_bits_per_dim"] = estimator.bits_per_dim(test, levels=levels)
+        metrics["gaussian_test_bits_per_dim"] = bits_per_dim(gaussian, dims, levels=levels)
+    return metrics
+
+
+def fit_and_evaluate(
+    x: np.ndarray, budget: DemoBudget, epochs: int, seed: int, levels: Optional[int] = None
+) -> tuple[DensityEstimator, dict[str, Any], np.ndarray]:
+    """An NSF fitted on 80% of ``x`` (10% of that for validation) and evaluated on the other 20%.
+
+    Returns the estimator, its metrics and the test rows.
+    """
+    train, test = split(x, 0.2, torch.Generator().manual_seed(seed))
+    estimator = DensityEstimator(flow="nsf", transforms=budget.transforms, hidden=budget.hidden)
+    start = time.perf_counter()
+    estimator.fit(train, max_epochs=epochs, seed=seed)
+    return estimator, evaluate(estimator, train, test, time.perf_counter() - start, levels), test
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the demo's small networks run faster so, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _figure(columns: int, size: float = 4.0) -> Figure:
+    """A one-row matplotlib figure drawn by the Agg canvas (no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size * columns, size), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.subplots(1, columns)
+    return figure
+
+
+def plot_two_moons(estimator: DensityEstimator, test: np.ndarray, path: Path, seed: int) -> None:
+    """Test data, as many samples, and the learned density's contours, side by side."""
+    figure = _figure(3)
+    data_axes, sample_axes, density_axes = figure.axes
+    samples = estimator.sample(len(test), seed=seed)
+    low, high = test.min(0) - 0.5, test.max(0) + 0.5
+    for axes, points, title in ((data_axes, test, "test data"), (sample_axes, samples, "flow samples")):
+        axes.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+        axes.set_title(title)
+    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 200), np.linspace(low[1], high[1], 200))
+    grid = np.stack((grid_x.ravel(), grid_y.ravel()), axis=-1)
+    density = np.exp(estimator.score_samples(grid)).reshape(grid_x.shape)
+    density_axes.contourf(grid_x, grid_y, density, levels=20, cmap="viridis")
+    density_axes.set_title("learned density")
+    for axes in figure.axes:
+        axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), aspect="equal")
+    figure.savefig(path, dpi=100)
+
+
+def _mosaic(images: np.ndarray, side: int = 8) -> np.ndarray:
+    """``side**2`` flattened 8x8 images tiled row by row into one picture, NaN (drawn blue) between the tiles."""
+    tiles = np.pad(
+        images[: side * side].reshape(side, side, 8, 8), ((0, 0), (0, 0), (1, 0), (1, 0)), constant_values=np.nan
+    )
+    return np.pad(tiles.transpose(0, 2, 1, 3).reshape(side * 9, side * 9), ((0, 1), (0, 1)), constant_values=np.nan)
+
+
+def plot_digits(estimator: DensityEstimator, test: np.ndarray, path: Path, seed: int) -> None:
+    """64 test digits next to 64 samples, pixels clipped to the data's range [0, 1]."""
+    from matplotlib import colormaps
+
+    figure = _figure(2)
+    samples = np.clip(estimator.sample(64, seed=seed), 0.0, 1.0)
+    grey = colormaps["gray_r"].with_extremes(bad="lightsteelblue")
+    for axes, images, title in zip(figure.axes, (test, samples), ("test digits", "flow samples"), strict=True):
+        axes.imshow(_mosaic(images), cmap=grey, vmin=0.0, vmax=1.0)
+        axes.set_title(title)
+        axes.set_axis_off()
+    figure.savefig(path, dpi=100)
+
+
+def plot_loss_curves(metrics: dict[str, dict[str, Any]], path: Path) -> None:
+    """Train and validation loss per epoch, one panel per data set."""
+    figure = _figure(len(metrics))
+    for axes, (name, m) in zip(figure.axes, metrics.items(), strict=True):
+        epochs = np.arange(1, len(m["train_loss"]) + 1)
+        axes.plot(epochs, m["train_loss"], label="train")
+        if m["validation_loss"]:
+            axes.plot(epochs, m["validation_loss"], label="validation")
+        axes.axvline(m["best_epoch"], color="grey", linestyle=":", label="best epoch")
+        axes.set(title=f"{name} ({m['flow']})", xlabel="epoch", ylabel="negative log-likelihood")
+        axes.legend()
+    figure.savefig(path, dpi=100)
+
+
+def demo(out: Path, budget: DemoBudget = FULL, seed: int = 0) -> dict[str, Any]:
+    """Fit NSFs on two moons and dequantised digits; write plots and ``metrics.json`` to ``out``; return the metrics."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    moons = two_moons(budget.moons_rows, generator=generator).double().numpy()
+    images = digits(generator=generator)[0].double().numpy()
+    with _one_thread():
+        moons_flow, moons_metrics, moons_test = fit_and_evaluate(moons, budget, budget.moons_epochs, seed)
+        digits_flow, digits_metrics, digits_test = fit_and_evaluate(
+            images, budget, budget.digits_epochs, seed, DIGITS_LEVELS
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        plot_two_moons(moons_flow, moons_test, out / "two_moons.png", seed)
+        plot_digits(digits_flow, digits_test, out / "digits_samples.png", seed)
+    plot_loss_curves({"two moons": moons_metrics, "digits": digits_metrics}, out / "loss_curves.png")
+    metrics = {
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "two_moons": moons_metrics,
+        "digits": digits_metrics,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    metrics = demo(Path(args.out), QUICK if args.quick else FULL, args.seed)
+    for name, m in (("two moons", metrics["two_moons"]), ("digits", metrics["digits"])):
+        print(
+            f"{name} ({m['dims']}-D, {m['flow'].upper()}, {m['epochs']} epochs, {m['seconds']:.1f} s): "
+            f"test log-likelihood {m['test_log_likelihood']:.3f} nats/row, Gaussian "
+            f"{m['gaussian_test_log_likelihood']:.3f}"
+        )
+    d = metrics["digits"]
+    print(
+        f"digits as {d['levels']}-level pixels: {d['test_bits_per_dim']:.3f} bits/dim, "
+        f"Gaussian {d['gaussian_test_bits_per_dim']:.3f}"
+    )
+    print(f"report in {args.out}/ ({', '.join(REPORT_FILES)}), {metrics['seconds']:.1f} s in all")
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults that say something (not ``None``, not ``False`` of a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, summary: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every option's default."""
+    command = commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+    command.set_defaults(run=run)
+    return command
+
+
+def _add_data_arguments(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("data", type=Path, help=f"CSV (optional header row) or .npy file: {what}")
+    command.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN or inf instead of failing")
+
+
+def _add_model_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", type=Path, help="a model saved by `pyro-flows fit` (or DensityEstimator.save)")
+
+
+def _fit_parser(commands: argparse._SubParsersAction) -> None:
+    model, train = _defaults(DensityEstimator.__init__), _defaults(DensityEstimator.fit)
+    p = _command(commands, "fit", "fit a flow to a table of numbers and save it", fit_command)
+    _add_data_arguments(p, "one row per sample")
+    p.add_argument("--flow", choices=list(FLOWS), default=model["flow"], help="flow family")
+    p.add_argument("--out", type=Path, required=True, help="where to save the fitted model, e.g. model.pt")
+    p.add_argument("--transforms", type=_positive_int, default=model["transforms"], metavar="N", help="flow layers")
+    p.add_argument(
+        "--hidden", type=_positive_int, nargs="+", default=list(model["hidden"]), metavar="W", help="hidden widths"
+    )
+    p.add_argument("--epochs", type=_positive_int, default=train["max_epochs"], metavar="N", help="maximum epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=train["batch_size"], metavar="N", help="rows per step")
+    p.add_argument("--lr", type=float, default=train["lr"], help="Adam learning rate")
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=train["validation_fraction"],
+        metavar="F",
+        help="fraction of rows held out for early stopping (0: none)",
+    )
+    p.add_argument(
+        "--patience", type=_positive_int, default=train["patience"], metavar="N", help="epochs without improvement"
+    )
+    p.add_argument("--seed", type=int, default=train["seed"], help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _score_parser(commands: argparse._SubParsersAction) -> None:
+    p = _command(commands, "score", "write each row's log-density (an anomaly score) as CSV to stdout", score_command)
+    _add_model_argument(p)
+    _add_data_arguments(p, "the training table's columns")
+
+
+def _sample_parser(commands: argparse._SubParsersAction) -> None:
+    p = _command(commands, "sample", "write samples from a fitted model as CSV to stdout", sample_command)
+    _add_model_argument(p)
+    p.add_argument("-n", type=_positive_int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def _demo_parser(commands: argparse._SubParsersAction) -> None:
+    summary = "fit flows on built-in two moons (2-D) and digits (64-D); print test metrics and write a report"
+    p = _command(commands, "demo", summary, demo_command)
+    p.add_argument("--out", default="pyro_flows_demo", help="report folder (plots and metrics.json)")
+    p.add_argument("--quick", action="store_true", help="a tiny budget that runs in seconds (for tests)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="pyro-flows", description="Normalizing flows for Pyro: fit, score, sample.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="{fit,score,sample,demo}")
+    for add in (_fit_parser, _score_parser, _sample_parser, _demo_parser):
+        add(commands)
+    return top
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyro-flows", description="Normalizing flows for Pyro.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="fit a flow on built-in two-moons data and report the fit")
-    demo_parser.add_argument("--flow", choices=sorted(FACTORIES), default="nsf")
-    demo_parser.add_argument("--epochs", type=int, default=40)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    result = demo(args.flow, args.epochs, args.seed)
-    print(f"{result['flow'].upper()} on two moons: {result['epochs']} epochs in {result['seconds']:.1f} s")
-    print(f"held-out log-likelihood  flow: {result['flow_ll']:.3f} nats   Gaussian: {result['gaussian_ll']:.3f} nats")
-    print(f"improvement over the Gaussian: {result['flow_ll'] - result['gaussian_ll']:.3f} nats/sample")
-    return 0 if math.isfinite(result["flow_ll"]) else 1
+    """Run ``pyro-flows``; returns the exit status (0, or 2 with a one-line error on stderr for bad input)."""
+    args = parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args)
+        except (OSError, ValueError, RuntimeError) as error:  # bad input, or a fit that diverged
+            _report("error", error)
+            return EXIT_ERROR
+
+
+def _report(kind: str, message: object) -> None:
+    """One line ``pyro-flows: KIND: message`` on stderr."""
+    print(f"pyro-flows: {kind}: {' '.join(str(message).split()) or type(message).__name__}", file=sys.stderr)
+
+
+def _show_warning(message: object, *args: Any, **kwargs: Any) -> None:
+    _report("warning", message)
 
 
 if __name__ == "__main__":

@@ -1,80 +1,209 @@
-"""The ``pyro-flows`` command line: ``main`` in process and the installed console script."""
+"""The ``pyro-flows`` command line: fit → score → sample, bad input, the demo, and the installed console script."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pyro_flows import cli
+from pyro_flows.data import two_moons
+from pyro_flows.estimator import DensityEstimator
+from pyro_flows.io import write_table
 
-NUMBER = r"(-?\d+\.\d+)"
-
-
-def parse(output: str) -> tuple[float, float, float]:
-    match = re.search(rf"held-out log-likelihood\s+flow: {NUMBER} nats\s+Gaussian: {NUMBER} nats", output)
-    assert match, output
-    improvement = re.search(rf"improvement over the Gaussian: {NUMBER} nats/sample", output)
-    assert improvement, output
-    return float(match[1]), float(match[2]), float(improvement[1])
+SCRIPT = Path(sys.executable).parent / "pyro-flows"
+FIT = ["--flow", "realnvp", "--transforms", "2", "--hidden", "16", "--epochs", "3", "--no-progress"]
 
 
-def test_demo_main_prints_held_out_log_likelihoods(capsys):
-    assert cli.main(["demo", "--epochs", "3"]) == 0
-    output = capsys.readouterr().out
-    assert "NSF on two moons: 3 epochs" in output
-    flow_ll, gaussian_ll, improvement = parse(output)
-    assert improvement == pytest.approx(flow_ll - gaussian_ll, abs=2e-3)
-    # the Gaussian's held-out log-likelihood on two moons (noise 0.1) is about -1.9 nats
-    assert -2.3 < gaussian_ll < -1.6
-    assert -10.0 < flow_ll < 0.0
+class RunsCodeWhenUnpickled:
+    """A pickle payload that calls ``print`` when loaded unsafely: a saved model must never do that."""
+
+    def __reduce__(self):
+        return (print, ("CODE FROM THE MODEL FILE RAN",))
 
 
-def test_demo_is_deterministic_and_reports_the_fit():
-    first = cli.demo("realnvp", epochs=2, seed=3)
-    second = cli.demo("realnvp", epochs=2, seed=3)
-    assert first["flow"] == "realnvp" and first["epochs"] == 2
-    assert first["flow_ll"] == second["flow_ll"]
-    assert first["gaussian_ll"] == second["gaussian_ll"]
-    assert cli.demo("realnvp", epochs=2, seed=4)["gaussian_ll"] != first["gaussian_ll"]
+def moons(rows: int, seed: int = 0) -> np.ndarray:
+    return two_moons(rows, generator=torch.Generator().manual_seed(seed)).double().numpy()
 
 
-def test_gaussian_log_likelihood_is_the_fitted_gaussian():
-    import torch
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``cli.main(argv)`` with stdout and stderr captured (usable outside function-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
 
-    train = torch.randn(4000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -1.0])
-    test = torch.randn(4000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -1.0])
+
+def read_csv(text: str) -> tuple[list[str], np.ndarray]:
+    lines = text.strip().splitlines()
+    return lines[0].split(","), np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> dict:
+    """A RealNVP fitted by ``pyro-flows fit`` on a 300-row CSV with header ``a,b``."""
+    folder = tmp_path_factory.mktemp("cli")
+    data, csv, model = moons(300), folder / "train.csv", folder / "model.pt"
+    write_table(data, csv, header=["a", "b"])
+    code, out, err = run(["fit", str(csv), "--out", str(model), "--validation-fraction", "0.2", *FIT])
+    assert code == 0, err
+    return {"folder": folder, "data": data, "csv": csv, "model": model, "out": out}
+
+
+def test_fit_prints_a_one_line_summary_and_saves_a_loadable_model(fitted):
+    (line,) = fitted["out"].strip().splitlines()
+    assert line.startswith("fitted realnvp on 300 rows x 2 columns: train loss ")
+    assert "validation loss" in line and "3 epochs" in line and str(fitted["model"]) in line
+    estimator = DensityEstimator.load(fitted["model"])
+    assert estimator.flow == "realnvp" and estimator.features_ == 2 and len(estimator.history_.train_loss) == 3
+
+
+def test_score_writes_the_estimators_log_densities(fitted, capsys):
+    assert cli.main(["score", str(fitted["model"]), str(fitted["csv"])]) == 0
+    header, scores = read_csv(capsys.readouterr().out)
+    assert header == ["log_density"] and scores.shape == (300, 1)
+    assert np.isfinite(scores).all()
+    expected = DensityEstimator.load(fitted["model"]).score_samples(fitted["data"])
+    np.testing.assert_allclose(scores[:, 0], expected, rtol=1e-12)  # CSV floats round-trip exactly
+
+
+def test_sample_writes_rows_under_the_training_header(fitted, capsys):
+    argv = ["sample", str(fitted["model"]), "-n", "40", "--seed", "1"]
+    assert cli.main(argv) == 0
+    header, samples = read_csv(capsys.readouterr().out)
+    assert header == ["a", "b"] and samples.shape == (40, 2) and np.isfinite(samples).all()
+    assert cli.main(argv) == 0
+    assert np.array_equal(read_csv(capsys.readouterr().out)[1], samples)  # seeded: the same rows again
+
+
+def test_headerless_npy_round_trip_names_columns_x0_x1(tmp_path, capsys):
+    data, model = tmp_path / "train.npy", tmp_path / "model.pt"
+    np.save(data, moons(200))
+    assert cli.main(["fit", str(data), "--out", str(model), "--epochs", "1", *FIT[:6], "--no-progress"]) == 0
+    assert "fitted realnvp on 200 rows x 2 columns" in capsys.readouterr().out
+    assert cli.main(["sample", str(model), "-n", "5"]) == 0
+    header, samples = read_csv(capsys.readouterr().out)
+    assert header == ["x0", "x1"] and samples.shape == (5, 2)
+    assert cli.main(["score", str(model), str(data)]) == 0
+    assert read_csv(capsys.readouterr().out)[1].shape == (200, 1)
+
+
+def test_drop_nonfinite_drops_bad_rows_with_a_warning(fitted, tmp_path, capsys):
+    csv = tmp_path / "new.csv"
+    csv.write_text("a,b\n0.5,0.25\nnan,1.0\n1.0,inf\n0.0,0.5\n")
+    assert cli.main(["score", str(fitted["model"]), str(csv)]) == 2
+    assert "lines 3, 4" in capsys.readouterr().err
+    assert cli.main(["score", str(fitted["model"]), str(csv), "--drop-nonfinite"]) == 0
+    captured = capsys.readouterr()
+    assert read_csv(captured.out)[1].shape == (2, 1)
+    assert captured.err.strip() == f"pyro-flows: warning: {csv}: dropped 2 of 4 rows with NaN or inf values"
+
+
+def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
+    """Each bad input's argv and a fragment its error message must contain."""
+    files = {
+        "ragged.csv": "a,b\n1,2\n3\n",
+        "text.csv": "a,b\n1,2\n3,oops\n",
+        "nan.csv": "1,2\nnan,4\n",
+        "wide.csv": "1,2,3\n4,5,6\n",
+        "renamed.csv": "b,a\n1,2\n",
+        "notes.pt": "just text\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    torch.save({"weights": torch.zeros(2)}, folder / "other.pt")
+    torch.save(RunsCodeWhenUnpickled(), folder / "exploit.pt")
+    return {
+        "missing data": (["fit", str(folder / "missing.csv"), "--out", str(folder / "m.pt")], "no such file"),
+        "missing model": (["sample", str(folder / "missing.pt"), "-n", "3"], "no such file"),
+        "ragged row": (["fit", str(folder / "ragged.csv"), "--out", str(folder / "m.pt")], "line 3: expected 2"),
+        "non-numeric": (["score", str(model), str(folder / "text.csv")], "line 3, column 2: 'oops' is not a number"),
+        "nan row": (["fit", str(folder / "nan.csv"), "--out", str(folder / "m.pt")], "NaN or inf values (lines 2)"),
+        "wrong width": (["score", str(model), str(folder / "wide.csv")], "has 3 columns; the model was fitted on 2"),
+        "wrong header": (["score", str(model), str(folder / "renamed.csv")], "fitted on ['a', 'b']"),
+        "not a model": (["sample", str(folder / "notes.pt"), "-n", "3"], "not a saved pyro_flows DensityEstimator"),
+        "swapped arguments": (
+            ["score", str(folder / "text.csv"), str(model)],
+            "not a saved pyro_flows DensityEstimator",
+        ),
+        "not an estimator": (
+            ["sample", str(folder / "other.pt"), "-n", "3"],
+            "not a saved pyro_flows DensityEstimator",
+        ),
+        "runs code": (["score", str(folder / "exploit.pt"), str(folder / "wide.csv")], "refusing to execute code"),
+    }
+
+
+def test_bad_input_is_one_error_line_and_exit_status_2(fitted, tmp_path, capsys):
+    for case, (argv, fragment) in bad_input(tmp_path, fitted["model"]).items():
+        assert cli.main(argv) == 2, case
+        captured = capsys.readouterr()
+        assert captured.out == "" and "CODE FROM THE MODEL FILE RAN" not in captured.out, case
+        (line,) = captured.err.strip().splitlines()
+        assert line.startswith("pyro-flows: error: ") and fragment in line, (case, line)
+
+
+def test_usage_errors_and_help(capsys):
+    for argv in (["fit", "x.csv", "--flow", "bogus", "--out", "m.pt"], ["sample", "m.pt", "-n", "0"], []):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    for command, option in (("fit", "--validation-fraction"), ("score", "--drop-nonfinite"), ("sample", "-n N"),
+                            ("demo", "--quick")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, "--help"])
+        assert info.value.code == 0 and option in capsys.readouterr().out
+
+
+def test_gaussian_baseline_is_the_fitted_gaussian():
+    rng = np.random.default_rng(0)
+    train, test = (rng.normal([1.0, -1.0], [2.0, 0.5], size=(4000, 2)) for _ in range(2))
     # minus the entropy of N(mu, diag(4, 0.25)): -(log(2 pi e) + log(2 * 0.5))
-    expected = -(1.0 + math.log(2 * math.pi))
-    assert cli.gaussian_log_likelihood(train, test) == pytest.approx(expected, abs=0.05)
+    assert cli.gaussian_log_density(train, test).mean() == pytest.approx(-(1.0 + math.log(2 * math.pi)), abs=0.05)
 
 
-@pytest.mark.parametrize("flow", ["maf", "nice"])
-def test_demo_with_other_flows(flow, capsys):
-    assert cli.main(["demo", "--flow", flow, "--epochs", "1", "--seed", "1"]) == 0
-    assert f"{flow.upper()} on two moons: 1 epochs" in capsys.readouterr().out
+def check_report(folder: Path) -> dict:
+    """Every report file is there; the numbers in metrics.json are finite and in a plausible range."""
+    for name in cli.REPORT_FILES:
+        assert (folder / name).stat().st_size > 1000, name
+    for name in cli.REPORT_FILES[:3]:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    moons, digits = metrics["two_moons"], metrics["digits"]
+    assert moons["dims"] == 2 and digits["dims"] == 64 and digits["levels"] == 17
+    assert digits["train_rows"] + digits["test_rows"] == 1797
+    assert -2.5 < moons["gaussian_test_log_likelihood"] < -1.4  # two moons with noise 0.1
+    assert math.isfinite(moons["test_log_likelihood"]) and math.isfinite(digits["test_log_likelihood"])
+    # bits/dim of 17-level pixels: a uniform model scores log2(17) = 4.09; both models must do better than 6
+    assert 0.0 < digits["test_bits_per_dim"] < 6.0 and 0.0 < digits["gaussian_test_bits_per_dim"] < 4.09
+    assert len(moons["train_loss"]) == moons["epochs"] == len(moons["validation_loss"])
+    return metrics
 
 
-def test_bad_arguments_exit_with_usage_error(capsys):
-    with pytest.raises(SystemExit) as info:
-        cli.main(["demo", "--flow", "bogus"])
-    assert info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        cli.main([])
-    assert info.value.code == 2
+def test_demo_quick_writes_the_report(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert "two moons (2-D, NSF" in output and "digits (64-D" in output and "bits/dim" in output
+    check_report(tmp_path)
 
 
-def test_console_script():
-    script = Path(sys.executable).parent / "pyro-flows"
-    assert script.exists()
+def test_console_script_reports_bad_input_in_one_line(tmp_path):
+    assert SCRIPT.exists()
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
     result = subprocess.run(
-        [str(script), "demo", "--epochs", "2"], capture_output=True, text=True, timeout=120, check=False
+        [str(SCRIPT), "fit", str(tmp_path / "ragged.csv"), "--out", str(tmp_path / "m.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    flow_ll, gaussian_ll, _ = parse(result.stdout)
-    assert flow_ll > -10.0 and gaussian_ll < -1.0
+    assert result.returncode == 2 and result.stdout == "" and not (tmp_path / "m.pt").exists()
+    assert result.stderr == f"pyro-flows: error: {tmp_path / 'ragged.csv'}, line 2: expected 2 columns, got 1\n"
