@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -45,7 +44,7 @@ def safe_load(path: PathLike, map_location: Any = None) -> Any:
         raise FileNotFoundError(f"no such file: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except Exception as error:  # any unpickler failure: the file is not ours or would run code
         raise ValueError(
             f"{path} is not a weights-only pyro_flows file (refusing to execute code from it): {error}"
         ) from None
