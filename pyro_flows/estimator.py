@@ -224,12 +224,7 @@ class DensityEstimator:
 
         Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version.
         """
-        try:
-            payload = safe_load(path, map_location="cpu")
-        except (FileNotFoundError, ValueError):
-            raise
-        except Exception as error:  # the weights-only unpickler fails on junk with KeyError, IndexError, ...
-            raise ValueError(f"{path} is not a saved pyro_flows DensityEstimator ({type(error).__name__})") from None
+        payload = safe_load(path, map_location="cpu")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved pyro_flows DensityEstimator")
         if payload.get("version") != VERSION:
