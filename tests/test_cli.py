@@ -129,11 +129,8 @@ def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
         "nan row": (["fit", str(folder / "nan.csv"), "--out", str(folder / "m.pt")], "NaN or inf values (lines 2)"),
         "wrong width": (["score", str(model), str(folder / "wide.csv")], "has 3 columns; the model was fitted on 2"),
         "wrong header": (["score", str(model), str(folder / "renamed.csv")], "fitted on ['a', 'b']"),
-        "not a model": (["sample", str(folder / "notes.pt"), "-n", "3"], "not a saved pyro_flows DensityEstimator"),
-        "swapped arguments": (
-            ["score", str(folder / "text.csv"), str(model)],
-            "not a saved pyro_flows DensityEstimator",
-        ),
+        "not a model": (["sample", str(folder / "notes.pt"), "-n", "3"], f"{folder / 'notes.pt'} is not a"),
+        "swapped arguments": (["score", str(folder / "text.csv"), str(model)], f"{folder / 'text.csv'} is not a"),
         "not an estimator": (
             ["sample", str(folder / "other.pt"), "-n", "3"],
             "not a saved pyro_flows DensityEstimator",
