@@ -26,13 +26,11 @@ from .data import DIGITS_LEVELS, digits, two_moons
 from .diagnostics import bits_per_dim
 from .estimator import FLOWS, DensityEstimator
 from .io import Table, read_table, write_table
-from .utils import atomic_save, safe_load
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 EXIT_ERROR = 2
-COLUMNS_KEY = "columns"  # the training header, stored by the CLI next to DensityEstimator.save's own keys
 
 
 def _defaults(function: Callable) -> dict[str, Any]:
@@ -45,21 +43,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def save_model(estimator: DensityEstimator, columns: Optional[list[str]], path: Path) -> None:
-    """``estimator.save(path)``, with the training table's header (if any) kept in the same file, not a sidecar."""
-    estimator.save(path)
-    if columns is not None:
-        payload = safe_load(path)
-        payload[COLUMNS_KEY] = list(columns)
-        atomic_save(payload, path)
-
-
-def load_model(path: Path) -> tuple[DensityEstimator, Optional[list[str]]]:
-    """The estimator saved at ``path`` and the header of its training table (``None`` if it had none)."""
-    estimator = DensityEstimator.load(path)
-    return estimator, safe_load(path).get(COLUMNS_KEY)
 
 
 def check_columns(table: Table, columns: Optional[list[str]], features: int, path: Path) -> None:
@@ -86,9 +69,10 @@ def fit_command(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         progress=False if args.no_progress else None,
+        feature_names=table.columns,
     )
     seconds = time.perf_counter() - start
-    save_model(estimator, table.columns, args.out)
+    estimator.save(args.out)
     print(_fit_summary(estimator, table.values.shape, seconds, args.out))
     return 0
 
@@ -107,16 +91,16 @@ def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: f
 
 
 def score_command(args: argparse.Namespace) -> int:
-    estimator, columns = load_model(args.model)
+    estimator = DensityEstimator.load(args.model)
     table = read_table(args.data, drop_nonfinite=args.drop_nonfinite)
-    check_columns(table, columns, estimator.features_, args.data)
+    check_columns(table, estimator.feature_names_in_, estimator.features_, args.data)
     write_table(estimator.score_samples(table.values), sys.stdout, header=["log_density"])
     return 0
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    estimator, columns = load_model(args.model)
-    header = columns or [f"x{i}" for i in range(estimator.features_)]
+    estimator = DensityEstimator.load(args.model)
+    header = estimator.feature_names_in_ or [f"x{i}" for i in range(estimator.features_)]
     write_table(estimator.sample(args.n, seed=args.seed), sys.stdout, header=header)
     return 0
 

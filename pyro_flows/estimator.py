@@ -100,6 +100,7 @@ class DensityEstimator:
         self.dtype, self.min_scale, self.flow_kwargs = dtype, float(min_scale), dict(flow_kwargs)
         self.flow_: Optional[Flow] = None
         self.features_: Optional[int] = None
+        self.feature_names_in_: Optional[list[str]] = None
         self.history_: Any = None
         self._fitted_on = "numpy"
 
@@ -118,6 +119,7 @@ class DensityEstimator:
         patience: Optional[int] = 20,
         seed: Optional[int] = 0,
         progress: Optional[bool] = None,
+        feature_names: Optional[Sequence[str]] = None,
         **fit_kwargs: Any,
     ) -> DensityEstimator:
         """Build a fresh flow for ``X`` ``(rows, features)`` and fit it by maximum likelihood; returns ``self``.
@@ -128,9 +130,12 @@ class DensityEstimator:
         weights are kept; ``patience`` is ignored without validation data). ``seed``
         fixes the initialisation and the training run. The standardisation uses the
         mean and standard deviation of all rows of ``X`` (validation rows included).
+        ``feature_names`` (e.g. a CSV header) are kept as ``feature_names_in_`` and saved.
         A failed ``fit`` leaves the estimator as it was.
         """
         data = self._check_rows(X, "fit")
+        if feature_names is not None and len(feature_names) != data.shape[1]:
+            raise ValueError(f"fit: {len(feature_names)} feature names for {data.shape[1]} features")
         if len(data) < 2:
             raise ValueError(f"fit: need at least 2 rows of X to standardise them, got {len(data)}")
         features = data.shape[1]
@@ -152,6 +157,7 @@ class DensityEstimator:
             **fit_kwargs,
         )
         self.flow_, self.features_, self.history_ = model.eval(), features, history
+        self.feature_names_in_ = None if feature_names is None else [str(name) for name in feature_names]
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
 
@@ -210,6 +216,7 @@ class DensityEstimator:
                 "version": VERSION,
                 "config": self._config(),
                 "features": self.features_,
+                "feature_names": self.feature_names_in_,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
                 "fitted_on": self._fitted_on,
@@ -249,6 +256,7 @@ class DensityEstimator:
         flow.load_state_dict(payload["state_dict"])
         estimator.flow_, estimator.features_, estimator.history_ = flow.eval(), features, _restore_history(payload)
         estimator._fitted_on = payload["fitted_on"]
+        estimator.feature_names_in_ = payload.get("feature_names")
         return estimator
 
     def _config(self) -> dict:

@@ -375,3 +375,14 @@ def test_sample_checks_n(fitted):
         with pytest.raises(ValueError, match="n must be a positive integer"):
             fitted.sample(n)
     assert fitted.sample(1).shape == (1, 3)
+
+
+def test_feature_names_are_kept_and_saved(tmp_path):
+    X = np.random.default_rng(0).normal(size=(64, 2))
+    estimator = pf.DensityEstimator(flow="realnvp", transforms=1, hidden=(8,))
+    estimator.fit(X, max_epochs=1, validation_fraction=0.0, progress=False, feature_names=["a", "b"])
+    assert estimator.feature_names_in_ == ["a", "b"]
+    estimator.save(tmp_path / "model.pt")
+    assert pf.DensityEstimator.load(tmp_path / "model.pt").feature_names_in_ == ["a", "b"]
+    with pytest.raises(ValueError, match="2 features"):
+        estimator.fit(X, max_epochs=1, validation_fraction=0.0, progress=False, feature_names=["a"])
