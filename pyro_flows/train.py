@@ -452,8 +452,11 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` under a process group of several ranks, else itself."""
     if _rank_and_world()[1] == 1:
         return model
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return DistributedDataParallel(model, device_ids=[index] if device.type == "cuda" else None)
+    if device.type != "cuda":
+        return DistributedDataParallel(model)
+    return DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device() if device.index is None else device.index]
+    )
 
 
 class _Loop:
