@@ -89,7 +89,7 @@ class FitHistory:
     def __len__(self) -> int:
         return len(self.train_loss)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Union[int, slice]) -> Union[float, list[float]]:
         return self.train_loss[index]
 
     def __iter__(self) -> Iterator[float]:
@@ -112,6 +112,10 @@ def _as_batch(item: Any) -> Batch:
 
 def _shape(t: Optional[Tensor]) -> Optional[tuple]:
     return None if t is None else tuple(t.shape)
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {_shape(value)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
@@ -544,6 +548,8 @@ class _Loop:
         """
         with _argument_validation(self.validate_arguments and self.first_step):
             loss = self.objective(self.trained, x, context)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"fit: the objective must return a scalar tensor, got {_describe(loss)}")
         loss.backward()
         clip = math.inf if self.options.clip_grad is None else self.options.clip_grad
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double().reshape(1)
@@ -600,7 +606,8 @@ class _Loop:
         x, context = self.validation
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for index in torch.arange(x.shape[0], device=x.device).split(self.options.batch_size):
+        chunks = torch.arange(x.shape[0], device=x.device).split(self.options.batch_size) if len(x) else ()
+        for index in chunks:  # a rank may hold no validation rows
             xb = x[index].to(self.device)
             cb = None if context is None else context[index].to(self.device)
             with _argument_validation(False):  # a NaN is a bad epoch, not an error
@@ -656,6 +663,14 @@ class _Loop:
         if p.batch and p.loss_rows:
             history.train_loss.append(p.loss_sum / p.loss_rows)
         return history
+
+
+def _check_counts(**counts: Optional[int]) -> None:
+    """Counts that must be whole numbers >= 1 (>= 0 for epochs, steps and recoveries); None where optional."""
+    for name, value in counts.items():
+        least = 0 if name in ("max_epochs", "max_steps", "max_recoveries") else 1
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"fit: {name} must be an integer >= {least}, got {value!r}")
 
 
 def _resume_state(resume: Optional[PathLike], checkpoint: Optional[PathLike]) -> Optional[dict]:
@@ -747,17 +762,21 @@ def fit(
         >>> len(history.train_loss), len(history.validation_loss), history.steps
         (3, 3, 6)
     """
+    _check_counts(
+        max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        patience=patience, checkpoint_every=checkpoint_every, max_recoveries=max_recoveries,
+    )  # fmt: skip
     rank, world = _rank_and_world()
     device = _device(model, device)
     state = _resume_state(resume, checkpoint)
     base_seed = state["position"]["seed"] if state is not None else _shared_seed(seed, device)
-    if seed is not None:
-        torch.manual_seed(seed + rank)
     source, validation = _sources(
         data, context, validation_fraction, validation_data, batch_size, steps_per_epoch, base_seed, rank, world
     )
     if patience is not None and validation is None:
         raise ValueError("fit: patience needs validation data (validation_fraction or validation_data)")
+    if seed is not None:
+        torch.manual_seed(seed + rank)
     total = _total_steps(max_epochs, max_steps, source.steps_per_epoch)
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
     scheduler = _scheduler(schedule, optimizer, total)

@@ -167,6 +167,9 @@ class Endless(IterableDataset):
         (lambda f, x: quiet_fit(f, DataLoader(Endless(), batch_size=8), schedule="cosine"), ValueError, "max_steps"),
         (lambda f, x: quiet_fit(f, x.tolist()), TypeError, "Tensor, a DataLoader or a callable"),
         (lambda f, x: quiet_fit(f, lambda: {"x": x}), TypeError, "pair"),
+        (lambda f, x: quiet_fit(f, x, objective=lambda m, x, c: -m().log_prob(x)), TypeError, r"scalar.*\(50,\)"),
+        (lambda f, x: quiet_fit(f, x, batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
+        (lambda f, x: quiet_fit(f, x, checkpoint_every=0.5), ValueError, "checkpoint_every"),
     ],
 )
 def test_bad_input_is_named(call, error, match):
