@@ -2,5 +2,6 @@
 
 from .made import MADE, MaskedLinear
 from .mlp import MLP
+from .vector_field import ConcatSquashLinear, VectorField
 
-__all__ = ["MADE", "MLP", "MaskedLinear"]
+__all__ = ["MADE", "MLP", "ConcatSquashLinear", "MaskedLinear", "VectorField"]

@@ -11,6 +11,7 @@ from .autoregressive import (
     SplineAutoregressive,
 )
 from .base import Conditional, ConditionalInverse, ConditionedTransform, FlowTransform, Inverse
+from .continuous import ConditionalContinuousFlow, ContinuousFlow
 from .coupling import (
     AdditiveCoupling,
     AffineCoupling,
@@ -38,11 +39,13 @@ __all__ = [
     "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalAutoregressive",
+    "ConditionalContinuousFlow",
     "ConditionalCoupling",
     "ConditionalInverse",
     "ConditionalSplineAutoregressive",
     "ConditionalSplineCoupling",
     "ConditionedTransform",
+    "ContinuousFlow",
     "Coupling",
     "FlowTransform",
     "Inverse",

@@ -1,0 +1,242 @@
+r"""Continuous normalizing flows: a layer that integrates an ODE (Chen et al. 2018; FFJORD, Grathwohl et al. 2019).
+
+Convention: the base→data direction (``_call``, :meth:`~.FlowTransform.call_and_ladj`)
+integrates :math:`\frac{dz}{dt} = f(z, t[, c])` from :math:`t_0` to :math:`t_1`
+(default 0 → 1); the inverse integrates the same ODE backwards, from :math:`t_1` to
+:math:`t_0`. By the instantaneous change of variables,
+
+.. math:: \log\left|\det \frac{\partial z(t_1)}{\partial z(t_0)}\right|
+          = \int_{t_0}^{t_1} \operatorname{tr} \frac{\partial f}{\partial z}(z(t), t)\, dt,
+
+so :math:`\log p_1(z(t_1)) = \log p_0(z(t_0)) - \int_{t_0}^{t_1} \operatorname{tr} \partial f/\partial z\, dt`.
+The log-det is carried in the same ODE state as :math:`z` (one solve gives both).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from ..nn import VectorField
+from .base import Conditional, FlowTransform, broadcast_context
+
+TRACES = ("exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+REGULARIZERS = ("kinetic", "jacobian")
+
+Divergence = Callable[[Tensor, Tensor, Optional[Tensor], bool], tuple[Tensor, Tensor]]
+
+
+def _vjp(f: Tensor, z: Tensor, v: Tensor, create_graph: bool, batched: bool = False) -> Tensor:
+    """``v^T ∂f/∂z`` (a batch of them over ``v``'s first dim when ``batched``); zeros if ``f`` ignores ``z``."""
+    out = torch.autograd.grad(f, z, v, create_graph=create_graph, is_grads_batched=batched, allow_unused=True)[0]
+    return torch.zeros_like(v) if out is None else out
+
+
+def exact_divergence(f: Tensor, z: Tensor, probe: Optional[Tensor], create_graph: bool) -> tuple[Tensor, Tensor]:
+    r"""``(tr J, ||J||_F^2)`` per sample of :math:`J = \partial f / \partial z`, exactly.
+
+    All :math:`D` rows :math:`e_i^\top J` come from :math:`D` vector-Jacobian products with
+    one-hot vectors, batched (``is_grads_batched``) over the rows and the samples.
+    Shapes: ``f``, ``z`` ``(N, D)``; outputs ``(N,)``. ``probe`` is unused.
+    """
+    n, d = z.shape
+    one_hot = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, n, d)
+    rows = _vjp(f, z, one_hot, create_graph, batched=True)  # (D, N, D): rows[i, b] = e_i^T J_b
+    return rows.diagonal(dim1=0, dim2=2).sum(-1), rows.square().sum((0, 2))
+
+
+def hutchinson_divergence(f: Tensor, z: Tensor, probe: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+    r"""Hutchinson's estimates ``(ε^T J ε, ||ε^T J||^2)`` of ``(tr J, ||J||_F^2)`` with one probe ``ε`` per sample.
+
+    Unbiased when :math:`\mathbb{E}[\varepsilon\varepsilon^\top] = I` (Rademacher or standard
+    Gaussian probes; Hutchinson 1989, Grathwohl et al. 2019, Finlay et al. 2020). One
+    vector-Jacobian product. Shapes: ``f``, ``z``, ``probe`` ``(N, D)``; outputs ``(N,)``.
+    """
+    vjp = _vjp(f, z, probe, create_graph)
+    return (vjp * probe).sum(-1), vjp.square().sum(-1)
+
+
+def draw_probe(kind: str, like: Tensor) -> Tensor:
+    """A Rademacher (±1) or standard Gaussian probe of ``like``'s shape, dtype and device."""
+    if kind == "gaussian":
+        return torch.randn_like(like)
+    return torch.randint_like(like, 2) * 2 - 1
+
+
+class _Dynamics:
+    r"""The augmented ODE :math:`\frac{d}{dt}(z, \ell, E, F) = (f, \operatorname{tr} J, \|f\|^2, \|J\|_F^2)`.
+
+    ``context`` and ``probe`` are fixed for one solve; ``nfe`` counts the evaluations.
+    Under ``torch.no_grad()`` the Jacobian terms are computed without a graph.
+    """
+
+    def __init__(self, field: nn.Module, context: Optional[Tensor], divergence: Divergence, probe: Optional[Tensor]):
+        self.field, self.context, self.divergence, self.probe = field, context, divergence, probe
+        self.nfe = 0
+
+    def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.nfe += 1
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            # a fresh leaf unless z carries a graph to differentiate through (a view taken under no_grad does not)
+            z = state[0] if create_graph and state[0].requires_grad else state[0].detach().requires_grad_(True)
+            f = self.field(z, t, self.context)
+            trace, frobenius = self.divergence(f, z, self.probe, create_graph)
+        out = (f, trace, f.square().sum(-1), frobenius)
+        return out if create_graph else tuple(o.detach() for o in out)
+
+
+def _state_norm(state: tuple[Tensor, ...]) -> Tensor:
+    """Step-size control on :math:`z` and the log-det only (the regularisation integrals do not shrink steps).
+
+    Detached: the step sizes are a choice of discretisation, not part of the function being
+    differentiated, so no gradient flows through them (and samples of a batch stay independent).
+    """
+    return torch.maximum(state[0].detach().pow(2).mean().sqrt(), state[1].detach().pow(2).mean().sqrt())
+
+
+class ContinuousFlow(FlowTransform):
+    r"""A continuous normalizing flow layer: the flow map of :math:`\frac{dz}{dt} = f(z, t[, c])` (FFJORD).
+
+    Base→data (``call_and_ladj``) integrates from :math:`t_0` to :math:`t_1`, data→base
+    (``inverse_and_ladj``) from :math:`t_1` back to :math:`t_0`, with ``torchdiffeq.odeint``
+    (``odeint_adjoint`` when ``adjoint=True``: memory constant in the number of steps,
+    Chen et al. 2018). The ODE state carries, besides :math:`z`,
+
+    .. math:: \ell = \int \operatorname{tr} \tfrac{\partial f}{\partial z}\, dt, \qquad
+              E = \int \|f\|^2\, dt, \qquad F = \int \|\tfrac{\partial f}{\partial z}\|_F^2\, dt,
+
+    so the log-det :math:`\ell` comes from the same solve as the output. The trace is
+    ``"exact"`` (all :math:`D` diagonal terms, batched) or ``"hutchinson"``'s unbiased
+    estimate :math:`\varepsilon^\top J \varepsilon` with one ``"rademacher"`` or
+    ``"gaussian"`` probe per sample, drawn once per solve and held fixed during it
+    (Grathwohl et al. 2019). :math:`E` (kinetic energy) and :math:`F` (Jacobian Frobenius
+    norm; exact with the exact trace, Hutchinson's estimate otherwise) are the regularisers
+    of Finlay et al. (2020): after every solve, ``regularization`` holds them as
+    ``{"kinetic": E, "jacobian": F}`` (per sample, integrated over :math:`|dt|`) for an
+    objective to add to the loss (see :class:`~pyro_flows.CNFRegularizedNLL`); ``nfe`` holds
+    the number of evaluations of :math:`f` in the last solve (forward pass only). They do not
+    enter the step-size control unless ``options["norm"]`` says otherwise.
+
+    Tolerances below the dtype's resolution (:math:`8\epsilon_\text{mach}`, 1e-6 in float32)
+    are raised to it, so one layer works in float32 and float64.
+
+    Shapes: ``x`` ``(..., features)``; the context ``(..., context_features)`` broadcasts with it;
+    the log-det has the broadcast batch shape.
+
+    Args:
+        features: :math:`D`.
+        vector_field: an ``nn.Module`` called as ``f(z, t, context)`` (``z`` ``(N, D)``, ``t`` a scalar
+            tensor); default a :class:`~pyro_flows.nn.VectorField` (zero output: a fresh layer is the identity).
+        hidden, activation: of the default vector field.
+        context_features: context size (conditional twin only).
+        trace: ``"exact"`` or ``"hutchinson"``.
+        probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson only).
+        t0, t1: the time span.
+        solver: a ``torchdiffeq`` method (``"dopri5"``, ``"rk4"``, ...).
+        atol, rtol: the solver's tolerances (adaptive solvers).
+        options: passed to ``torchdiffeq`` (e.g. ``{"step_size": 0.05}`` for fixed-step solvers).
+        adjoint: integrate with the adjoint method.
+
+    Example:
+        >>> layer = ContinuousFlow(2, hidden=(32, 32), trace="hutchinson")
+        >>> y, ladj = layer.call_and_ladj(torch.randn(10, 2))
+        >>> layer.nfe, sorted(layer.regularization)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        vector_field: Optional[nn.Module] = None,
+        hidden: Sequence[int] = (64, 64),
+        context_features: int = 0,
+        activation: type[nn.Module] = nn.SiLU,
+        trace: str = "exact",
+        probe: str = "rademacher",
+        t0: float = 0.0,
+        t1: float = 1.0,
+        solver: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        options: Optional[dict[str, Any]] = None,
+        adjoint: bool = False,
+    ) -> None:
+        super().__init__((features,), context_features)
+        name = type(self).__name__
+        if trace not in TRACES or probe not in PROBES:
+            raise ValueError(
+                f"{name}: trace must be one of {TRACES} and probe one of {PROBES}, got {trace!r}, {probe!r}"
+            )
+        if float(t0) == float(t1):
+            raise ValueError(f"{name}: the time span is empty (t0 = t1 = {t0})")
+        self.vector_field = (
+            VectorField(features, hidden, context_features, activation) if vector_field is None else vector_field
+        )
+        self.trace, self.probe = trace, probe
+        self.t0, self.t1 = float(t0), float(t1)
+        self.solver, self.atol, self.rtol = solver, float(atol), float(rtol)
+        self.options = dict(options or {})
+        self.adjoint = bool(adjoint)
+        self.nfe = 0
+        self.regularization: dict[str, Tensor] = {}
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return self._integrate(x, context, self.t0, self.t1)
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return self._integrate(y, context, self.t1, self.t0)
+
+    def _integrate(self, z: Tensor, context: Optional[Tensor], start: float, end: float) -> tuple[Tensor, Tensor]:
+        """Solve from ``start`` to ``end``: ``(z(end), ∫ tr J dt)``; records ``nfe`` and ``regularization``."""
+        z, context = broadcast_context(z, context, 1)
+        batch, d = z.shape[:-1], z.shape[-1]
+        z = z.reshape(-1, d)
+        context = None if context is None else context.reshape(-1, self.context_features)
+        divergence = exact_divergence if self.trace == "exact" else hutchinson_divergence
+        probe = draw_probe(self.probe, z) if self.trace == "hutchinson" else None
+        dynamics = _Dynamics(self.vector_field, context, divergence, probe)
+        zeros = z.new_zeros(z.shape[0])
+        times = torch.tensor([start, end], dtype=z.dtype, device=z.device)
+        states = self._solve(dynamics, (z, zeros, zeros, zeros), times, context)
+        z_end, ladj, kinetic, jacobian = (s[-1] for s in states)
+        sign = 1.0 if end > start else -1.0
+        self.nfe = dynamics.nfe
+        self.regularization = {"kinetic": sign * kinetic.reshape(batch), "jacobian": sign * jacobian.reshape(batch)}
+        return z_end.reshape(batch + (d,)), ladj.reshape(batch)
+
+    def _solve(self, dynamics: _Dynamics, state: tuple, times: Tensor, context: Optional[Tensor]) -> tuple:
+        floor = 8 * torch.finfo(times.dtype).eps
+        kwargs = dict(
+            method=self.solver,
+            atol=max(self.atol, floor),
+            rtol=max(self.rtol, floor),
+            options={"norm": _state_norm, **self.options},
+        )
+        if not self.adjoint:
+            return odeint(dynamics, state, times, **kwargs)
+        params = tuple(self.vector_field.parameters())
+        if context is not None and context.requires_grad:
+            params += (context,)
+        return odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["regularization"] = {}  # tensors of the last solve's graph: neither copied nor pickled
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, trace={self.trace!r}, solver={self.solver!r}, atol={self.atol:g}, "
+            f"rtol={self.rtol:g}, t=({self.t0:g}, {self.t1:g}), adjoint={self.adjoint}"
+        )
+
+
+class ConditionalContinuousFlow(Conditional, ContinuousFlow):
+    """:class:`ContinuousFlow` whose vector field also sees a context :math:`c`: :math:`f(z, t, c)`.
+
+    Example: ``ConditionalContinuousFlow(2, context_features=3).condition(torch.randn(3))``.
+    """
