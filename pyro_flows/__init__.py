@@ -3,16 +3,22 @@
 from . import diagnostics, nn, transforms
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
-from .flows import IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
+from .flow_matching import FlowMatching
+from .flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
+from .objectives import CNFRegularizedNLL
 from .train import FitHistory, NegativeLogLikelihood, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "bits_per_dim",
+    "CNF",
+    "CNFRegularizedNLL",
     "DensityEstimator",
     "diagnostics",
+    "FFJORD",
     "fit",
+    "FlowMatching",
     "FitHistory",
     "NegativeLogLikelihood",
     "IAF",

@@ -1,0 +1,54 @@
+"""Training objectives for continuous normalizing flows, for :func:`pyro_flows.fit`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .transforms import ContinuousFlow
+
+
+def continuous_layers(model: nn.Module) -> list[ContinuousFlow]:
+    """The :class:`~.transforms.ContinuousFlow` layers inside ``model`` (a ``Flow``, maybe DDP-wrapped)."""
+    return [m for m in model.modules() if isinstance(m, ContinuousFlow)]
+
+
+class CNFRegularizedNLL:
+    r"""Negative log-likelihood plus the regularisers of Finlay et al. (2020), "How to train your neural ODE".
+
+    .. math:: \mathcal{L} = -\frac{1}{N}\sum_n \log p(x_n \mid c_n)
+              + \frac{1}{N}\sum_n \sum_{\text{layers}} \Big(\lambda_K \int \|f\|^2 dt
+              + \lambda_J \int \big\|\tfrac{\partial f}{\partial z}\big\|_F^2 dt\Big)
+
+    The integrals come from the same solve as the log-likelihood (each
+    :class:`~.transforms.ContinuousFlow` records them in ``regularization``); they favour
+    straight, smooth trajectories, which the solver integrates in fewer steps.
+
+    Args:
+        kinetic: :math:`\lambda_K`, weight of the kinetic energy.
+        jacobian: :math:`\lambda_J`, weight of the Jacobian Frobenius norm.
+
+    Example:
+        >>> flow = CNF(2)
+        >>> fit(flow, X, objective=CNFRegularizedNLL(kinetic=0.01, jacobian=0.01))
+    """
+
+    def __init__(self, kinetic: float = 0.01, jacobian: float = 0.01) -> None:
+        if kinetic < 0 or jacobian < 0:
+            raise ValueError(f"CNFRegularizedNLL: weights must be >= 0, got kinetic={kinetic}, jacobian={jacobian}")
+        self.weights = {"kinetic": float(kinetic), "jacobian": float(jacobian)}
+
+    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        layers = continuous_layers(model)
+        if not layers:
+            raise ValueError("CNFRegularizedNLL: the model has no ContinuousFlow layer to regularise")
+        distribution = model() if context is None else model(context)
+        loss = -distribution.log_prob(x).mean()
+        for layer in layers:
+            for name, weight in self.weights.items():
+                loss = loss + weight * layer.regularization[name].mean()
+        return loss
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kinetic={self.weights['kinetic']:g}, jacobian={self.weights['jacobian']:g})"

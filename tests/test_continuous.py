@@ -1,0 +1,287 @@
+"""Continuous normalizing flows: analytic linear flows, traces, adjoint, regularisers, MLE and flow matching.
+
+The shared contract (round trip, log-det vs autograd, shapes, caching, ...) is checked for
+``ContinuousFlow`` and its conditional twin in ``test_contract.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import per_sample_jacobian, perturb
+from torch import nn
+
+import pyro_flows as pf
+from pyro_flows import transforms as T
+from pyro_flows.cli import gaussian_log_density
+from pyro_flows.data import two_moons
+from pyro_flows.nn import VectorField
+from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence
+
+F64 = torch.float64
+TIGHT = dict(atol=1e-10, rtol=1e-10)
+
+
+class LinearField(nn.Module):
+    """f(z, t) = A z: the flow is z(t) = expm((t - t0) A) z(t0), the log-det (t1 - t0) tr(A)."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, z, t, context=None):
+        return z @ self.a.T
+
+
+def matrix(d: int, seed: int = 0, scale: float = 0.5) -> torch.Tensor:
+    return scale * torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def randn(*shape, seed=0, dtype=F64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def perturbed_layer(cls=T.ContinuousFlow, seed=0, **kwargs) -> T.ContinuousFlow:
+    torch.manual_seed(seed)
+    return perturb(cls(3, hidden=(16, 16), **kwargs), scale=0.3, seed=seed).double()
+
+
+# -- the linear flow -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver, options", [("dopri5", {}), ("rk4", {"step_size": 0.01})], ids=["dopri5", "rk4"])
+def test_linear_field_matches_the_analytic_flow_and_log_det(solver, options):
+    a, t0, t1 = matrix(3), 0.25, 1.5
+    layer = T.ContinuousFlow(3, LinearField(a), t0=t0, t1=t1, solver=solver, options=options, **TIGHT)
+    z0 = randn(7, 3)
+    y, ladj = layer.call_and_ladj(z0)
+    expected = z0 @ torch.linalg.matrix_exp((t1 - t0) * a).T
+    atol = 1e-8 if solver == "dopri5" else 1e-7
+    torch.testing.assert_close(y, expected, atol=atol, rtol=0)
+    # log|det dy/dz0| = (t1 - t0) tr(A): log p(y) = log p0(z0) - (t1 - t0) tr(A)
+    torch.testing.assert_close(ladj, torch.full((7,), (t1 - t0) * a.trace().item(), dtype=F64), atol=1e-9, rtol=0)
+    # the inverse integrates backwards, t1 -> t0
+    x, ladj_inv = layer.inverse_and_ladj(expected.clone())
+    torch.testing.assert_close(x, z0, atol=atol, rtol=0)
+    torch.testing.assert_close(ladj_inv, -ladj, atol=1e-9, rtol=0)
+    assert layer.nfe > 0
+
+
+def test_linear_field_regularisers_are_the_kinetic_energy_and_frobenius_norm():
+    a, t1 = matrix(3, seed=1), 1.0
+    layer = T.ContinuousFlow(3, LinearField(a), t1=t1, **TIGHT)
+    z0 = randn(5, 3, seed=2)
+    layer.call_and_ladj(z0)
+    # ∫ ||A z(t)||^2 dt by Simpson's rule on the analytic trajectory
+    ts = torch.linspace(0, t1, 2001, dtype=F64)
+    speed = torch.stack([(z0 @ (a @ torch.linalg.matrix_exp(t * a)).T).square().sum(-1) for t in ts])
+    weights = torch.ones(2001, dtype=F64)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    kinetic = (weights[:, None] * speed).sum(0) * (t1 / 2000) / 3
+    torch.testing.assert_close(layer.regularization["kinetic"], kinetic, atol=1e-7, rtol=1e-7)
+    frobenius = torch.full((5,), t1 * a.square().sum().item(), dtype=F64)
+    torch.testing.assert_close(layer.regularization["jacobian"], frobenius, atol=1e-8, rtol=0)
+    # integrated over |dt|: the backward solve reports the same (positive) values
+    layer.inverse_and_ladj(randn(5, 3, seed=3))
+    assert (layer.regularization["kinetic"] > 0).all()
+    torch.testing.assert_close(layer.regularization["jacobian"], frobenius, atol=1e-8, rtol=0)
+
+
+def test_hutchinson_probe_is_fixed_during_a_solve():
+    """With f = Az and one fixed Rademacher probe ε, the estimate integrates to t ε^T A ε exactly."""
+    a = matrix(3, seed=4)
+    layer = T.ContinuousFlow(3, LinearField(a), trace="hutchinson", **TIGHT)
+    torch.manual_seed(0)
+    _, ladj = layer.call_and_ladj(randn(4000, 3, seed=5))
+    signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=3)), dtype=F64)
+    possible = torch.einsum("pi,ij,pj->p", signs, a, signs)
+    assert (ladj[:, None] - possible).abs().min(-1).values.max() < 1e-8
+    assert abs(ladj.mean() - a.trace()) < 0.1  # unbiased: averages to tr(A)
+
+
+# -- traces --------------------------------------------------------------------------------------------------------
+def field_and_point(seed=0):
+    torch.manual_seed(seed)
+    field = perturb(VectorField(4, hidden=(16, 16)), scale=0.3, seed=seed).double()
+    z = randn(6, 4, seed=seed).requires_grad_(True)
+    return field, z, field(z, torch.tensor(0.3, dtype=F64))
+
+
+def test_exact_trace_and_frobenius_match_the_autograd_jacobian():
+    field, z, f = field_and_point()
+    trace, frobenius = exact_divergence(f, z, None, False)
+    jacobian = per_sample_jacobian(lambda v: field(v, torch.tensor(0.3, dtype=F64)), z.detach())
+    torch.testing.assert_close(trace, jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(frobenius, jacobian.square().sum((-2, -1)), atol=1e-12, rtol=0)
+    assert trace.abs().min() > 1e-3  # not vacuous
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_mean_converges_to_the_exact_trace(probe):
+    field, z, f0 = field_and_point(seed=1)
+    exact_trace, exact_frobenius = exact_divergence(f0, z, None, False)
+    repeats = 20000
+    zs = z.detach().repeat(repeats, 1).requires_grad_(True)
+    f = field(zs, torch.tensor(0.3, dtype=F64))
+    torch.manual_seed(2)
+    eps = torch.randn_like(zs) if probe == "gaussian" else torch.randint_like(zs, 2) * 2 - 1
+    trace_est, frobenius_est = hutchinson_divergence(f, zs, eps, False)
+    mean = trace_est.reshape(repeats, 6).mean(0)
+    sem = trace_est.reshape(repeats, 6).std(0) / math.sqrt(repeats)
+    assert ((mean - exact_trace).abs() < 5 * sem + 1e-12).all()
+    torch.testing.assert_close(frobenius_est.reshape(repeats, 6).mean(0), exact_frobenius, rtol=0.05, atol=0)
+
+
+# -- the layer -----------------------------------------------------------------------------------------------------
+def test_fresh_layer_is_the_identity():
+    layer = T.ContinuousFlow(3)
+    x = randn(5, 3, dtype=torch.float32)
+    y, ladj = layer.call_and_ladj(x)
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)  # f = 0: only the solver's interpolation rounds
+    assert torch.equal(ladj, torch.zeros(5))
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_round_trip(trace):
+    layer = perturbed_layer(trace=trace, **TIGHT)
+    x = 2 * randn(8, 3, seed=6)
+    y, ladj = layer.call_and_ladj(x)
+    assert (y - x).abs().max() > 0.1
+    x_back, ladj_back = layer.inverse_and_ladj(y.clone())
+    torch.testing.assert_close(x_back, x, atol=1e-8, rtol=0)
+    if trace == "exact":
+        torch.testing.assert_close(ladj_back, -ladj, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_adjoint_gradients_equal_direct_gradients(conditional, trace):
+    kwargs = dict(trace=trace, atol=1e-9, rtol=1e-9)
+    cls = T.ConditionalContinuousFlow if conditional else T.ContinuousFlow
+    if conditional:
+        kwargs["context_features"] = 2
+    direct = perturbed_layer(cls, seed=3, **kwargs)
+    adjoint = copy.deepcopy(direct)
+    adjoint.adjoint = True
+    x0, w = randn(5, 3, seed=7), randn(5, 3, seed=8)
+    c0 = randn(5, 2, seed=9) if conditional else None
+
+    def gradients(layer):
+        x = x0.clone().requires_grad_(True)
+        c = None if c0 is None else c0.clone().requires_grad_(True)
+        torch.manual_seed(10)  # the same Hutchinson probes
+        y, ladj = layer.call_and_ladj(x, c)
+        loss = (w * y).sum() + ladj.sum() + layer.regularization["kinetic"].sum()
+        leaves = [x, *layer.parameters()] + ([] if c is None else [c])
+        return torch.autograd.grad(loss, leaves)
+
+    for g_direct, g_adjoint in zip(gradients(direct), gradients(adjoint), strict=True):
+        assert g_direct.abs().max() > 1e-6
+        torch.testing.assert_close(g_adjoint, g_direct, atol=1e-6, rtol=1e-5)
+
+
+def test_nfe_and_solver_options_pass_through():
+    layer = perturbed_layer(solver="rk4", options={"step_size": 0.1})
+    layer.call_and_ladj(randn(4, 3))
+    assert layer.nfe == 40  # 10 steps of 4 stages
+    layer = perturbed_layer(atol=1e-3, rtol=1e-3)
+    layer.call_and_ladj(randn(4, 3))
+    loose = layer.nfe
+    layer.atol = layer.rtol = 1e-8
+    layer.call_and_ladj(randn(4, 3))
+    assert layer.nfe > loose
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="trace"):
+        T.ContinuousFlow(2, trace="diagonal")
+    with pytest.raises(ValueError, match="probe"):
+        T.ContinuousFlow(2, trace="hutchinson", probe="uniform")
+    with pytest.raises(ValueError, match="time span"):
+        T.ContinuousFlow(2, t0=1.0, t1=1.0)
+
+
+# -- factories and objectives --------------------------------------------------------------------------------------
+def test_cnf_factory():
+    flow = pf.CNF(2, hidden=(8,), trace="hutchinson", solver="rk4", options={"step_size": 0.25})
+    (layer,) = flow.transforms
+    assert isinstance(layer, T.ContinuousFlow) and layer.trace == "hutchinson" and layer.solver == "rk4"
+    assert pf.FFJORD(2).transforms[0].trace == "hutchinson"
+    conditional = pf.CNF(2, context=3)
+    assert isinstance(conditional.transforms[0], T.ConditionalContinuousFlow)
+    assert conditional(torch.randn(4, 3)).log_prob(torch.randn(4, 2)).shape == (4,)
+
+
+def test_flow_matching_needs_one_continuous_flow_on_a_standard_normal():
+    x = torch.randn(8, 2)
+    for model in (pf.RealNVP(2), pf.Flow(pf.StandardNormal(2), [T.ContinuousFlow(2), T.ContinuousFlow(2)])):
+        with pytest.raises(ValueError, match="exactly one ContinuousFlow"):
+            pf.FlowMatching()(model, x, None)
+    with pytest.raises(ValueError, match="sigma_min"):
+        pf.FlowMatching(sigma_min=1.5)
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_straight_line_field():
+    """Data = the base samples shifted by 2m, over a time span of length 2: the straight paths have the constant
+    velocity m, which OT pairing recovers from a shuffled batch (the identity pairing minimises the squared cost)."""
+    m = torch.tensor([2.0, -1.0], dtype=F64)
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nn.Parameter(m.clone())
+
+        def forward(self, z, t, context=None):
+            return self.m.expand_as(z)
+
+    flow = pf.Flow(pf.StandardNormal(2), [T.ContinuousFlow(2, Constant(), t0=0.0, t1=2.0)]).double()
+    torch.manual_seed(0)
+    z = torch.randn(64, 2, dtype=F64)
+    shuffled = (z + 2 * m)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    torch.manual_seed(0)  # FlowMatching draws the same z0, which OT pairs with z0 + 2m row by row
+    assert pf.FlowMatching(ot_pairing=True)(flow, shuffled, None).item() < 1e-20
+    torch.manual_seed(0)
+    assert pf.FlowMatching()(flow, shuffled, None).item() > 1.0
+
+
+def test_regularized_nll_adds_the_weighted_integrals_of_the_same_solve():
+    torch.manual_seed(0)
+    flow = pf.CNF(2, hidden=(8,))
+    perturb(flow, scale=0.3, seed=1)
+    x = torch.randn(16, 2)
+    loss = pf.CNFRegularizedNLL(kinetic=0.5, jacobian=2.0)(flow, x, None)
+    (layer,) = flow.transforms
+    nll = -flow().log_prob(x.clone()).mean()
+    expected = nll + 0.5 * layer.regularization["kinetic"].mean() + 2.0 * layer.regularization["jacobian"].mean()
+    torch.testing.assert_close(loss, expected)
+    assert layer.regularization["kinetic"].min() > 0 and layer.regularization["jacobian"].min() > 0
+    with pytest.raises(ValueError, match="no ContinuousFlow"):
+        pf.CNFRegularizedNLL()(pf.RealNVP(2), x, None)
+
+
+def _held_out_gain(flow, train, test):
+    """Mean held-out log-likelihood over a fitted Gaussian's, the flow's by an accurate solve (dopri5, 1e-5)."""
+    layer = flow.transforms[0]
+    layer.solver, layer.options, layer.atol, layer.rtol = "dopri5", {}, 1e-5, 1e-5
+    with torch.no_grad():
+        flow_ll = flow().log_prob(test).mean().item()
+    return flow_ll - gaussian_log_density(train, test).mean().item()
+
+
+@pytest.mark.parametrize(
+    "objective, solver, batch_size, steps",
+    [
+        (None, dict(solver="rk4", options={"step_size": 0.25}), 64, 200),  # MLE, trained with a cheap fixed-step solver
+        (pf.FlowMatching(), {}, 256, 400),  # no ODE during training
+    ],
+    ids=["mle", "flow-matching"],
+)
+def test_learns_two_moons_better_than_a_gaussian(objective, solver, batch_size, steps):
+    generator = torch.Generator().manual_seed(0)
+    train, test = two_moons(2000, generator=generator), two_moons(500, generator=generator)
+    torch.manual_seed(0)
+    flow = pf.CNF(2, hidden=(32, 32), **solver)
+    pf.fit(flow, train, objective=objective, max_steps=steps, batch_size=batch_size, lr=1e-2, seed=0, progress=False)
+    assert _held_out_gain(flow, train, test) > 0.25  # measured: 0.37 (MLE), 0.40 (flow matching)
