@@ -285,3 +285,37 @@ def test_learns_two_moons_better_than_a_gaussian(objective, solver, batch_size, 
     flow = pf.CNF(2, hidden=(32, 32), **solver)
     pf.fit(flow, train, objective=objective, max_steps=steps, batch_size=batch_size, lr=1e-2, seed=0, progress=False)
     assert _held_out_gain(flow, train, test) > 0.25  # measured: 0.37 (MLE), 0.40 (flow matching)
+
+
+def test_flow_matching_loss_is_the_straight_path_regression_with_sigma_min_and_context():
+    torch.manual_seed(0)
+    flow = pf.CNF(2, context=3, hidden=(8,), t0=1.0, t1=3.0).double()
+    perturb(flow, scale=0.3, seed=2)
+    (layer,) = flow.transforms
+    x, c, sigma = randn(16, 2, seed=11), randn(16, 3, seed=12), 0.1
+    torch.manual_seed(5)
+    loss = pf.FlowMatching(sigma_min=sigma)(flow, x, c)
+    torch.manual_seed(5)  # the same z0 and t
+    z0 = torch.randn_like(x)
+    t = torch.rand(16, 1, dtype=F64)
+    x_t = (1 - (1 - sigma) * t) * z0 + t * x
+    velocity = layer.vector_field(x_t, 1.0 + 2.0 * t.squeeze(-1), c)  # time span (1, 3): s = t0 + t (t1 - t0)
+    expected = (2.0 * velocity - (x - (1 - sigma) * z0)).square().sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in layer.parameters())
+
+
+def test_conditional_flow_matching_learns_the_context():
+    """Two contexts, two clusters: each context's density is higher on its own cluster."""
+    generator = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 2, (1000, 1), generator=generator).float()
+    x = (4 * c - 2) * torch.ones(1, 2) + 0.3 * torch.randn(1000, 2, generator=generator)
+    torch.manual_seed(0)
+    flow = pf.CNF(2, context=1, hidden=(32, 32))
+    pf.fit(flow, x, c, objective=pf.FlowMatching(ot_pairing=True), max_steps=300, lr=1e-2, seed=0, progress=False)
+    points = torch.tensor([[-2.0, -2.0], [2.0, 2.0]])
+    with torch.no_grad():
+        own = flow(torch.tensor([[0.0], [1.0]])).log_prob(points)
+        other = flow(torch.tensor([[1.0], [0.0]])).log_prob(points)
+    assert (own - other > 3.0).all(), (own, other)
