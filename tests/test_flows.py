@@ -755,3 +755,15 @@ def test_fit_conditional_and_bad_shapes():
         pf.fit(flow, data, context[:-1], max_epochs=1, progress=False)
     with pytest.raises(ValueError, match="rows"):
         pf.fit(flow, data[:, 0], max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_losses_on_one_batch(name):
+    """A second log_prob of the same tensor after backward() recomputes instead of reusing a freed graph."""
+    flow = FACTORIES[name](2, transforms=2, hidden=(8, 8))
+    x = randn(8, 2)
+    first = -flow().log_prob(x).mean()
+    first.backward()
+    second = -flow().log_prob(x).mean()
+    second.backward()
+    torch.testing.assert_close(first, second)

@@ -22,7 +22,7 @@ class MaskedLinear(nn.Linear):
     def __init__(self, mask: Tensor) -> None:
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features)
-        self.register_buffer("mask", mask.to(self.weight.dtype))
+        self.register_buffer("mask", mask.to(self.weight.dtype), persistent=False)  # rebuilt by the constructor
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)

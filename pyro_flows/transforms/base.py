@@ -34,6 +34,7 @@ class _CacheEntry(NamedTuple):
     ladj: Tensor  # log|det dy/dx|
     context: Optional[Tensor]
     key: tuple
+    forward: bool  # computed by call_and_ladj (True) or inverse_and_ladj (False)
 
 
 def check_shape(name: str, tensor: Tensor, event_shape: tuple, what: str) -> None:
@@ -92,7 +93,7 @@ class FlowTransform(TransformModule):
             return _broadcast_hit(hit.y, hit.x, hit.ladj, len(self.event_shape))
         self._check(x, "input", context)
         y, ladj = self._forward(x, context)
-        self._store(x, y, ladj, context)
+        self._store(x, y, ladj, context, forward=True)
         return y, ladj
 
     def inverse_and_ladj(self, y: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -102,7 +103,7 @@ class FlowTransform(TransformModule):
             return _broadcast_hit(hit.x, hit.y, -hit.ladj, len(self.event_shape))
         self._check(y, "input of the inverse", context)
         x, ladj = self._backward(y, context)
-        self._store(x, y, -ladj, context)
+        self._store(x, y, -ladj, context, forward=False)
         return x, ladj
 
     def ladj(self, x: Tensor, y: Tensor, context: Optional[Tensor] = None) -> Tensor:
@@ -200,15 +201,24 @@ class FlowTransform(TransformModule):
         return all(u is v for u, v in zip(state_a, state_b, strict=True))
 
     def _lookup(self, context, x=None, y=None) -> Optional[_CacheEntry]:
+        """The cached pair for ``x`` (forward), ``y`` (inverse) or both (log-det).
+
+        A direction is served only from the *other* direction's output (the
+        inverse of a sample, as Pyro's cache does): calling the same direction
+        again on the same tensor recomputes, so a second loss on one batch
+        never reuses a graph that ``backward()`` has already freed.
+        """
         entry = self._flow_cache
         if entry is None or entry.context is not context:
             return None
         if (x is not None and entry.x is not x) or (y is not None and entry.y is not y):
             return None
+        if y is None and entry.forward or x is None and not entry.forward:
+            return None
         return entry if self._same_key(entry.key, self._state_key(entry.x, entry.y, context)) else None
 
-    def _store(self, x: Tensor, y: Tensor, ladj: Tensor, context: Optional[Tensor]) -> None:
-        self._flow_cache = _CacheEntry(x, y, ladj, context, self._state_key(x, y, context))
+    def _store(self, x: Tensor, y: Tensor, ladj: Tensor, context: Optional[Tensor], forward: bool) -> None:
+        self._flow_cache = _CacheEntry(x, y, ladj, context, self._state_key(x, y, context), forward)
 
 
 def _broadcast_hit(value: Tensor, other: Tensor, ladj: Tensor, event_dims: int) -> tuple[Tensor, Tensor]:
