@@ -1,0 +1,666 @@
+"""Speed benchmark: pyro_flows against zuko, nflows and Pyro's own transforms.
+
+The same architectures are built in every library and timed side by side in
+one process with a fixed number of torch threads:
+
+* 5 layers, conditioner MLPs with hidden widths (128, 128) and ReLU,
+* rational-quadratic splines with 8 bins on [-5, 5] (identity tails),
+* rows ``MAF``, ``NSF-AR`` (autoregressive NSF), ``NSF-C`` (coupling NSF) and
+  ``RealNVP``, unconditional, at ``D`` = 8 and 32 by default.
+
+Directions match: for the autoregressive rows density evaluation is the
+one-pass direction in every library (MAF style) and sampling is sequential;
+couplings are one pass both ways. The script checks the one-pass claim by
+counting ``nn.Linear`` calls during one ``log_prob`` (see :func:`linear_calls`).
+
+Metrics (samples/s, higher is better):
+
+* ``train``: one Adam step on ``-log_prob(x).mean()`` for a batch of 512,
+* ``log_prob``: ``log_prob`` of a batch of 4096 under ``torch.no_grad()``,
+* ``sample``: drawing 4096 samples under ``torch.no_grad()``.
+
+Each library is warmed up, then the libraries are timed in turn (A, B, C, D,
+A, B, C, D, ...) ``--repeats`` times and the median is reported, so that slow
+drifts of a noisy machine hit every library alike. Every timed call gets a
+fresh input tensor, so no library can serve a result from a transform cache.
+
+A peer that is not installed (or cannot build a row) is reported as ``n/a``.
+
+Usage::
+
+    python benchmarks/bench_transforms.py                      # everything
+    python benchmarks/bench_transforms.py --rows MAF --dims 8 --quick
+    python benchmarks/bench_transforms.py --profile NSF-AR --dims 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ROWS = ("MAF", "NSF-AR", "NSF-C", "RealNVP")
+LIBS = ("pyro_flows", "zuko", "nflows", "pyro")
+METRICS = ("train", "log_prob", "sample")
+PEERS = LIBS[1:]
+
+TRANSFORMS = 5
+HIDDEN = (128, 128)
+BINS = 8
+BOUND = 5.0
+
+# modules each library needs; a missing one makes the library "n/a"
+_REQUIRES = {
+    "pyro_flows": ("pyro_flows",),
+    "zuko": ("zuko",),
+    "nflows": ("nflows",),
+    "pyro": ("pyro",),
+}
+
+
+class Unavailable(Exception):
+    """A library has no equivalent of a row (reported as n/a)."""
+
+
+@dataclass
+class Model:
+    """A flow of one library behind a common interface."""
+
+    module: nn.Module  # owns every trainable parameter
+    log_prob: Callable[[Tensor], Tensor]  # (N, D) -> (N,)
+    sample: Callable[[int], Tensor]  # n -> (n, D)
+
+
+def _coupling_mask(features: int, i: int) -> Tensor:
+    """Boolean (D,), True for the transformed half; alternates like pyro_flows' couplings."""
+    mask = torch.arange(features) >= features // 2
+    return mask if i % 2 == 0 else ~mask
+
+
+def _order(features: int, i: int) -> Tensor:
+    order = torch.arange(features)
+    return order if i % 2 == 0 else order.flip(0)
+
+
+# -- builders -------------------------------------------------------------------
+
+
+def build_pyro_flows(row: str, features: int) -> Model:
+    import pyro_flows as pf
+
+    kw = dict(features=features, transforms=TRANSFORMS, hidden=HIDDEN)
+    if row == "MAF":
+        flow = pf.MAF(**kw)
+    elif row == "NSF-AR":
+        flow = pf.NSF(**kw, bins=BINS, bound=BOUND, autoregressive=True)
+    elif row == "NSF-C":
+        flow = pf.NSF(**kw, bins=BINS, bound=BOUND, autoregressive=False)
+    elif row == "RealNVP":
+        flow = pf.RealNVP(**kw)
+    else:
+        raise Unavailable(row)
+    return Model(flow, lambda x: flow().log_prob(x), lambda n: flow().sample((n,)))
+
+
+def build_zuko(row: str, features: int) -> Model:
+    import zuko
+    from zuko.distributions import DiagNormal
+    from zuko.flows import Flow, GeneralCouplingTransform, UnconditionalDistribution
+    from zuko.transforms import MonotonicRQSTransform
+
+    kw = dict(hidden_features=list(HIDDEN), activation=nn.ReLU)
+    if row == "MAF":  # MaskedAutoregressiveTransform maps data -> base in one pass
+        flow = zuko.flows.MAF(features, transforms=TRANSFORMS, **kw)
+    elif row == "NSF-AR":  # zuko's NSF is autoregressive; MonotonicRQSTransform's bound is 5
+        flow = zuko.flows.NSF(features, transforms=TRANSFORMS, bins=BINS, **kw)
+    elif row in ("NSF-C", "RealNVP"):
+        # true couplings with the same half/half alternating masks (zuko's mask marks the conditioning half)
+        spline = dict(univariate=MonotonicRQSTransform, shapes=[(BINS,), (BINS,), (BINS - 1,)])
+        extra = spline if row == "NSF-C" else {}
+        layers = [
+            GeneralCouplingTransform(features, mask=~_coupling_mask(features, i), **extra, **kw)
+            for i in range(TRANSFORMS)
+        ]
+        base = UnconditionalDistribution(DiagNormal, torch.zeros(features), torch.ones(features), buffer=True)
+        flow = Flow(layers, base)
+    else:
+        raise Unavailable(row)
+    return Model(flow, lambda x: flow().log_prob(x), lambda n: flow().sample((n,)))
+
+
+class _PlainMLP(nn.Module):
+    """Conditioner for nflows couplings: Linear-ReLU-Linear-ReLU-Linear (nflows calls it with a context)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        widths = (in_features, *HIDDEN)
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        return self.net(x)
+
+
+def build_nflows(row: str, features: int) -> Model:
+    import torch.nn.functional as F
+    from nflows.distributions.normal import StandardNormal
+    from nflows.flows.base import Flow
+    from nflows.transforms import (
+        AffineCouplingTransform,
+        CompositeTransform,
+        MaskedAffineAutoregressiveTransform,
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+        PiecewiseRationalQuadraticCouplingTransform,
+        ReversePermutation,
+    )
+
+    # nflows' MADE with num_blocks=1 and no residual blocks is D -> 128 -> 128 -> out, i.e. hidden (128, 128)
+    made = dict(hidden_features=HIDDEN[0], num_blocks=1, use_residual_blocks=False, activation=F.relu)
+    layers = []
+    for i in range(TRANSFORMS):
+        if row == "MAF":  # the forward (data -> noise) direction is the one-pass one
+            if i > 0:
+                layers.append(ReversePermutation(features))  # alternate the variable order
+            layers.append(MaskedAffineAutoregressiveTransform(features, **made))
+        elif row == "NSF-AR":
+            if i > 0:
+                layers.append(ReversePermutation(features))
+            layers.append(
+                MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                    features, num_bins=BINS, tails="linear", tail_bound=BOUND, **made
+                )
+            )
+        elif row in ("NSF-C", "RealNVP"):
+            mask = _coupling_mask(features, i).float()  # nflows: > 0 is transformed
+            if row == "NSF-C":
+                layers.append(
+                    PiecewiseRationalQuadraticCouplingTransform(
+                        mask, _PlainMLP, num_bins=BINS, tails="linear", tail_bound=BOUND
+                    )
+                )
+            else:
+                layers.append(AffineCouplingTransform(mask, _PlainMLP))
+        else:
+            raise Unavailable(row)
+    flow = Flow(CompositeTransform(layers), StandardNormal([features]))
+    return Model(flow, flow.log_prob, flow.sample)
+
+
+def build_pyro(row: str, features: int) -> Model:
+    import pyro.distributions as dist
+    from pyro.distributions import transforms as PT
+    from pyro.nn import AutoRegressiveNN, DenseNN
+
+    D, half = features, features // 2
+    modules: list[nn.Module] = []
+    layers = []  # base -> data, as TransformedDistribution wants them
+    for i in range(TRANSFORMS):
+        if row in ("MAF", "NSF-AR"):
+            # Pyro's autoregressive transforms are IAF-style (one pass base -> data); their .inv
+            # is the MAF layer: TransformedDistribution.log_prob calls t.inv.inv = t (one pass)
+            # and reads the log-det from t's cache, sampling runs t's sequential inverse.
+            param_dims = [1, 1] if row == "MAF" else [BINS, BINS, BINS - 1]
+            arn = AutoRegressiveNN(
+                D, list(HIDDEN), param_dims=param_dims, permutation=_order(D, i), nonlinearity=nn.ReLU()
+            )
+            if row == "MAF":
+                t = PT.AffineAutoregressive(arn)
+            else:
+                t = PT.SplineAutoregressive(D, arn, count_bins=BINS, bound=BOUND, order="quadratic")
+            modules.append(t)
+            layers.append(t.inv)
+        elif row in ("NSF-C", "RealNVP"):
+            if i > 0:  # alternate the halves, as the other libraries' masks do
+                layers.append(PT.Permute(torch.arange(D).flip(0)))
+            if row == "NSF-C":
+                n = D - half
+                hyper = DenseNN(
+                    half, list(HIDDEN), param_dims=[n * BINS, n * BINS, n * (BINS - 1)], nonlinearity=nn.ReLU()
+                )
+                # identity=True: the conditioning half passes unchanged (no extra elementwise spline)
+                t = PT.SplineCoupling(D, half, hyper, count_bins=BINS, bound=BOUND, order="quadratic", identity=True)
+            else:
+                hyper = DenseNN(half, list(HIDDEN), param_dims=[D - half, D - half], nonlinearity=nn.ReLU())
+                t = PT.AffineCoupling(half, hyper)
+            modules.append(t)
+            layers.append(t)
+        else:
+            raise Unavailable(row)
+    module = nn.ModuleList(modules)
+    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
+
+    def make():
+        return dist.TransformedDistribution(base, layers)
+
+    return Model(module, lambda x: make().log_prob(x), lambda n: make().sample((n,)))
+
+
+BUILDERS: dict[str, Callable[[str, int], Model]] = {
+    "pyro_flows": build_pyro_flows,
+    "zuko": build_zuko,
+    "nflows": build_nflows,
+    "pyro": build_pyro,
+}
+
+
+def available(lib: str) -> Optional[str]:
+    """``None`` if ``lib`` imports, else the reason it does not."""
+    for name in _REQUIRES[lib]:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure makes the peer n/a
+            return f"{type(e).__name__}: {e}"
+    return None
+
+
+# -- checks -----------------------------------------------------------------------
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """``nn.Linear`` and look-alikes (zuko's ``Linear`` is a plain module with a 2-D weight)."""
+    weight = getattr(m, "weight", None)
+    return isinstance(m, nn.Linear) or (
+        isinstance(weight, nn.Parameter) and weight.dim() == 2 and next(m.children(), None) is None
+    )
+
+
+def linear_calls(model: Model, features: int, batch: int = 16) -> int:
+    """Number of linear-layer forward calls during one ``log_prob`` (one pass per layer: 15 here)."""
+    count = 0
+
+    def hook(*_):
+        nonlocal count
+        count += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.module.modules() if _is_linear(m)]
+    try:
+        with torch.no_grad():
+            model.log_prob(torch.randn(batch, features))
+    finally:
+        for h in handles:
+            h.remove()
+    return count
+
+
+# -- timing -----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    train_batch: int = 512
+    eval_batch: int = 4096
+    repeats: int = 9
+    warmup: int = 3
+    min_time: float = 0.25  # seconds per measurement (iterations are calibrated to reach it)
+    pool: int = 4  # distinct input tensors cycled through (defeats one-slot transform caches)
+    slow: float = 2.0  # seconds: a library whose single call is slower than this ...
+    slow_repeats: int = 3  # ... is timed only this many times
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(train_batch=64, eval_batch=256, repeats=1, warmup=1, min_time=0.0, pool=2)
+
+
+@dataclass
+class Result:
+    row: str
+    features: int
+    metric: str
+    lib: str
+    runs: list = field(default_factory=list)  # samples/s of each repeat
+    error: Optional[str] = None
+    params: Optional[int] = None
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(self.runs) if self.runs else None
+
+    @property
+    def best(self) -> Optional[float]:
+        """The fastest repeat: on a loaded machine, the one least disturbed."""
+        return max(self.runs) if self.runs else None
+
+
+def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, annotate: bool = False):
+    """A zero-argument callable running one unit of ``metric`` and its batch size.
+
+    ``annotate`` labels the phases of a training step for the profiler.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if metric == "train":
+        data = [torch.randn(cfg.train_batch, features, generator=gen) for _ in range(cfg.pool)]
+        opt = torch.optim.Adam(model.module.parameters(), lr=1e-3)
+        state = {"i": 0}
+        phase = torch.profiler.record_function if annotate else (lambda _: contextlib.nullcontext())
+
+        def op():
+            x = data[state["i"] % len(data)]
+            state["i"] += 1
+            opt.zero_grad(set_to_none=True)
+            with phase("## forward: -log_prob(x).mean()"):
+                loss = -model.log_prob(x).mean()
+            with phase("## backward"):
+                loss.backward()
+            with phase("## Adam step"):
+                opt.step()
+
+        return op, cfg.train_batch
+    if metric == "log_prob":
+        data = [torch.randn(cfg.eval_batch, features, generator=gen) for _ in range(cfg.pool)]
+        state = {"i": 0}
+
+        def op():
+            x = data[state["i"] % len(data)]
+            state["i"] += 1
+            with torch.no_grad():
+                model.log_prob(x)
+
+        return op, cfg.eval_batch
+    if metric == "sample":
+
+        def op():
+            with torch.no_grad():
+                model.sample(cfg.eval_batch)
+
+        return op, cfg.eval_batch
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def _timed(op: Callable[[], None], iterations: int) -> float:
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            op()
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def bench_case(
+    row: str, features: int, metric: str, libs: Sequence[str], cfg: Config, log: Callable[[str], None] = print
+) -> dict[str, Result]:
+    """Time ``metric`` of ``row`` at ``features`` for every lib, interleaving the libraries."""
+    results = {lib: Result(row, features, metric, lib) for lib in libs}
+    ops = {}
+    for lib in libs:
+        try:
+            torch.manual_seed(0)
+            model = BUILDERS[lib](row, features)
+            results[lib].params = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
+            op, batch = _make_op(model, metric, features, cfg, seed=1)
+            for _ in range(max(1, cfg.warmup)):  # the last warm-up call calibrates the iteration count
+                one = _timed(op, 1)
+                if one > 3 * cfg.min_time:  # a slow call (sequential sampling): its warm-up costs are noise
+                    break
+            iterations = max(1, math.ceil(cfg.min_time / max(one, 1e-9)))
+            # a call slower than cfg.slow (a peer's sequential sampling at D = 32) gets fewer repeats
+            repeats = cfg.repeats if one < cfg.slow else min(cfg.repeats, cfg.slow_repeats)
+            ops[lib] = (op, batch, iterations, repeats)
+        except Unavailable:
+            results[lib].error = "no equivalent"
+        except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+            if lib == "pyro_flows":
+                raise
+            results[lib].error = f"{type(e).__name__}: {e}"
+            log(f"  [{lib}] {row} D={features} {metric}: {results[lib].error}")
+    for repeat in range(cfg.repeats):
+        for lib, (op, batch, iterations, repeats) in ops.items():
+            if repeat >= repeats:
+                continue
+            elapsed = _timed(op, iterations)
+            results[lib].runs.append(batch * iterations / elapsed)
+    return results
+
+
+def run(
+    rows: Sequence[str] = ROWS,
+    dims: Sequence[int] = (8, 32),
+    metrics: Sequence[str] = METRICS,
+    libs: Sequence[str] = LIBS,
+    threads: int = 2,
+    repeats: Optional[int] = None,
+    quick: bool = False,
+    check: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``).
+
+    Libraries not in ``libs`` or not importable get a result without runs (n/a).
+    """
+    cfg = Config.quick() if quick else Config()
+    if repeats is not None:
+        cfg.repeats = repeats
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    missing = {lib: available(lib) for lib in libs}
+    for lib, why in missing.items():
+        if why is not None:
+            if lib == "pyro_flows":
+                raise ImportError(f"pyro_flows does not import: {why}")
+            log(f"{lib}: not available ({why}); reported as n/a")
+    active = [lib for lib in libs if missing[lib] is None]
+    out: list[Result] = []
+    with warnings.catch_warnings():
+        # nflows warns on every spline call whose (random) initial parameters are large
+        warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")
+        try:
+            for features in dims:
+                for row in rows:
+                    if check:
+                        _check_one_pass(row, features, active, log)
+                    for metric in metrics:
+                        t0 = time.perf_counter()
+                        results = bench_case(row, features, metric, active, cfg, log)
+                        for lib in LIBS:
+                            r = results.get(lib) or Result(row, features, metric, lib, error="not run")
+                            out.append(r)
+                        summary = ", ".join(f"{lib} {_fmt(results[lib].median)}" for lib in active)
+                        took = time.perf_counter() - t0
+                        log(f"{row:8s} D={features:<3d} {metric:8s} {summary}  ({took:.1f}s, {_load()})")
+        finally:
+            torch.set_num_threads(previous_threads)
+    return out
+
+
+def _check_one_pass(row: str, features: int, libs: Sequence[str], log: Callable[[str], None]) -> None:
+    """Every library's log_prob must call each conditioner layer once (one pass per flow layer)."""
+    expected = TRANSFORMS * (len(HIDDEN) + 1)
+    for lib in libs:
+        try:
+            torch.manual_seed(0)
+            model = BUILDERS[lib](row, features)
+        except Exception:  # noqa: BLE001 - reported by bench_case
+            continue
+        calls = linear_calls(model, features)
+        if calls != expected:
+            log(f"  WARNING [{lib}] {row} D={features}: log_prob made {calls} Linear calls, expected {expected}")
+
+
+# -- reporting --------------------------------------------------------------------
+
+
+def _version(dist_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return "unknown version"
+
+
+def _load() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def ratio(results: Sequence[Result], stat: str = "median") -> tuple[Optional[float], Optional[str]]:
+    """pyro_flows / best peer (by ``stat``, "median" or "best", of samples/s) and the best peer's name."""
+    by_lib = {r.lib: getattr(r, stat) for r in results}
+    ours = by_lib.get("pyro_flows")
+    peers = {lib: v for lib, v in by_lib.items() if lib != "pyro_flows" and v is not None}
+    if ours is None or not peers:
+        return None, None
+    best = max(peers, key=peers.get)
+    return ours / peers[best], best
+
+
+def table(results: Sequence[Result], stat: str = "median") -> str:
+    """A Markdown table: row, D, metric, samples/s (``stat`` of the repeats) per library, pyro_flows / best peer."""
+    header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(LIBS) + 1)) + "|"]
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.row, r.features, r.metric), []).append(r)
+    for (row, features, metric), group in groups.items():
+        by_lib = {r.lib: r for r in group}
+        cells = [_fmt(getattr(by_lib[lib], stat)) if lib in by_lib else "n/a" for lib in LIBS]
+        rate, best = ratio(group, stat)
+        rate_cell = "n/a" if rate is None else f"{rate:.2f} ({best})"
+        lines.append("| " + " | ".join([row, str(features), metric, *cells, rate_cell]) + " |")
+    return "\n".join(lines)
+
+
+def params_table(results: Sequence[Result]) -> str:
+    """Trainable parameter counts per row and library (same architecture => similar counts)."""
+    seen: dict[tuple, dict[str, Optional[int]]] = {}
+    for r in results:
+        seen.setdefault((r.row, r.features), {})
+        if r.params is not None or r.lib not in seen[(r.row, r.features)]:
+            seen[(r.row, r.features)][r.lib] = r.params
+    lines = ["| row | D | " + " | ".join(LIBS) + " |", "|---|---|" + "|".join(["---:"] * len(LIBS)) + "|"]
+    for (row, features), counts in seen.items():
+        cells = ["n/a" if counts.get(lib) is None else f"{counts[lib]:,}" for lib in LIBS]
+        lines.append(f"| {row} | {features} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- profiling --------------------------------------------------------------------
+
+
+def profile(row: str, features: int, metric: str = "train", threads: int = 2, steps: int = 20, limit: int = 20) -> str:
+    """torch.profiler table (top ops by self CPU time) of pyro_flows running ``metric``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_pyro_flows(row, features)
+    op, _ = _make_op(model, metric, features, Config(), seed=1, annotate=True)
+    for _ in range(5):
+        op()
+    start = time.perf_counter()
+    for _ in range(steps):
+        op()
+    wall = (time.perf_counter() - start) / steps
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            op()
+    events = prof.key_averages()
+    lines = [f"pyro_flows {row} D={features} {metric}, {torch.get_num_threads()} threads: {wall * 1e3:.2f} ms per step"]
+    lines += [
+        f"  {e.key[3:]:32s} {e.cpu_time_total / steps / 1e3:7.2f} ms per step (CPU total)"
+        for e in events
+        if e.key.startswith("## ")
+    ]
+    lines.append(f"\ntop ops by self CPU time ({steps} steps):")
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=limit))
+    lines.append("top (op, input shapes) by self CPU time:")
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    lines.append(by_shape.table(sort_by="self_cpu_time_total", row_limit=limit // 2, max_shapes_column_width=60))
+    return "\n".join(lines)
+
+
+# -- CLI --------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", type=int, nargs="+", default=[8, 32], help="feature dimensions D")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="flows to benchmark")
+    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS, help="libraries to run")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per library (default 9, quick 1)")
+    p.add_argument("--quick", action="store_true", help="tiny batches and counts (smoke test)")
+    p.add_argument("--no-check", action="store_true", help="skip the one-pass log_prob check")
+    p.add_argument("--json", default=None, help="write raw results to this file")
+    p.add_argument("--profile", choices=ROWS, default=None, help="only profile pyro_flows on this row (first D)")
+    p.add_argument("--profile-metric", choices=METRICS, default="train")
+    args = p.parse_args(argv)
+
+    if args.profile:
+        print(profile(args.profile, args.dims[0], args.profile_metric, args.threads))
+        return 0
+
+    print(f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy > 1.0:
+        print(f"WARNING: the machine is busy (1-min load {busy:.1f}); with {args.threads} threads the timings suffer")
+    for lib, dist_name in (("pyro_flows", "pyro-flows"), ("zuko", "zuko"), ("nflows", "nflows"), ("pyro", "pyro-ppl")):
+        print(f"{lib}: {_version(dist_name) if available(lib) is None else 'not installed'}")
+    results = run(
+        rows=args.rows,
+        dims=args.dims,
+        metrics=args.metrics,
+        libs=args.libs,
+        threads=args.threads,
+        repeats=args.repeats,
+        quick=args.quick,
+        check=not args.no_check,
+    )
+    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
+    print("\nsamples/s (median of repeats; higher is better)\n")
+    print(table(results))
+    print("\nsamples/s (best of repeats: the least disturbed run)\n")
+    print(table(results, "best"))
+    print("\ntrainable parameters\n")
+    print(params_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                [
+                    {
+                        "row": r.row,
+                        "D": r.features,
+                        "metric": r.metric,
+                        "lib": r.lib,
+                        "median": r.median,
+                        "runs": r.runs,
+                        "params": r.params,
+                        "error": r.error,
+                    }
+                    for r in results
+                ],
+                f,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

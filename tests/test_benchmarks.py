@@ -1,0 +1,46 @@
+"""Smoke test of benchmarks/bench_transforms.py: the pyro_flows side only, in --quick mode (no peers needed)."""
+
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_transforms.py"
+
+
+@functools.cache
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_transforms", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pyro_flows_quick_row():
+    bench = _load()
+    threads = torch.get_num_threads()
+    results = bench.run(rows=["NSF-AR"], dims=[8], libs=["pyro_flows"], threads=1, quick=True, log=lambda _: None)
+    assert torch.get_num_threads() == threads  # restored
+
+    ours = [r for r in results if r.lib == "pyro_flows"]
+    assert {r.metric for r in ours} == set(bench.METRICS)
+    for r in ours:
+        assert r.error is None and r.runs and all(v > 0 for v in r.runs), r
+        assert r.params and r.params > 0
+
+    # peers that were not run are reported as n/a, not as failures
+    peers = [r for r in results if r.lib != "pyro_flows"]
+    assert peers and all(r.median is None for r in peers)
+    text = bench.table(results)
+    assert "n/a" in text and "NSF-AR" in text
+    assert bench.ratio(ours + peers) == (None, None)
+
+
+def test_one_pass_log_prob():
+    bench = _load()
+    torch.manual_seed(0)
+    model = bench.build_pyro_flows("MAF", 4)
+    assert bench.linear_calls(model, 4) == bench.TRANSFORMS * (len(bench.HIDDEN) + 1)
