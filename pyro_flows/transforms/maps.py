@@ -56,9 +56,11 @@ class Shift(ElementwiseMap):
 class Affine(ElementwiseMap):
     r"""Affine map (RealNVP, Dinh et al. 2017; MAF/IAF): :math:`y = x e^{s} + t`.
 
-    The raw log-scale :math:`r` is soft-clamped, :math:`s = c \tanh(r / c)`,
-    so the scale stays in :math:`[e^{-c}, e^{c}]` and gradients never vanish
-    abruptly as with a hard clamp. :math:`\log|dy/dx| = s`.
+    The raw log-scale :math:`r` is soft-clamped algebraically,
+    :math:`s = r / (1 + |r| / c)`: the identity near 0, the scale stays in
+    :math:`(e^{-c}, e^{c})`, gradients never vanish abruptly as with a hard
+    clamp, and it costs a few cheap elementwise ops (a ``tanh`` clamp was the
+    second most expensive op of a MAF density evaluation). :math:`\log|dy/dx| = s`.
 
     Args:
         log_scale_bound: :math:`c`, the bound of the log-scale.
@@ -72,7 +74,7 @@ class Affine(ElementwiseMap):
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         c = self.log_scale_bound
         shift, raw_log_scale = params
-        return shift, c * torch.tanh(raw_log_scale / c)
+        return shift, raw_log_scale / (1 + raw_log_scale.abs() / c)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
