@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -44,3 +50,14 @@ def slogdet_ladj(fn, x: torch.Tensor) -> torch.Tensor:
     sign, logabsdet = torch.linalg.slogdet(per_sample_jacobian(fn, x))
     assert (sign != 0).all(), "singular Jacobian"
     return logabsdet
+
+
+@functools.cache
+def load_benchmark(name: str) -> types.ModuleType:
+    """Import ``benchmarks/<name>.py`` (not a package) as a module, once."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

@@ -1,26 +1,11 @@
 """Smoke test of benchmarks/bench_cnf.py: the pyro_flows side only, in quick mode (zuko not needed)."""
 
-import functools
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cnf.py"
-
-
-@functools.cache
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_cnf", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_pyro_flows_quick():
-    bench = _load()
+    bench = load_benchmark("bench_cnf")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,28 +1,14 @@
 """Smoke test of benchmarks/bench_density.py: the pyro_flows side only, in --quick mode (no peers needed)."""
 
-import functools
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_density.py"
-
-
-@functools.cache
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_density", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_pyro_flows_quick():
-    bench = _load()
+    bench = load_benchmark("bench_density")
     threads = torch.get_num_threads()
     results, references = bench.run(libs=["pyro_flows"], threads=1, repeats=1, quick=True, log=lambda _: None)
     assert torch.get_num_threads() == threads  # restored
@@ -45,7 +31,7 @@ def test_pyro_flows_quick():
 
 
 def test_main_writes_table_and_json(tmp_path, capsys):
-    bench = _load()
+    bench = load_benchmark("bench_density")
     out = tmp_path / "results.json"
     assert bench.main(["--quick", "--libs", "pyro_flows", "--data", "moons", "--repeats", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -56,7 +42,7 @@ def test_main_writes_table_and_json(tmp_path, capsys):
 
 def test_peer_log_likelihood_in_data_units():
     # a standard normal on the standardised rows is Normal(loc, scale) on the data: -sum(log scale) is the log-det
-    bench = _load()
+    bench = load_benchmark("bench_density")
     x = torch.randn(50, 3, dtype=torch.float64) * torch.tensor([10.0, 0.1, 2.0]) + torch.tensor([5.0, -1.0, 0.0])
     loc, scale = bench.standardization(x)
     assert torch.allclose(loc, x.mean(0)) and torch.allclose(scale, x.std(0))
@@ -67,7 +53,7 @@ def test_peer_log_likelihood_in_data_units():
 
 
 def test_batches_are_shuffled_epochs():
-    bench = _load()
+    bench = load_benchmark("bench_density")
     batches = list(bench.batches(rows=10, batch_size=4, steps=7, seed=0))
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2, 4]
     for epoch in (batches[:3], batches[3:6]):

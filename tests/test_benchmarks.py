@@ -1,26 +1,11 @@
 """Smoke test of benchmarks/bench_transforms.py: the pyro_flows side only, in --quick mode (no peers needed)."""
 
-import functools
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_transforms.py"
-
-
-@functools.cache
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_transforms", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_pyro_flows_quick_row():
-    bench = _load()
+    bench = load_benchmark("bench_transforms")
     threads = torch.get_num_threads()
     results = bench.run(rows=["NSF-AR"], dims=[8], libs=["pyro_flows"], threads=1, quick=True, log=lambda _: None)
     assert torch.get_num_threads() == threads  # restored
@@ -40,7 +25,7 @@ def test_pyro_flows_quick_row():
 
 
 def test_one_pass_log_prob():
-    bench = _load()
+    bench = load_benchmark("bench_transforms")
     torch.manual_seed(0)
     model = bench.build_pyro_flows("MAF", 4)
     assert bench.linear_calls(model, 4) == bench.TRANSFORMS * (len(bench.HIDDEN) + 1)
