@@ -1,6 +1,6 @@
 """pyro_flows: normalizing flows for Pyro."""
 
-from . import diagnostics, nn, transforms
+from . import diagnostics, infer, nn, transforms
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
 from .flow_matching import FlowMatching
@@ -16,6 +16,7 @@ __all__ = [
     "CNFRegularizedNLL",
     "DensityEstimator",
     "diagnostics",
+    "infer",
     "FFJORD",
     "fit",
     "FlowMatching",
