@@ -21,10 +21,14 @@ from .coupling import (
     ConditionalSplineCoupling,
     Coupling,
     SplineCoupling,
+    channel_mask,
+    checkerboard_mask,
 )
-from .linear import LULinear, LUWeight, Permute
+from .linear import InvertibleConv1x1, LULinear, LUWeight, Permute
 from .maps import Affine, RationalQuadraticSpline, Shift
+from .multiscale import Chain, ConditionalChain, ConditionalFactorOut, FactorOut, Squeeze
 from .normalization import ActNorm, BatchNorm, Standardize
+from .preprocessing import Logit
 
 __all__ = [
     "ActNorm",
@@ -34,28 +38,37 @@ __all__ = [
     "AffineCoupling",
     "Autoregressive",
     "BatchNorm",
+    "Chain",
+    "channel_mask",
+    "checkerboard_mask",
     "Conditional",
     "ConditionalAdditiveCoupling",
     "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalAutoregressive",
+    "ConditionalChain",
     "ConditionalContinuousFlow",
     "ConditionalCoupling",
+    "ConditionalFactorOut",
     "ConditionalInverse",
     "ConditionalSplineAutoregressive",
     "ConditionalSplineCoupling",
     "ConditionedTransform",
     "ContinuousFlow",
     "Coupling",
+    "FactorOut",
     "FlowTransform",
     "Inverse",
+    "InvertibleConv1x1",
+    "Logit",
     "LULinear",
     "LUWeight",
+    "maps",
     "Permute",
     "RationalQuadraticSpline",
     "Shift",
     "SplineAutoregressive",
     "SplineCoupling",
+    "Squeeze",
     "Standardize",
-    "maps",
 ]

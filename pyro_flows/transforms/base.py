@@ -60,14 +60,16 @@ class FlowTransform(TransformModule):
     the log-det has the batch shape, which broadcasts with the context's.
 
     Args:
-        event_shape: shape of one event (``(D,)`` for vectors, ``(C, H, W)`` for images).
+        event_shape: shape of one input event (``(D,)`` for vectors, ``(C, H, W)`` for images).
         context_features: size of the context vector (0 for unconditional layers).
+        codomain_shape: shape of one output event, when it differs from the input's
+            (:class:`~.multiscale.Squeeze`); it must have as many dims.
     """
 
     bijective = True
     sign = +1
 
-    def __init__(self, event_shape: tuple, context_features: int = 0) -> None:
+    def __init__(self, event_shape: tuple, context_features: int = 0, codomain_shape: Optional[tuple] = None) -> None:
         super().__init__(cache_size=0)  # caching is done by our own versioned cache
         conditional = isinstance(self, Conditional)
         if conditional != (context_features > 0):
@@ -76,6 +78,12 @@ class FlowTransform(TransformModule):
                 "(Conditional...) needs context_features > 0 and an unconditional one takes none"
             )
         self.event_shape = torch.Size(event_shape)
+        self.codomain_shape = self.event_shape if codomain_shape is None else torch.Size(codomain_shape)
+        if len(self.codomain_shape) != len(self.event_shape) or self.codomain_shape.numel() != self.event_shape.numel():
+            raise ValueError(
+                f"{type(self).__name__}: input event shape {tuple(self.event_shape)} and output event shape "
+                f"{tuple(self.codomain_shape)} must have as many dims and elements"
+            )
         self.context_features = int(context_features)
         self._flow_cache: Optional[_CacheEntry] = None
 
@@ -101,7 +109,7 @@ class FlowTransform(TransformModule):
         hit = self._lookup(context, y=y)
         if hit is not None:
             return _broadcast_hit(hit.x, hit.y, -hit.ladj, len(self.event_shape))
-        self._check(y, "input of the inverse", context)
+        self._check(y, "input of the inverse", context, self.codomain_shape)
         x, ladj = self._backward(y, context)
         self._store(x, y, -ladj, context, forward=False)
         return x, ladj
@@ -147,9 +155,10 @@ class FlowTransform(TransformModule):
                 module._flow_cache = None
 
     def forward_shape(self, shape):
-        return shape
+        return _replace_event(shape, self.event_shape, self.codomain_shape)
 
-    inverse_shape = forward_shape
+    def inverse_shape(self, shape):
+        return _replace_event(shape, self.codomain_shape, self.event_shape)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -158,12 +167,13 @@ class FlowTransform(TransformModule):
 
     def extra_repr(self) -> str:
         context = f", context_features={self.context_features}" if self.context_features else ""
-        return f"event_shape={tuple(self.event_shape)}{context}"
+        codomain = f", codomain_shape={tuple(self.codomain_shape)}" if self.codomain_shape != self.event_shape else ""
+        return f"event_shape={tuple(self.event_shape)}{codomain}{context}"
 
     # -- internals ------------------------------------------------------------
-    def _check(self, value: Tensor, what: str, context: Optional[Tensor]) -> None:
+    def _check(self, value: Tensor, what: str, context: Optional[Tensor], event_shape: Optional[tuple] = None) -> None:
         name = type(self).__name__
-        check_shape(name, value, self.event_shape, what)
+        check_shape(name, value, self.event_shape if event_shape is None else event_shape, what)
         if self.context_features:
             if context is None:
                 raise ValueError(f"{name} is conditional: it needs a context of shape (..., {self.context_features})")
@@ -222,9 +232,16 @@ class FlowTransform(TransformModule):
 
 
 def _broadcast_hit(value: Tensor, other: Tensor, ladj: Tensor, event_dims: int) -> tuple[Tensor, Tensor]:
-    """A cached pair may have been broadcast against a context: return the broadcast shape."""
-    shape = torch.broadcast_shapes(value.shape, other.shape)
-    return value.expand(shape), ladj.expand(shape[: len(shape) - event_dims])
+    """A cached pair may have been broadcast against a context: return the broadcast batch shape."""
+    batch = torch.broadcast_shapes(value.shape[: value.dim() - event_dims], other.shape[: other.dim() - event_dims])
+    return value.expand(batch + value.shape[value.dim() - event_dims :]), ladj.expand(batch)
+
+
+def _replace_event(shape, event_shape: torch.Size, new_event_shape: torch.Size) -> torch.Size:
+    n = len(event_shape)
+    if tuple(shape[len(shape) - n :]) != tuple(event_shape):
+        raise ValueError(f"shape {tuple(shape)} does not end in the event shape {tuple(event_shape)}")
+    return torch.Size(shape[: len(shape) - n]) + new_event_shape
 
 
 class Conditional(ConditionalTransformModule):
@@ -297,9 +314,10 @@ class ConditionedTransform(Transform):
         return batch + torch.Size(shape[len(shape) - n :])
 
     def forward_shape(self, shape):
-        return self._broadcast(shape)
+        return self._broadcast(self.layer.forward_shape(shape))
 
-    inverse_shape = forward_shape
+    def inverse_shape(self, shape):
+        return self._broadcast(self.layer.inverse_shape(shape))
 
 
 class Inverse(FlowTransform):
@@ -311,7 +329,7 @@ class Inverse(FlowTransform):
     """
 
     def __init__(self, layer: FlowTransform) -> None:
-        super().__init__(layer.event_shape, layer.context_features)
+        super().__init__(layer.codomain_shape, layer.context_features, layer.event_shape)
         self.layer = layer
 
     def _forward(self, x, context):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..nn import MLP
+from ..nn import CNN, MLP
 from .base import Conditional, FlowTransform
 from .maps import Affine, ElementwiseMap, RationalQuadraticSpline, Shift
 
@@ -15,7 +15,7 @@ from .maps import Affine, ElementwiseMap, RationalQuadraticSpline, Shift
 class Coupling(FlowTransform):
     r"""Coupling layer (Dinh et al. 2015, 2017): half the features condition a map of the other half.
 
-    With a boolean ``mask`` marking the transformed features :math:`B` and the
+    With a boolean ``mask`` marking the transformed entries :math:`B` and the
     others :math:`A`,
 
     .. math::
@@ -23,30 +23,42 @@ class Coupling(FlowTransform):
         \log|\det J| = \sum_{i \in B} \log \tau'(x_i),
 
     where :math:`\tau` is the elementwise ``transform_map`` and :math:`\theta`
-    an :class:`~pyro_flows.nn.MLP` of :math:`x_A` (and of the context
-    :math:`c` in the conditional twin) whose last layer starts at zero, so a
-    fresh layer is the identity. Both directions take one network pass.
+    a conditioner network of :math:`x_A` (and of the context :math:`c` in the
+    conditional twin) whose last layer starts at zero, so a fresh layer is the
+    identity. Both directions take one network pass.
 
-    Shapes: ``x`` is ``(..., features)``; the context ``(..., context_features)``
-    broadcasts with it.
+    Vectors (``features`` an int :math:`D`): the conditioner is an
+    :class:`~pyro_flows.nn.MLP` and ``mask`` a boolean ``(D,)`` (default: the
+    second half). Images (``features`` a shape ``(C, H, W)``): the conditioner
+    is a :class:`~pyro_flows.nn.CNN` and ``mask`` is either a boolean ``(C,)``
+    over channels (Glow's split, default: the second half of the channels; see
+    :func:`channel_mask`) or a boolean ``(C, H, W)`` over pixels (RealNVP's
+    checkerboard, :func:`checkerboard_mask`), for which the CNN sees the image
+    with the transformed pixels zeroed.
+
+    Shapes: ``x`` is ``(..., *event_shape)``; the context ``(..., context_features)``
+    broadcasts with its batch dims.
 
     Args:
-        features: :math:`D`.
+        features: :math:`D`, or an image shape ``(C, H, W)``.
         transform_map: an :class:`~pyro_flows.transforms.maps.ElementwiseMap`.
-        mask: boolean ``(D,)``, ``True`` for transformed features
-            (default: the second half).
-        hidden: widths of the conditioner's hidden layers.
+        mask: which entries are transformed (see above).
+        hidden: widths (channels for images) of the conditioner's hidden layers.
         context_features: context size (conditional twin only).
-        activation, residual: passed to :class:`~pyro_flows.nn.MLP`.
+        activation: the conditioner's activation.
+        residual: residual hidden layers (vector :class:`~pyro_flows.nn.MLP` only).
 
     Example:
         >>> layer = Coupling(4, Affine())
         >>> y, ladj = layer.call_and_ladj(torch.randn(10, 4))
+        >>> image_layer = Coupling((2, 8, 8), Affine(), mask=checkerboard_mask((2, 8, 8)))
+        >>> image_layer(torch.randn(10, 2, 8, 8)).shape
+        torch.Size([10, 2, 8, 8])
     """
 
     def __init__(
         self,
-        features: int,
+        features: Union[int, Sequence[int]],
         transform_map: ElementwiseMap,
         mask: Optional[Tensor] = None,
         hidden: Sequence[int] = (64, 64),
@@ -54,30 +66,53 @@ class Coupling(FlowTransform):
         activation: type[nn.Module] = nn.ReLU,
         residual: bool = False,
     ) -> None:
-        super().__init__((features,), context_features)
-        mask = torch.arange(features) >= features // 2 if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-        if mask.shape != (features,) or not mask.any():
-            raise ValueError(f"{type(self).__name__}: mask must be a boolean ({features},) with a True entry")
+        super().__init__((features,) if isinstance(features, int) else tuple(features), context_features)
+        shape = self.event_shape
+        if len(shape) not in (1, 3):
+            raise ValueError(f"{type(self).__name__}: features must be D or an image shape (C, H, W), got {features!r}")
+        mask = channel_mask(shape[0]) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
         self.transform_map = transform_map
-        self.register_buffer("identity_index", torch.nonzero(~mask).flatten(), persistent=False)
-        self.register_buffer("transformed_index", torch.nonzero(mask).flatten(), persistent=False)
-        self.num_transformed = int(mask.sum())
-        self.conditioner = MLP(
-            features - self.num_transformed,
-            self.num_transformed * transform_map.num_params,
-            hidden,
-            context_features,
-            activation,
-            residual,
-        )
+        self.split_dim = -len(shape)  # the axis a (D,) or (C,) mask splits
+        self.pixelwise = len(shape) == 3 and mask.shape == shape
+        if not (self.pixelwise or mask.shape == shape[:1]) or not mask.any():
+            expected = f"({shape[0]},)" + (f" or {tuple(shape)}" if len(shape) == 3 else "")
+            raise ValueError(
+                f"{type(self).__name__}: mask must be a boolean {expected} with a True entry, got {tuple(mask.shape)}"
+            )
+        if self.pixelwise:
+            self.register_buffer("mask", mask, persistent=False)
+            conditioned, transformed = shape[0], shape[0]
+        else:
+            self.register_buffer("identity_index", torch.nonzero(~mask).flatten(), persistent=False)
+            self.register_buffer("transformed_index", torch.nonzero(mask).flatten(), persistent=False)
+            transformed = int(mask.sum())
+            conditioned = shape[0] - transformed
+        self.num_transformed = transformed
+        out = transformed * transform_map.num_params
+        if len(shape) == 1:
+            self.conditioner = MLP(conditioned, out, hidden, context_features, activation, residual)
+        else:
+            self.conditioner = CNN(conditioned, out, hidden, context_features, activation)
 
     def _couple(self, x: Tensor, context: Optional[Tensor], inverse: bool) -> tuple[Tensor, Tensor]:
-        params = self.conditioner(x.index_select(-1, self.identity_index), context)
-        x = x.expand(params.shape[:-1] + x.shape[-1:])  # broadcast with the context's batch
-        params = params.unflatten(-1, (self.transform_map.num_params, self.num_transformed)).movedim(-2, 0)
+        dim = self.split_dim
+        if self.pixelwise:
+            conditioned, transformed = x.masked_fill(self.mask, 0.0), x
+        else:
+            conditioned = x.index_select(dim, self.identity_index)
+            transformed = x.index_select(dim, self.transformed_index)
+        params = self.conditioner(conditioned, context)
+        batch = params.shape[: params.dim() + dim]  # broadcast with the context's batch
+        x, transformed = x.expand(batch + x.shape[dim:]), transformed.expand(batch + transformed.shape[dim:])
+        params = params.unflatten(dim, (self.transform_map.num_params, self.num_transformed)).movedim(dim - 1, 0)
         apply = self.transform_map.inverse if inverse else self.transform_map.forward
-        y_transformed, log_derivative = apply(x.index_select(-1, self.transformed_index), params)
-        return x.index_copy(-1, self.transformed_index, y_transformed), log_derivative.sum(-1)
+        y_transformed, log_derivative = apply(transformed, params)
+        if self.pixelwise:
+            y = torch.where(self.mask, y_transformed, x)
+            log_derivative = log_derivative.masked_fill(~self.mask, 0.0)
+        else:
+            y = x.index_copy(dim, self.transformed_index, y_transformed)
+        return y, log_derivative.flatten(dim).sum(-1)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._couple(x, context, inverse=False)
@@ -89,13 +124,27 @@ class Coupling(FlowTransform):
         return f"{super().extra_repr()}, transform_map={self.transform_map!r}"
 
 
+def channel_mask(channels: int, parity: int = 0) -> Tensor:
+    """Boolean ``(channels,)`` marking the second half of the channels (``parity=1``: the first half)."""
+    mask = torch.arange(channels) >= channels // 2
+    return mask if parity % 2 == 0 or channels == 1 else ~mask
+
+
+def checkerboard_mask(shape: Sequence[int], parity: int = 0) -> Tensor:
+    """Boolean ``(C, H, W)`` checkerboard over pixels, the same in every channel (RealNVP); ``parity`` flips it."""
+    channels, height, width = shape
+    rows, cols = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    board = (rows + cols + parity) % 2 == 1
+    return board.expand(channels, height, width).clone()
+
+
 class AdditiveCoupling(Coupling):
     """NICE's additive coupling (Dinh et al. 2015): :class:`Coupling` with a :class:`~.maps.Shift`.
 
     Volume preserving: the log-det is zero. Example: ``AdditiveCoupling(4)``.
     """
 
-    def __init__(self, features: int, **kwargs) -> None:
+    def __init__(self, features: Union[int, Sequence[int]], **kwargs) -> None:
         super().__init__(features, Shift(), **kwargs)
 
 
@@ -105,7 +154,7 @@ class AffineCoupling(Coupling):
     Example: ``AffineCoupling(4, hidden=(64, 64), log_scale_bound=3.0)``.
     """
 
-    def __init__(self, features: int, log_scale_bound: float = 3.0, **kwargs) -> None:
+    def __init__(self, features: Union[int, Sequence[int]], log_scale_bound: float = 3.0, **kwargs) -> None:
         super().__init__(features, Affine(log_scale_bound), **kwargs)
 
 
@@ -115,7 +164,7 @@ class SplineCoupling(Coupling):
     Example: ``SplineCoupling(4, bins=8, bound=5.0)``.
     """
 
-    def __init__(self, features: int, bins: int = 8, bound: float = 5.0, **kwargs) -> None:
+    def __init__(self, features: Union[int, Sequence[int]], bins: int = 8, bound: float = 5.0, **kwargs) -> None:
         super().__init__(features, RationalQuadraticSpline(bins, bound), **kwargs)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,33 +20,53 @@ def _batch_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 class ActNorm(FlowTransform):
-    r"""Per-feature affine map with data-dependent initialisation (Kingma & Dhariwal 2018).
+    r"""Per-feature (per-channel for images) affine map with data-dependent initialisation (Kingma & Dhariwal 2018).
 
-    .. math:: y = x \odot e^{s} + b, \qquad \log|\det J| = \sum_i s_i.
+    .. math:: y = x \odot e^{s} + b, \qquad \log|\det J| = n \sum_c s_c,
+
+    with one :math:`(s_c, b_c)` per feature of a vector (:math:`n = 1`) or per
+    channel of a ``(C, H, W)`` image, shared by its :math:`n = HW` pixels (Glow's ActNorm).
 
     The first call in training mode sets :math:`s, b` so that *that call's*
-    outputs have zero mean and unit variance per feature: when the first
+    outputs have zero mean and unit variance per feature (channel): when the first
     call inverts data (density estimation) the data are standardised on
     their way to the base; when it is a forward call (a VI guide sampling)
     the samples are. After that :math:`s, b` are ordinary parameters.
+
+    Args:
+        features: :math:`D` for vectors, or an image shape ``(C, H, W)``.
 
     Example:
         >>> layer = ActNorm(3)
         >>> z = layer.inv(5 + 2 * torch.randn(1000, 3))  # first call: initialises
         >>> bool(z.mean(0).abs().max() < 1e-4)
         True
+        >>> ActNorm((3, 8, 8)).inv(torch.rand(16, 3, 8, 8)).shape
+        torch.Size([16, 3, 8, 8])
     """
 
-    def __init__(self, features: int, eps: float = 1e-6) -> None:
-        super().__init__((features,))
+    def __init__(self, features: Union[int, Sequence[int]], eps: float = 1e-6) -> None:
+        super().__init__((features,) if isinstance(features, int) else tuple(features))
+        if len(self.event_shape) not in (1, 3):
+            raise ValueError(f"ActNorm: features must be D or an image shape (C, H, W), got {features!r}")
+        channels = self.event_shape[0]
         self.eps = eps
-        self.log_scale = nn.Parameter(torch.zeros(features))
-        self.shift = nn.Parameter(torch.zeros(features))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+
+    def _per_pixel(self, parameter: Tensor) -> Tensor:
+        """A per-channel parameter ``(C,)`` shaped to broadcast over the event."""
+        return parameter.reshape(parameter.shape + (1,) * (len(self.event_shape) - 1))
+
+    def _log_det(self, batch_shape: torch.Size) -> Tensor:
+        pixels = self.event_shape[1:].numel()
+        return (pixels * self.log_scale.sum()).expand(batch_shape)
 
     @torch.no_grad()
     def _initialize(self, values: Tensor, inverse: bool) -> None:
-        mean, var = _batch_statistics(values.detach(), self.eps)
+        channels_last = values.detach().movedim(-len(self.event_shape), -1)
+        mean, var = _batch_statistics(channels_last, self.eps)
         log_std = 0.5 * var.log()
         if inverse:  # standardise z = (y - b) e^{-s}
             self.log_scale.copy_(log_std)
@@ -62,11 +82,13 @@ class ActNorm(FlowTransform):
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._maybe_initialize(x, inverse=False)
-        return x * self.log_scale.exp() + self.shift, self.log_scale.sum().expand(x.shape[:-1])
+        y = x * self._per_pixel(self.log_scale.exp()) + self._per_pixel(self.shift)
+        return y, self._log_det(x.shape[: x.dim() - len(self.event_shape)])
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._maybe_initialize(y, inverse=True)
-        return (y - self.shift) * torch.exp(-self.log_scale), (-self.log_scale.sum()).expand(y.shape[:-1])
+        x = (y - self._per_pixel(self.shift)) * self._per_pixel(torch.exp(-self.log_scale))
+        return x, -self._log_det(y.shape[: y.dim() - len(self.event_shape)])
 
 
 class BatchNorm(FlowTransform):

@@ -1,0 +1,201 @@
+"""Multi-scale image architecture (Dinh et al. 2017; Kingma & Dhariwal 2018): squeeze, chains of layers, factor-out."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Conditional, FlowTransform
+from .coupling import AffineCoupling, ConditionalAffineCoupling, channel_mask
+
+
+def _context_for(layer: FlowTransform, context: Optional[Tensor]) -> Optional[Tensor]:
+    return context if layer.context_features else None
+
+
+class Squeeze(FlowTransform):
+    r"""Space-to-depth (Dinh et al. 2017): every 2×2 block of pixels becomes 4 channels of one pixel.
+
+    Maps ``(C, H, W)`` to ``(4C, H/2, W/2)``,
+
+    .. math:: y_{4c + 2i + j,\, h, w} = x_{c,\, 2h + i,\, 2w + j}, \qquad \log|\det J| = 0,
+
+    a permutation of the entries. In a flow's base→data layers use ``Squeeze(shape).inv``
+    (depth-to-space) where the data side has the finer resolution.
+
+    Args:
+        shape: the input image shape ``(C, H, W)``, ``H`` and ``W`` even.
+
+    Example:
+        >>> Squeeze((1, 4, 4))(torch.arange(16.0).reshape(1, 4, 4))[:, 0, 0]
+        tensor([0., 1., 4., 5.])
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
+            raise ValueError(f"Squeeze: shape must be (C, H, W) with even H and W, got {tuple(shape)}")
+        channels, height, width = shape
+        super().__init__(tuple(shape), codomain_shape=(4 * channels, height // 2, width // 2))
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        _, height, width = self.event_shape
+        blocks = x.unflatten(-1, (width // 2, 2)).unflatten(-3, (height // 2, 2))  # (..., C, H/2, 2, W/2, 2)
+        y = blocks.movedim((-3, -1), (-4, -3)).flatten(-5, -3)  # (..., C, 2, 2, H/2, W/2) -> (..., 4C, H/2, W/2)
+        return y, x.new_zeros(x.shape[:-3])
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        channels = self.event_shape[0]
+        blocks = y.unflatten(-3, (channels, 2, 2))  # (..., C, 2, 2, H/2, W/2)
+        x = blocks.movedim((-4, -3), (-3, -1))  # (..., C, H/2, 2, W/2, 2)
+        return x.flatten(-2, -1).flatten(-3, -2), y.new_zeros(y.shape[:-3])
+
+
+class Chain(FlowTransform):
+    r"""Layers applied one after the other as one layer: :math:`f = f_K \circ \dots \circ f_1`.
+
+    .. math:: \log|\det J_f(x)| = \sum_k \log|\det J_{f_k}(x_{k-1})|.
+
+    Each layer's output event shape must be the next one's input shape (a
+    :class:`Squeeze` may change it inside the chain). Conditional layers get
+    the context (use :class:`ConditionalChain` when any layer is conditional;
+    all of them must take the same ``context_features``). It is what a
+    :class:`FactorOut` applies to the channels it keeps.
+
+    Example:
+        >>> shape = (1, 4, 4)
+        >>> chain = Chain([Squeeze(shape), AffineCoupling((4, 2, 2)), Squeeze(shape).inv])
+        >>> chain(torch.randn(3, *shape)).shape
+        torch.Size([3, 1, 4, 4])
+    """
+
+    def __init__(self, layers: Sequence[FlowTransform]) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"{type(self).__name__}: needs at least one layer")
+        for a, b in zip(layers[:-1], layers[1:], strict=True):
+            if a.codomain_shape != b.event_shape:
+                raise ValueError(
+                    f"{type(self).__name__}: {type(a).__name__} outputs events of shape {tuple(a.codomain_shape)} "
+                    f"but the next layer, {type(b).__name__}, takes {tuple(b.event_shape)}"
+                )
+        contexts = {layer.context_features for layer in layers} - {0}
+        if len(contexts) > 1:
+            raise ValueError(f"{type(self).__name__}: conditional layers take different context sizes {contexts}")
+        super().__init__(layers[0].event_shape, max(contexts, default=0), layers[-1].codomain_shape)
+        self.layers = torch.nn.ModuleList(layers)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        total = 0.0
+        for layer in self.layers:
+            x, ladj = layer.call_and_ladj(x, _context_for(layer, context))
+            total = total + ladj
+        return x, total
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        total = 0.0
+        for layer in reversed(self.layers):
+            y, ladj = layer.inverse_and_ladj(y, _context_for(layer, context))
+            total = total + ladj
+        return y, total
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class ConditionalChain(Conditional, Chain):
+    """:class:`Chain` of layers some of which are conditional."""
+
+
+class FactorOut(FlowTransform):
+    r"""Multi-scale factor-out (Dinh et al. 2017) with Glow's learned split prior (Kingma & Dhariwal 2018).
+
+    The first :math:`k = \lfloor C/2 \rfloor` channels :math:`z_a` go through
+    ``inner`` (the rest of the flow, at a coarser scale); the other channels
+    :math:`z_b` leave the flow here. With ``split_prior=True`` they are
+    modelled by a Gaussian whose mean and scale are computed from the kept
+    half on the data side,
+
+    .. math::
+        x_a = g(z_a), \qquad x_b = \mu(x_a, c) + e^{s(x_a, c)} \odot z_b, \qquad
+        \log|\det J| = \log|\det J_g(z_a)| + \sum s(x_a, c),
+
+    i.e. :math:`p(x_b \mid x_a) = \mathcal{N}(\mu, e^{2s})` for a standard normal
+    base. That second step *is* an affine coupling conditioned on the kept
+    channels, so it is an :class:`~.coupling.AffineCoupling` with a channel
+    mask (its CNN starts at zero: the prior starts as :math:`\mathcal{N}(0, I)`).
+    With ``split_prior=False`` the factored channels are standard normal (RealNVP).
+
+    Args:
+        shape: image shape ``(C, H, W)``, ``C >= 2``.
+        inner: a layer on the kept channels, events ``(C // 2, H, W)`` in and out.
+        split_prior: learn the conditional Gaussian of the factored channels.
+        hidden: channels of the split prior's CNN.
+        context_features: context size (conditional twin only); the split prior and
+            conditional inner layers see the context.
+
+    Example:
+        >>> inner = AffineCoupling((1, 4, 4), mask=checkerboard_mask((1, 4, 4)))
+        >>> layer = FactorOut((2, 4, 4), inner)
+        >>> layer(torch.randn(3, 2, 4, 4)).shape
+        torch.Size([3, 2, 4, 4])
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        inner: FlowTransform,
+        split_prior: bool = True,
+        hidden: Sequence[int] = (64, 64),
+        context_features: int = 0,
+    ) -> None:
+        super().__init__(tuple(shape), context_features)
+        if len(self.event_shape) != 3 or self.event_shape[0] < 2:
+            raise ValueError(f"{type(self).__name__}: shape must be (C >= 2, H, W), got {tuple(shape)}")
+        channels, height, width = self.event_shape
+        self.kept = channels // 2
+        kept_shape = torch.Size((self.kept, height, width))
+        if inner.event_shape != kept_shape or inner.codomain_shape != kept_shape:
+            raise ValueError(
+                f"{type(self).__name__}: inner must map events of shape {tuple(kept_shape)} to the same shape, "
+                f"got {tuple(inner.event_shape)} -> {tuple(inner.codomain_shape)}"
+            )
+        if inner.context_features not in (0, context_features):
+            raise ValueError(f"{type(self).__name__}: inner takes context_features={inner.context_features}")
+        self.inner = inner
+        if split_prior:
+            conditional = {"context_features": context_features} if context_features else {}
+            cls = ConditionalAffineCoupling if context_features else AffineCoupling
+            self.prior = cls(self.event_shape, mask=channel_mask(channels), hidden=hidden, **conditional)
+        else:
+            self.prior = None
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x.split((self.kept, x.shape[-3] - self.kept), dim=-3)
+
+    @staticmethod
+    def _join(kept: Tensor, factored: Tensor) -> Tensor:
+        batch = torch.broadcast_shapes(kept.shape[:-3], factored.shape[:-3])
+        return torch.cat((kept.expand(batch + kept.shape[-3:]), factored.expand(batch + factored.shape[-3:])), -3)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        kept, factored = self._split(x)
+        kept, ladj = self.inner.call_and_ladj(kept, _context_for(self.inner, context))
+        y = self._join(kept, factored)
+        if self.prior is None:
+            return y, ladj
+        y, prior_ladj = self.prior.call_and_ladj(y, context)
+        return y, ladj + prior_ladj
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        prior_ladj = 0.0
+        if self.prior is not None:
+            y, prior_ladj = self.prior.inverse_and_ladj(y, context)
+        kept, factored = self._split(y)
+        kept, ladj = self.inner.inverse_and_ladj(kept, _context_for(self.inner, context))
+        return self._join(kept, factored), ladj + prior_ladj
+
+
+class ConditionalFactorOut(Conditional, FactorOut):
+    """:class:`FactorOut` whose split prior (and inner layers) see a context."""
