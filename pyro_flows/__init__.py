@@ -1,16 +1,21 @@
 """pyro_flows: normalizing flows for Pyro."""
 
 from . import diagnostics, infer, nn, transforms
+from .dequantization import Dequantized, DequantizedDistribution, VariationalDequantizer
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
 from .flow_matching import FlowMatching
-from .flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, FlowDistribution, RealNVP, StandardNormal
+from .flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, FlowDistribution, Glow, RealNVP, StandardNormal
 from .objectives import CNFRegularizedNLL
 from .train import FitHistory, NegativeLogLikelihood, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Glow",
+    "VariationalDequantizer",
+    "DequantizedDistribution",
+    "Dequantized",
     "bits_per_dim",
     "CNF",
     "CNFRegularizedNLL",

@@ -62,3 +62,36 @@ def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None)
         below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
         x = x.to(dtype).clamp(max=below_one)  # (16 + u) / 17 must not round up to 1 in float32
     return x.to(dtype), torch.as_tensor(labels, dtype=torch.long)
+
+
+def digit_images() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as integer images: ``X`` ``(1797, 1, 8, 8)`` with values ``0..16`` and labels ``(1797,)``.
+
+    The pixels are whole numbers in the default float dtype: the input of an image
+    flow with ``pixel_levels=DIGITS_LEVELS`` (e.g. ``pf.Glow``), which dequantises them itself.
+    """
+    images, labels = digits(dequantize=False)
+    return images.reshape(-1, 1, 8, 8), labels
+
+
+def mnist(root: str, fashion: bool = False, train: bool = True, download: bool = True) -> tuple[Tensor, Tensor]:
+    """MNIST (or FashionMNIST) through torchvision: ``X`` ``(N, 1, 28, 28)`` with values ``0..255`` and labels ``(N,)``.
+
+    Needs ``torchvision`` and, unless the files are already in ``root``, internet
+    access; either missing raises a RuntimeError that says so. Use with
+    ``pixel_levels=256``.
+    """
+    name = "FashionMNIST" if fashion else "MNIST"
+    try:
+        import torchvision
+    except ImportError:
+        raise RuntimeError(f"mnist: loading {name} needs torchvision (pip install torchvision)") from None
+    try:
+        dataset = getattr(torchvision.datasets, name)(root, train=train, download=download)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, ... depending on what failed
+        raise RuntimeError(
+            f"mnist: could not load {name} into {root!r} ({type(error).__name__}: {error}); it must be downloadable "
+            "from here, or already be in root (download=False reads it from there)"
+        ) from error
+    images = dataset.data.to(torch.get_default_dtype()).unsqueeze(1)
+    return images, dataset.targets.long()

@@ -22,18 +22,20 @@ from .transforms.base import check_shape
 
 
 class StandardNormal(nn.Module):
-    r"""The base :math:`\mathcal{N}(0, I_D)` as a module, so it follows ``.to(device, dtype)``.
+    r"""The base :math:`\mathcal{N}(0, I)` as a module, so it follows ``.to(device, dtype)``.
 
+    ``features`` is :math:`D` for vectors or an event shape such as ``(C, H, W)``;
     ``forward(batch_shape)`` returns the distribution with that batch shape.
     """
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: Union[int, Sequence[int]]) -> None:
         super().__init__()
-        self.register_buffer("loc", torch.zeros(features))
-        self.register_buffer("scale", torch.ones(features))
+        shape = (features,) if isinstance(features, int) else tuple(features)
+        self.register_buffer("loc", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
 
     def forward(self, batch_shape: tuple = ()) -> Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1).expand(batch_shape)
+        return dist.Normal(self.loc, self.scale).to_event(self.loc.dim()).expand(batch_shape)
 
 
 def _fused(t: Transform) -> bool:
@@ -80,6 +82,36 @@ class FlowDistribution(dist.TransformedDistribution):
             y = x
         return log_prob + _sum_rightmost(self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape))
 
+    def _base_rsample(self, sample_shape: tuple, temperature: float) -> Tensor:
+        z = self.base_dist.rsample(sample_shape)
+        if temperature == 1.0:
+            return z
+        if not temperature > 0:
+            raise ValueError(f"sample: temperature must be positive, got {temperature}")
+        base = self.base_dist
+        while isinstance(base, (dist.Independent, torch.distributions.Independent, dist.ExpandedDistribution)):
+            base = base.base_dist
+        if not isinstance(base, (torch.distributions.Normal, torch.distributions.MultivariateNormal)):
+            raise ValueError(f"sample: temperature needs a Gaussian base distribution, got {type(base).__name__}")
+        loc = self.base_dist.mean
+        return loc + temperature * (z - loc)
+
+    def rsample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
+        r"""A reparameterised sample; ``temperature`` :math:`T` scales the Gaussian base around its mean.
+
+        :math:`T < 1` draws from the base :math:`\mathcal{N}(\mu, T^2 \Sigma)`: samples
+        of higher density and less diversity (Kingma & Dhariwal 2018, Glow).
+        """
+        x = self._base_rsample(sample_shape, temperature)
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+    def sample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
+        """A sample without gradients (see :meth:`rsample` for ``temperature``)."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, temperature)
+
     def rsample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         """A reparameterised sample and its log-density in one forward pass."""
         x = self.base_dist.rsample(sample_shape)
@@ -116,7 +148,10 @@ class Flow(nn.Module):
         base: the base distribution, an ``nn.Module`` called with the batch
             shape (e.g. :class:`StandardNormal`), or a fixed ``Distribution``.
         transforms: base→data layers: this library's, Pyro's or torch's.
-        context_features: size of the context (0 for unconditional flows).
+        context_features: size of the context the layers see (0 for unconditional flows).
+        embedding: optional module applied to the context first (e.g. a
+            :class:`~.nn.ClassEmbedding` of class labels, or a network summarising
+            observations); its output has ``context_features`` features.
 
     Example:
         >>> flow = Flow(StandardNormal(2), [T.AffineCoupling(2), T.Permute(2)])
@@ -129,8 +164,12 @@ class Flow(nn.Module):
         base: Union[nn.Module, Distribution],
         transforms: Sequence[Transform],
         context_features: int = 0,
+        embedding: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        if embedding is not None and not context_features:
+            raise ValueError("Flow: an embedding needs context_features > 0 (the size of its output)")
+        self.embedding = embedding
         self.base = base
         self.transforms = list(transforms)
         self.layers = nn.ModuleList(t for t in self.transforms if isinstance(t, nn.Module))
@@ -150,9 +189,15 @@ class Flow(nn.Module):
                 raise ValueError(
                     f"{name} is conditional: call it with a context of shape (..., {self.context_features})"
                 )
-            check_shape(name, context, (self.context_features,), "context")
+            if self.embedding is None:
+                check_shape(name, context, (self.context_features,), "context")
+            elif not isinstance(context, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
             if not bool(torch.isfinite(context).all()):
                 raise ValueError(f"{name}: the context has NaN or inf entries")
+            if self.embedding is not None:
+                context = self.embedding(context)
+                check_shape(name, context, (self.context_features,), "embedded context")
             batch_shape = context.shape[:-1]
             transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
         base = self.base(batch_shape) if isinstance(self.base, nn.Module) else self.base.expand(batch_shape)
@@ -242,11 +287,36 @@ def NICE(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[
     return Flow(flow.base, [T.ActNorm(features), *flow.transforms], context)
 
 
-def RealNVP(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[int] = (64, 64), **kwargs) -> Flow:
+def RealNVP(
+    features: Optional[int] = None,
+    context: int = 0,
+    transforms: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    *,
+    shape: Optional[Sequence[int]] = None,
+    **kwargs,
+) -> nn.Module:
     r"""RealNVP (Dinh et al. 2017): affine couplings with alternating masks.
 
-    Example: ``RealNVP(features=2, context=3)(torch.randn(3)).sample((10,))``.
+    Vectors: ``RealNVP(features, context, transforms, hidden)``, couplings with alternating halves.
+
+    Images: ``RealNVP(shape=(C, H, W), levels=2, steps=3, hidden=(64, 64), classes=None,
+    context=0, pixel_levels=256, dequantization="uniform", alpha=0.05)``, the paper's
+    multi-scale model: data→base each level but the last applies ``steps`` checkerboard
+    couplings, squeezes, ``steps`` channel-wise couplings and factors out half the channels
+    (standard normal, no learned prior); the last level applies ``steps + 1`` checkerboard
+    couplings. ActNorm precedes every coupling (in place of the paper's batch norm). The
+    options are :func:`Glow`'s (integer pixels are dequantised, etc.).
+
+    Example: ``RealNVP(features=2, context=3)(torch.randn(3)).sample((10,))``;
+    ``RealNVP(shape=(1, 8, 8), pixel_levels=17)().sample((4,))``.
     """
+    if shape is not None:
+        if features is not None:
+            raise ValueError("RealNVP: give features (vectors) or shape= (images), not both")
+        return _image_realnvp(shape, context=context, hidden=hidden, **kwargs)
+    if features is None:
+        raise ValueError("RealNVP: give features (vectors) or shape= (images)")
     return _coupling_flow(
         features, context, transforms, hidden, T.AffineCoupling, T.ConditionalAffineCoupling, **kwargs
     )
@@ -351,3 +421,197 @@ def FFJORD(
 ) -> Flow:
     """:func:`CNF` with Hutchinson's trace estimator by default, as in FFJORD (Grathwohl et al. 2019)."""
     return CNF(features, context, hidden, trace, **kwargs)
+
+
+# -- image flows ---------------------------------------------------------------------------------------------------
+def _image_shape(shape: Sequence[int], levels: int, squeezes: int) -> torch.Size:
+    shape = torch.Size(shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"an image flow needs shape (C, H, W), got {tuple(shape)}")
+    if levels < 1:
+        raise ValueError(f"an image flow needs levels >= 1, got {levels}")
+    if shape[1] % 2**squeezes or shape[2] % 2**squeezes:
+        raise ValueError(
+            f"{levels} levels squeeze the image {squeezes} times: H and W must be divisible by {2**squeezes}, "
+            f"got shape {tuple(shape)}"
+        )
+    return shape
+
+
+def _conditional(cls, conditional_cls, context: int):
+    """The class and the keyword arguments of a layer that sees the context when there is one."""
+    return (conditional_cls, {"context_features": context}) if context else (cls, {})
+
+
+def _multiscale(shape: torch.Size, levels: int, context: int, before, at_scale, final, split_prior: bool, hidden):
+    r"""Base→data layers of a multi-scale image flow (Dinh et al. 2017), as one :class:`~.transforms.Chain`.
+
+    Data→base at a level of shape ``(C, H, W)``: the last level is ``final(shape)``; any other
+    applies ``before(shape)``, squeezes to ``(4C, H/2, W/2)``, applies ``at_scale`` there, factors
+    out half the channels (the rest of the flow goes on with the other half, one level down) and
+    unsqueezes, so every level keeps its input's shape. The builders return base→data lists.
+    """
+    chain = T.ConditionalChain if context else T.Chain
+    if levels == 1:
+        return chain(final(shape))
+    channels, height, width = shape
+    squeezed = torch.Size((4 * channels, height // 2, width // 2))
+    kept = torch.Size((2 * channels, height // 2, width // 2))
+    inner = _multiscale(kept, levels - 1, context, before, at_scale, final, split_prior, hidden)
+    factor_out, factor_kw = _conditional(T.FactorOut, T.ConditionalFactorOut, context)
+    return chain(
+        [
+            T.Squeeze(shape),
+            factor_out(squeezed, inner, split_prior=split_prior, hidden=hidden, **factor_kw),
+            *at_scale(squeezed),
+            T.Squeeze(shape).inv,
+            *before(shape),
+        ]
+    )
+
+
+def _steps(steps: int, hidden: Sequence[int], context: int, mask, conv: bool):
+    """A builder of ``steps`` base→data flow steps at a shape; data→base each is ActNorm, (1×1 conv,) coupling."""
+    coupling, kw = _conditional(T.AffineCoupling, T.ConditionalAffineCoupling, context)
+
+    def build(shape: torch.Size) -> list[Transform]:
+        layers: list[Transform] = []
+        for k in range(steps):
+            layers.append(coupling(shape, mask=mask(shape, k), hidden=tuple(hidden), **kw))
+            layers += [T.InvertibleConv1x1(shape)] if conv else []
+            layers.append(T.ActNorm(shape))
+        return layers
+
+    return build
+
+
+def _squeezed(layers):
+    """``layers`` applied between a squeeze and an unsqueeze (base→data)."""
+
+    def build(shape: torch.Size) -> list[Transform]:
+        channels, height, width = shape
+        return [T.Squeeze(shape), *layers(torch.Size((4 * channels, height // 2, width // 2))), T.Squeeze(shape).inv]
+
+    return build
+
+
+def _no_layers(shape: torch.Size) -> list[Transform]:
+    return []
+
+
+def _image_model(
+    shape: torch.Size,
+    level_chain,
+    context: int,
+    classes: Optional[int],
+    embedding_features: int,
+    pixel_levels: Optional[int],
+    dequantization: str,
+    alpha: float,
+) -> nn.Module:
+    """The flow around a multi-scale chain: base, logit, context embedding and dequantisation."""
+    from .dequantization import Dequantized, VariationalDequantizer
+    from .nn import ClassEmbedding
+
+    if classes is not None and context:
+        raise ValueError("an image flow is conditioned on class labels (classes=) or a context vector (context=)")
+    if dequantization not in ("uniform", "variational"):
+        raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
+    features = embedding_features if classes is not None else context
+    embedding = ClassEmbedding(classes, embedding_features) if classes is not None else None
+    transforms = [level_chain(features)]
+    if pixel_levels is None:
+        return Flow(StandardNormal(shape), transforms, features, embedding)
+    flow = Flow(StandardNormal(shape), [*transforms, T.Logit(shape, alpha)], features, embedding)
+    dequantizer = None
+    if dequantization == "variational":
+        d = shape.numel()
+        layers = [
+            T.ConditionalAffineCoupling(d, mask=_alternating_mask(d, i), hidden=(64, 64), context_features=d)
+            for i in range(4)
+        ]
+        dequantizer = VariationalDequantizer(
+            Flow(StandardNormal(d), [*layers, T.Logit(d, 0.0)], d), shape, pixel_levels
+        )
+    return Dequantized(flow, pixel_levels, dequantizer)
+
+
+def _checkerboard(shape, k):
+    return T.checkerboard_mask(shape, k)
+
+
+def _channels(shape, k):
+    return T.channel_mask(shape[0], k)
+
+
+def Glow(
+    shape: Sequence[int],
+    levels: int = 3,
+    steps: int = 4,
+    hidden_channels: int = 64,
+    classes: Optional[int] = None,
+    context: int = 0,
+    pixel_levels: Optional[int] = 256,
+    dequantization: str = "uniform",
+    split_prior: bool = True,
+    alpha: float = 0.05,
+    embedding_features: int = 16,
+) -> nn.Module:
+    r"""Glow (Kingma & Dhariwal 2018): a multi-scale flow of ActNorm, invertible 1×1 convolutions and affine couplings.
+
+    Data→base, each of the ``levels`` levels squeezes the image to
+    ``(4C, H/2, W/2)``, applies ``steps`` steps of
+    :class:`~.transforms.ActNorm` → :class:`~.transforms.InvertibleConv1x1` →
+    :class:`~.transforms.AffineCoupling` (channel mask, CNN with
+    ``hidden_channels``), and, except at the last level, factors out half the
+    channels with a learned Gaussian conditioned on the other half
+    (:class:`~.transforms.FactorOut`); the other half goes on to the next level.
+
+    Integer pixels ``0 .. pixel_levels - 1`` (e.g. 256; 17 for scikit-learn's digits) are modelled by
+    :class:`~.dequantization.Dequantized` (``"uniform"`` or ``"variational"`` dequantisation) around a
+    flow on :math:`[0, 1]` that ends with a :class:`~.transforms.Logit`; its ``log_prob`` is then the
+    discrete data's (a bound, in nats) and ``pf.bits_per_dim(model, images)`` their bits per dimension.
+    ``pixel_levels=None`` models continuous images with the flow alone.
+
+    Conditioning: ``classes=K`` embeds integer labels (a :class:`~.nn.ClassEmbedding` of
+    ``embedding_features``) as the context of every coupling and split prior; ``context=F`` takes
+    any context vector of ``F`` features instead.
+
+    Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels``; labels ``(...)``.
+
+    Example:
+        >>> model = Glow(shape=(1, 8, 8), levels=2, steps=4, hidden_channels=64, classes=10, pixel_levels=17)
+        >>> model(torch.tensor([3, 7])).sample(temperature=0.7).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    shape = _image_shape(shape, levels, levels)
+    hidden = (hidden_channels, hidden_channels)
+
+    def level_chain(features: int) -> T.Chain:
+        at_scale = _steps(steps, hidden, features, _channels, conv=True)
+        return _multiscale(shape, levels, features, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
+
+    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)
+
+
+def _image_realnvp(
+    shape: Sequence[int],
+    levels: int = 2,
+    steps: int = 3,
+    hidden: Sequence[int] = (64, 64),
+    classes: Optional[int] = None,
+    context: int = 0,
+    pixel_levels: Optional[int] = 256,
+    dequantization: str = "uniform",
+    alpha: float = 0.05,
+    embedding_features: int = 16,
+) -> nn.Module:
+    shape = _image_shape(shape, levels, levels - 1)
+
+    def level_chain(features: int) -> T.Chain:
+        checkerboard = _steps(steps, hidden, features, _checkerboard, conv=False)
+        channelwise = _steps(steps, hidden, features, _channels, conv=False)
+        final = _steps(steps + 1, hidden, features, _checkerboard, conv=False)
+        return _multiscale(shape, levels, features, checkerboard, channelwise, final, False, hidden)
+
+    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)

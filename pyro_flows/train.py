@@ -119,10 +119,14 @@ def _describe(value: Any) -> str:
 
 
 def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
-    """Tensors of rows: at least 2-D, the same rows in ``x`` and ``context``, finite values."""
-    if not isinstance(x, Tensor) or x.dim() < 2 or (context is not None and context.dim() < 2):
+    """Tensors of rows: ``x`` at least 2-D, the same rows in ``x`` and ``context``, finite values.
+
+    A context may be 1-D: one class label per row.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2 or (context is not None and context.dim() < 1):
         raise ValueError(
-            f"fit: {name} must be tensors of rows, (rows, *event_shape) and (rows, context_features); "
+            f"fit: {name} must be tensors of rows, (rows, *event_shape) and (rows, context_features) or (rows,) "
+            "labels; "
             f"got shapes {_shape(x) if isinstance(x, Tensor) else type(x).__name__} and {_shape(context)}"
         )
     if context is not None and context.shape[0] != x.shape[0]:

@@ -1,0 +1,139 @@
+r"""Discrete data through continuous flows: uniform and variational dequantisation (Ho et al. 2019).
+
+Integer data :math:`x \in \{0, \dots, L-1\}^D` (e.g. pixels with :math:`L`
+grey levels) have no density; a continuous flow :math:`p` on :math:`[0, 1]^D`
+gives them the probability
+
+.. math::
+    P(x) = \int_{[0,1)^D} p\Big(\frac{x + u}{L}\Big) L^{-D}\, du
+    \;\ge\; \exp \mathbb{E}_{q(u \mid x)}\Big[\log p\Big(\frac{x + u}{L}\Big) - D \log L - \log q(u \mid x)\Big]
+
+for any density :math:`q(u \mid x)` on :math:`[0, 1)^D` (Jensen). Uniform
+dequantisation (Theis et al. 2016) takes :math:`q = \mathcal{U}[0, 1)^D`;
+variational dequantisation learns :math:`q` as a conditional flow, which
+tightens the bound. :class:`Dequantized` wraps a flow into a model of the
+integer data whose ``log_prob`` is a one-sample estimate of that bound, so
+training it by maximum likelihood (``pf.fit``) maximises the bound and
+:func:`~pyro_flows.bits_per_dim` of its ``log_prob`` is the discrete data's
+bits per dimension (an upper bound, in expectation).
+
+Dequantisation is not a bijection (it is a surjection from the continuous
+space onto the integers), so it lives here, around the flow, and not among
+the transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+
+from .transforms.base import check_shape
+
+
+class VariationalDequantizer(nn.Module):
+    r"""Learned dequantisation noise :math:`q(u \mid x)` on :math:`(0, 1)^D` (Ho et al. 2019, Flow++).
+
+    ``forward(x)`` returns a reparameterised :math:`u \sim q(\cdot \mid x)` with the
+    shape of ``x`` and :math:`\log q(u \mid x)` (batch shape). :math:`q` is
+    ``flow``, a conditional flow over :math:`(0, 1)^D` (ending in a
+    :class:`~.transforms.Logit` with ``alpha=0``) whose context is the integer
+    data flattened and scaled to :math:`[-1, 1]`.
+
+    Args:
+        flow: conditional flow over ``D`` features with ``context_features = D``.
+        shape: the data's event shape (``D`` elements).
+        levels: :math:`L`.
+    """
+
+    def __init__(self, flow: nn.Module, shape: tuple, levels: int) -> None:
+        super().__init__()
+        self.flow, self.shape, self.levels = flow, torch.Size(shape), int(levels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[: x.dim() - len(self.shape)]
+        context = x.reshape(batch + (-1,)) * (2.0 / (self.levels - 1)) - 1.0
+        u, log_q = self.flow(context).rsample_and_log_prob()
+        return u.reshape(x.shape), log_q
+
+
+class DequantizedDistribution(Distribution):
+    r"""A distribution over integers :math:`\{0, \dots, L-1\}^D` from a continuous one on :math:`[0, 1]^D`.
+
+    ``log_prob(x)`` is a one-sample estimate of the lower bound on
+    :math:`\log P(x)` (module docstring), differentiable in the flow's (and the
+    dequantiser's) parameters; ``sample`` draws from the continuous
+    distribution and quantises: :math:`x = \min(\lfloor L y \rfloor, L - 1)`.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, continuous: Distribution, levels: int, dequantizer: Optional[VariationalDequantizer] = None):
+        self.continuous, self.levels, self.dequantizer = continuous, int(levels), dequantizer
+        super().__init__(continuous.batch_shape, continuous.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.integer_interval(0, self.levels - 1), len(self.event_shape))
+
+    def _check_value(self, value: Tensor) -> Tensor:
+        check_shape("Dequantized.log_prob", value, self.event_shape, "value")
+        bad = ~((value == value.round()) & (value >= 0) & (value <= self.levels - 1))
+        if bool(bad.any()):
+            raise ValueError(
+                f"Dequantized.log_prob: values must be integers in [0, {self.levels - 1}] (the data's "
+                f"{self.levels} levels); {int(bad.sum())} are not, e.g. {float(value[bad][0])}"
+            )
+        return value.to(self.continuous.base_dist.mean.dtype)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        x = self._check_value(value)
+        dims = self.event_shape.numel()
+        if self.dequantizer is None:
+            u, log_q = torch.rand_like(x), 0.0
+        else:
+            u, log_q = self.dequantizer(x)
+        y = (x + u) / self.levels
+        return self.continuous.log_prob(y) - dims * math.log(self.levels) - log_q
+
+    @torch.no_grad()
+    def sample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
+        """Integer-valued samples (in the flow's float dtype); ``temperature`` scales the base, as in ``rsample``."""
+        y = self.continuous.sample(sample_shape, temperature=temperature)
+        return torch.floor(y * self.levels).clamp(0, self.levels - 1)
+
+
+class Dequantized(nn.Module):
+    r"""A model of integer data in :math:`\{0, \dots, L-1\}`: a continuous flow on :math:`[0, 1]`, dequantised.
+
+    ``model(context)`` (``model()`` when unconditional) returns a
+    :class:`DequantizedDistribution`; ``model.flow`` is the continuous flow on
+    the data scaled to :math:`[0, 1]` and ``model.dequantizer`` is ``None``
+    (uniform dequantisation) or a :class:`VariationalDequantizer`.
+
+    Example:
+        >>> model = pf.Glow(shape=(1, 8, 8), levels=2, steps=2, pixel_levels=17)
+        >>> model().log_prob(torch.randint(0, 17, (5, 1, 8, 8)).float()).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, flow: nn.Module, levels: int, dequantizer: Optional[VariationalDequantizer] = None) -> None:
+        super().__init__()
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"Dequantized: levels must be an integer >= 2, got {levels!r}")
+        self.flow, self.levels, self.dequantizer = flow, levels, dequantizer
+
+    @property
+    def context_features(self) -> int:
+        return self.flow.context_features
+
+    def forward(self, context: Optional[Tensor] = None) -> DequantizedDistribution:
+        continuous = self.flow() if context is None else self.flow(context)
+        return DequantizedDistribution(continuous, self.levels, self.dequantizer)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
