@@ -102,15 +102,26 @@ class FlowDistribution(dist.TransformedDistribution):
         :math:`T < 1` draws from the base :math:`\mathcal{N}(\mu, T^2 \Sigma)`: samples
         of higher density and less diversity (Kingma & Dhariwal 2018, Glow).
         """
-        x = self._base_rsample(sample_shape, temperature)
-        for t in self.transforms:
-            x = t(x)
-        return x
+        return self.from_base(self._base_rsample(sample_shape, temperature))
 
     def sample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
         """A sample without gradients (see :meth:`rsample` for ``temperature``)."""
         with torch.no_grad():
             return self.rsample(sample_shape, temperature)
+
+    def to_base(self, value: Tensor) -> Tensor:
+        """The base-space point :math:`z = f^{-1}(y)` of ``value`` (e.g. to interpolate in the latent space)."""
+        check_shape("FlowDistribution.to_base", value, self.event_shape, "value")
+        for t in reversed(self.transforms):
+            value = t.inv(value)
+        return value
+
+    def from_base(self, z: Tensor) -> Tensor:
+        """The data-space point :math:`y = f(z)` of a base-space point ``z`` (the inverse of :meth:`to_base`)."""
+        check_shape("FlowDistribution.from_base", z, self.base_dist.event_shape, "base point")
+        for t in self.transforms:
+            z = t(z)
+        return z
 
     def rsample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         """A reparameterised sample and its log-density in one forward pass."""
