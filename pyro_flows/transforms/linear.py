@@ -84,6 +84,10 @@ class LUWeight(nn.Module):
     def log_abs_det(self) -> Tensor:
         return self.log_diagonal.sum()
 
+    def inverse_weight(self) -> Tensor:
+        r""":math:`W^{-1}` by triangular solves of the LU factors (for many right-hand sides, e.g. every pixel)."""
+        return self.solve_rows(self.eye).T
+
     def solve_rows(self, rows: Tensor) -> Tensor:
         r"""``X`` with :math:`X W^\top = ` ``rows`` for ``rows`` of shape ``(N, D)``, by triangular solves."""
         lower, upper = self.factors()
@@ -127,7 +131,8 @@ class InvertibleConv1x1(FlowTransform):
 
     .. math:: y_{:, h, w} = W x_{:, h, w}, \qquad \log|\det J| = H W \sum_c s_c .
 
-    The inverse solves the two triangular systems of the LU factors at every pixel.
+    The inverse applies :math:`W^{-1}`, computed once per call by two triangular
+    solves of the :math:`C \times C` LU factors.
 
     Args:
         shape: the image shape ``(C, H, W)``.
@@ -148,11 +153,12 @@ class InvertibleConv1x1(FlowTransform):
     def _log_det(self, batch_shape: torch.Size) -> Tensor:
         return (self.event_shape[1:].numel() * self.lu.log_abs_det()).expand(batch_shape)
 
+    @staticmethod
+    def _mix(weight: Tensor, x: Tensor) -> Tensor:
+        return torch.matmul(weight, x.flatten(-2)).unflatten(-1, x.shape[-2:])
+
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        y = torch.matmul(self.lu.weight(), x.flatten(-2)).unflatten(-1, x.shape[-2:])
-        return y, self._log_det(x.shape[:-3])
+        return self._mix(self.lu.weight(), x), self._log_det(x.shape[:-3])
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        channels_last = y.flatten(-2).transpose(-1, -2)  # (..., HW, C): one row per pixel
-        x = self.lu.solve_rows(channels_last.reshape(-1, y.shape[-3])).reshape(channels_last.shape)
-        return x.transpose(-1, -2).unflatten(-1, y.shape[-2:]), -self._log_det(y.shape[:-3])
+        return self._mix(self.lu.inverse_weight(), y), -self._log_det(y.shape[:-3])
