@@ -91,10 +91,22 @@ def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: f
 
 
 def score_command(args: argparse.Namespace) -> int:
+    """One ``log_density`` per input row, in order; with ``--skip-nonfinite`` rows with NaN/inf score ``nan``."""
     estimator = DensityEstimator.load(args.model)
-    table = read_table(args.data, drop_nonfinite=args.drop_nonfinite)
+    table = read_table(args.data, keep_nonfinite=args.skip_nonfinite)
     check_columns(table, estimator.feature_names_in_, estimator.features_, args.data)
-    write_table(estimator.score_samples(table.values), sys.stdout, header=["log_density"])
+    finite = np.isfinite(table.values).all(axis=1)
+    if not finite.any():
+        raise ValueError(f"{args.data}: every one of the {len(finite)} rows has NaN or inf values")
+    scores = np.full(len(finite), np.nan)
+    scores[finite] = np.asarray(estimator.score_samples(table.values[finite]))
+    if not finite.all():
+        warnings.warn(
+            f"{args.data}: {int((~finite).sum())} of {len(finite)} rows have NaN or inf values; "
+            "their log_density is nan",
+            stacklevel=2,
+        )
+    write_table(scores, sys.stdout, header=["log_density"])
     return 0
 
 
@@ -319,9 +331,8 @@ def _command(
     return command
 
 
-def _add_data_arguments(command: argparse.ArgumentParser, what: str) -> None:
+def _add_data_argument(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("data", type=Path, help=f"CSV (optional header row) or .npy file: {what}")
-    command.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN or inf instead of failing")
 
 
 def _add_model_argument(command: argparse.ArgumentParser) -> None:
@@ -331,7 +342,8 @@ def _add_model_argument(command: argparse.ArgumentParser) -> None:
 def _fit_parser(commands: argparse._SubParsersAction) -> None:
     model, train = _defaults(DensityEstimator.__init__), _defaults(DensityEstimator.fit)
     p = _command(commands, "fit", "fit a flow to a table of numbers and save it", fit_command)
-    _add_data_arguments(p, "one row per sample")
+    _add_data_argument(p, "one row per sample")
+    p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN or inf instead of failing")
     p.add_argument("--flow", choices=list(FLOWS), default=model["flow"], help="flow family")
     p.add_argument("--out", type=Path, required=True, help="where to save the fitted model, e.g. model.pt")
     p.add_argument("--transforms", type=_positive_int, default=model["transforms"], metavar="N", help="flow layers")
@@ -358,7 +370,12 @@ def _fit_parser(commands: argparse._SubParsersAction) -> None:
 def _score_parser(commands: argparse._SubParsersAction) -> None:
     p = _command(commands, "score", "write each row's log-density (an anomaly score) as CSV to stdout", score_command)
     _add_model_argument(p)
-    _add_data_arguments(p, "the training table's columns")
+    _add_data_argument(p, "the training table's columns")
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="score rows with NaN or inf as nan (one output row per input row) instead of failing",
+    )
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:

@@ -47,7 +47,7 @@ class Table:
         return iter((self.values, self.columns))
 
 
-def read_table(path: PathLike, drop_nonfinite: bool = False) -> Table:
+def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: bool = False) -> Table:
     """Read a 2-D table of numbers from a ``.csv`` or ``.npy`` file.
 
     * ``.csv``: comma separated; blank lines are skipped. The first row is a
@@ -58,7 +58,8 @@ def read_table(path: PathLike, drop_nonfinite: bool = False) -> Table:
     * ``.npy``: a numeric array (no pickles); 1-D arrays are one column.
 
     Rows with NaN or inf values are an error naming them, unless
-    ``drop_nonfinite=True``: then they are dropped with a warning saying how many.
+    ``drop_nonfinite=True`` (they are dropped with a warning saying how many) or
+    ``keep_nonfinite=True`` (they are kept, for a caller that handles them row by row).
 
     Returns:
         a :class:`Table` with float64 ``values`` of shape ``(rows, columns)``.
@@ -78,7 +79,11 @@ def read_table(path: PathLike, drop_nonfinite: bool = False) -> Table:
         raise ValueError(f"{path}: unknown file type {suffix!r}; expected one of {', '.join(_READERS)}")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    if drop_nonfinite and keep_nonfinite:
+        raise ValueError("read_table: drop_nonfinite and keep_nonfinite exclude each other")
     values, columns, row_names = _READERS[suffix](path)
+    if keep_nonfinite:
+        return Table(np.ascontiguousarray(values, dtype=np.float64), columns)
     return Table(_finite_rows(values, drop_nonfinite, path, row_names), columns)
 
 

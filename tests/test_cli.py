@@ -96,15 +96,21 @@ def test_headerless_npy_round_trip_names_columns_x0_x1(tmp_path, capsys):
     assert read_csv(capsys.readouterr().out)[1].shape == (200, 1)
 
 
-def test_drop_nonfinite_drops_bad_rows_with_a_warning(fitted, tmp_path, capsys):
+def test_skip_nonfinite_scores_bad_rows_as_nan_keeping_row_order(fitted, tmp_path, capsys):
     csv = tmp_path / "new.csv"
     csv.write_text("a,b\n0.5,0.25\nnan,1.0\n1.0,inf\n0.0,0.5\n")
     assert cli.main(["score", str(fitted["model"]), str(csv)]) == 2
     assert "lines 3, 4" in capsys.readouterr().err
-    assert cli.main(["score", str(fitted["model"]), str(csv), "--drop-nonfinite"]) == 0
+    assert cli.main(["score", str(fitted["model"]), str(csv), "--skip-nonfinite"]) == 0
     captured = capsys.readouterr()
-    assert read_csv(captured.out)[1].shape == (2, 1)
-    assert captured.err.strip() == f"pyro-flows: warning: {csv}: dropped 2 of 4 rows with NaN or inf values"
+    scores = read_csv(captured.out)[1][:, 0]
+    assert scores.shape == (4,)
+    assert np.isnan(scores[1:3]).all() and np.isfinite(scores[[0, 3]]).all()
+    good = DensityEstimator.load(fitted["model"]).score_samples(np.array([[0.5, 0.25], [0.0, 0.5]]))
+    np.testing.assert_allclose(scores[[0, 3]], good, rtol=1e-6)
+    assert captured.err.strip() == (
+        f"pyro-flows: warning: {csv}: 2 of 4 rows have NaN or inf values; their log_density is nan"
+    )
 
 
 def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
@@ -154,7 +160,7 @@ def test_usage_errors_and_help(capsys):
             cli.main(argv)
         assert info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
-    for command, option in (("fit", "--validation-fraction"), ("score", "--drop-nonfinite"), ("sample", "-n N"),
+    for command, option in (("fit", "--validation-fraction"), ("score", "--skip-nonfinite"), ("sample", "-n N"),
                             ("demo", "--quick")):  # fmt: skip
         with pytest.raises(SystemExit) as info:
             cli.main([command, "--help"])
