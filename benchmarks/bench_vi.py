@@ -1,0 +1,392 @@
+"""VI benchmark: the ELBO and the Pareto k̂ that flow guides reach per wall-clock second.
+
+pyro_flows' ``pf.infer.AutoFlowGuide`` against Pyro's own flow guides, with
+``AutoNormal`` as the mean-field reference. Every guide gets the same model, the
+same optimiser and learning rate, the same ELBO estimator and the same wall-clock
+training budget, in one process:
+
+* models (all small, no data downloads):
+
+  - ``funnel``: Neal's funnel in 10 dimensions, :math:`v \\sim \\mathcal{N}(0, 3^2)`,
+    :math:`x_i \\mid v \\sim \\mathcal{N}(0, e^{v})`, i = 1..9. It is normalised, so
+    :math:`\\log Z = 0`: the ELBO is :math:`-\\mathrm{KL}(q \\| p)` and the
+    importance-weighted ELBO tends to 0 from below;
+  - ``eight_schools``: the centred eight-schools model (Rubin 1981), 10 latents;
+  - ``logistic``: Bayesian logistic regression, weights and intercept with
+    :math:`\\mathcal{N}(0, 1)` priors, 200 synthetic rows and 4 correlated
+    features (seed 0), 5 latents;
+
+* guides (the flows all with ``--transforms`` layers and MADE conditioners of
+  ``--hidden`` widths):
+
+  - ``AutoNormal``: Pyro's mean-field Gaussian (reference);
+  - ``AutoIAFNormal``: Pyro's affine inverse autoregressive flow;
+  - ``AutoNormalizingFlow``: Pyro's flow guide with ``SplineAutoregressive``
+    layers (rational-quadratic splines, ``order="quadratic"``, 8 bins on
+    [-5, 5], orders alternating), i.e. Pyro's neural spline flow;
+  - ``pf-IAF``, ``pf-NSF``: ``pf.infer.AutoFlowGuide(model, flow="iaf" | "nsf")``,
+    the same layer counts, widths, bins and bound;
+  - ``pf-CNF`` (not run unless named in ``--guides``): ``AutoFlowGuide(flow="cnf")``;
+
+* training: ``pyro.infer.SVI`` with ``Trace_ELBO(num_particles=--particles)``
+  and ``ClippedAdam(lr=--lr)``, for ``--seconds`` of wall-clock time per run
+  (guide construction and the first step, which builds the guide's parameters,
+  included). The clock is paused at ``--checkpoints`` marks, T/2^(c-1), ..., T/2,
+  T, to evaluate the guide;
+* evaluation (not timed), the same function for every guide:
+  ``pf.diagnostics.psis(model, guide, *args, num_samples=--eval-samples)``,
+  i.e. ``log p(x, z) - log q(z)`` on draws of the guide and ArviZ's Pareto-smoothed
+  importance sampling: the ELBO (mean log weight), k̂ (< 0.5 good, 0.5-0.7 usable,
+  > 0.7 do not trust the guide) and the importance-weighted ELBO;
+* repeats: ``--repeats`` runs per (model, guide), seed = repeat index for
+  initialisation and training, the guides in turn inside each repeat and their
+  order rotated from repeat to repeat, so that slow drifts of a busy machine hit
+  every guide alike; tables show medians over repeats. Torch threads are fixed
+  (``--threads``, default 1).
+
+ELBOs are log-scale quantities: the comparison lines print differences (nats),
+not ratios; throughput (steps/s) is compared by ratio.
+
+Usage::
+
+    python benchmarks/bench_vi.py                       # 3 models x 5 guides x 3 repeats x 20 s, ~20 min
+    python benchmarks/bench_vi.py --models funnel --guides AutoNormal pf-NSF pf-CNF --seconds 30
+    python benchmarks/bench_vi.py --quick               # a few seconds per model (the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
+from torch import Tensor
+
+MODELS = ("funnel", "eight_schools", "logistic")
+GUIDES = ("AutoNormal", "AutoIAFNormal", "AutoNormalizingFlow", "pf-IAF", "pf-NSF", "pf-CNF")
+DEFAULT_GUIDES = GUIDES[:-1]
+PYRO_FLOWS = ("AutoIAFNormal", "AutoNormalizingFlow")
+OURS = ("pf-IAF", "pf-NSF", "pf-CNF")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The recipe shared by every guide."""
+
+    seconds: float = 20.0
+    checkpoints: int = 4
+    repeats: int = 3
+    transforms: int = 4
+    hidden: tuple[int, ...] = (32, 32)
+    bins: int = 8
+    bound: float = 5.0
+    lr: float = 1e-2
+    particles: int = 1
+    eval_samples: int = 4000
+
+
+QUICK = Config(seconds=0.5, checkpoints=2, repeats=1, hidden=(16, 16), eval_samples=200)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def funnel(dim: int = 10) -> None:
+    """Neal's funnel: v ~ N(0, 3^2), x_i | v ~ N(0, exp(v)), i = 1..dim-1 (normalised: log Z = 0)."""
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("dim", dim - 1):
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
+
+
+EIGHT_SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+EIGHT_SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def eight_schools(sigma: Tensor, y: Optional[Tensor] = None) -> None:
+    """Centred eight schools: mu ~ N(0, 5^2), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau^2),
+    y_j ~ N(theta_j, sigma_j^2)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", len(sigma)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def logistic_data(rows: int = 200, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Four standardised features (the first two correlated, rho = 0.8) and Bernoulli labels."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, 4, generator=generator)
+    x = torch.stack([z[:, 0], 0.8 * z[:, 0] + 0.6 * z[:, 1], z[:, 2], z[:, 3]], dim=-1)
+    logits = x @ torch.tensor([1.5, -1.0, 0.5, 0.0]) + 0.3
+    return x, torch.bernoulli(torch.sigmoid(logits), generator=generator)
+
+
+def logistic(x: Tensor, y: Optional[Tensor] = None) -> None:
+    """Bayesian logistic regression: w ~ N(0, I), b ~ N(0, 1), y_n ~ Bernoulli(sigmoid(x_n . w + b))."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        logits = (x * w.unsqueeze(-2)).sum(-1) + b  # broadcasts over vectorised particles
+        pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+
+def problem(name: str) -> tuple[Callable, tuple]:
+    """``(model, args)`` of a benchmark model."""
+    if name == "funnel":
+        return funnel, ()
+    if name == "eight_schools":
+        return eight_schools, (EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y)
+    if name == "logistic":
+        return logistic, logistic_data()
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+# -- guides ---------------------------------------------------------------------------------------
+
+
+def pyro_spline_flow(dim: int, cfg: Config):
+    """Pyro's neural spline flow: ``cfg.transforms`` quadratic ``SplineAutoregressive`` layers, orders alternating.
+
+    Built directly, because Pyro's ``spline_autoregressive`` helper sizes the network for the linear spline only.
+    """
+    from pyro.distributions.transforms import ComposeTransformModule, SplineAutoregressive
+    from pyro.nn import AutoRegressiveNN
+
+    k = cfg.bins
+    layers = []
+    for i in range(cfg.transforms):
+        order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
+        arn = AutoRegressiveNN(dim, list(cfg.hidden), param_dims=[k, k, k - 1], permutation=order)
+        layers.append(SplineAutoregressive(dim, arn, count_bins=k, bound=cfg.bound, order="quadratic"))
+    return ComposeTransformModule(layers)
+
+
+def make_guide(name: str, model: Callable, cfg: Config):
+    """A fresh guide; flows share layer count, MADE widths, spline bins and bound."""
+    import pyro_flows as pf
+
+    if name == "AutoNormal":
+        return AutoNormal(model)
+    if name == "AutoIAFNormal":
+        return AutoIAFNormal(model, hidden_dim=list(cfg.hidden), num_transforms=cfg.transforms)
+    if name == "AutoNormalizingFlow":
+        return AutoNormalizingFlow(model, functools.partial(pyro_spline_flow, cfg=cfg))
+    if name == "pf-IAF":
+        return pf.infer.AutoFlowGuide(model, flow="iaf", transforms=cfg.transforms, hidden=cfg.hidden)
+    if name == "pf-NSF":
+        return pf.infer.AutoFlowGuide(
+            model, flow="nsf", transforms=cfg.transforms, hidden=cfg.hidden, bins=cfg.bins, bound=cfg.bound
+        )
+    if name == "pf-CNF":
+        return pf.infer.AutoFlowGuide(model, flow="cnf", hidden=cfg.hidden)
+    raise ValueError(f"unknown guide {name!r}; choose from {GUIDES}")
+
+
+# -- one run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """The guide after ``seconds`` of training (``steps`` SVI steps)."""
+
+    seconds: float
+    steps: int
+    elbo: float
+    khat: float
+    iw_elbo: float
+
+
+def evaluate(model: Callable, guide, args: tuple, num_samples: int, seed: int) -> tuple[float, float, float]:
+    """(ELBO, k̂, importance-weighted ELBO) from ``pf.diagnostics.psis``, with a fixed sampling seed."""
+    import pyro_flows as pf
+
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        report = pf.diagnostics.psis(model, guide, *args, num_samples=num_samples)
+    return float(report.elbo), float(report.khat), float(report.iw_elbo)
+
+
+def marks(cfg: Config) -> list[float]:
+    """Checkpoint times T / 2^(c-1), ..., T / 2, T."""
+    return [cfg.seconds / 2**k for k in reversed(range(cfg.checkpoints))]
+
+
+def train(model_name: str, guide_name: str, cfg: Config, seed: int) -> list[Checkpoint]:
+    """Train a fresh guide for ``cfg.seconds`` of wall-clock time, evaluating it at :func:`marks`."""
+    model, args = problem(model_name)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+    guide = make_guide(guide_name, model, cfg)
+    elbo = Trace_ELBO(num_particles=cfg.particles, vectorize_particles=cfg.particles > 1, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": cfg.lr}), elbo)
+    elapsed, steps, out = time.perf_counter() - start, 0, []
+    for mark in marks(cfg):
+        while elapsed < mark:
+            start = time.perf_counter()
+            svi.step(*args)
+            elapsed += time.perf_counter() - start
+            steps += 1
+        out.append(Checkpoint(elapsed, steps, *evaluate(model, guide, args, cfg.eval_samples, seed=10_000 + seed)))
+    return out
+
+
+@dataclass
+class Result:
+    """One guide on one model: the checkpoints of every repeat, or why it is n/a."""
+
+    model: str
+    guide: str
+    runs: list[list[Checkpoint]] = field(default_factory=list)
+    error: Optional[str] = None
+
+    def median(self, attribute: str, checkpoint: int = -1) -> Optional[float]:
+        values = [getattr(run[checkpoint], attribute) for run in self.runs]
+        values = [v for v in values if not math.isnan(v)]
+        return statistics.median(values) if values else None
+
+    @property
+    def steps_per_second(self) -> Optional[float]:
+        return statistics.median(run[-1].steps / run[-1].seconds for run in self.runs) if self.runs else None
+
+
+def run(
+    models: Sequence[str] = MODELS,
+    guides: Sequence[str] = DEFAULT_GUIDES,
+    cfg: Config = Config(),
+    threads: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Every (model, guide), ``cfg.repeats`` times, guides interleaved and rotated; threads restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results = {(m, g): Result(m, g) for m in models for g in guides}
+    try:
+        for repeat in range(cfg.repeats):
+            order = list(guides[repeat % len(guides) :]) + list(guides[: repeat % len(guides)])
+            for m in models:
+                for g in order:
+                    result = results[m, g]
+                    if result.error is not None:
+                        continue
+                    try:
+                        result.runs.append(train(m, g, cfg, seed=repeat))
+                    except Exception as e:  # a guide that fails is reported n/a, the others go on
+                        result.error = f"{type(e).__name__}: {e}"
+                        log(f"{m} {g}: FAILED {result.error}")
+                        continue
+                    last = result.runs[-1][-1]
+                    log(
+                        f"repeat {repeat} {m:13s} {g:19s} {last.steps:6d} steps in {last.seconds:5.1f} s: "
+                        f"ELBO {last.elbo:9.3f}  k̂ {last.khat:5.2f}  IW-ELBO {last.iw_elbo:9.3f}  [{_load()}]"
+                    )
+    finally:
+        torch.set_num_threads(previous)
+    return list(results.values())
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def table(results: Sequence[Result], cfg: Config) -> str:
+    """Markdown: steps/s, the ELBO at every checkpoint, and k̂ and IW-ELBO at the end (medians over repeats)."""
+    times = [f"ELBO @{t:g}s" for t in marks(cfg)]
+    lines = [
+        "| model | guide | steps/s | " + " | ".join(times) + " | k̂ | IW-ELBO |",
+        "|---|---|---:|" + "---:|" * len(times) + "---:|---:|",
+    ]
+    for r in results:
+        elbos = [_fmt(r.median("elbo", c)) for c in range(cfg.checkpoints)]
+        cells = [_fmt(r.steps_per_second, 0), *elbos, _fmt(r.median("khat")), _fmt(r.median("iw_elbo"))]
+        lines.append(f"| {r.model} | {r.guide} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(results: Sequence[Result]) -> list[str]:
+    """For each model and each pyro_flows guide run: final ELBO and k̂ against the best Pyro flow guide."""
+    lines = []
+    for m in dict.fromkeys(r.model for r in results):
+        by = {r.guide: r for r in results if r.model == m and r.runs}
+        peers = [by[g] for g in PYRO_FLOWS if g in by and by[g].median("elbo") is not None]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r.median("elbo"))
+        for g in OURS:
+            ours = by.get(g)
+            if ours is None or ours.median("elbo") is None:
+                continue
+            delta = ours.median("elbo") - best.median("elbo")
+            speed = ours.steps_per_second / best.steps_per_second
+            lines.append(
+                f"{m}: {g} vs {best.guide}: ELBO {delta:+.3f} nats, "
+                f"k̂ {_fmt(ours.median('khat'))} vs {_fmt(best.median('khat'))}, steps/s x{speed:.2f}"
+            )
+    return lines
+
+
+def _load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load n/a"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--guides", nargs="+", default=list(DEFAULT_GUIDES), choices=GUIDES)
+    p.add_argument("--seconds", type=float, default=None, help="training budget per run (default 20, quick 0.5)")
+    p.add_argument("--checkpoints", type=int, default=None, help="evaluations at T/2^(c-1)..T (default 4, quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="default 3, quick 1")
+    p.add_argument("--transforms", type=int, default=None, help="flow layers (default 4)")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="MADE widths (default 32 32, quick 16 16)")
+    p.add_argument("--lr", type=float, default=None, help="ClippedAdam learning rate (default 1e-2)")
+    p.add_argument("--particles", type=int, default=None, help="ELBO particles per step (default 1)")
+    p.add_argument("--eval-samples", type=int, default=None, help="draws for ELBO and k̂ (default 4000, quick 200)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
+    p.add_argument("--json", help="write every checkpoint of every repeat to this file")
+    a = p.parse_args(argv)
+    base = QUICK if a.quick else Config()
+    overrides = {
+        "seconds": a.seconds,
+        "checkpoints": a.checkpoints,
+        "repeats": a.repeats,
+        "transforms": a.transforms,
+        "hidden": tuple(a.hidden) if a.hidden else None,
+        "lr": a.lr,
+        "particles": a.particles,
+        "eval_samples": a.eval_samples,
+    }
+    cfg = Config(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {a.threads} thread(s), {_load()}; {cfg}")
+    results = run(a.models, a.guides, cfg, a.threads)
+    print()
+    print(table(results, cfg))
+    print()
+    for line in comparisons(results):
+        print(line)
+    for r in results:
+        if r.error:
+            print(f"{r.model} {r.guide}: n/a ({r.error})")
+    print(_load())
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": asdict(cfg), "results": [asdict(r) for r in results]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
