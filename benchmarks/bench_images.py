@@ -1,0 +1,328 @@
+"""Glow on scikit-learn's 8×8 digits: pf.Glow against normflows' Glow, training throughput and held-out bits/dim.
+
+Both models are built with the same ``--levels`` L, ``--steps`` K and
+``--hidden-channels``:
+
+* **pyro_flows**: ``pf.Glow(shape=(1, 8, 8), levels=L, steps=K, hidden_channels=...,
+  pixel_levels=17)`` (its defaults: Glow's split prior, logit preprocessing with
+  alpha = 0.05); the continuous flow on [0, 1], ``model.flow``, is trained.
+* **normflows**: ``nf.MultiscaleFlow`` built as in normflows' Glow example: per level
+  K ``nf.flows.GlowBlock(channels, hidden_channels, split_mode="channel",
+  scale=True)`` then ``nf.flows.Squeeze()``, levels joined by ``nf.flows.Merge()``,
+  a Gaussian base per level, and ``transform=nf.transforms.Logit(alpha=0.05)``
+  (the same preprocessing as pf.Glow's).
+
+Configurations: ``unconditional`` (normflows bases: ``DiagGaussian``) and
+``class-conditional`` (10 classes; each library conditions the way its Glow does:
+pf.Glow embeds the label as context of every coupling and split prior,
+normflows' bases are ``ClassCondDiagGaussian``).
+
+Data and objective, identical for both: the digits' integer pixels x in 0..16 are
+dequantised as y = (x + u) / 17 with u ~ U[0, 1) (the same u for both), and
+each step is one Adam step (``--lr``, ``--batch``, gradient norm clipped at 5) on
+-mean log p(y) over the same mini-batch. Bits/dim are the discrete data's, computed
+identically for both from log p of the continuous flow:
+bits/dim = -(log p(y) - D log 17) / (D ln 2), averaged over the held-out images
+and ``--draws`` draws of u (a bound on the discrete bits/dim, see pf.bits_per_dim).
+
+Timing: the libraries train in interleaved chunks of ``--chunk`` steps on the same
+batches (A B, B A, A B, ...); images/s is the median over chunks (the first chunk,
+with ActNorm's data-dependent initialisation, is a warm-up and not counted). After
+``--train-steps`` steps each, the held-out bits/dim is reported. A peer that is not
+installed is ``n/a``.
+
+Usage::
+
+    python benchmarks/bench_images.py                       # threads 1 and 2, both configurations
+    python benchmarks/bench_images.py --quick --libs pyro_flows
+    python benchmarks/bench_images.py --profile             # torch.profiler of pf.Glow's training step
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LIBS = ("pyro_flows", "normflows")
+CONFIGS = ("unconditional", "class-conditional")
+SHAPE = (1, 8, 8)
+LEVELS = 17  # grey levels of the digits
+CLASSES = 10
+ALPHA = 0.05  # logit preprocessing, both libraries
+CLIP = 5.0
+
+
+def available(lib: str) -> bool:
+    return importlib.util.find_spec(lib) is not None
+
+
+@dataclass
+class Model:
+    """A flow and ``log_prob(y, labels)`` of images y on [0, 1] (labels ignored when unconditional)."""
+
+    module: nn.Module
+    log_prob: Callable[[Tensor, Tensor], Tensor]
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def build_pyro_flows(config: str, levels: int, steps: int, hidden_channels: int) -> Model:
+    import pyro_flows as pf
+
+    classes = CLASSES if config == "class-conditional" else None
+    model = pf.Glow(SHAPE, levels, steps, hidden_channels, classes=classes, pixel_levels=LEVELS, alpha=ALPHA)
+    flow = model.flow
+    if classes is None:
+        return Model(model, lambda y, labels: flow().log_prob(y))
+    return Model(model, lambda y, labels: flow(labels).log_prob(y))
+
+
+def build_normflows(config: str, levels: int, steps: int, hidden_channels: int) -> Model:
+    """normflows' Glow as in its example notebook (``examples/glow.ipynb``), for ``SHAPE`` images."""
+    import normflows as nf
+
+    channels, height, width = SHAPE
+    conditional = config == "class-conditional"
+    bases, merges, flows = [], [], []
+    for i in range(levels):  # i = 0 is the coarsest level (sampling direction)
+        blocks = [
+            nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden_channels, split_mode="channel", scale=True)
+            for _ in range(steps)
+        ]
+        flows.append([*blocks, nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            scale = 2 ** (levels - i)
+            latent = (channels * scale, height // scale, width // scale)
+        else:
+            latent = (channels * 2 ** (levels + 1), height // 2**levels, width // 2**levels)
+        base = nf.distributions.ClassCondDiagGaussian(latent, CLASSES) if conditional else None
+        bases.append(base or nf.distributions.DiagGaussian(latent))
+    model = nf.MultiscaleFlow(bases, flows, merges, transform=nf.transforms.Logit(ALPHA), class_cond=conditional)
+    return Model(model, lambda y, labels: model.log_prob(y, labels if conditional else None))
+
+
+BUILDERS = {"pyro_flows": build_pyro_flows, "normflows": build_normflows}
+
+
+def digits_split(test: int = 297, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer digit images and labels, split by a fixed permutation into (train X, train y, test X, test y)."""
+    from pyro_flows.data import digit_images
+
+    images, labels = digit_images()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    train, held_out = order[test:], order[:test]
+    return images[train], labels[train], images[held_out], labels[held_out]
+
+
+def discrete_bits_per_dim(log_prob: Tensor) -> float:
+    """-(mean log p(y) - D log L) / (D ln 2) for log-densities of y = (x + u) / L on [0, 1]^D."""
+    dims = math.prod(SHAPE)
+    return -(log_prob.mean().item() - dims * math.log(LEVELS)) / (dims * math.log(2))
+
+
+def independent_pixels_bits_per_dim(train: Tensor, test: Tensor) -> float:
+    """The baseline: a categorical per pixel fitted on ``train`` (add-one smoothing), bits/dim on ``test``."""
+    counts = torch.nn.functional.one_hot(train.long().flatten(1), LEVELS).sum(0) + 1.0  # (D, L)
+    log_p = (counts / counts.sum(-1, keepdim=True)).log()
+    pixels = test.long().flatten(1)
+    return -log_p.gather(1, pixels.T).mean().item() / math.log(2)
+
+
+def heldout_bits_per_dim(model: Model, images: Tensor, labels: Tensor, draws: int, seed: int = 1) -> float:
+    """Discrete bits/dim of held-out images, averaged over ``draws`` uniform dequantisations (seeded: same u)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        log_probs = [
+            model.log_prob((images + torch.rand(images.shape, generator=g)) / LEVELS, labels) for _ in range(draws)
+        ]
+    return discrete_bits_per_dim(torch.cat(log_probs))
+
+
+@dataclass
+class Run:
+    threads: int
+    config: str
+    lib: str
+    parameters: int = 0
+    throughput: list[float] = field(default_factory=list)  # images/s per timed chunk
+    bits_per_dim: Optional[float] = None
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(self.throughput) if self.throughput else None
+
+    @property
+    def best(self) -> Optional[float]:
+        return max(self.throughput) if self.throughput else None
+
+
+def _train_chunk(model: Model, optimizer: torch.optim.Optimizer, batches: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """Adam steps on the batches; returns the wall time."""
+    parameters = list(model.module.parameters())
+    start = time.perf_counter()
+    for y, labels in batches:
+        loss = -model.log_prob(y, labels).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, CLIP)
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def compare(
+    config: str,
+    libs: Sequence[str],
+    threads: int,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    levels: int,
+    steps: int,
+    hidden_channels: int,
+    train_steps: int,
+    chunk: int,
+    batch: int,
+    lr: float,
+    draws: int,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[Run]:
+    """Train every available library's Glow on the same batches in interleaved chunks; throughput and bits/dim."""
+    train_x, train_y, test_x, test_y = data
+    runs = {lib: Run(threads, config, lib) for lib in LIBS}
+    models: dict[str, Model] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for lib in libs:
+        if not available(lib):
+            log(f"{lib} is not installed: n/a")
+            continue
+        torch.manual_seed(seed)
+        models[lib] = BUILDERS[lib](config, levels, steps, hidden_channels)
+        optimizers[lib] = torch.optim.Adam(models[lib].module.parameters(), lr=lr)
+        runs[lib].parameters = models[lib].parameters
+    g = torch.Generator().manual_seed(seed)
+    order = list(models)
+    for start in range(0, train_steps, chunk):
+        batches = []
+        for _ in range(min(chunk, train_steps - start)):
+            index = torch.randint(len(train_x), (batch,), generator=g)
+            u = torch.rand((batch, *SHAPE), generator=g)
+            batches.append(((train_x[index] + u) / LEVELS, train_y[index]))
+        for lib in order:
+            seconds = _train_chunk(models[lib], optimizers[lib], batches)
+            if start > 0:  # the first chunk (ActNorm initialisation, allocator warm-up) is not timed
+                runs[lib].throughput.append(len(batches) * batch / seconds)
+        order.reverse()
+    for lib, model in models.items():
+        runs[lib].bits_per_dim = heldout_bits_per_dim(model, test_x, test_y, draws)
+        log(
+            f"threads={threads} {config} {lib}: {_fmt(runs[lib].median)} images/s, "
+            f"held-out {runs[lib].bits_per_dim:.3f} bits/dim after {train_steps} steps"
+        )
+    return list(runs.values())
+
+
+def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(runs: Sequence[Run], baseline: float) -> str:
+    lines = [
+        "| threads | model | lib | parameters | images/s (median) | images/s (best) | held-out bits/dim |"
+        " pf / nf throughput | pf − nf bits/dim |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        ratio = diff = ""
+        if run.lib == "pyro_flows":
+            peer = next(r for r in runs if (r.threads, r.config, r.lib) == (run.threads, run.config, "normflows"))
+            if run.median and peer.median:
+                ratio = f"{run.median / peer.median:.2f}"
+            if run.bits_per_dim is not None and peer.bits_per_dim is not None:
+                diff = f"{run.bits_per_dim - peer.bits_per_dim:+.3f}"
+        lines.append(
+            f"| {run.threads} | {run.config} | {run.lib} | {_fmt(run.parameters or None)} | {_fmt(run.median)} | "
+            f"{_fmt(run.best)} | {_fmt(run.bits_per_dim, '.3f')} | {ratio} | {diff} |"
+        )
+    lines.append(f"| | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
+    return "\n".join(lines)
+
+
+def profile(config: str, levels: int, steps: int, hidden_channels: int, batch: int, iterations: int = 20) -> str:
+    """torch.profiler table (top ops by self CPU time) of pf.Glow's training step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    train_x, train_y, _, _ = digits_split()
+    torch.manual_seed(0)
+    model = build_pyro_flows(config, levels, steps, hidden_channels)
+    optimizer = torch.optim.Adam(model.module.parameters(), lr=1e-3)
+    y, labels = (train_x[:batch] + torch.rand(batch, *SHAPE)) / LEVELS, train_y[:batch]
+    _train_chunk(model, optimizer, [(y, labels)] * 3)  # initialise and warm up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        _train_chunk(model, optimizer, [(y, labels)] * iterations)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--levels", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="flow steps per level (K)")
+    p.add_argument("--hidden-channels", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=None, help="Adam steps per library (default 400, quick 6)")
+    p.add_argument("--chunk", type=int, default=None, help="steps per timed chunk (default 25, quick 2)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--draws", type=int, default=None, help="dequantisation draws for bits/dim (default 8, quick 1)")
+    p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
+    p.add_argument("--profile", action="store_true", help="profile pf.Glow's training step instead (first --configs)")
+    a = p.parse_args(argv)
+    q = a.quick
+    warnings.filterwarnings("ignore", message="torch.lu is deprecated")  # normflows' LU 1x1 convolution
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(a.threads[0])
+        if a.profile:
+            print(profile(a.configs[0], a.levels, a.steps, a.hidden_channels, a.batch))
+            return 0
+        data = digits_split()
+        runs = []
+        for n in a.threads:
+            torch.set_num_threads(n)
+            for config in a.configs:
+                runs += compare(
+                    config,
+                    a.libs,
+                    n,
+                    data,
+                    a.levels,
+                    a.steps,
+                    a.hidden_channels,
+                    a.train_steps or (6 if q else 400),
+                    a.chunk or (2 if q else 25),
+                    a.batch,
+                    a.lr,
+                    a.draws or (1 if q else 8),
+                )
+        print()
+        print(table(runs, independent_pixels_bits_per_dim(data[0], data[2])))
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
