@@ -1,3 +1,5 @@
 """Inference with flows: variational guides for Pyro models and simulation-based inference."""
 
-__all__: list[str] = []
+from .guides import AmortizedFlowGuide, AutoFlowGuide
+
+__all__: list[str] = ["AmortizedFlowGuide", "AutoFlowGuide"]

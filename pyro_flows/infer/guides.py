@@ -1,0 +1,549 @@
+"""Normalizing-flow guides for variational inference in Pyro models.
+
+:class:`AutoFlowGuide` replaces ``AutoNormal`` in one line: a flow over the
+model's whole unconstrained latent vector. :class:`AmortizedFlowGuide` puts a
+conditional flow, conditioned on an encoding of each datum, on per-datum local
+latents, so it generalises to new data without refitting.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import ExitStack
+from typing import Callable, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous, AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.utils import helpful_support_errors
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from .. import transforms as T
+from ..flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, RealNVP
+from ..nn import MLP
+
+FLOWS = {"nsf": NSF, "maf": MAF, "iaf": IAF, "realnvp": RealNVP, "nice": NICE, "cnf": CNF, "ffjord": FFJORD}
+_CONTINUOUS = ("cnf", "ffjord")
+
+FlowSpec = Union[str, Callable[..., nn.Module]]
+
+
+def _check_flow_spec(flow: FlowSpec, transforms: int, init_scale: float) -> None:
+    if isinstance(flow, str):
+        if flow not in FLOWS:
+            raise ValueError(f"flow must be one of {sorted(FLOWS)} or a callable, got {flow!r}")
+    elif not callable(flow):
+        raise TypeError(f"flow must be a name in {sorted(FLOWS)} or a callable, got {type(flow).__name__}")
+    if int(transforms) < 1:
+        raise ValueError(f"transforms must be >= 1, got {transforms}")
+    if not (isinstance(init_scale, (int, float)) and 0 < init_scale < float("inf")):
+        raise ValueError(f"init_scale must be a finite positive number, got {init_scale!r}")
+
+
+def _default_hidden(features: int) -> tuple[int, int]:
+    width = max(64, 2 * features)
+    return (width, width)
+
+
+def named_flow(
+    name: str, features: int, context: int = 0, transforms: int = 4, hidden: Optional[Sequence[int]] = None, **kwargs
+) -> Flow:
+    """The library's flow ``name`` with every layer in its one-pass *sampling* direction.
+
+    A guide samples and scores its own samples, never outside points, so the
+    layers that a factory inverts for one-pass densities (MAF, autoregressive
+    NSF) are used un-inverted: ``"maf"`` gives the IAF and ``"nsf"`` the
+    inverse-autoregressive rational-quadratic spline flow (Durkan et al. 2019),
+    both one network pass per layer to sample, and ``log q`` of a sample comes
+    from the layers' caches (no sequential inverse). Couplings and CNFs are
+    used as built. ``hidden=None`` picks two layers of ``max(64, 2 features)``.
+    """
+    hidden = _default_hidden(features) if hidden is None else tuple(hidden)
+    if name in _CONTINUOUS:
+        flow = FLOWS[name](features, context, hidden=hidden, **kwargs)
+    else:
+        flow = FLOWS[name](features, context, transforms=transforms, hidden=hidden, **kwargs)
+    layers = [t.layer if isinstance(t, T.Inverse) else t for t in flow.transforms]
+    return Flow(flow.base, layers, context)
+
+
+def _affine_around(loc: Tensor, scale: float) -> T.ActNorm:
+    """A learnable elementwise affine layer ``y = loc + scale * x`` (an ActNorm, already initialised)."""
+    layer = T.ActNorm(loc.shape[-1]).to(loc)
+    with torch.no_grad():
+        layer.shift.copy_(loc)
+        layer.log_scale.fill_(float(torch.log(torch.tensor(scale, dtype=torch.float64))))
+        layer.initialized.fill_(True)
+    return layer
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    """Data-dependent initialisation means nothing for a guide's own samples (and would undo a loaded state)."""
+    for layer in module.modules():
+        if isinstance(layer, T.ActNorm):
+            layer.initialized.fill_(True)
+
+
+def build_guide_flow(
+    flow: FlowSpec,
+    features: int,
+    context: int,
+    transforms: int,
+    hidden: Optional[Sequence[int]],
+    loc: Tensor,
+    init_scale: float,
+    extra_layers: Sequence[nn.Module] = (),
+    **kwargs,
+) -> nn.Module:
+    """A flow over ``features`` dims that starts as the affine map ``loc + init_scale * z`` of its base.
+
+    Named flows and callables returning a :class:`~pyro_flows.Flow` get
+    ``extra_layers`` and a final learnable affine layer appended (all our
+    layers start at the identity); any other module a callable returns is
+    used as it is.
+    """
+    if isinstance(flow, str):
+        module = named_flow(flow, features, context, transforms, hidden, **kwargs)
+    else:
+        module = flow(features, context) if context else flow(features)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"the flow callable must return an nn.Module, got {type(module).__name__}")
+    if isinstance(module, Flow):
+        layers = [*module.transforms, *extra_layers, _affine_around(loc, init_scale)]
+        module = Flow(module.base, layers, module.context_features)
+    _mark_initialized(module)
+    return module.to(loc)
+
+
+class AutoFlowGuide(AutoContinuous):
+    r"""A normalizing-flow guide over a Pyro model's whole unconstrained latent vector.
+
+    As :class:`~pyro.infer.autoguide.AutoContinuous`, every latent site is
+    mapped to the reals by ``biject_to(support).inv`` and concatenated into
+    :math:`u \in \mathbb{R}^D`; the guide is
+
+    .. math::
+        u = \mu + \sigma \odot f_K \circ \dots \circ f_1(\varepsilon), \quad
+        \varepsilon \sim \mathcal{N}(0, I_D), \qquad
+        \log q(u) = \log \mathcal{N}(\varepsilon) - \sum_k \log|\det J_{f_k}| - \sum_i \log \sigma_i,
+
+    with :math:`\mu` the ``init_loc_fn`` point, :math:`\log \sigma` starting at
+    ``log(init_scale)`` (both learnable) and the flow layers starting at the
+    identity, so training starts from :math:`\mathcal{N}(\mu, \sigma^2 I)`.
+    Rezende & Mohamed (2015), *Variational inference with normalizing flows*;
+    Kucukelbir et al. (2017), ADVI.
+
+    Sampling uses the flow's one-pass direction (see :func:`named_flow`) and
+    ``log q`` of the sample is served by the layers' versioned caches: no
+    second pass and no sequential inverse. The flow is built on the first call
+    (when the latent dimension is known), in the dtype and device of the
+    model's values, and registered with ``pyro.module`` (name
+    ``"<guide name>.flow"``), so ``pyro.get_param_store().save/load`` round-trip:
+    a rebuilt guide picks up loaded values on its first call. Buffers (a
+    ``mixing="random"`` permutation) are not in the param store; default flows
+    have none that is random. Local latents in a *subsampled* plate are
+    rejected (use :class:`AmortizedFlowGuide`); subsampled observations are fine.
+
+    Args:
+        model: a Pyro model with continuous latent sites (discrete ones raise a ValueError).
+        flow: ``"nsf"``, ``"maf"``/``"iaf"`` (the same IAF), ``"realnvp"``, ``"nice"``,
+            ``"cnf"``, ``"ffjord"``, or a callable ``latent_dim -> module``: a
+            :class:`~pyro_flows.Flow` (the affine layer is appended) or any ``nn.Module``
+            whose call returns a distribution over ``(latent_dim,)`` (used as is).
+        transforms: number of flow layers (not for CNFs).
+        hidden: hidden widths of the conditioners (default two of ``max(64, 2D)``).
+        init_loc_fn: per-site initialisation (Pyro's ``init_to_*``).
+        init_scale: initial scale :math:`\sigma` of the affine layer.
+        flow_kwargs: passed to the flow factory (e.g. ``bins``, ``bound``, ``trace``).
+
+    Example:
+        >>> guide = AutoFlowGuide(model, flow="nsf", transforms=4)  # doctest: +SKIP
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        flow: FlowSpec = "nsf",
+        transforms: int = 4,
+        hidden: Optional[Sequence[int]] = None,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: float = 0.1,
+        **flow_kwargs,
+    ) -> None:
+        _check_flow_spec(flow, transforms, init_scale)
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._flow_spec = flow
+        self._transforms = int(transforms)
+        self._hidden = hidden
+        self._init_scale = float(init_scale)
+        self._flow_kwargs = flow_kwargs
+        self.flow = None
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        _reject_subsampled_latents(self.prototype_trace, type(self).__name__)
+        loc = self._init_loc()
+        self.flow = build_guide_flow(
+            self._flow_spec,
+            self.latent_dim,
+            0,
+            self._transforms,
+            self._hidden,
+            loc,
+            self._init_scale,
+            **self._flow_kwargs,
+        )
+
+    def get_posterior(self, *args, **kwargs) -> Distribution:
+        """The flow distribution over the unconstrained latent vector ``(latent_dim,)``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        pyro.module(self._pyro_get_fullname("flow"), self.flow, update_module_params=True)
+        return self.flow()
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Union[Sequence[float], Tensor], *args, num_samples: int = 1000, **kwargs) -> dict:
+        """Monte Carlo quantiles of each latent site (no closed form for a flow).
+
+        The quantiles of ``num_samples`` draws of each unconstrained coordinate,
+        mapped to the constrained space (exact for elementwise monotone
+        bijections, as in :class:`~pyro.infer.autoguide.AutoContinuous`).
+        Returns a dict ``site -> (len(quantiles), *site shape)``.
+        """
+        draws = self.get_posterior(*args, **kwargs).sample((int(num_samples),))
+        latents = _coordinate_quantiles(draws, quantiles)
+        result: dict = {}
+        for latent in latents:
+            for site, unconstrained in self._unpack_latent(latent):
+                result.setdefault(site["name"], []).append(biject_to(site["fn"].support)(unconstrained))
+        return {name: torch.stack(values) for name, values in result.items()}
+
+    @torch.no_grad()
+    def median(self, *args, num_samples: int = 1000, **kwargs) -> dict:
+        """Monte Carlo median of each latent site: :meth:`quantiles` at 0.5."""
+        return {
+            name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
+        }
+
+
+def _coordinate_quantiles(draws: Tensor, quantiles: Union[Sequence[float], Tensor]) -> Tensor:
+    q = torch.as_tensor(quantiles, dtype=draws.dtype, device=draws.device).reshape(-1)
+    if not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"quantiles must lie in [0, 1], got {q.tolist()}")
+    return torch.quantile(draws, q, dim=0)
+
+
+def _reject_subsampled_latents(trace, guide_name: str) -> None:
+    for name, site in trace.iter_stochastic_nodes():
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"{guide_name}: latent site '{name}' is in plate '{frame.name}', subsampled "
+                    f"({frame.size} of {frame.full_size}); one latent vector cannot follow the "
+                    "subsample. Use AmortizedFlowGuide for per-datum latents."
+                )
+
+
+def _unconstrained_event_dim(site) -> int:
+    shape = biject_to(site["fn"].support).inv(site["value"]).shape
+    return site["fn"].event_dim + len(shape) - site["value"].dim()
+
+
+def _delta_site(site, unconstrained: Tensor, plates: dict) -> Tensor:
+    """Sample site ``site`` at ``biject_to(support)(unconstrained)`` with the Jacobian as its log-density."""
+    transform = biject_to(site["fn"].support)
+    value = transform(unconstrained)
+    if poutine.get_mask() is False:
+        log_density = 0.0
+    else:
+        log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+        log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
+    with ExitStack() as stack:
+        for frame in site["cond_indep_stack"]:
+            stack.enter_context(plates[frame.name])
+        return pyro.sample(site["name"], dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim))
+
+
+class _LocalSite:
+    """Where one local site's per-datum block sits in the unconstrained value: plate axis and shape."""
+
+    def __init__(self, site, plate_dim: int) -> None:
+        with helpful_support_errors(site):
+            unconstrained = biject_to(site["fn"].support).inv(site["value"])
+        self.shape = unconstrained.shape
+        event_dim = _unconstrained_event_dim(site)
+        self.axis = len(self.shape) - event_dim + plate_dim
+        if self.axis < 0:
+            raise ValueError(f"local site '{site['name']}' has no batch dimension for its plate (dim {plate_dim})")
+        self.rest = self.shape[: self.axis] + self.shape[self.axis + 1 :]
+        self.size = self.rest.numel()
+
+    def rows(self, unconstrained: Tensor) -> Tensor:
+        """``(N, size)``: the prototype value with the plate axis first, one row per datum."""
+        return unconstrained.movedim(self.axis, 0).reshape(unconstrained.shape[self.axis], self.size)
+
+    def value(self, block: Tensor) -> Tensor:
+        """Inverse of :meth:`rows` for a block ``lead + (B, size)``: ``lead + shape`` with ``B`` on the plate axis."""
+        lead = block.shape[:-2]
+        return block.reshape(lead + block.shape[-2:-1] + self.rest).movedim(len(lead), len(lead) + self.axis)
+
+
+class AmortizedFlowGuide(AutoGuide):
+    r"""An amortized flow guide: per-datum local latents from a flow conditioned on the datum.
+
+    For local latents :math:`z_n` (every site in ``local_sites``, all in one
+    plate over the data) and observations :math:`x_n`,
+
+    .. math::
+        q(z_{1:N}, \theta \mid x_{1:N}) = q_\phi(\theta) \prod_n q_\psi\big(z_n \mid e_\eta(x_n)\big),
+
+    where :math:`e_\eta` is the ``encoder`` (default an MLP), :math:`q_\psi` a
+    conditional flow whose layers see the encoding, ending in a
+    context-dependent elementwise affine layer (an affine coupling transforming
+    every coordinate, its conditioner seeing only the context) and a learnable
+    affine layer around the mean initial point, and :math:`q_\phi` an
+    :class:`AutoFlowGuide` over the global latents (if any). Kingma & Welling
+    (2014); Rezende & Mohamed (2015). The guide works on data it was not
+    trained on, of any size: the local plate is rebuilt from the observation
+    on every call (subsampled with the model's ``subsample_size``, if any).
+
+    Shapes: the observation tensor's first dimension indexes the data (its
+    length is the plate's full size); the encoder maps the selected rows
+    ``(B, *obs_shape)`` to ``(B, context_features)``. A local site's per-datum
+    block is its unconstrained value with the plate axis removed, flattened;
+    the blocks of all local sites are concatenated.
+
+    Args:
+        model: a Pyro model.
+        local_sites: names of the per-datum latent sites.
+        observation: where the guide finds the observed data among the model's
+            arguments: a parameter name (``"x"``), a position (``0``) or a callable
+            ``(*args, **kwargs) -> Tensor``.
+        plate: the data plate's name (default: the one plate all local sites share).
+        encoder: an ``nn.Module`` ``(B, *obs_shape) -> (B, context_features)``;
+            default ``Flatten`` + :class:`~pyro_flows.nn.MLP` with ``encoder_hidden``.
+        context_features: size of the encoding.
+        flow, transforms, hidden, flow_kwargs: the local conditional flow (as in
+            :class:`AutoFlowGuide`; a callable gets ``(features, context_features)``).
+        global_flow: the flow of the global latents' :class:`AutoFlowGuide`.
+        init_loc_fn, init_scale: initialisation as in :class:`AutoFlowGuide`.
+
+    Example:
+        >>> guide = AmortizedFlowGuide(model, local_sites=["z"], observation="x")  # doctest: +SKIP
+        >>> guide.get_posterior(x_new).sample((100,))  # (100, N_new, K) per-datum draws  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        local_sites: Sequence[str],
+        observation: Union[str, int, Callable] = 0,
+        plate: Optional[str] = None,
+        encoder: Optional[nn.Module] = None,
+        context_features: int = 16,
+        flow: FlowSpec = "nsf",
+        transforms: int = 4,
+        hidden: Optional[Sequence[int]] = None,
+        encoder_hidden: Sequence[int] = (64, 64),
+        global_flow: FlowSpec = "nsf",
+        init_loc_fn: Callable = init_to_median,
+        init_scale: float = 0.1,
+        **flow_kwargs,
+    ) -> None:
+        _check_flow_spec(flow, transforms, init_scale)
+        _check_flow_spec(global_flow, transforms, init_scale)
+        if isinstance(local_sites, str) or not local_sites:
+            raise ValueError(f"local_sites must be a non-empty list of site names, got {local_sites!r}")
+        if not isinstance(observation, (str, int)) and not callable(observation):
+            raise TypeError(f"observation must be a parameter name, a position or a callable, got {observation!r}")
+        if int(context_features) < 1:
+            raise ValueError(f"context_features must be >= 1, got {context_features}")
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=self._local_plate)
+        self._raw_model = (model,)
+        self.local_sites = list(local_sites)
+        self._observation = observation
+        self._plate_name = plate
+        self._context_features = int(context_features)
+        self._flow_spec, self._global_flow_spec = flow, global_flow
+        self._transforms, self._hidden, self._encoder_hidden = int(transforms), hidden, tuple(encoder_hidden)
+        self._init_loc_fn, self._init_scale, self._flow_kwargs = init_loc_fn, float(init_scale), flow_kwargs
+        self.encoder = encoder
+        self.local_flow = None
+        self.global_guide = None
+
+    # -- observation and plate -------------------------------------------------
+    def observation(self, *args, **kwargs) -> Tensor:
+        """The observation tensor ``(N, *obs_shape)`` among the model's arguments."""
+        spec = self._observation
+        if callable(spec):
+            value = spec(*args, **kwargs)
+        elif isinstance(spec, int):
+            if spec >= len(args):
+                raise ValueError(f"observation={spec}: the model was called with {len(args)} positional arguments")
+            value = args[spec]
+        else:
+            bound = inspect.signature(self._raw_model[0]).bind_partial(*args, **kwargs).arguments
+            if spec not in bound:
+                raise ValueError(f"observation={spec!r}: no such argument in this call of the model")
+            value = bound[spec]
+        if not isinstance(value, Tensor) or value.dim() < 1:
+            raise ValueError(f"the observation must be a tensor with a data dimension first, got {value!r:.80}")
+        return value
+
+    def _local_plate(self, *args, **kwargs) -> pyro.plate:
+        frame = self._local_frame
+        full_size = frame.full_size or frame.size
+        rows = self.observation(*args, **kwargs).shape[0]
+        subsample_size = min(frame.size, rows) if frame.size < full_size else None
+        return pyro.plate(frame.name, rows, dim=frame.dim, subsample_size=subsample_size)
+
+    # -- prototype ---------------------------------------------------------------
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        latents = dict(self.prototype_trace.iter_stochastic_nodes())
+        missing = [name for name in self.local_sites if name not in latents]
+        if missing:
+            raise ValueError(f"local_sites {missing} are not latent sample sites of the model")
+        self._local_frame = self._find_local_frame(latents)
+        self._local = {name: _LocalSite(latents[name], self._local_frame.dim) for name in self.local_sites}
+        rows = self.observation(*args, **kwargs)
+        if rows.shape[0] != (self._local_frame.full_size or self._local_frame.size):
+            raise ValueError(
+                f"the observation has {rows.shape[0]} rows but plate '{self._local_frame.name}' has full size "
+                f"{self._local_frame.full_size or self._local_frame.size}"
+            )
+        init = torch.cat(
+            [
+                site.rows(biject_to(latents[name]["fn"].support).inv(latents[name]["value"].detach()))
+                for name, site in self._local.items()
+            ],
+            dim=-1,
+        )
+        if self.encoder is None:
+            features = rows[0].numel()
+            mlp = MLP(features, self._context_features, self._encoder_hidden, zero_init=False)
+            self.encoder = nn.Sequential(nn.Flatten(), mlp).to(rows)
+        features = init.shape[-1]
+        context_affine = T.ConditionalAffineCoupling(
+            features,
+            mask=torch.ones(features, dtype=torch.bool),
+            hidden=_default_hidden(features) if self._hidden is None else self._hidden,
+            context_features=self._context_features,
+        )
+        self.local_flow = build_guide_flow(
+            self._flow_spec,
+            features,
+            self._context_features,
+            self._transforms,
+            self._hidden,
+            init.mean(0),
+            self._init_scale,
+            extra_layers=[context_affine],
+            **self._flow_kwargs,
+        )
+        if len(latents) > len(self.local_sites):
+            self.global_guide = AutoFlowGuide(
+                poutine.block(self._raw_model[0], hide=self.local_sites),
+                flow=self._global_flow_spec,
+                transforms=self._transforms,
+                hidden=self._hidden,
+                init_loc_fn=self._init_loc_fn,
+                init_scale=self._init_scale,
+            )
+
+    def _find_local_frame(self, latents: dict):
+        stacks = [{f.name: f for f in latents[name]["cond_indep_stack"]} for name in self.local_sites]
+        shared = set(stacks[0]).intersection(*stacks[1:])
+        if self._plate_name is not None:
+            if self._plate_name not in shared:
+                raise ValueError(f"plate '{self._plate_name}' does not hold every local site {self.local_sites}")
+            return stacks[0][self._plate_name]
+        if len(shared) != 1:
+            raise ValueError(
+                f"the local sites {self.local_sites} share plates {sorted(shared)}; pass plate=<name of the data plate>"
+            )
+        return stacks[0][shared.pop()]
+
+    def _check_prototype(self, part_trace) -> None:
+        for name, _ in part_trace.iter_stochastic_nodes():
+            if name in self.local_sites or name not in self.prototype_trace.nodes:
+                raise ValueError(f"global guide site '{name}' is local or not a latent of the model")
+
+    # -- the guide ----------------------------------------------------------------
+    def _context(self, rows: Tensor) -> Tensor:
+        context = self.encoder(rows)
+        if context.shape != (rows.shape[0], self._context_features):
+            raise ValueError(
+                f"the encoder must map {tuple(rows.shape)} to ({rows.shape[0]}, {self._context_features}), "
+                f"got {tuple(context.shape)}"
+            )
+        return context
+
+    def get_posterior(self, *args, **kwargs) -> Distribution:
+        """The local flow for every datum of the observation: batch ``(N,)``, event ``(K,)``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        self._register()
+        return self.local_flow(self._context(self.observation(*args, **kwargs)))
+
+    def _register(self) -> None:
+        pyro.module(self._pyro_get_fullname("encoder"), self.encoder, update_module_params=True)
+        pyro.module(self._pyro_get_fullname("local_flow"), self.local_flow, update_module_params=True)
+
+    def forward(self, *args, **kwargs) -> dict:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = self.global_guide(*args, **kwargs) if self.global_guide is not None else {}
+        self._register()
+        frame = self._local_frame
+        plate = plates[frame.name]
+        with plate as index:
+            context = self._context(self.observation(*args, **kwargs).index_select(0, index))
+            context = context.reshape(context.shape[:1] + (1,) * (-frame.dim - 1) + context.shape[1:])
+            latent = pyro.sample(f"_{self._pyro_name}_local", self.local_flow(context), infer={"is_auxiliary": True})
+        result.update(self._unpack(latent, frame, plates))
+        return result
+
+    def _blocks(self, latent: Tensor, trailing: int) -> dict:
+        """Per-site unconstrained values from a latent ``lead + (B,) + (1,) * trailing + (K,)``."""
+        batch_dim = latent.dim() - 2 - trailing
+        flat = latent.reshape(latent.shape[: batch_dim + 1] + latent.shape[-1:])
+        values, start = {}, 0
+        for name, site in self._local.items():
+            values[name] = site.value(flat[..., start : start + site.size])
+            start += site.size
+        return values
+
+    def _unpack(self, latent: Tensor, frame, plates: dict) -> dict:
+        sites = self.prototype_trace.nodes
+        blocks = self._blocks(latent, -frame.dim - 1)
+        return {name: _delta_site(sites[name], value, plates) for name, value in blocks.items()}
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Union[Sequence[float], Tensor], *args, num_samples: int = 1000, **kwargs) -> dict:
+        """Monte Carlo quantiles of every latent site given the data in ``args`` (as in :class:`AutoFlowGuide`)."""
+        result = {}
+        if self.global_guide is not None:
+            result.update(self.global_guide.quantiles(quantiles, *args, num_samples=num_samples, **kwargs))
+        draws = self.get_posterior(*args, **kwargs).sample((int(num_samples),))  # (S, N, K)
+        latents = _coordinate_quantiles(draws, quantiles)  # (Q, N, K)
+        for name, value in self._blocks(latents, 0).items():
+            result[name] = biject_to(self.prototype_trace.nodes[name]["fn"].support)(value)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, num_samples: int = 1000, **kwargs) -> dict:
+        """Monte Carlo median of every latent site: :meth:`quantiles` at 0.5."""
+        return {
+            name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
+        }
