@@ -295,6 +295,17 @@ class _LocalSite:
         return block.reshape(lead + block.shape[-2:-1] + self.rest).movedim(len(lead), len(lead) + self.axis)
 
 
+class RowEncoder(nn.Module):
+    """The default encoder: each datum ``(B, *obs_shape)`` flattened, then an :class:`~pyro_flows.nn.MLP`."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (64, 64)) -> None:
+        super().__init__()
+        self.mlp = MLP(in_features, out_features, hidden, zero_init=False)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return self.mlp(rows.reshape(rows.shape[0], -1))
+
+
 class AmortizedFlowGuide(AutoGuide):
     r"""An amortized flow guide: per-datum local latents from a flow conditioned on the datum.
 
@@ -328,7 +339,7 @@ class AmortizedFlowGuide(AutoGuide):
             ``(*args, **kwargs) -> Tensor``.
         plate: the data plate's name (default: the one plate all local sites share).
         encoder: an ``nn.Module`` ``(B, *obs_shape) -> (B, context_features)``;
-            default ``Flatten`` + :class:`~pyro_flows.nn.MLP` with ``encoder_hidden``.
+            default a :class:`RowEncoder` with ``encoder_hidden``.
         context_features: size of the encoding.
         flow, transforms, hidden, flow_kwargs: the local conditional flow (as in
             :class:`AutoFlowGuide`; a callable gets ``(features, context_features)``).
@@ -430,8 +441,7 @@ class AmortizedFlowGuide(AutoGuide):
         )
         if self.encoder is None:
             features = rows[0].numel()
-            mlp = MLP(features, self._context_features, self._encoder_hidden, zero_init=False)
-            self.encoder = nn.Sequential(nn.Flatten(), mlp).to(rows)
+            self.encoder = RowEncoder(features, self._context_features, self._encoder_hidden).to(rows)
         features = init.shape[-1]
         context_affine = T.ConditionalAffineCoupling(
             features,
