@@ -1,0 +1,576 @@
+r"""Simulation-based inference: neural posterior estimation (NPE) with conditional flows.
+
+Given a prior :math:`p(\theta)` and a simulator :math:`x \sim p(x \mid \theta)` with no tractable
+likelihood, NPE fits a conditional flow :math:`q_\phi(\theta \mid x)` to simulated pairs
+:math:`(\theta_n, x_n)` by maximum likelihood, :math:`\min_\phi -\frac1N\sum_n \log q_\phi(\theta_n \mid x_n)`,
+whose minimiser over pairs drawn from :math:`p(\theta)p(x\mid\theta)` is the posterior
+:math:`p(\theta \mid x)` (Papamakarios & Murray 2016). Sequential rounds draw :math:`\theta` from a
+proposal :math:`\tilde p(\theta)` (the previous round's posterior at :math:`x_o`) and use the atomic
+APT loss (Greenberg et al. 2019), which still makes :math:`q_\phi` the posterior without any correction.
+
+The flow lives in the unconstrained, standardised parameter space; the posterior is
+``biject_to(prior.support)`` of it (with its log-det), so its samples always lie in the prior's support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import pickle
+import random
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Transform, biject_to, constraints
+
+from .. import transforms as T
+from ..flow_matching import FlowMatching, the_continuous_flow
+from ..flows import CNF, MAF, NSF, Flow, FlowDistribution, RealNVP
+from ..train import FitHistory, _show_progress, fit
+
+Simulator = Callable[[Tensor], Tensor]
+FlowBuilder = Callable[[int, int], Flow]
+
+FLOWS = {"nsf": NSF, "maf": MAF, "realnvp": RealNVP, "cnf": CNF}
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's, NumPy's and ``random``'s global RNGs seeded inside the block, restored after it."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
+def _simulate_batch(simulator: Simulator, theta: Tensor, seed: int) -> Tensor:
+    """One batch of simulations under its own seed (run in the main process or a worker)."""
+    with _seeded(seed):
+        x = simulator(theta)
+    x = torch.as_tensor(x)
+    if x.dim() < 2 or x.shape[0] != theta.shape[0]:
+        raise ValueError(
+            f"simulate: the simulator must map θ of shape (B, D) to x of shape (B, *x_shape); "
+            f"for θ of shape {tuple(theta.shape)} it returned shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the parallelism is across processes
+
+
+def _check_picklable(simulator: Simulator) -> None:
+    try:
+        pickle.dumps(simulator)
+    except Exception as error:
+        raise TypeError(
+            f"simulate: num_workers > 1 sends the simulator to worker processes, so it must be picklable "
+            f"(a module-level function or a class instance, not a lambda or a local function); "
+            f"pickling {simulator!r} failed: {error}"
+        ) from None
+
+
+def simulate(
+    simulator: Simulator,
+    prior: Distribution,
+    num_simulations: int,
+    batch_size: int = 1000,
+    num_workers: int = 1,
+    seed: Optional[int] = None,
+    progress: Optional[bool] = None,
+    return_invalid: bool = False,
+) -> Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    r"""Draw :math:`\theta_n \sim p(\theta)` and simulate :math:`x_n = \text{simulator}(\theta_n)` in batches.
+
+    ``simulator`` maps a batch ``θ (B, D)`` to ``x (B, *x_shape)``. Batch ``b`` runs with torch's,
+    NumPy's and ``random``'s global RNGs seeded by a per-batch seed derived from ``seed``, so the
+    output depends on ``seed`` and ``batch_size`` only, not on ``num_workers``. With
+    ``num_workers > 1`` the batches run in ``spawn``-started worker processes (one torch thread
+    each): the simulator must be picklable, and a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard.
+
+    Rows whose ``x`` has NaN or inf entries are dropped with a ``RuntimeWarning`` that gives their
+    count; ``return_invalid=True`` also returns their θ.
+
+    Args:
+        num_simulations: θ drawn from the prior (the rows returned are fewer if some fail).
+        progress: a tqdm bar over the simulations; None shows it when stderr is a terminal and
+            the environment variable ``CI`` is unset.
+
+    Returns:
+        ``(theta, x)`` of shapes ``(N, D)`` and ``(N, *x_shape)``; with ``return_invalid``,
+        ``(theta, x, invalid_theta)``, ``invalid_theta`` the ``(num_simulations - N, D)`` failed θ.
+
+    Example:
+        >>> prior = pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> theta, x = simulate(lambda t: t + 0.1 * torch.randn_like(t), prior, 1000, seed=0)
+    """
+    from tqdm import tqdm
+
+    for name, value in (("num_simulations", num_simulations), ("batch_size", batch_size), ("num_workers", num_workers)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"simulate: {name} must be an integer >= 1, got {value!r}")
+    if not callable(simulator):
+        raise TypeError(f"simulate: the simulator must be callable, got {type(simulator).__name__}")
+    _check_prior(prior, "simulate")
+    if num_workers > 1:
+        _check_picklable(simulator)
+    base_seed = seed if seed is not None else int(torch.randint(2**62, ()))
+    with _seeded(base_seed):
+        theta = prior.sample((num_simulations,))
+        batch_seeds = torch.randint(2**62, (len(range(0, num_simulations, batch_size)),)).tolist()
+    jobs = list(zip(theta.split(batch_size), batch_seeds, strict=True))
+    with tqdm(total=num_simulations, disable=not _show_progress(progress), desc="simulate", unit="sim") as bar:
+        if num_workers == 1:
+            outputs = []
+            for batch, batch_seed in jobs:
+                outputs.append(_simulate_batch(simulator, batch, batch_seed))
+                bar.update(len(batch))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_worker_init) as pool:
+                futures = [pool.submit(_simulate_batch, simulator, b, s) for b, s in jobs]
+                outputs = []
+                for future, (batch, _) in zip(futures, jobs, strict=True):
+                    outputs.append(future.result())
+                    bar.update(len(batch))
+    shapes = {tuple(o.shape[1:]) for o in outputs}
+    if len(shapes) > 1:
+        raise ValueError(f"simulate: the simulator returned x of different shapes across batches: {sorted(shapes)}")
+    x = torch.cat(outputs)
+    valid = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    invalid = int((~valid).sum())
+    if invalid:
+        warnings.warn(
+            f"simulate: {invalid} of {num_simulations} simulations returned NaN or inf and were excluded "
+            "(return_invalid=True returns their θ)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if return_invalid:
+        return theta[valid], x[valid], theta[~valid]
+    return theta[valid], x[valid]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_prior(prior: Distribution, name: str) -> None:
+    if not isinstance(prior, Distribution):
+        raise TypeError(f"{name}: the prior must be a torch/Pyro Distribution, got {type(prior).__name__}")
+    if len(prior.event_shape) != 1 or len(prior.batch_shape) != 0:
+        raise ValueError(
+            f"{name}: the prior must have batch shape () and event shape (D,) (θ a vector), got batch shape "
+            f"{tuple(prior.batch_shape)} and event shape {tuple(prior.event_shape)}; "
+            "for independent parameters use e.g. Uniform(low, high).to_event(1)"
+        )
+
+
+def _check_theta(theta: Tensor, prior: Distribution, name: str) -> None:
+    """Rows ``(N, D)`` of finite θ inside the prior's support."""
+    if not isinstance(theta, Tensor) or theta.dim() != 2 or theta.shape[1:] != prior.event_shape:
+        shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+        raise ValueError(f"{name}: θ must have shape (N, {prior.event_shape[0]}), got {shape}")
+    _check_finite(theta, f"{name}: θ")
+    outside = ~prior.support.check(theta)
+    if bool(outside.any()):
+        rows = torch.nonzero(outside).flatten()
+        raise ValueError(
+            f"{name}: {len(rows)} θ rows lie outside the prior's support {prior.support} "
+            f"(rows {rows[:10].tolist()}, e.g. {theta[rows[0]].tolist()})"
+        )
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(f"{what} has NaN or inf values in {len(rows)} rows (rows {rows[:10].tolist()})")
+
+
+# --------------------------------------------------------------------------- the estimator
+
+
+class PosteriorEstimator(nn.Module):
+    r"""The network of NPE: :math:`q(\theta \mid x)` as one ``nn.Module`` (``state_dict``, ``.to``).
+
+    .. math:: c = e\big((x - \mu_x) / \sigma_x\big), \qquad
+              \theta = b\big(\mu_u + \sigma_u \odot f(z; c)\big), \quad z \sim \mathcal N(0, I),
+
+    with :math:`e` the embedding network, :math:`f` the conditional flow (its layers base→data),
+    :math:`(\mu_u, \sigma_u)` the z-scoring of the unconstrained parameters
+    :math:`u = b^{-1}(\theta)` (a :class:`~pyro_flows.transforms.Standardize`) and
+    :math:`b` = ``biject_to(prior.support)``. ``forward(x)`` with ``x`` of shape
+    ``(*batch, *x_shape)`` returns the :class:`~pyro_flows.FlowDistribution` over θ with
+    batch shape ``batch`` (its ``log_prob`` includes every log-det).
+
+    Args:
+        flow: a conditional :class:`~pyro_flows.Flow` on the ``U``-dimensional unconstrained space.
+        embedding: maps standardised ``x (B, *x_shape)`` to the context ``(B, flow.context_features)``.
+        x_loc, x_scale: the z-scoring of ``x``, shape ``x_shape``.
+        theta_standardize: the z-scoring of the unconstrained θ.
+        bijection: unconstrained → support.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        embedding: nn.Module,
+        x_loc: Tensor,
+        x_scale: Tensor,
+        theta_standardize: T.Standardize,
+        bijection: Transform,
+    ) -> None:
+        super().__init__()
+        self.flow, self.embedding = flow, embedding
+        self.theta_standardize, self.bijection = theta_standardize, bijection
+        self.register_buffer("x_loc", x_loc.clone())
+        self.register_buffer("x_scale", x_scale.clone())
+
+    @property
+    def x_shape(self) -> torch.Size:
+        return self.x_loc.shape
+
+    def context(self, x: Tensor) -> Tensor:
+        """The flow's context for ``x (*batch, *x_shape)``: shape ``(*batch, C)``."""
+        batch = x.shape[: x.dim() - len(self.x_shape)]
+        c = self.embedding(((x - self.x_loc) / self.x_scale).reshape(-1, *self.x_shape))
+        return c.reshape(*batch, c.shape[-1])
+
+    def unconstrained(self, theta: Tensor) -> Tensor:
+        """The standardised unconstrained parameters :math:`(b^{-1}(\\theta) - \\mu_u) / \\sigma_u`."""
+        return self.theta_standardize.inv(self.bijection.inv(theta))
+
+    def forward(self, x: Tensor) -> FlowDistribution:
+        inner = self.flow(self.context(x))
+        return FlowDistribution(inner.base_dist, [*inner.transforms, self.theta_standardize, self.bijection])
+
+
+class NPEPosterior(Distribution):
+    r"""The posterior :math:`q(\theta \mid x_o)` of an :class:`NPE`: ``sample``, ``rsample``, ``log_prob``.
+
+    Batch shape: that of ``x_o`` (``()`` for one observation, ``(B,)`` for ``B`` of them);
+    event shape ``(D,)``; ``support`` is the prior's. ``log_prob`` is :math:`-\infty` for θ outside
+    the prior's support and raises a ValueError for θ of the wrong shape or with NaN/inf entries.
+    The distribution reads the estimator's current weights: training it further changes this object.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, estimator: PosteriorEstimator, x: Tensor, prior: Distribution) -> None:
+        self.flow_distribution = estimator(x)
+        self.prior = prior
+        bijection = estimator.bijection
+        self._inside = bijection(torch.zeros(bijection.inverse_shape(prior.event_shape), dtype=x.dtype))
+        super().__init__(self.flow_distribution.batch_shape, prior.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return self.prior.support
+
+    def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
+        return self.flow_distribution.rsample(torch.Size(sample_shape))
+
+    def sample_and_log_prob(self, sample_shape: Sequence[int] = torch.Size()) -> tuple[Tensor, Tensor]:
+        """Samples and their log-densities in one pass."""
+        return self.flow_distribution.sample_and_log_prob(torch.Size(sample_shape))
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        self.flow_distribution._check_value(theta)
+        inside = self.prior.support.check(theta)
+        log_prob = self.flow_distribution.log_prob(torch.where(inside.unsqueeze(-1), theta, self._inside))
+        return log_prob.masked_fill(~inside, -torch.inf)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+class AtomicProposalLoss:
+    r"""The atomic APT loss of sequential NPE (Greenberg et al. 2019; "SNPE-C"), an objective for ``fit``.
+
+    For each row :math:`(\theta_n, x_n)` of a batch of :math:`B`, the atoms are :math:`\theta_n` and
+    :math:`K - 1` other θ of the batch drawn without replacement; with
+    :math:`\ell_{nk} = \log q(\theta_k \mid x_n) - \log p(\theta_k)`,
+
+    .. math:: \mathcal L = -\frac1B \sum_n \Big(\ell_{nn} - \log \sum_{k \in \text{atoms}(n)} e^{\ell_{nk}}\Big).
+
+    It is the likelihood of the proposal posterior restricted to the atoms, minimised by
+    :math:`q(\theta \mid x) = p(\theta \mid x)` whatever proposal the θ came from.
+    ``objective(model, theta, x)``: ``model(x)`` is the posterior estimator's distribution
+    over θ (batch ``(B,)``), ``theta (B, D)``, ``x (B, *x_shape)``.
+
+    Args:
+        prior: :math:`p(\theta)`.
+        num_atoms: :math:`K \ge 2` (at most the batch size).
+    """
+
+    def __init__(self, prior: Distribution, num_atoms: int = 10) -> None:
+        if not isinstance(num_atoms, int) or num_atoms < 2:
+            raise ValueError(f"AtomicProposalLoss: num_atoms must be an integer >= 2, got {num_atoms!r}")
+        self.prior, self.num_atoms = prior, num_atoms
+
+    def __call__(self, model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
+        rows = theta.shape[0]
+        if rows < 2:
+            raise ValueError(f"AtomicProposalLoss: a batch needs at least 2 rows to draw atoms from, got {rows}")
+        atoms = min(self.num_atoms, rows)
+        others = torch.ones(rows, rows, device=theta.device).fill_diagonal_(0.0)
+        choices = torch.multinomial(others, atoms - 1, replacement=False)
+        theta_atoms = torch.cat([theta.unsqueeze(1), theta[choices]], dim=1)  # (B, K, D), the true θ first
+        log_q = model(x).log_prob(theta_atoms.transpose(0, 1)).transpose(0, 1)  # atoms against every row's x
+        logits = log_q - self.prior.log_prob(theta_atoms)
+        return -(logits[:, 0] - torch.logsumexp(logits, dim=1)).mean()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_atoms={self.num_atoms})"
+
+
+class PosteriorFlowMatching:
+    r"""Flow matching for a continuous posterior estimator: :class:`~pyro_flows.FlowMatching` of its flow
+    on the standardised unconstrained θ with the embedded x as context (the embedding gets gradients too).
+
+    ``objective(model, theta, x)`` with ``model`` a :class:`PosteriorEstimator` whose flow is one
+    :class:`~pyro_flows.transforms.ContinuousFlow`.
+    """
+
+    def __init__(self, **flow_matching_kwargs) -> None:
+        self.flow_matching = FlowMatching(**flow_matching_kwargs)
+
+    def __call__(self, model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
+        estimator = getattr(model, "module", model)  # maybe DDP-wrapped
+        return self.flow_matching(estimator.flow, estimator.unconstrained(theta), estimator.context(x))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.flow_matching!r})"
+
+
+# --------------------------------------------------------------------------- NPE
+
+
+def _is_continuous(flow: Flow) -> bool:
+    try:
+        the_continuous_flow(flow)
+    except ValueError:
+        return False
+    return True
+
+
+def _zscore(x: Tensor, min_scale: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-element means and standard deviations over rows, floored as in ``Standardize.from_data``."""
+    std, mean = torch.std_mean(x, dim=0)
+    return mean, torch.maximum(std, min_scale * mean.abs().clamp(min=1.0))
+
+
+class NPE:
+    r"""Neural posterior estimation: a conditional flow :math:`q(\theta \mid x)` trained on simulations.
+
+    Round 1 (``append_simulations(theta, x)`` with θ from the prior, then ``train()``) minimises
+    :math:`-\frac1N \sum_n \log q(\theta_n \mid x_n)` (Papamakarios & Murray 2016). Later rounds
+    with θ from a proposal (``append_simulations(theta, x, proposal=posterior)``) train on all
+    rounds' pairs with the atomic APT loss (:class:`AtomicProposalLoss`, Greenberg et al. 2019),
+    which needs no importance weights or correction: ``posterior(x_o)`` stays the posterior.
+
+    The flow models the standardised unconstrained parameters; the posterior pushes them through
+    ``biject_to(prior.support)`` (see :class:`PosteriorEstimator`), so samples respect the support.
+    The z-scorings of θ (unconstrained) and x are learnt from the first round's simulations.
+
+    ``flow="cnf"`` builds a conditional :func:`~pyro_flows.CNF` trained by flow matching
+    (:class:`PosteriorFlowMatching`, Lipman et al. 2023; "FMPE", Dax et al. 2023); its
+    ``log_prob`` and samples come from the ODE. Any flow that is one ContinuousFlow on a
+    standard normal (e.g. from a callable) trains this way. Sequential rounds need the cheap
+    atom log-probs of APT, so continuous flows accept only prior simulations (a ValueError otherwise).
+
+    Args:
+        prior: :math:`p(\theta)`, batch shape ``()`` and event shape ``(D,)``.
+        flow: ``"nsf"``, ``"maf"``, ``"realnvp"``, ``"cnf"`` or a callable
+            ``(theta_features, context_features) -> Flow`` (a conditional flow on the unconstrained space).
+        embedding: ``nn.Module`` mapping standardised ``x (B, *x_shape)`` to ``(B, C)``, trained
+            jointly; default ``nn.Flatten()``.
+        transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``).
+        num_atoms: atoms of the APT loss.
+        flow_kwargs: more arguments of the flow factory (e.g. ``bins``, ``mixing``).
+
+    Example:
+        >>> prior = pyro.distributions.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
+        >>> theta, x = simulate(simulator, prior, 5000)
+        >>> npe = NPE(prior).append_simulations(theta, x).train()
+        >>> samples = npe.posterior(x_obs).sample((1000,))
+    """
+
+    def __init__(
+        self,
+        prior: Distribution,
+        flow: Union[str, FlowBuilder] = "nsf",
+        embedding: Optional[nn.Module] = None,
+        transforms: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        num_atoms: int = 10,
+        **flow_kwargs,
+    ) -> None:
+        _check_prior(prior, "NPE")
+        if not callable(flow) and flow not in FLOWS:
+            raise ValueError(f"NPE: flow must be one of {sorted(FLOWS)} or a callable, got {flow!r}")
+        if embedding is not None and not isinstance(embedding, nn.Module):
+            raise TypeError(f"NPE: the embedding must be an nn.Module, got {type(embedding).__name__}")
+        self.prior, self.flow, self.transforms, self.hidden = prior, flow, transforms, tuple(hidden)
+        self.embedding = embedding if embedding is not None else nn.Flatten()
+        self.flow_kwargs = flow_kwargs
+        self.loss = AtomicProposalLoss(prior, num_atoms)
+        self.bijection = biject_to(prior.support)
+        self.estimator: Optional[PosteriorEstimator] = None
+        self.rounds: list[tuple[Tensor, Tensor, bool]] = []
+        self.history: Optional[FitHistory] = None
+
+    def _build_flow(self, features: int, context: int) -> Flow:
+        if callable(self.flow):
+            flow = self.flow(features, context)
+            if not isinstance(flow, Flow) or flow.context_features != context:
+                raise ValueError(
+                    f"NPE: the flow callable must return a pyro_flows.Flow with context_features={context}, "
+                    f"got {type(flow).__name__} with context_features={getattr(flow, 'context_features', None)}"
+                )
+            return flow
+        if self.flow == "cnf":
+            return CNF(features, context, hidden=self.hidden, **self.flow_kwargs)
+        return FLOWS[self.flow](features, context, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
+
+    def _build_estimator(self, theta: Tensor, x: Tensor) -> PosteriorEstimator:
+        if theta.shape[0] < 2:
+            raise ValueError(f"NPE: the first round needs at least 2 simulations to z-score, got {theta.shape[0]}")
+        u = self.bijection.inv(theta)
+        standardize = T.Standardize.from_data(u)
+        x_loc, x_scale = _zscore(x)
+        self.embedding.eval()
+        with torch.no_grad():
+            context = self.embedding((x[:2] - x_loc) / x_scale)
+        self.embedding.train()
+        if context.dim() != 2 or context.shape[0] != 2:
+            raise ValueError(
+                f"NPE: the embedding must map x of shape (B, *x_shape) to (B, C); for x of shape "
+                f"{tuple(x[:2].shape)} it returned {tuple(context.shape)}"
+            )
+        flow = self._build_flow(u.shape[-1], context.shape[-1])
+        return PosteriorEstimator(flow, self.embedding, x_loc, x_scale, standardize, self.bijection)
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the estimator is one continuous flow, trained by flow matching."""
+        return self.estimator is not None and _is_continuous(self.estimator.flow)
+
+    def append_simulations(self, theta: Tensor, x: Tensor, proposal: Optional[Distribution] = None) -> NPE:
+        r"""Add a round of simulated pairs: ``theta (N, D)`` from ``proposal`` (None: the prior), ``x (N, *x_shape)``.
+
+        The first round builds the estimator and fixes the z-scorings. A round with a proposal
+        switches training to the APT loss (on all rounds' pairs). Returns ``self``.
+        """
+        if proposal is not None and not isinstance(proposal, Distribution):
+            raise TypeError(f"NPE: the proposal must be a Distribution (a posterior), got {type(proposal).__name__}")
+        _check_theta(theta, self.prior, "NPE.append_simulations")
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != theta.shape[0]:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"NPE.append_simulations: x must have shape (N, *x_shape) with the N = {theta.shape[0]} rows of θ, "
+                f"got {shape}"
+            )
+        _check_finite(x, "NPE.append_simulations: x")
+        if self.estimator is None:
+            self.estimator = self._build_estimator(theta, x)
+        elif x.shape[1:] != self.estimator.x_shape:
+            raise ValueError(
+                f"NPE.append_simulations: x has x_shape {tuple(x.shape[1:])}, earlier rounds "
+                f"{tuple(self.estimator.x_shape)}"
+            )
+        if proposal is not None and self.continuous:
+            raise ValueError(
+                "NPE: sequential rounds (a proposal) need the APT loss, which evaluates many cheap log-probs of "
+                "atoms; a continuous flow's log-prob is an ODE solve. Use flow='nsf' (or 'maf', 'realnvp') for "
+                "sequential NPE, or simulate from the prior"
+            )
+        self.rounds.append((theta, x, proposal is not None))
+        return self
+
+    def train(
+        self,
+        max_epochs: int = 1000,
+        batch_size: int = 200,
+        lr: float = 5e-4,
+        validation_fraction: float = 0.1,
+        patience: Optional[int] = 20,
+        seed: Optional[int] = None,
+        progress: Optional[bool] = None,
+        **fit_kwargs,
+    ) -> NPE:
+        """Train the estimator on every round's pairs with :func:`~pyro_flows.fit` (validation split, early stopping).
+
+        The objective is the negative log-likelihood when every round came from the prior,
+        :class:`AtomicProposalLoss` once a round had a proposal, and :class:`PosteriorFlowMatching`
+        for a continuous flow. Training continues from the current weights; the best validation
+        epoch's weights are kept. ``history`` holds the :class:`~pyro_flows.FitHistory`. Returns ``self``.
+        """
+        if self.estimator is None:
+            raise ValueError("NPE.train: no simulations yet; call append_simulations(theta, x) first")
+        theta = torch.cat([r[0] for r in self.rounds])
+        x = torch.cat([r[1] for r in self.rounds])
+        if self.continuous:
+            objective = PosteriorFlowMatching()
+        elif any(r[2] for r in self.rounds):
+            objective = self.loss
+        else:
+            objective = None
+        self.history = fit(
+            self.estimator,
+            theta,
+            x,
+            objective=objective,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            validation_fraction=validation_fraction,
+            patience=patience,
+            seed=seed,
+            progress=progress,
+            **fit_kwargs,
+        )
+        return self
+
+    def posterior(self, x_obs: Tensor) -> NPEPosterior:
+        """The posterior at ``x_obs`` of shape ``x_shape`` (batch shape ``()``) or ``(B, *x_shape)`` (batch ``(B,)``).
+
+        A ValueError for any other shape or NaN/inf entries.
+        """
+        if self.estimator is None:
+            raise ValueError("NPE.posterior: not trained; call append_simulations(...).train() first")
+        x_shape = tuple(self.estimator.x_shape)
+        if (
+            not isinstance(x_obs, Tensor)
+            or tuple(x_obs.shape[-len(x_shape) :]) != x_shape
+            or x_obs.dim() > len(x_shape) + 1
+        ):
+            shape = tuple(x_obs.shape) if isinstance(x_obs, Tensor) else type(x_obs).__name__
+            raise ValueError(f"NPE.posterior: x_obs must have shape {x_shape} or (B, *{x_shape}), got {shape}")
+        if not bool(torch.isfinite(x_obs).all()):
+            raise ValueError("NPE.posterior: x_obs has NaN or inf entries")
+        self.estimator.eval()
+        return NPEPosterior(self.estimator, x_obs, self.prior)
+
+    def __repr__(self) -> str:
+        flow = self.flow if isinstance(self.flow, str) else getattr(self.flow, "__name__", "callable")
+        return f"{type(self).__name__}(flow={flow!r}, rounds={len(self.rounds)})"
