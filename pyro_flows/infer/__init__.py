@@ -1,5 +1,15 @@
 """Inference with flows: variational guides for Pyro models and simulation-based inference."""
 
 from .guides import AmortizedFlowGuide, AutoFlowGuide
+from .sbi import NPE, AtomicProposalLoss, NPEPosterior, PosteriorEstimator, PosteriorFlowMatching, simulate
 
-__all__: list[str] = ["AmortizedFlowGuide", "AutoFlowGuide"]
+__all__: list[str] = [
+    "AmortizedFlowGuide",
+    "AtomicProposalLoss",
+    "AutoFlowGuide",
+    "NPE",
+    "NPEPosterior",
+    "PosteriorEstimator",
+    "PosteriorFlowMatching",
+    "simulate",
+]
