@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
+import urllib.error
 
 import pytest
 import torch
 
-from pyro_flows.data import DIGITS_LEVELS, digits, ring_mixture, two_moons
+from pyro_flows.data import DIGITS_LEVELS, digit_images, digits, mnist, ring_mixture, two_moons
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -56,3 +59,50 @@ def test_digits_dequantisation_is_deterministic_with_a_generator():
     first, _ = digits(generator=seeded())
     assert torch.equal(first, digits(generator=seeded())[0])
     assert not torch.equal(first, digits(generator=seeded(1))[0])
+
+
+def test_digit_images_are_the_integer_digits_as_one_channel_images():
+    images, labels = digit_images()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.get_default_dtype()
+    raw, raw_labels = digits(dequantize=False)
+    assert torch.equal(images.flatten(1), raw) and torch.equal(labels, raw_labels)
+    assert torch.equal(images, images.round()) and images.min() == 0 and images.max() == DIGITS_LEVELS - 1
+    # row-major 8x8: sklearn's first digit is a 0, whose centre column is blank and whose sides are inked
+    assert labels[0] == 0 and images[0, 0, 3:5, 3:5].sum() < images[0, 0, 3:5, 1:3].sum()
+
+
+def fake_torchvision(monkeypatch, dataset) -> None:
+    """Install a stand-in ``torchvision`` whose MNIST and FashionMNIST datasets are ``dataset``."""
+    datasets = types.SimpleNamespace(MNIST=dataset, FashionMNIST=dataset)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(datasets=datasets))
+
+
+def test_mnist_without_torchvision_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    with pytest.raises(RuntimeError, match="needs torchvision"):
+        mnist(str(tmp_path))
+
+
+def test_mnist_that_cannot_be_downloaded_names_the_data_set_and_the_cause(monkeypatch, tmp_path):
+    def offline(root, train, download):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    fake_torchvision(monkeypatch, offline)
+    with pytest.raises(RuntimeError, match="could not load FashionMNIST.*URLError.*name resolution"):
+        mnist(str(tmp_path), fashion=True)
+
+
+def test_mnist_images_are_one_channel_integer_pixels(monkeypatch, tmp_path):
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    targets = torch.tensor([3, 1, 4, 1, 5])
+    calls = []
+
+    def loaded(root, train, download):
+        calls.append((root, train, download))
+        return types.SimpleNamespace(data=pixels, targets=targets)
+
+    fake_torchvision(monkeypatch, loaded)
+    images, labels = mnist(str(tmp_path), train=False, download=False)
+    assert calls == [(str(tmp_path), False, False)]
+    assert images.shape == (5, 1, 28, 28) and images.dtype == torch.get_default_dtype()
+    assert torch.equal(images[:, 0], pixels.to(images.dtype)) and torch.equal(labels, targets)

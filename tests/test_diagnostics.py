@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyro_flows as pf
 from pyro_flows import bits_per_dim, nats_per_dim
 
 
@@ -71,3 +72,42 @@ def test_means_over_every_entry_of_a_matrix():
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_model_form_of_bits_per_dim_is_the_hand_computation_over_batches_in_eval_mode():
+    """A fresh Glow: eval mode leaves its ActNorms uninitialised; the noise is drawn batch after batch."""
+    torch.manual_seed(0)
+    model = pf.Glow(shape=(1, 4, 4), levels=2, steps=1, hidden_channels=4, classes=3, pixel_levels=5)
+    images, labels = torch.randint(0, 5, (10, 1, 4, 4)).float(), torch.randint(0, 3, (10,))
+    torch.manual_seed(1)
+    bits = bits_per_dim(model, images, context=labels, batch_size=4)
+    assert model.training  # restored
+    model.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        log_prob = torch.cat([model(labels[k : k + 4]).log_prob(images[k : k + 4]) for k in (0, 4, 8)])
+    assert math.isclose(bits, -log_prob.double().mean().item() / (16 * math.log(2)), rel_tol=1e-12)
+    torch.manual_seed(1)
+    assert math.isclose(nats_per_dim(model, images, context=labels, batch_size=4), bits * math.log(2), rel_tol=1e-12)
+    # eval mode: the data did not initialise the ActNorm layers (training mode would have)
+    assert not any(bool(m.initialized) for m in model.modules() if isinstance(m, pf.transforms.ActNorm))
+
+
+def test_model_form_of_bits_per_dim_for_an_unconditional_continuous_flow():
+    torch.manual_seed(0)
+    flow = pf.RealNVP(3, transforms=2, hidden=(8,))
+    x = torch.randn(7, 3)
+    expected = -flow().log_prob(x).detach().double().mean().item() / (3 * math.log(2))
+    assert math.isclose(bits_per_dim(flow, x), expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "data, context, message",
+    [
+        (torch.randn(5), None, "data must be a tensor of rows"),
+        (torch.randn(5, 3), torch.randn(4, 2), "context must be a tensor with one row per data row"),
+    ],
+)
+def test_model_form_bad_arguments_are_named(data, context, message):
+    with pytest.raises(ValueError, match=message):
+        bits_per_dim(pf.RealNVP(3, transforms=1, hidden=(4,)), data, context=context)
