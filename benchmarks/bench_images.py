@@ -6,6 +6,9 @@ Both models are built with the same ``--levels`` L, ``--steps`` K and
 * **pyro_flows**: ``pf.Glow(shape=(1, 8, 8), levels=L, steps=K, hidden_channels=...,
   pixel_levels=17)`` (its defaults: Glow's split prior, logit preprocessing with
   alpha = 0.05); the continuous flow on [0, 1], ``model.flow``, is trained.
+  ``--no-split-prior`` builds it with ``split_prior=False`` (the factored-out half is
+  standard normal): then the two models have the same layers and about the same
+  number of parameters; with the split prior pf.Glow has one more CNN per level but the last.
 * **normflows**: ``nf.MultiscaleFlow`` built as in normflows' Glow example: per level
   K ``nf.flows.GlowBlock(channels, hidden_channels, split_mode="channel",
   scale=True)`` then ``nf.flows.Squeeze()``, levels joined by ``nf.flows.Merge()``,
@@ -41,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import statistics
@@ -77,11 +81,12 @@ class Model:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def build_pyro_flows(config: str, levels: int, steps: int, hidden_channels: int) -> Model:
+def build_pyro_flows(config: str, levels: int, steps: int, hidden_channels: int, split_prior: bool = True) -> Model:
     import pyro_flows as pf
 
     classes = CLASSES if config == "class-conditional" else None
-    model = pf.Glow(SHAPE, levels, steps, hidden_channels, classes=classes, pixel_levels=LEVELS, alpha=ALPHA)
+    options = {"classes": classes, "pixel_levels": LEVELS, "alpha": ALPHA, "split_prior": split_prior}
+    model = pf.Glow(SHAPE, levels, steps, hidden_channels, **options)
     flow = model.flow
     if classes is None:
         return Model(model, lambda y, labels: flow().log_prob(y))
@@ -196,9 +201,11 @@ def compare(
     draws: int,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    builders: Optional[dict[str, Callable[..., Model]]] = None,
 ) -> list[Run]:
     """Train every available library's Glow on the same batches in interleaved chunks; throughput and bits/dim."""
     train_x, train_y, test_x, test_y = data
+    builders = builders or BUILDERS
     runs = {lib: Run(threads, config, lib) for lib in LIBS}
     models: dict[str, Model] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -207,7 +214,7 @@ def compare(
             log(f"{lib} is not installed: n/a")
             continue
         torch.manual_seed(seed)
-        models[lib] = BUILDERS[lib](config, levels, steps, hidden_channels)
+        models[lib] = builders[lib](config, levels, steps, hidden_channels)
         optimizers[lib] = torch.optim.Adam(models[lib].module.parameters(), lr=lr)
         runs[lib].parameters = models[lib].parameters
     g = torch.Generator().manual_seed(seed)
@@ -287,6 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--draws", type=int, default=None, help="dequantisation draws for bits/dim (default 8, quick 1)")
+    p.add_argument(
+        "--no-split-prior",
+        action="store_true",
+        help="pf.Glow(split_prior=False): a standard normal for the factored-out half, as in normflows' Glow",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     p.add_argument("--profile", action="store_true", help="profile pf.Glow's training step instead (first --configs)")
     a = p.parse_args(argv)
@@ -299,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(profile(a.configs[0], a.levels, a.steps, a.hidden_channels, a.batch))
             return 0
         data = digits_split()
+        builders = dict(BUILDERS)
+        if a.no_split_prior:
+            builders["pyro_flows"] = functools.partial(build_pyro_flows, split_prior=False)
         runs = []
         for n in a.threads:
             torch.set_num_threads(n)
@@ -316,8 +331,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     a.batch,
                     a.lr,
                     a.draws or (1 if q else 8),
+                    builders=builders,
                 )
         print()
+        print(f"pyro_flows: pf.Glow(split_prior={not a.no_split_prior}); {a.train_steps or (6 if q else 400)} steps")
         print(table(runs, independent_pixels_bits_per_dim(data[0], data[2])))
     finally:
         torch.set_num_threads(threads)
