@@ -316,8 +316,9 @@ def RealNVP(
     multi-scale model: data→base each level but the last applies ``steps`` checkerboard
     couplings, squeezes, ``steps`` channel-wise couplings and factors out half the channels
     (standard normal, no learned prior); the last level applies ``steps + 1`` checkerboard
-    couplings. ActNorm precedes every coupling (in place of the paper's batch norm). The
-    options are :func:`Glow`'s (integer pixels are dequantised, etc.).
+    couplings. ActNorm precedes every coupling (in place of the paper's batch norm).
+    ``classes``, ``context``, ``pixel_levels``, ``dequantization``, ``alpha`` and
+    ``embedding_features`` are as in :func:`Glow` (integer pixels are dequantised, etc.).
 
     Example: ``RealNVP(features=2, context=3)(torch.randn(3)).sample((10,))``;
     ``RealNVP(shape=(1, 8, 8), pixel_levels=17)().sample((4,))``.
