@@ -4,12 +4,20 @@ Every layer is built with a fixed seed and its parameters are perturbed (fresh
 coupling/autoregressive layers are the identity, which would make the checks
 vacuous). Inputs have standard deviation 2 and splines a bound of 3, so some
 coordinates fall outside the spline interval.
+
+A case's events are vectors ``(D,)`` or images ``(C, H, W)`` (``event_dim`` 3); a layer may change the event shape
+(:class:`~pyro_flows.transforms.Squeeze`): inputs of the forward direction have ``case.shape``, inputs of the inverse
+``case.codomain_shape``, and Jacobians are those of the flattened maps. A side whose constraint is bounded
+(:class:`~pyro_flows.transforms.Logit`'s codomain) gets no Gaussian draws: its inputs are Gaussian draws of the other
+side pushed through an independent copy of the layer, so they lie inside the support.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,12 +27,16 @@ import torch
 from conftest import ATOL, perturb, slogdet_ladj
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
-from torch.distributions import Transform
+from torch.distributions import Transform, constraints
 
 from pyro_flows import transforms as T
 
 D, C, HIDDEN = 5, 3, (16, 16)
 BINS, BOUND = 5, 3.0
+# Image cases: tiny images and CNNs keep the autograd Jacobians (32 x 32 per sample) cheap.
+IMAGE, IMAGE_HIDDEN = (2, 4, 4), (8, 8)
+SQUEEZED = (8, 2, 2)  # Squeeze(IMAGE).codomain_shape
+KEPT = (1, 4, 4)  # the channels a FactorOut(IMAGE) keeps
 # Scale of the random perturbation of every parameter: far from the identity (outputs move by O(1)), yet the splines
 # keep moderate slopes. With much stronger perturbations (0.3) nearly flat spline bins appear and the float32 round
 # trip in x loses up to ulp(B) / min slope ~ 2e-2 (ill-conditioning; float64 stays below 1e-10).
@@ -36,10 +48,21 @@ def _ode(**kwargs):
 
 
 ODE_ROUND_TRIP_ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+# Logit's inverse loses ulp(1) / (s (1 - s)) at s = sigmoid(x): ~3e-5 in float32 at |x| ~ 6.5 (the largest of a few
+# hundred draws of standard deviation 2); float64 keeps the exact 1e-10.
+LOGIT_ROUND_TRIP_ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 def _spline(**kwargs):
     return dict(bins=BINS, bound=BOUND, hidden=HIDDEN, **kwargs)
+
+
+def _image(**kwargs):
+    return dict(hidden=IMAGE_HIDDEN, **kwargs)
+
+
+def _image_spline(**kwargs):
+    return dict(bins=BINS, bound=BOUND, hidden=IMAGE_HIDDEN, **kwargs)
 
 
 def _mask():
@@ -50,7 +73,40 @@ def _order():
     return [3, 0, 4, 1, 2]
 
 
-@dataclass(frozen=True)
+def _squeezed_chain():
+    """Squeeze, a coupling and a 1x1 convolution at the coarser scale, then back: events (2, 4, 4) -> (2, 4, 4)."""
+    return T.Chain(
+        [
+            T.Squeeze(IMAGE),
+            T.AffineCoupling(SQUEEZED, **_image()),
+            T.InvertibleConv1x1(SQUEEZED),
+            T.Squeeze(IMAGE).inv,
+        ]
+    )
+
+
+def _conditional_chain():
+    """Conditional and unconditional layers across a Squeeze: events (2, 4, 4) -> (8, 2, 2).
+
+    The spline comes first, on the unit-scale inputs: after an affine coupling's scaling its CNN would see inputs
+    ~10 and draw nearly flat bins, whose float32 inverse is ill-conditioned (not a bug; float64 stays exact).
+    """
+    return T.ConditionalChain(
+        [
+            T.ConditionalSplineCoupling(IMAGE, mask=T.checkerboard_mask(IMAGE), context_features=C, **_image_spline()),
+            T.Squeeze(IMAGE),
+            T.ConditionalAffineCoupling(SQUEEZED, context_features=C, **_image()),
+            T.InvertibleConv1x1(SQUEEZED),
+        ]
+    )
+
+
+def _multiscale_inner():
+    """The kept channels' flow at a coarser scale: squeeze, couple, unsqueeze."""
+    return T.Chain([T.Squeeze(KEPT), T.AffineCoupling((4, 2, 2), **_image()), T.Squeeze(KEPT).inv])
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity (functools.cache)
 class Case:
     name: str
     build: Callable[[], T.FlowTransform]
@@ -60,25 +116,32 @@ class Case:
     # whose error does not cancel the first's. In float32 the solver cannot go below its ~1e-6 tolerance floor, and the
     # two solves of a round trip then disagree by up to ~3e-5; float64 (tolerances 1e-12) keeps the exact 1e-10.
     round_trip_atol: Optional[dict] = None
+    volume_preserving: bool = False  # log|det J| = 0 everywhere
+    shape: tuple = (D,)  # event shape of the forward direction's input
+    out_shape: Optional[tuple] = None  # event shape of its output, where it differs
 
     def __repr__(self) -> str:
         return self.name
 
     @property
-    def volume_preserving(self) -> bool:
-        return "Shift" in self.name or "Additive" in self.name or "Permute" in self.name
+    def codomain_shape(self) -> tuple:
+        return self.shape if self.out_shape is None else self.out_shape
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.shape)
 
 
-CASES = [
-    Case("AdditiveCoupling", lambda: T.AdditiveCoupling(D, hidden=HIDDEN)),
+VECTOR_CASES = [
+    Case("AdditiveCoupling", lambda: T.AdditiveCoupling(D, hidden=HIDDEN), volume_preserving=True),
     Case("AffineCoupling", lambda: T.AffineCoupling(D, hidden=HIDDEN)),
     Case("SplineCoupling", lambda: T.SplineCoupling(D, **_spline())),
     Case("AffineAutoregressive", lambda: T.AffineAutoregressive(D, hidden=HIDDEN)),
     Case("AffineAutoregressive.inv", lambda: T.AffineAutoregressive(D, hidden=HIDDEN).inv),
     Case("SplineAutoregressive", lambda: T.SplineAutoregressive(D, **_spline())),
     Case("SplineAutoregressive.inv", lambda: T.SplineAutoregressive(D, **_spline()).inv),
-    Case("Permute-reverse", lambda: T.Permute(D, "reverse"), kind="fixed"),
-    Case("Permute-random", lambda: T.Permute(D, "random"), kind="fixed"),
+    Case("Permute-reverse", lambda: T.Permute(D, "reverse"), kind="fixed", volume_preserving=True),
+    Case("Permute-random", lambda: T.Permute(D, "random"), kind="fixed", volume_preserving=True),
     Case(
         "Standardize",
         lambda: T.Standardize(torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]), torch.tensor([2.0, 0.5, 1.5, 3.0, 0.8])),
@@ -87,13 +150,18 @@ CASES = [
     Case("LULinear", lambda: T.LULinear(D)),
     Case("ActNorm", lambda: T.ActNorm(D), kind="actnorm"),
     Case("BatchNorm", lambda: T.BatchNorm(D), kind="batchnorm"),
-    Case("Coupling-Shift", lambda: T.Coupling(D, T.Shift(), mask=_mask(), hidden=HIDDEN)),
+    Case("Logit", lambda: T.Logit(D, alpha=0.05), kind="fixed", round_trip_atol=LOGIT_ROUND_TRIP_ATOL),
+    Case("Coupling-Shift", lambda: T.Coupling(D, T.Shift(), mask=_mask(), hidden=HIDDEN), volume_preserving=True),
     Case("Coupling-Affine", lambda: T.Coupling(D, T.Affine(), mask=_mask(), hidden=HIDDEN)),
     Case(
         "Coupling-Spline",
         lambda: T.Coupling(D, T.RationalQuadraticSpline(BINS, BOUND), mask=_mask(), hidden=HIDDEN),
     ),
-    Case("Autoregressive-Shift", lambda: T.Autoregressive(D, T.Shift(), hidden=HIDDEN, order=_order())),
+    Case(
+        "Autoregressive-Shift",
+        lambda: T.Autoregressive(D, T.Shift(), hidden=HIDDEN, order=_order()),
+        volume_preserving=True,
+    ),
     Case("Autoregressive-Affine", lambda: T.Autoregressive(D, T.Affine(), hidden=HIDDEN, order=_order())),
     Case(
         "Autoregressive-Spline",
@@ -104,6 +172,7 @@ CASES = [
         "ConditionalAdditiveCoupling",
         lambda: T.ConditionalAdditiveCoupling(D, hidden=HIDDEN, context_features=C),
         conditional=True,
+        volume_preserving=True,
     ),
     Case(
         "ConditionalAffineCoupling",
@@ -154,6 +223,88 @@ CASES = [
         round_trip_atol=ODE_ROUND_TRIP_ATOL,
     ),
 ]
+
+
+def _image_case(name: str, build: Callable[[], T.FlowTransform], shape: tuple = IMAGE, **kwargs) -> Case:
+    return Case(f"image-{name}", build, shape=shape, **kwargs)
+
+
+IMAGE_CASES = [
+    _image_case("ActNorm", lambda: T.ActNorm(IMAGE), kind="actnorm"),
+    _image_case("InvertibleConv1x1", lambda: T.InvertibleConv1x1((3, 4, 4)), shape=(3, 4, 4)),
+    _image_case("AffineCoupling-channel", lambda: T.AffineCoupling(IMAGE, **_image())),
+    _image_case(
+        "AffineCoupling-checkerboard",
+        lambda: T.AffineCoupling(IMAGE, mask=T.checkerboard_mask(IMAGE), **_image()),
+    ),
+    _image_case(
+        "AdditiveCoupling-channel",
+        lambda: T.AdditiveCoupling(IMAGE, mask=T.channel_mask(2, parity=1), **_image()),
+        volume_preserving=True,
+    ),
+    _image_case(
+        "AdditiveCoupling-checkerboard",
+        lambda: T.AdditiveCoupling(IMAGE, mask=T.checkerboard_mask(IMAGE, parity=1), **_image()),
+        volume_preserving=True,
+    ),
+    _image_case("SplineCoupling-channel", lambda: T.SplineCoupling((3, 4, 4), **_image_spline()), shape=(3, 4, 4)),
+    _image_case(
+        "SplineCoupling-checkerboard",
+        lambda: T.SplineCoupling(IMAGE, mask=T.checkerboard_mask(IMAGE), **_image_spline()),
+    ),
+    _image_case("Squeeze", lambda: T.Squeeze(IMAGE), kind="fixed", volume_preserving=True, out_shape=SQUEEZED),
+    _image_case(
+        "Squeeze.inv",
+        lambda: T.Squeeze(IMAGE).inv,
+        kind="fixed",
+        volume_preserving=True,
+        shape=SQUEEZED,
+        out_shape=IMAGE,
+    ),
+    _image_case("Chain-squeezed", _squeezed_chain),
+    _image_case(
+        "Chain-to-coarser",
+        lambda: T.Chain([T.InvertibleConv1x1(IMAGE), T.Squeeze(IMAGE)]),
+        out_shape=SQUEEZED,
+    ),
+    _image_case(
+        "FactorOut-split-prior",
+        lambda: T.FactorOut(IMAGE, T.AffineCoupling(KEPT, mask=T.checkerboard_mask(KEPT), **_image()), **_image()),
+    ),
+    _image_case(
+        "FactorOut-multiscale-no-split-prior",
+        lambda: T.FactorOut(IMAGE, _multiscale_inner(), split_prior=False, **_image()),
+    ),
+    _image_case("Logit", lambda: T.Logit(IMAGE, alpha=0.05), kind="fixed", round_trip_atol=LOGIT_ROUND_TRIP_ATOL),
+    _image_case(
+        "ConditionalAffineCoupling-checkerboard",
+        lambda: T.ConditionalAffineCoupling(IMAGE, mask=T.checkerboard_mask(IMAGE), context_features=C, **_image()),
+        conditional=True,
+    ),
+    _image_case(
+        "ConditionalAdditiveCoupling-channel",
+        lambda: T.ConditionalAdditiveCoupling(IMAGE, context_features=C, **_image()),
+        conditional=True,
+        volume_preserving=True,
+    ),
+    _image_case(
+        "ConditionalSplineCoupling-channel",
+        lambda: T.ConditionalSplineCoupling(IMAGE, context_features=C, **_image_spline()),
+        conditional=True,
+    ),
+    _image_case("ConditionalChain", _conditional_chain, conditional=True, out_shape=SQUEEZED),
+    _image_case(
+        "ConditionalFactorOut",
+        lambda: T.ConditionalFactorOut(
+            IMAGE,
+            T.ConditionalAffineCoupling(KEPT, mask=T.checkerboard_mask(KEPT), context_features=C, **_image()),
+            context_features=C,
+            **_image(),
+        ),
+        conditional=True,
+    ),
+]
+CASES = VECTOR_CASES + IMAGE_CASES
 PARAMETRIC = [c for c in CASES if c.kind != "fixed"]
 CONDITIONAL = [c for c in CASES if c.conditional]
 UNCONDITIONAL = [c for c in CASES if not c.conditional]
@@ -171,13 +322,57 @@ def randn(shape, dtype=torch.float64, seed=0, std=2.0):
     return std * torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
+@functools.cache
+def _unperturbed(case: Case) -> T.FlowTransform:
+    """An independent float64 copy of the case's layer, for the constraints and for pushing inputs into a support."""
+    with torch.random.fork_rng():
+        return case.build().double()
+
+
+def bounded(case: Case, side: str) -> bool:
+    """Whether the layer's ``"domain"`` or ``"codomain"`` is a proper subset of the reals."""
+    constraint = getattr(_unperturbed(case), side)
+    return getattr(constraint, "base_constraint", constraint) is not constraints.real
+
+
+def _input(case: Case, side: str, batch, dtype, seed: int, std: float) -> torch.Tensor:
+    shape, other = (case.shape, case.codomain_shape) if side == "domain" else (case.codomain_shape, case.shape)
+    if not bounded(case, side):
+        return randn(tuple(batch) + tuple(shape), dtype, seed, std)
+    assert not case.conditional, "bounded conditional layers need a context to push inputs through"
+    layer = _unperturbed(case)
+    push = layer.inverse_and_ladj if side == "domain" else layer.call_and_ladj
+    with torch.no_grad():
+        return push(randn(tuple(batch) + tuple(other), torch.float64, seed, std))[0].to(dtype)
+
+
+def domain_input(case: Case, batch, dtype=torch.float64, seed: int = 0, std: float = 2.0) -> torch.Tensor:
+    """Inputs ``batch + case.shape`` of the forward direction (inside the domain)."""
+    return _input(case, "domain", batch, dtype, seed, std)
+
+
+def codomain_input(case: Case, batch, dtype=torch.float64, seed: int = 0, std: float = 2.0) -> torch.Tensor:
+    """Inputs ``batch + case.codomain_shape`` of the inverse direction (inside the codomain)."""
+    return _input(case, "codomain", batch, dtype, seed, std)
+
+
+def direction_input(case: Case, direction: str, batch, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Inputs of ``call_and_ladj`` or ``inverse_and_ladj``."""
+    side = "domain" if direction == "call_and_ladj" else "codomain"
+    return _input(case, side, batch, dtype, seed, 2.0)
+
+
+def output_shape(case: Case, direction: str) -> tuple:
+    return case.codomain_shape if direction == "call_and_ladj" else case.shape
+
+
 def make(
     case: Case, dtype=torch.float32, seed: int = 0, perturbed: bool = True, scale: float = PERTURB
 ) -> T.FlowTransform:
     """The layer of ``case``: built under ``seed``, warmed, perturbed, then converted to ``dtype``."""
     torch.manual_seed(seed)
     layer = case.build()
-    data = 1.0 + randn((64, D), torch.get_default_dtype(), seed=100 + seed)
+    data = 1.0 + randn((64,) + case.codomain_shape, torch.get_default_dtype(), seed=100 + seed)
     if case.kind == "actnorm":
         layer.inv(data)  # data-dependent initialisation (training mode)
         assert bool(layer.initialized)
@@ -198,6 +393,23 @@ def pyro_transform(layer, ctx) -> Transform:
     return layer if ctx is None else layer.condition(ctx)
 
 
+def base_distribution(case: Case, dtype) -> dist.Distribution:
+    """Standard normal over the layer's input events."""
+    zeros = torch.zeros(case.shape, dtype=dtype)
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(case.event_dim)
+
+
+def flat_slogdet_ladj(fn, x: torch.Tensor) -> torch.Tensor:
+    """``log|det d fn / dx|`` per sample of ``x`` (n, *event) by autograd, the events flattened to vectors."""
+    n, event = x.shape[0], x.shape[1:]
+    return slogdet_ladj(lambda v: fn(v.reshape((n,) + event)).reshape(n, -1), x.reshape(n, -1))
+
+
+def first_entry(v: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+    """The first entry of every event of ``v``: a batch-shaped weight."""
+    return v.flatten(batch_dims)[..., 0]
+
+
 def ladj_tol(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-9
 
@@ -209,24 +421,31 @@ def close(a, b, atol):
     assert err <= atol, f"max abs error {err:.3g} > {atol:.3g}"
 
 
+def moved(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest change between two batches of events of possibly different shapes (equal sizes)."""
+    return (a.reshape(a.shape[0], -1) - b.reshape(b.shape[0], -1)).abs().max().item()
+
+
 # -- structure --------------------------------------------------------------------------------------------------------
 @all_cases
 def test_transform_attributes(case):
     layer = make(case)
     assert isinstance(layer, T.FlowTransform) and isinstance(layer, TransformModule)
     assert layer.bijective
-    assert layer.domain.event_dim == 1 and layer.codomain.event_dim == 1
+    assert layer.domain.event_dim == case.event_dim and layer.codomain.event_dim == case.event_dim
+    assert tuple(layer.event_shape) == case.shape and tuple(layer.codomain_shape) == case.codomain_shape
     if not isinstance(layer, T.Inverse):
         assert layer.inv.inv is layer
-    x = randn((4, D), torch.float32)
+    x = domain_input(case, (4,), torch.float32)
     ctx = context(case, (4,), torch.float32)
     close(layer.inv.inv.call_and_ladj(x.clone(), ctx)[0], layer.call_and_ladj(x.clone(), ctx)[0], 0.0)
-    assert layer.inv.domain.event_dim == 1
+    assert layer.inv.domain.event_dim == case.event_dim
+    assert tuple(layer.inv.event_shape) == case.codomain_shape and tuple(layer.inv.codomain_shape) == case.shape
     assert isinstance(layer, ConditionalTransformModule) == case.conditional
     assert isinstance(layer.inv, ConditionalTransformModule) == case.conditional
     if case.conditional:
         t = layer.condition(context(case, (4,), torch.float32))
-        assert isinstance(t, Transform) and t.bijective and t.domain.event_dim == 1
+        assert isinstance(t, Transform) and t.bijective and t.domain.event_dim == case.event_dim
     # the inverse shares the parameters (same objects)
     assert {id(p) for p in layer.parameters()} == {id(p) for p in layer.inv.parameters()}
 
@@ -238,18 +457,22 @@ def test_round_trip(case, dtype):
     layer = make(case, dtype)
     n = 16
     ctx = context(case, (n,), dtype)
-    x = randn((n, D), dtype, seed=1)
-    assert (x.abs() > BOUND).any() and (x.abs() < BOUND).any()
+    x = domain_input(case, (n,), dtype, seed=1)
+    if not bounded(case, "domain"):
+        assert (x.abs() > BOUND).any() and (x.abs() < BOUND).any()
 
     y, ladj = layer.call_and_ladj(x, ctx)
-    assert (y - x).abs().max() > 1e-2, "the layer is (close to) the identity: the test would be vacuous"
+    assert y.shape == (n,) + case.codomain_shape
+    assert layer.codomain.check(y).all(), "the output left the codomain"
+    assert moved(y, x) > 1e-2, "the layer is (close to) the identity: the test would be vacuous"
     x_back, ladj_back = layer.inverse_and_ladj(y.clone(), ctx)  # clone: no cache hit
     atol = (case.round_trip_atol or ATOL)[dtype]
     close(x_back, x, atol)
     close(ladj_back, -ladj, ladj_tol(dtype))
 
-    y2 = randn((n, D), dtype, seed=2)
+    y2 = codomain_input(case, (n,), dtype, seed=2)
     x2, ladj2 = layer.inverse_and_ladj(y2, ctx)
+    assert layer.domain.check(x2).all(), "the inverse left the domain"
     y2_back, ladj2_back = layer.call_and_ladj(x2.clone(), ctx)
     close(y2_back, y2, atol)
     close(ladj2_back, -ladj2, ladj_tol(dtype))
@@ -263,15 +486,15 @@ def test_log_det_matches_autograd_jacobian(case):
     layer = make(case, dtype)
     n = 6
     ctx = context(case, (n,), dtype)
-    x = randn((n, D), dtype, seed=3)
-    y = randn((n, D), dtype, seed=4)
+    x = domain_input(case, (n,), dtype, seed=3)
+    y = codomain_input(case, (n,), dtype, seed=4)
 
     _, ladj = layer.call_and_ladj(x, ctx)
-    expected = slogdet_ladj(lambda v: layer.call_and_ladj(v, ctx)[0], x)
+    expected = flat_slogdet_ladj(lambda v: layer.call_and_ladj(v, ctx)[0], x)
     close(ladj, expected, 1e-9)
 
     _, ladj_inv = layer.inverse_and_ladj(y, ctx)
-    expected_inv = slogdet_ladj(lambda v: layer.inverse_and_ladj(v, ctx)[0], y)
+    expected_inv = flat_slogdet_ladj(lambda v: layer.inverse_and_ladj(v, ctx)[0], y)
     close(ladj_inv, expected_inv, 1e-9)
 
     # inverse_and_ladj's log-det is the negative of call_and_ladj's at the matching point
@@ -287,8 +510,8 @@ def test_pyro_entry_points_agree_with_fused(case, dtype):
     n = 8
     ctx = context(case, (n,), dtype)
     t = pyro_transform(layer, ctx)
-    x = randn((n, D), dtype, seed=5)
-    y = randn((n, D), dtype, seed=6)
+    x = domain_input(case, (n,), dtype, seed=5)
+    y = codomain_input(case, (n,), dtype, seed=6)
     eps = ATOL[dtype]
 
     y_fused, ladj_fused = layer.call_and_ladj(x.clone(), ctx)
@@ -315,29 +538,30 @@ def test_batch_shapes(case, batch):
     dtype = torch.float64
     layer = make(case, dtype)
     ctx = context(case, batch, dtype)
-    x = randn(batch + (D,), dtype, seed=8)
-    y, ladj = layer.call_and_ladj(x, ctx)
-    assert y.shape == batch + (D,) and ladj.shape == batch
-    xi, ladj_inv = layer.inverse_and_ladj(x.clone(), ctx)
-    assert xi.shape == batch + (D,) and ladj_inv.shape == batch
+    x = domain_input(case, batch, dtype, seed=8)
+    y = codomain_input(case, batch, dtype, seed=8)
+    out, ladj = layer.call_and_ladj(x, ctx)
+    assert out.shape == batch + case.codomain_shape and ladj.shape == batch
+    xi, ladj_inv = layer.inverse_and_ladj(y, ctx)
+    assert xi.shape == batch + case.shape and ladj_inv.shape == batch
 
-    # values equal a flat (N, D) batch computation
+    # values equal a flat (N, *event) batch computation
     flat_ctx = None if ctx is None else ctx.reshape(-1, C)
-    y_flat, ladj_flat = layer.call_and_ladj(x.reshape(-1, D).clone(), flat_ctx)
-    close(y, y_flat.reshape(batch + (D,)), 1e-12)
+    out_flat, ladj_flat = layer.call_and_ladj(x.reshape((-1,) + case.shape).clone(), flat_ctx)
+    close(out, out_flat.reshape(batch + case.codomain_shape), 1e-12)
     close(ladj, ladj_flat.reshape(batch), 1e-12)
-    xi_flat, ladj_inv_flat = layer.inverse_and_ladj(x.reshape(-1, D).clone(), flat_ctx)
-    close(xi, xi_flat.reshape(batch + (D,)), 1e-12)
+    xi_flat, ladj_inv_flat = layer.inverse_and_ladj(y.reshape((-1,) + case.codomain_shape).clone(), flat_ctx)
+    close(xi, xi_flat.reshape(batch + case.shape), 1e-12)
     close(ladj_inv, ladj_inv_flat.reshape(batch), 1e-12)
 
     t = pyro_transform(layer, ctx)
     xx = x.clone()
     yy = t(xx)
-    assert yy.shape == batch + (D,)
-    assert t.inv(yy.clone()).shape == batch + (D,)
+    assert yy.shape == batch + case.codomain_shape
+    assert t.inv(yy.clone()).shape == batch + case.shape
     assert t.log_abs_det_jacobian(xx, yy).shape == batch
-    assert tuple(t.forward_shape(x.shape)) == batch + (D,)
-    assert tuple(t.inverse_shape(x.shape)) == batch + (D,)
+    assert tuple(t.forward_shape(x.shape)) == batch + case.codomain_shape
+    assert tuple(t.inverse_shape(y.shape)) == batch + case.shape
 
 
 @conditional_cases
@@ -345,30 +569,32 @@ def test_context_broadcasting(case):
     dtype = torch.float64
     layer = make(case, dtype)
     k, n = 2, 3
-    for direction in ("call_and_ladj", "inverse_and_ladj"):
+    for seed, direction in enumerate(("call_and_ladj", "inverse_and_ladj")):
         apply = getattr(layer, direction)
-        # x (k, n, D) with context (n, C)
-        x = randn((k, n, D), dtype, seed=9)
+        event = case.shape if direction == "call_and_ladj" else case.codomain_shape
+        out_event = output_shape(case, direction)
+        # x (k, n, *event) with context (n, C)
+        x = direction_input(case, direction, (k, n), dtype, seed=9 + 10 * seed)
         ctx = context(case, (n,), dtype)
         out, ladj = apply(x, ctx)
-        assert out.shape == (k, n, D) and ladj.shape == (k, n)
+        assert out.shape == (k, n) + out_event and ladj.shape == (k, n)
         ref, ref_ladj = apply(x.clone(), ctx.expand(k, n, C).clone())
         close(out, ref, 1e-12)
         close(ladj, ref_ladj, 1e-12)
-        # x (D,) with context (n, C)
-        x1 = randn((D,), dtype, seed=10)
+        # x (*event) with context (n, C)
+        x1 = direction_input(case, direction, (), dtype, seed=10 + 10 * seed)
         out, ladj = apply(x1, ctx)
-        assert out.shape == (n, D) and ladj.shape == (n,)
-        ref, ref_ladj = apply(x1.expand(n, D).clone(), ctx.clone())
+        assert out.shape == (n,) + out_event and ladj.shape == (n,)
+        ref, ref_ladj = apply(x1.expand((n,) + event).clone(), ctx.clone())
         close(out, ref, 1e-12)
         close(ladj, ref_ladj, 1e-12)
         # different contexts give different outputs for the same x (the context is used)
         assert (out[0] - out[1]).abs().max() > 1e-6
-        # x (n, D) with context (C,)
-        xn = randn((n, D), dtype, seed=11)
+        # x (n, *event) with context (C,)
+        xn = direction_input(case, direction, (n,), dtype, seed=11 + 10 * seed)
         c1 = context(case, (), dtype)
         out, ladj = apply(xn, c1)
-        assert out.shape == (n, D) and ladj.shape == (n,)
+        assert out.shape == (n,) + out_event and ladj.shape == (n,)
         ref, ref_ladj = apply(xn.clone(), c1.expand(n, C).clone())
         close(out, ref, 1e-12)
         close(ladj, ref_ladj, 1e-12)
@@ -376,11 +602,11 @@ def test_context_broadcasting(case):
     # the same through Pyro's conditioned transform
     ctx = context(case, (n,), dtype)
     t = layer.condition(ctx)
-    x1 = randn((D,), dtype, seed=12)
+    x1 = domain_input(case, (), dtype, seed=12)
     y = t(x1)
-    assert y.shape == (n, D) and tuple(t.forward_shape(x1.shape)) == (n, D)
+    assert y.shape == (n,) + case.codomain_shape and tuple(t.forward_shape(x1.shape)) == (n,) + case.codomain_shape
     assert t.log_abs_det_jacobian(x1, y).shape == (n,)
-    assert t(randn((k, n, D), dtype, seed=13)).shape == (k, n, D)
+    assert t(domain_input(case, (k, n), dtype, seed=13)).shape == (k, n) + case.codomain_shape
 
 
 # -- gradients --------------------------------------------------------------------------------------------------------
@@ -392,8 +618,8 @@ def test_gradients_reach_every_parameter(case):
     ctx = context(case, (n,), dtype)
     if ctx is not None:
         ctx.requires_grad_(True)
-    x = randn((n, D), dtype, seed=14).requires_grad_(True)
-    y0 = randn((n, D), dtype, seed=15).requires_grad_(True)
+    x = domain_input(case, (n,), dtype, seed=14).requires_grad_(True)
+    y0 = codomain_input(case, (n,), dtype, seed=15).requires_grad_(True)
     y, ladj = layer.call_and_ladj(x, ctx)
     xi, ladj_inv = layer.inverse_and_ladj(y0, ctx)
     loss = (y**2).mean() + ladj.mean() + (xi**2).mean() + ladj_inv.mean()
@@ -418,8 +644,9 @@ def test_gradients_match_finite_differences(case, terms):
     layer = make(case, dtype)
     n = 6
     ctx = context(case, (n,), dtype)
-    x, y = randn((n, D), dtype, seed=32), randn((n, D), dtype, seed=33)
-    w1, w2 = randn((n, D), dtype, seed=34, std=1.0), randn((n, D), dtype, seed=35, std=1.0)
+    x, y = domain_input(case, (n,), dtype, seed=32), codomain_input(case, (n,), dtype, seed=33)
+    w1 = randn((n,) + case.codomain_shape, dtype, seed=34, std=1.0)  # weights of the forward outputs
+    w2 = randn((n,) + case.shape, dtype, seed=35, std=1.0)  # and of the inverse outputs
     leaves = list(layer.parameters()) + [x, y] + ([ctx] if ctx is not None else [])
     generator = torch.Generator().manual_seed(36)
     direction = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in leaves]
@@ -427,7 +654,8 @@ def test_gradients_match_finite_differences(case, terms):
     def loss():
         out, ladj = layer.call_and_ladj(x.clone(), None if ctx is None else ctx.clone())
         back, ladj_inv = layer.inverse_and_ladj(y.clone(), None if ctx is None else ctx.clone())
-        value = (ladj * w1[:, 0]).sum() + (ladj_inv * w2[:, 0]).sum()  # weighted: constant log-dets must not cancel
+        # weighted: constant log-dets must not cancel
+        value = (ladj * first_entry(w1)).sum() + (ladj_inv * first_entry(w2)).sum()
         return value + (out * w1).sum() + (back * w2).sum() if terms == "all" else value
 
     for t in leaves:
@@ -459,29 +687,30 @@ def test_transformed_distribution_log_prob_matches_hand_computation(case):
     dtype = torch.float64
     layer = make(case, dtype)
     n = 7
-    base = dist.Normal(torch.zeros(D, dtype=dtype), torch.ones(D, dtype=dtype)).to_event(1)
+    base = base_distribution(case, dtype)
     ctx = context(case, (n,), dtype)
     if case.conditional:
         d = dist.ConditionalTransformedDistribution(base, [layer]).condition(ctx)
     else:
         d = dist.TransformedDistribution(base, [layer])
-    y = randn((n, D), dtype, seed=16)
+    assert tuple(d.event_shape) == case.codomain_shape
+    y = codomain_input(case, (n,), dtype, seed=16)
     log_prob = d.log_prob(y)
 
     def inverse(v):
         return layer.inverse_and_ladj(v, ctx)[0]
 
     x = inverse(y.clone())
-    expected = base.log_prob(x) + slogdet_ladj(inverse, y.clone())
+    expected = base.log_prob(x) + flat_slogdet_ladj(inverse, y.clone())
     close(log_prob, expected, 1e-9)
 
     # sampling works and its samples have finite densities
     if case.conditional:
         s = d.rsample()
-        assert s.shape == (n, D)
+        assert s.shape == (n,) + case.codomain_shape
     else:
         s = d.rsample((4,))
-        assert s.shape == (4, D)
+        assert s.shape == (4,) + case.codomain_shape
     assert torch.isfinite(d.log_prob(s)).all()
     assert torch.isfinite(d.log_prob(s.clone())).all()
 
@@ -490,9 +719,8 @@ def test_transformed_distribution_log_prob_matches_hand_computation(case):
 def test_conditional_transformed_distribution_depends_on_context(case):
     dtype = torch.float64
     layer = make(case, dtype)
-    base = dist.Normal(torch.zeros(D, dtype=dtype), torch.ones(D, dtype=dtype)).to_event(1)
-    cd = dist.ConditionalTransformedDistribution(base, [layer])
-    y = randn((4, D), dtype, seed=17)
+    cd = dist.ConditionalTransformedDistribution(base_distribution(case, dtype), [layer])
+    y = codomain_input(case, (4,), dtype, seed=17)
     lp1 = cd.condition(context(case, (4,), dtype, seed=1)).log_prob(y)
     lp2 = cd.condition(context(case, (4,), dtype, seed=2)).log_prob(y)
     assert lp1.shape == (4,) and (lp1 - lp2).abs().max() > 1e-6
@@ -517,7 +745,7 @@ def test_follows_dtype_and_works_in_float64(case):
             assert t.dtype == ref.dtype, f"{name} ({ref.dtype}) changed dtype"
     n = 6
     ctx = context(case, (n,), torch.float64)
-    x = randn((n, D), torch.float64, seed=18)
+    x = domain_input(case, (n,), torch.float64, seed=18)
     y, ladj = layer.call_and_ladj(x, ctx)
     assert y.dtype == torch.float64 and ladj.dtype == torch.float64
     close(layer.inverse_and_ladj(y.clone(), ctx)[0], x, 1e-10)
@@ -536,19 +764,19 @@ def test_follows_dtype_and_works_in_float64(case):
 @conditional_cases
 def test_conditional_layer_without_context_raises(case):
     layer = make(case)
-    x = randn((4, D), torch.float32)
+    x = domain_input(case, (4,), torch.float32)
+    y = codomain_input(case, (4,), torch.float32)
     for call in (
         lambda: layer(x),
-        lambda: layer.inv(x),
-        lambda: layer.log_abs_det_jacobian(x, x),
+        lambda: layer.inv(y),
+        lambda: layer.log_abs_det_jacobian(x, y),
         lambda: layer.call_and_ladj(x),
-        lambda: layer.inverse_and_ladj(x),
+        lambda: layer.inverse_and_ladj(y),
     ):
         with pytest.raises(ValueError, match="conditional"):
             call()
-    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
     with pytest.raises(ValueError):
-        dist.TransformedDistribution(base, [layer]).log_prob(x)
+        dist.TransformedDistribution(base_distribution(case, torch.float32), [layer]).log_prob(y)
     # a context of the wrong size or dtype is a ValueError too
     with pytest.raises(ValueError, match=rf"\(\.\.\., {C}\)"):
         layer.call_and_ladj(x, torch.zeros(4, C + 1))
@@ -561,29 +789,39 @@ def test_conditional_layer_without_context_raises(case):
 @pytest.mark.parametrize("case", UNCONDITIONAL, ids=repr)
 def test_unconditional_layer_with_context_raises(case):
     layer = make(case)
-    x = randn((4, D), torch.float32)
+    x = domain_input(case, (4,), torch.float32)
+    y = codomain_input(case, (4,), torch.float32)
     with pytest.raises(ValueError, match="unconditional"):
         layer.call_and_ladj(x, torch.zeros(4, C))
     with pytest.raises(ValueError, match="unconditional"):
-        layer.inverse_and_ladj(x, torch.zeros(4, C))
+        layer.inverse_and_ladj(y, torch.zeros(4, C))
+
+
+def _shape_message(expected: tuple, got: tuple) -> str:
+    """The pattern of a wrong-shape error: it names the expected event shape and the shape it got."""
+    return re.escape(f"(..., {', '.join(map(str, expected))})") + ".*" + re.escape(str(got))
 
 
 @all_cases
-def test_wrong_feature_count_raises_naming_the_shape(case):
+def test_wrong_event_shape_raises_naming_the_shape(case):
     layer = make(case)
     ctx = context(case, (4,), torch.float32)
     t = pyro_transform(layer, ctx)
-    bad = randn((4, D + 1), torch.float32)
-    for call in (
-        lambda: layer.call_and_ladj(bad, ctx),
-        lambda: layer.inverse_and_ladj(bad, ctx),
-        lambda: t(bad),
-        lambda: t.inv(bad),
-    ):
-        with pytest.raises(ValueError, match=rf"\(\.\.\., {D}\).*\(4, {D + 1}\)"):
-            call()
-    with pytest.raises(ValueError, match=rf"\(\.\.\., {D}\)"):
+    for direction, pyro_call in (("call_and_ladj", t), ("inverse_and_ladj", t.inv)):
+        event = case.shape if direction == "call_and_ladj" else case.codomain_shape
+        bad_shape = (4,) + event[:-1] + (event[-1] + 1,)  # one entry too many in the last dim
+        bad = randn(bad_shape, torch.float32)
+        with pytest.raises(ValueError, match=_shape_message(event, bad_shape)):
+            getattr(layer, direction)(bad, ctx)
+        with pytest.raises(ValueError, match=_shape_message(event, bad_shape)):
+            pyro_call(bad)
+    with pytest.raises(ValueError, match=_shape_message(case.shape, ())):
         layer.call_and_ladj(torch.tensor(1.0), ctx)
+    if case.event_dim > 1:  # an image with the dims in the wrong order
+        wrong_order = (4,) + case.shape[::-1]
+        if wrong_order != (4,) + case.shape:
+            with pytest.raises(ValueError, match=_shape_message(case.shape, wrong_order)):
+                layer.call_and_ladj(randn(wrong_order, torch.float32), ctx)
 
 
 # -- stale cache (pyro #2564) ------------------------------------------------------------------------------------------
@@ -608,8 +846,8 @@ def test_no_stale_cache_after_optimizer_step(case, entry):
     n = 8
     ctx = context(case, (n,), torch.float32)
     t = pyro_transform(layer, ctx)
-    x = randn((n, D), torch.float32, seed=19)
-    y_data = randn((n, D), torch.float32, seed=20)
+    x = domain_input(case, (n,), torch.float32, seed=19)
+    y_data = codomain_input(case, (n,), torch.float32, seed=20)
 
     y = t(x)
     ladj = t.log_abs_det_jacobian(x, y)
@@ -649,13 +887,13 @@ def test_transformed_distribution_log_prob_not_stale_after_optimizer_step(case):
     """pyro #2564: log_prob of the same data tensor after a step must use the new parameters."""
     layer = make(case)
     n = 8
-    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
+    base = base_distribution(case, torch.float32)
     ctx = context(case, (n,), torch.float32)
     if case.conditional:
         d = dist.ConditionalTransformedDistribution(base, [layer]).condition(ctx)
     else:
         d = dist.TransformedDistribution(base, [layer])
-    data = randn((n, D), torch.float32, seed=21)
+    data = codomain_input(case, (n,), torch.float32, seed=21)
     lp = d.log_prob(data)
     _step(layer, -lp.mean())
     lp_new = d.log_prob(data)
@@ -673,7 +911,7 @@ def test_clear_cache_after_parameter_data_update(case):
     n = 8
     ctx = context(case, (n,), torch.float32)
     t = pyro_transform(layer, ctx)
-    x = randn((n, D), torch.float32, seed=22)
+    x = domain_input(case, (n,), torch.float32, seed=22)
     y = t(x)
     (y**2).mean().backward()
     for p in layer.parameters():
@@ -691,7 +929,7 @@ def _load_state_dict_then_call(case, assign):
     other = make(case, seed=5)
     ctx = context(case, (n,), torch.float32)
     t = pyro_transform(layer, ctx)
-    x = randn((n, D), torch.float32, seed=23)
+    x = domain_input(case, (n,), torch.float32, seed=23)
     y = t(x)
     layer.load_state_dict(other.state_dict(), assign=assign)
     got = t(x)
@@ -718,7 +956,7 @@ def test_cache_does_not_serve_no_grad_values_under_autograd(case, direction):
     layer = make(case)
     n = 8
     ctx = context(case, (n,), torch.float32)
-    x = randn((n, D), torch.float32, seed=24)
+    x = direction_input(case, direction, (n,), torch.float32, seed=24)
     apply = getattr(layer, direction)
     with torch.no_grad():
         apply(x, ctx)
@@ -734,7 +972,7 @@ def test_no_stale_cache_after_input_modified_in_place(case):
     n = 8
     ctx = context(case, (n,), torch.float32)
     t = pyro_transform(layer, ctx)
-    x = randn((n, D), torch.float32, seed=25)
+    x = domain_input(case, (n,), torch.float32, seed=25)
     y = t(x)
     with torch.no_grad():
         x.mul_(0.5)
@@ -749,7 +987,7 @@ def test_no_stale_cache_after_context_modified_in_place(case):
     n = 8
     ctx = context(case, (n,), torch.float32)
     t = layer.condition(ctx)
-    x = randn((n, D), torch.float32, seed=26)
+    x = domain_input(case, (n,), torch.float32, seed=26)
     y = t(x)
     with torch.no_grad():
         ctx.add_(1.0)
@@ -765,13 +1003,13 @@ def test_cache_hit_returns_the_broadcast_shape(case):
     dtype = torch.float64
     layer = make(case, dtype)
     t = layer.condition(context(case, (3,), dtype))
-    x = randn((D,), dtype, seed=27)
+    x = domain_input(case, (), dtype, seed=27)
     y = t(x)
-    assert y.shape == (3, D)
-    cached = t.inv(y)  # the cache holds (x, y): it must not answer with x's shape (D,)
-    assert cached.shape == (3, D)
+    assert y.shape == (3,) + case.codomain_shape
+    cached = t.inv(y)  # the cache holds (x, y): it must not answer with x's shape (*event,)
+    assert cached.shape == (3,) + case.shape
     fresh = t.inv(y.clone())
-    assert fresh.shape == (3, D)
+    assert fresh.shape == (3,) + case.shape
     close(cached, fresh, 1e-10)
 
 
@@ -794,15 +1032,16 @@ def test_deepcopy_and_pickle_after_a_call(case):
     layer = make(case)
     n = 8
     ctx = context(case, (n,), torch.float32)
-    x = randn((n, D), torch.float32, seed=29)
+    x = domain_input(case, (n,), torch.float32, seed=29)
+    y_data = codomain_input(case, (n,), torch.float32, seed=29)
     y, ladj = layer.call_and_ladj(x, ctx)  # fills the cache
-    xi, ladj_inv = layer.inverse_and_ladj(x, ctx)
+    xi, ladj_inv = layer.inverse_and_ladj(y_data, ctx)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert type(clone) is type(layer)
         y2, ladj2 = clone.call_and_ladj(x, ctx)
         close(y2, y, 0.0)
         close(ladj2, ladj, 0.0)
-        xi2, ladj_inv2 = clone.inverse_and_ladj(x, ctx)
+        xi2, ladj_inv2 = clone.inverse_and_ladj(y_data, ctx)
         close(xi2, xi, 0.0)
         close(ladj_inv2, ladj_inv, 0.0)
         # the copy is independent: changing it changes neither the original nor its cache
@@ -822,8 +1061,8 @@ def test_state_dict_round_trip(case):
     fresh.train(layer.training)
     n = 8
     ctx = context(case, (n,), torch.float32)
-    x = randn((n, D), torch.float32, seed=30)
     for direction in ("call_and_ladj", "inverse_and_ladj"):
+        x = direction_input(case, direction, (n,), torch.float32, seed=30)
         out, ladj = getattr(layer, direction)(x.clone(), ctx)
         out2, ladj2 = getattr(fresh, direction)(x.clone(), ctx)
         close(out2, out, 0.0)
