@@ -1,4 +1,4 @@
-"""Conditioner networks: MADE (autoregressive masks, sequential inversion), MLP, MaskedLinear."""
+"""Conditioner networks: MADE (autoregressive masks, sequential inversion), MLP, MaskedLinear, CNN, ClassEmbedding."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import perturb
 from torch import nn
 
-from pyro_flows.nn import MADE, MLP, MaskedLinear
+from pyro_flows.nn import CNN, MADE, MLP, ClassEmbedding, MaskedLinear
 
 D, C = 5, 3
 
@@ -338,3 +338,114 @@ def test_masked_linear_dtype_copy_and_pickle():
             clone.weight.mul_(3.0)
             torch.testing.assert_close(clone(x), _expected(clone, mask, x), rtol=0, atol=1e-6)
             torch.testing.assert_close(layer(x), _expected(layer, mask, x), rtol=0, atol=1e-6)
+
+
+# -- CNN --------------------------------------------------------------------------------------------------------------
+def manual_cnn(net: CNN, x: torch.Tensor, context=None) -> torch.Tensor:
+    """Glow's coupling network written out with F.conv2d on (N, C, H, W): 3x3, 1x1..., 3x3; context as a bias."""
+    h = x
+    for i, layer in enumerate(net.hidden):
+        k = layer.kernel_size[0]
+        h = F.conv2d(h, layer.weight, layer.bias, padding=k // 2)
+        if i == 0 and context is not None:
+            h = h + (context @ net.context_bias.weight.T + net.context_bias.bias)[:, :, None, None]
+        h = torch.relu(h)
+    return F.conv2d(h, net.output.weight, net.output.bias, padding=1)
+
+
+def cnn(context=0, hidden=(8, 6), seed=0):
+    torch.manual_seed(seed)
+    return perturb(CNN(2, 4, hidden=hidden, context_features=context), scale=0.3, seed=seed + 1).double()
+
+
+@pytest.mark.parametrize("hidden", [(8,), (8, 6), (8, 6, 5)], ids=str)
+def test_cnn_values_and_shapes(hidden):
+    net = cnn(hidden=hidden)
+    assert [layer.kernel_size for layer in net.hidden] == [(3, 3)] + [(1, 1)] * (len(hidden) - 1)
+    x = draw((3, 2, 5, 6), seed=2)
+    torch.testing.assert_close(net(x), manual_cnn(net, x), rtol=0, atol=1e-12)
+    for batch in [(), (4,), (2, 3)]:
+        xb = draw(batch + (2, 5, 6), seed=3)
+        out = net(xb)
+        assert out.shape == batch + (4, 5, 6)
+        torch.testing.assert_close(out, net(xb.reshape(-1, 2, 5, 6)).reshape(out.shape), rtol=0, atol=1e-12)
+
+
+def test_cnn_receptive_field_is_five_by_five():
+    """Two 3x3 convolutions (the 1x1s add nothing): an output pixel depends on inputs at most 2 pixels away."""
+    net = cnn()
+    x = draw((2, 7, 7), seed=4)
+    jac = torch.autograd.functional.jacobian(net, x)  # (4, 7, 7, 2, 7, 7)
+    rows = torch.arange(7)
+    distance = torch.maximum(
+        (rows[:, None, None, None] - rows[None, None, :, None]).abs(),
+        (rows[None, :, None, None] - rows[None, None, None, :]).abs(),
+    )  # (h, w, h', w') Chebyshev distance
+    dependence = jac.abs().sum(dim=(0, 3)) > 0  # (h, w, h', w')
+    assert not dependence[distance > 2].any()
+    assert dependence[distance <= 2].float().mean() > 0.9  # (ReLUs may switch off a few paths)
+
+
+def test_cnn_context_is_a_bias_of_the_first_hidden_layer_and_broadcasts():
+    net = cnn(context=3)
+    x, c = draw((4, 2, 3, 3), seed=5), draw((4, 3), seed=6)
+    torch.testing.assert_close(net(x, c), manual_cnn(net, x, c), rtol=0, atol=1e-12)
+    # (5, 1, 3) contexts with (4, 2, H, W) images: (5, 4, 4, H, W)
+    contexts = draw((5, 1, 3), seed=7)
+    out = net(x, contexts)
+    assert out.shape == (5, 4, 4, 3, 3)
+    for i in range(5):
+        torch.testing.assert_close(out[i], manual_cnn(net, x, contexts[i].expand(4, 3)), rtol=0, atol=1e-12)
+    # one image, several contexts; several images, one context
+    assert net(x[0], contexts[:, 0]).shape == (5, 4, 3, 3)
+    torch.testing.assert_close(net(x, contexts[0, 0]), manual_cnn(net, x, contexts[0].expand(4, 3)), rtol=0, atol=1e-12)
+    assert (out[0] - out[1]).abs().max() > 1e-6  # the context is used
+
+
+def test_cnn_output_layer_starts_at_zero_and_rejects_no_hidden_layers():
+    torch.manual_seed(0)
+    net = CNN(2, 4, hidden=(8, 8), context_features=3)
+    out = net(draw((2, 2, 4, 4), torch.float32), draw((2, 3), torch.float32))
+    assert torch.equal(out, torch.zeros(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="at least one hidden width"):
+        CNN(2, 4, hidden=())
+
+
+# -- ClassEmbedding ---------------------------------------------------------------------------------------------------
+def test_class_embedding_looks_up_rows():
+    torch.manual_seed(0)
+    embed = ClassEmbedding(5, 3)
+    labels = torch.tensor([[0, 4], [2, 2]])
+    out = embed(labels)
+    assert out.shape == (2, 2, 3)
+    torch.testing.assert_close(out, embed.embedding.weight[labels], rtol=0, atol=0)
+    # whole-number float labels are class indices too; the output follows the embedding's dtype
+    torch.testing.assert_close(embed(labels.double()), out, rtol=0, atol=0)
+    assert embed.double()(torch.tensor(3)).dtype == torch.float64
+    assert embed(torch.zeros(0, dtype=torch.long)).shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.tensor([0, 5]), r"in \[0, 5\), got values in \[0, 5\]"),
+        (torch.tensor([-1, 2]), r"in \[0, 5\), got values in \[-1, 2\]"),
+        (torch.tensor([0.0, 1.5]), "whole numbers"),
+        (torch.tensor([0.0, float("nan")]), "whole numbers"),
+        (torch.tensor([0.0, float("inf")]), "whole numbers"),
+        (torch.tensor([True, False]), "integer class indices"),
+    ],
+    ids=["too-large", "negative", "fractional", "nan", "inf", "bool"],
+)
+def test_class_embedding_rejects_bad_labels(labels, message):
+    with pytest.raises(ValueError, match=message):
+        ClassEmbedding(5, 3)(labels)
+
+
+def test_class_embedding_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="tensor of class indices"):
+        ClassEmbedding(5, 3)([0, 1])
+    with pytest.raises(ValueError, match="classes >= 2"):
+        ClassEmbedding(1, 3)
+    with pytest.raises(ValueError, match="features >= 1"):
+        ClassEmbedding(5, 0)
