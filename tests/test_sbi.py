@@ -1,0 +1,260 @@
+"""Neural posterior estimation against analytic posteriors: a linear-Gaussian simulator
+θ ~ N(0, I₂), x = Aθ + σε, whose posterior is N(P Aᵀx / σ², P) with P = (I + AᵀA / σ²)⁻¹.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyro_flows as pf
+from pyro_flows.diagnostics import c2st, sbc
+from pyro_flows.infer import NPE, AtomicProposalLoss, simulate
+
+A = torch.tensor([[1.0, 0.5], [-0.3, 1.0]])
+NOISE = 0.5
+PRIOR = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+COVARIANCE = torch.linalg.inv(torch.eye(2) + A.T @ A / NOISE**2)
+X_OBS = torch.tensor([0.5, -1.0])
+FAST = dict(batch_size=128, lr=3e-3, progress=False)
+
+
+def linear_gaussian(theta: torch.Tensor) -> torch.Tensor:
+    return theta @ A.T + NOISE * torch.randn_like(theta)
+
+
+def analytic_posterior(x: torch.Tensor) -> dist.MultivariateNormal:
+    return dist.MultivariateNormal(x @ (COVARIANCE @ A.T / NOISE**2).T, COVARIANCE)
+
+
+class NaNAbove:
+    """A picklable simulator that fails (NaN) where θ₀ > threshold."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        x = theta + torch.randn_like(theta)
+        return x.masked_fill((theta[:, :1] > self.threshold), float("nan"))
+
+
+@pytest.fixture(scope="module")
+def npe() -> NPE:
+    theta, x = simulate(linear_gaussian, PRIOR, 2000, seed=0, progress=False)
+    return (
+        NPE(PRIOR, "maf", transforms=1, hidden=(16,))
+        .append_simulations(theta, x)
+        .train(max_epochs=60, patience=10, seed=0, **FAST)
+    )
+
+
+# -- the posterior --------------------------------------------------------------------------------------------------
+def test_posterior_matches_the_analytic_mean_covariance_and_density(npe):
+    posterior, truth = npe.posterior(X_OBS), analytic_posterior(X_OBS)
+    torch.manual_seed(1)
+    samples = posterior.sample((4000,))
+    assert samples.shape == (4000, 2) and posterior.batch_shape == () and posterior.event_shape == (2,)
+    torch.testing.assert_close(samples.mean(0), truth.mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(samples.T), COVARIANCE, atol=0.04, rtol=0)
+    reference = truth.sample((2000,))
+    kl = (truth.log_prob(reference) - posterior.log_prob(reference)).mean()
+    assert 0 <= kl.item() < 0.05  # KL(p || q) by Monte Carlo
+
+
+def test_c2st_to_the_analytic_posterior_is_close_to_chance(npe):
+    torch.manual_seed(2)
+    samples = npe.posterior(X_OBS).sample((800,))
+    assert c2st(samples, analytic_posterior(X_OBS).sample((800,))) <= 0.6
+
+
+def test_sbc_of_the_trained_npe_is_uniform(npe):
+    result = sbc(npe, PRIOR, linear_gaussian, num_simulations=300, num_posterior_samples=49, seed=3)
+    assert bool((result.pvalues > 0.01).all()), result.pvalues
+    levels, coverage = result.coverage()
+    assert float((coverage - levels).abs().max()) < 0.1
+
+
+def test_a_batch_of_observations_gives_a_batch_of_posteriors(npe):
+    xs = torch.stack([X_OBS, -X_OBS, torch.zeros(2)])
+    posterior = npe.posterior(xs)
+    assert posterior.batch_shape == (3,) and posterior.sample((5,)).shape == (5, 3, 2)
+    theta = torch.randn(7, 3, 2)
+    single = torch.stack([npe.posterior(x).log_prob(theta[:, i]) for i, x in enumerate(xs)], dim=1)
+    torch.testing.assert_close(posterior.log_prob(theta), single)
+
+
+def test_state_dict_round_trip(npe, tmp_path):
+    theta, x = npe.rounds[0][:2]
+    path = pf.utils.atomic_save(npe.estimator.state_dict(), tmp_path / "npe.pt")
+    other = NPE(PRIOR, "maf", transforms=1, hidden=(16,)).append_simulations(theta[:100] * 0.5, x[:100])
+    other.estimator.load_state_dict(pf.utils.safe_load(path))
+    reference = analytic_posterior(X_OBS).sample((10,))
+    torch.testing.assert_close(other.posterior(X_OBS).log_prob(reference), npe.posterior(X_OBS).log_prob(reference))
+
+
+# -- support --------------------------------------------------------------------------------------------------------
+def test_bounded_prior_support_is_respected_and_the_density_integrates_to_one():
+    prior = dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
+    theta, x = simulate(lambda t: t + 0.3 * torch.randn_like(t), prior, 1000, seed=0, progress=False)
+    npe = NPE(prior, "maf", transforms=2, hidden=(16,)).append_simulations(theta, x).train(max_epochs=5, seed=0, **FAST)
+    x_obs = torch.tensor([0.9, -0.2])  # posterior mass near the boundary
+    posterior = npe.posterior(x_obs)
+    samples = posterior.sample((5000,))
+    assert bool(((samples > -1) & (samples < 1)).all()) and bool(posterior.support.check(samples).all())
+    torch.testing.assert_close(posterior.support.base_constraint.upper_bound, torch.ones(2))
+    # the density (flow, z-scoring and biject_to log-dets) integrates to 1 over the box: midpoint rule
+    grid = (torch.arange(200) + 0.5) / 100 - 1
+    points = torch.cartesian_prod(grid, grid)
+    with torch.no_grad():
+        mass = posterior.log_prob(points).exp().sum() * 0.01**2
+    assert float(mass) == pytest.approx(1.0, abs=0.02)
+    outside = torch.tensor([[1.5, 0.0], [0.0, -1.01]])
+    assert posterior.log_prob(outside).tolist() == [-math.inf, -math.inf]
+    with pytest.raises(ValueError, match="outside the prior's support"):
+        npe.append_simulations(outside, torch.zeros(2, 2))
+
+
+# -- sequential NPE -------------------------------------------------------------------------------------------------
+def test_atomic_loss_with_all_atoms_matches_a_direct_computation():
+    class Shifted(nn.Module):  # q(θ | x) = N(x, I)
+        def forward(self, x):
+            return dist.Normal(x, 1.0).to_event(1)
+
+    theta, x = torch.randn(6, 2), torch.randn(6, 2)
+    loss = AtomicProposalLoss(PRIOR, num_atoms=6)(Shifted(), theta, x)  # every other row is an atom
+    log_ratio = dist.Normal(x[:, None], 1.0).to_event(1).log_prob(theta[None]) - PRIOR.log_prob(theta)[None]
+    expected = -(log_ratio.diagonal() - torch.logsumexp(log_ratio, dim=1)).mean()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="num_atoms"):
+        AtomicProposalLoss(PRIOR, num_atoms=1)
+
+
+def test_sequential_npe_beats_one_round_at_equal_simulations():
+    """A broad prior (σ_θ = 3) and small noise (0.1): one round sees few simulations near x_obs."""
+    prior = dist.Normal(torch.zeros(2), 3 * torch.ones(2)).to_event(1)
+    simulator = lambda t: t + 0.1 * torch.randn_like(t)
+    x_obs = torch.tensor([1.5, -2.0])
+    variance = 1 / (1 / 9 + 1 / 0.01)
+    truth = dist.Normal(variance * x_obs / 0.01, variance**0.5).to_event(1)
+    reference = truth.sample((2000,))
+    train = dict(max_epochs=60, patience=None, **FAST)
+    flow = dict(flow="maf", transforms=2, hidden=(32, 32))
+
+    @torch.no_grad()
+    def kl(npe):
+        return float((truth.log_prob(reference) - npe.posterior(x_obs).log_prob(reference)).mean())
+
+    gains = []
+    for seed in (0, 1):
+        theta, x = simulate(simulator, prior, 600, seed=seed, progress=False)
+        one_round = NPE(prior, **flow).append_simulations(theta, x).train(seed=seed, **train)
+        sequential = NPE(prior, **flow).append_simulations(theta[:300], x[:300]).train(seed=seed, **train)
+        proposal = sequential.posterior(x_obs)
+        theta2 = proposal.sample((300,))
+        sequential.append_simulations(theta2, simulator(theta2), proposal=proposal).train(seed=seed, **train)
+        gains.append(kl(one_round) - kl(sequential))
+    assert min(gains) > 0, gains
+
+
+# -- flow matching --------------------------------------------------------------------------------------------------
+def test_cnf_posterior_by_flow_matching():
+    theta, x = simulate(linear_gaussian, PRIOR, 2000, seed=0, progress=False)
+    npe = NPE(PRIOR, "cnf", hidden=(32, 32)).append_simulations(theta, x)
+    npe.train(max_epochs=40, patience=None, seed=0, **FAST)
+    assert npe.continuous
+    torch.manual_seed(1)
+    posterior = npe.posterior(X_OBS)
+    samples = posterior.sample((1000,))
+    torch.testing.assert_close(samples.mean(0), analytic_posterior(X_OBS).mean, atol=0.1, rtol=0)
+    torch.testing.assert_close(samples.std(0), COVARIANCE.diagonal().sqrt(), atol=0.1, rtol=0)
+    reference = analytic_posterior(X_OBS).sample((200,))
+    with torch.no_grad():  # log q by the ODE
+        kl = (analytic_posterior(X_OBS).log_prob(reference) - posterior.log_prob(reference)).mean()
+    assert float(kl) < 0.15
+    with pytest.raises(ValueError, match="APT"):
+        npe.append_simulations(theta[:10], x[:10], proposal=posterior)
+
+
+# -- embedding ------------------------------------------------------------------------------------------------------
+def test_embedding_is_trained_jointly():
+    embedding = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    before = embedding[1].weight.detach().clone()
+    simulator = lambda t: (t @ A.T).unsqueeze(1).repeat(1, 3, 1) + NOISE * torch.randn(len(t), 3, 2)  # x: (3, 2)
+    theta, x = simulate(simulator, PRIOR, 500, seed=0, progress=False)
+    npe = NPE(PRIOR, "nsf", embedding=embedding, transforms=1, hidden=(16,)).append_simulations(theta, x)
+    npe.train(max_epochs=3, patience=None, seed=0, **FAST)
+    assert not torch.equal(embedding[1].weight, before)
+    assert npe.posterior(x[0]).sample((4,)).shape == (4, 2)
+    assert npe.posterior(x[:5]).batch_shape == (5,)
+
+
+# -- simulate -------------------------------------------------------------------------------------------------------
+def test_simulate_is_seeded_and_independent_of_the_number_of_workers():
+    simulator = functools.partial(torch.normal, std=1.0)  # picklable without importing this module
+    theta, x = simulate(simulator, PRIOR, 300, batch_size=100, seed=5, progress=False)
+    again, x_again = simulate(simulator, PRIOR, 300, batch_size=100, seed=5, progress=False)
+    assert torch.equal(theta, again) and torch.equal(x, x_again)
+    parallel = simulate(simulator, PRIOR, 300, batch_size=100, num_workers=2, seed=5, progress=False)
+    assert torch.equal(parallel[0], theta) and torch.equal(parallel[1], x)
+    assert not torch.equal(simulate(simulator, PRIOR, 300, batch_size=100, seed=6, progress=False)[0], theta)
+
+
+def test_simulate_reports_and_drops_nan_rows():
+    simulator = NaNAbove(0.5)
+    with pytest.warns(RuntimeWarning, match=r"(\d+) of 1000 simulations returned NaN or inf") as record:
+        theta, x, invalid = simulate(simulator, PRIOR, 1000, seed=0, progress=False, return_invalid=True)
+    count = int(str(record[0].message).split()[1])
+    assert count == len(invalid) > 200 and len(theta) == len(x) == 1000 - count
+    assert bool((invalid[:, 0] > 0.5).all()) and bool((theta[:, 0] <= 0.5).all())
+    assert bool(torch.isfinite(x).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simulate(NaNAbove(100.0), PRIOR, 50, seed=0, progress=False)  # no failures: no warning
+
+
+def test_simulate_bad_inputs():
+    with pytest.raises(TypeError, match="picklable"):
+        simulate(lambda t: t, PRIOR, 10, num_workers=2, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        simulate(lambda t: t[:, 0], PRIOR, 10, progress=False)
+    with pytest.raises(ValueError, match="num_simulations"):
+        simulate(linear_gaussian, PRIOR, 0)
+    with pytest.raises(ValueError, match="to_event"):
+        simulate(linear_gaussian, dist.Normal(torch.zeros(2), 1.0), 10)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------------------------
+def test_npe_bad_inputs(npe):
+    theta, x = torch.randn(20, 2), torch.randn(20, 2)
+    with pytest.raises(ValueError, match="x_obs must have shape"):
+        npe.posterior(torch.zeros(3))
+    with pytest.raises(ValueError, match="x_obs must have shape"):
+        npe.posterior(torch.zeros(2, 2, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        npe.posterior(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="rows of θ"):
+        NPE(PRIOR).append_simulations(theta, x[:10])
+    with pytest.raises(ValueError, match="θ must have shape"):
+        NPE(PRIOR).append_simulations(theta[:, :1], x)
+    with pytest.raises(ValueError, match="NaN"):
+        NPE(PRIOR).append_simulations(theta, x.index_fill(0, torch.tensor([3]), float("inf")))
+    with pytest.raises(ValueError, match="x_shape"):
+        npe.append_simulations(theta, torch.randn(20, 3))
+    with pytest.raises(ValueError, match="flow must be one of"):
+        NPE(PRIOR, flow="glow")
+    with pytest.raises(ValueError, match="event shape"):
+        NPE(dist.Normal(torch.zeros(2), 1.0))
+    with pytest.raises(ValueError, match="append_simulations"):
+        NPE(PRIOR).train()
+    with pytest.raises(TypeError, match="proposal"):
+        NPE(PRIOR).append_simulations(theta, x, proposal="posterior")
+    with pytest.raises(ValueError, match="context_features"):
+        NPE(PRIOR, flow=lambda features, context: pf.MAF(features)).append_simulations(theta, x)
+    with pytest.raises(ValueError, match="shape"):
+        npe.posterior(X_OBS).log_prob(torch.zeros(3))
