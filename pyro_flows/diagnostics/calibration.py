@@ -54,8 +54,10 @@ class SBCResult:
     def plot(self, kind: str = "ecdf", names: Optional[Sequence[str]] = None, axes=None):
         r"""One panel per parameter: ``"ecdf"`` the ECDF of the normalised ranks minus the uniform CDF
         with simultaneous 95% bands (``arviz.plot_ecdf``), ``"hist"`` rank histograms with the
-        central 99% band of a bin count under uniformity; ``"coverage"`` one panel of the expected
-        coverage curves (HPD and per-parameter central intervals) against the diagonal.
+        central 99% binomial range of each bin's count under uniformity (bins hold equal numbers of
+        rank values when ``bins`` divides :math:`L + 1`, else they differ by one value);
+        ``"coverage"`` one panel of the expected coverage curves (HPD and per-parameter central
+        intervals) against the diagonal.
         Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
@@ -68,7 +70,7 @@ class SBCResult:
             raise ValueError(f"SBCResult.plot: {len(names)} names for {dims} parameters")
         panels = 1 if kind == "coverage" else dims
         if axes is None:
-            _, axes = plt.subplots(1, panels, figsize=(3.5 * panels, 3), squeeze=False)
+            _, axes = plt.subplots(1, panels, figsize=(3.5 * panels, 3), squeeze=False, constrained_layout=True)
             axes = axes[0]
         axes = np.atleast_1d(axes)
         if kind == "coverage":
@@ -106,8 +108,8 @@ def _plot_histogram(result: SBCResult, d: int, ax) -> None:
     low = stats.binom.ppf(0.005, len(result.ranks), fraction)
     high = stats.binom.ppf(0.995, len(result.ranks), fraction)
     edges = np.arange(result.bins)
-    ax.fill_between(np.r_[edges, result.bins] - 0.5, np.r_[low, low[-1]], np.r_[high, high[-1]], step="post", alpha=0.2)
-    ax.bar(edges, observed, width=1.0, edgecolor="k", alpha=0.7)
+    ax.bar(edges, high - low, bottom=low, width=1.0, color="0.85", label="99% under uniformity")
+    ax.bar(edges, observed, width=0.8, edgecolor="k", alpha=0.7)
     ax.set_xlabel("rank bin")
 
 

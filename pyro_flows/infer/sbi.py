@@ -276,7 +276,8 @@ class NPEPosterior(Distribution):
         self.flow_distribution = estimator(x)
         self.prior = prior
         bijection = estimator.bijection
-        self._inside = bijection(torch.zeros(bijection.inverse_shape(prior.event_shape), dtype=x.dtype))
+        origin = torch.zeros(bijection.inverse_shape(prior.event_shape), dtype=x.dtype, device=x.device)
+        self._inside = bijection(origin)  # a point of the support, evaluated in place of θ outside it
         super().__init__(self.flow_distribution.batch_shape, prior.event_shape, validate_args=False)
 
     @property
@@ -407,6 +408,12 @@ class NPE:
         transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``).
         num_atoms: atoms of the APT loss.
         flow_kwargs: more arguments of the flow factory (e.g. ``bins``, ``mixing``).
+
+    Attributes:
+        estimator: the :class:`PosteriorEstimator` (an ``nn.Module``; None before the first round):
+            ``torch.save(npe.estimator.state_dict(), ...)`` saves the trained networks and z-scorings.
+        rounds: the ``(theta, x, from_proposal)`` of every round.
+        history: the :class:`~pyro_flows.FitHistory` of the last ``train``.
 
     Example:
         >>> prior = pyro.distributions.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
