@@ -234,7 +234,10 @@ class FlowTransform(TransformModule):
 def _broadcast_hit(value: Tensor, other: Tensor, ladj: Tensor, event_dims: int) -> tuple[Tensor, Tensor]:
     """A cached pair may have been broadcast against a context: return the broadcast batch shape."""
     batch = torch.broadcast_shapes(value.shape[: value.dim() - event_dims], other.shape[: other.dim() - event_dims])
-    return value.expand(batch + value.shape[value.dim() - event_dims :]), ladj.expand(batch)
+    shape = batch + value.shape[value.dim() - event_dims :]
+    # the cached tensor itself when no broadcast is needed: the next layer's cache recognises it by identity
+    value = value if value.shape == shape else value.expand(shape)
+    return value, ladj if ladj.shape == batch else ladj.expand(batch)
 
 
 def _replace_event(shape, event_shape: torch.Size, new_event_shape: torch.Size) -> torch.Size:
