@@ -151,6 +151,7 @@ VECTOR_CASES = [
     Case("ActNorm", lambda: T.ActNorm(D), kind="actnorm"),
     Case("BatchNorm", lambda: T.BatchNorm(D), kind="batchnorm"),
     Case("Logit", lambda: T.Logit(D, alpha=0.05), kind="fixed", round_trip_atol=LOGIT_ROUND_TRIP_ATOL),
+    Case("Logit.inv", lambda: T.Logit(D, alpha=0.05).inv, kind="fixed", round_trip_atol=LOGIT_ROUND_TRIP_ATOL),
     Case("Coupling-Shift", lambda: T.Coupling(D, T.Shift(), mask=_mask(), hidden=HIDDEN), volume_preserving=True),
     Case("Coupling-Affine", lambda: T.Coupling(D, T.Affine(), mask=_mask(), hidden=HIDDEN)),
     Case(
@@ -394,8 +395,11 @@ def pyro_transform(layer, ctx) -> Transform:
 
 
 def base_distribution(case: Case, dtype) -> dist.Distribution:
-    """Standard normal over the layer's input events."""
+    """Standard normal over the layer's input events; uniform over a bounded domain (``Logit.inv``'s interval)."""
     zeros = torch.zeros(case.shape, dtype=dtype)
+    if bounded(case, "domain"):
+        interval = _unperturbed(case).domain.base_constraint
+        return dist.Uniform(zeros + interval.lower_bound, zeros + interval.upper_bound).to_event(case.event_dim)
     return dist.Normal(zeros, torch.ones_like(zeros)).to_event(case.event_dim)
 
 

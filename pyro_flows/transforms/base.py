@@ -287,7 +287,9 @@ class ConditionedTransform(Transform):
     def domain(self):
         return self.layer.domain
 
-    codomain = domain
+    @property
+    def codomain(self):
+        return self.layer.codomain
 
     @property
     def inv(self) -> ConditionedTransform:
@@ -334,6 +336,14 @@ class Inverse(FlowTransform):
     def __init__(self, layer: FlowTransform) -> None:
         super().__init__(layer.codomain_shape, layer.context_features, layer.event_shape)
         self.layer = layer
+
+    @property
+    def domain(self):
+        return self.layer.codomain
+
+    @property
+    def codomain(self):
+        return self.layer.domain
 
     def _forward(self, x, context):
         return self.layer.inverse_and_ladj(x, context)
