@@ -32,7 +32,8 @@ training budget, in one process:
   and ``ClippedAdam(lr=--lr)``, for ``--seconds`` of wall-clock time per run
   (guide construction and the first step, which builds the guide's parameters,
   included). The clock is paused at ``--checkpoints`` marks, T/2^(c-1), ..., T/2,
-  T, to evaluate the guide;
+  T, to evaluate the guide. Before its first run, each guide takes 3 untimed
+  steps on each model (one-time costs of the process: first traces, lazy imports);
 * evaluation (not timed), the same function for every guide:
   ``pf.diagnostics.psis(model, guide, *args, num_samples=--eval-samples)``,
   i.e. ``log p(x, z) - log q(z)`` on draws of the guide and ArviZ's Pareto-smoothed
@@ -72,6 +73,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
 from torch import Tensor
+
+import pyro_flows as pf
 
 MODELS = ("funnel", "eight_schools", "logistic")
 GUIDES = ("AutoNormal", "AutoIAFNormal", "AutoNormalizingFlow", "pf-IAF", "pf-NSF", "pf-CNF")
@@ -174,8 +177,6 @@ def pyro_spline_flow(dim: int, cfg: Config):
 
 def make_guide(name: str, model: Callable, cfg: Config):
     """A fresh guide; flows share layer count, MADE widths, spline bins and bound."""
-    import pyro_flows as pf
-
     if name == "AutoNormal":
         return AutoNormal(model)
     if name == "AutoIAFNormal":
@@ -208,12 +209,16 @@ class Checkpoint:
 
 
 def evaluate(model: Callable, guide, args: tuple, num_samples: int, seed: int) -> tuple[float, float, float]:
-    """(ELBO, k̂, importance-weighted ELBO) from ``pf.diagnostics.psis``, with a fixed sampling seed."""
-    import pyro_flows as pf
+    """(ELBO, k̂, importance-weighted ELBO) from ``pf.diagnostics.psis``, with a fixed sampling seed.
 
+    All three are NaN when a draw of the guide has a non-finite log-weight (psis raises a ValueError).
+    """
     pyro.set_rng_seed(seed)
-    with torch.no_grad():
-        report = pf.diagnostics.psis(model, guide, *args, num_samples=num_samples)
+    try:
+        with torch.no_grad():
+            report = pf.diagnostics.psis(model, guide, *args, num_samples=num_samples)
+    except ValueError:
+        return math.nan, math.nan, math.nan
     return float(report.elbo), float(report.khat), float(report.iw_elbo)
 
 
@@ -222,15 +227,28 @@ def marks(cfg: Config) -> list[float]:
     return [cfg.seconds / 2**k for k in reversed(range(cfg.checkpoints))]
 
 
+def _svi(model: Callable, guide, cfg: Config) -> SVI:
+    elbo = Trace_ELBO(num_particles=cfg.particles, vectorize_particles=cfg.particles > 1, max_plate_nesting=1)
+    return SVI(model, guide, pyro.optim.ClippedAdam({"lr": cfg.lr}), elbo)
+
+
+def warm_up(model_name: str, guide_name: str, cfg: Config, steps: int = 3) -> None:
+    """A few untimed steps of a throw-away guide: one-time costs of the process (first traces, lazy imports)."""
+    model, args = problem(model_name)
+    pyro.clear_param_store()
+    svi = _svi(model, make_guide(guide_name, model, cfg), cfg)
+    for _ in range(steps):
+        svi.step(*args)
+
+
 def train(model_name: str, guide_name: str, cfg: Config, seed: int) -> list[Checkpoint]:
     """Train a fresh guide for ``cfg.seconds`` of wall-clock time, evaluating it at :func:`marks`."""
     model, args = problem(model_name)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    guide = make_guide(guide_name, model, cfg)
-    elbo = Trace_ELBO(num_particles=cfg.particles, vectorize_particles=cfg.particles > 1, max_plate_nesting=1)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": cfg.lr}), elbo)
+    svi = _svi(model, make_guide(guide_name, model, cfg), cfg)
+    guide = svi.guide
     elapsed, steps, out = time.perf_counter() - start, 0, []
     for mark in marks(cfg):
         while elapsed < mark:
@@ -281,6 +299,8 @@ def run(
                     if result.error is not None:
                         continue
                     try:
+                        if repeat == 0:
+                            warm_up(m, g, cfg)
                         result.runs.append(train(m, g, cfg, seed=repeat))
                     except Exception as e:  # a guide that fails is reported n/a, the others go on
                         result.error = f"{type(e).__name__}: {e}"

@@ -1,0 +1,78 @@
+"""Smoke test of benchmarks/bench_vi.py: a tiny --quick configuration, and the like-for-like guide architectures."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from conftest import load_benchmark
+
+
+def _param_count(bench, guide_name: str, model_name: str) -> tuple[int, int]:
+    """(trainable parameters in the param store, latent dimension) of a fresh guide after its first call."""
+    model, args = bench.problem(model_name)
+    pyro.clear_param_store()
+    guide = bench.make_guide(guide_name, model, bench.QUICK)
+    guide(*args)
+    store = pyro.get_param_store()
+    return sum(store[name].numel() for name in store.keys() if "prototype" not in name), guide.latent_dim
+
+
+@pytest.mark.parametrize("model_name", ["funnel", "logistic"])
+def test_flows_are_like_for_like(model_name):
+    # pyro_flows' guide is Pyro's architecture (same layers, MADE widths, spline parameters per dimension)
+    # plus the learnable affine start layer around the initial point: exactly 2 D more parameters.
+    bench = load_benchmark("bench_vi")
+    for ours, peer in [("pf-IAF", "AutoIAFNormal"), ("pf-NSF", "AutoNormalizingFlow")]:
+        n_ours, dim = _param_count(bench, ours, model_name)
+        n_peer, peer_dim = _param_count(bench, peer, model_name)
+        assert dim == peer_dim == {"funnel": 10, "logistic": 5}[model_name]
+        assert n_ours == n_peer + 2 * dim, (ours, n_ours, peer, n_peer)
+    pyro.clear_param_store()
+
+
+def test_quick_run_on_the_funnel():
+    bench = load_benchmark("bench_vi")
+    cfg = bench.Config(seconds=0.4, checkpoints=2, repeats=2, hidden=(8, 8), transforms=2, eval_samples=200)
+    assert bench.marks(cfg) == [0.2, 0.4]
+    threads = torch.get_num_threads()
+    results = bench.run(["funnel"], ["AutoNormal", "pf-NSF"], cfg, threads=1, log=lambda _: None)
+    assert torch.get_num_threads() == threads  # restored
+    assert [(r.model, r.guide) for r in results] == [("funnel", "AutoNormal"), ("funnel", "pf-NSF")]
+    for r in results:
+        assert r.error is None and len(r.runs) == cfg.repeats
+        for run in r.runs:
+            assert len(run) == cfg.checkpoints
+            first, last = run
+            assert 0.2 <= first.seconds <= last.seconds and 0.4 <= last.seconds
+            assert 1 <= first.steps <= last.steps
+            for c in run:
+                # the funnel is normalised (log Z = 0): every ELBO is below 0, and on the same draws
+                # mean(log w) <= log mean(w) (Jensen), so the IW-ELBO is never below the ELBO
+                assert math.isfinite(c.elbo) and c.elbo < 0
+                assert c.iw_elbo >= c.elbo
+                assert math.isfinite(c.khat)
+        assert r.steps_per_second > 0 and r.median("elbo") < 0
+
+    text = bench.table(results, cfg)
+    assert "| funnel | AutoNormal |" in text and "ELBO @0.4s" in text and "n/a" not in text
+    # no Pyro flow guide ran: nothing to compare with
+    assert bench.comparisons(results) == []
+
+
+def test_failures_are_reported_not_raised(monkeypatch):
+    bench = load_benchmark("bench_vi")
+    cfg = bench.Config(seconds=0.1, checkpoints=1, repeats=1, hidden=(8, 8), transforms=1, eval_samples=50)
+    original = bench.make_guide
+
+    def broken(name, model, cfg):
+        if name == "pf-IAF":
+            raise RuntimeError("boom")
+        return original(name, model, cfg)
+
+    monkeypatch.setattr(bench, "make_guide", broken)
+    results = bench.run(["logistic"], ["AutoIAFNormal", "pf-IAF"], cfg, threads=1, log=lambda _: None)
+    by = {r.guide: r for r in results}
+    assert by["pf-IAF"].error == "RuntimeError: boom" and by["pf-IAF"].median("elbo") is None
+    assert by["AutoIAFNormal"].error is None and math.isfinite(by["AutoIAFNormal"].median("elbo"))
+    assert "| logistic | pf-IAF | n/a |" in bench.table(results, cfg)
