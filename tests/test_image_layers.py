@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturb, slogdet_ladj
+from torch.distributions import constraints
 
 from pyro_flows import transforms as T
 
@@ -391,6 +392,17 @@ def test_logit_without_alpha_rejects_the_edges_and_bad_alpha():
             T.Logit(3, alpha=alpha)
     with pytest.raises(ValueError, match=r"\(\.\.\., 2, 4, 4\), got \(2, 4, 4, 2\)"):
         T.Logit(SHAPE).inverse_and_ladj(torch.full((2, 4, 4, 2), 0.5))
+
+
+def test_logit_inverse_has_the_interval_as_its_domain():
+    """``Logit(...).inv`` (data -> base as a layer) maps the interval onto the reals: its constraints are swapped."""
+    layer = T.Logit(SHAPE, alpha=0.05)
+    for constraint, real in ((layer.codomain, False), (layer.inv.domain, False), (layer.inv.codomain, True)):
+        assert constraint.event_dim == 3
+        assert (constraint.base_constraint is constraints.real) == real
+    assert layer.inv.domain.base_constraint.upper_bound == pytest.approx(1 + 0.05 / 0.9)
+    uniform = dist.Uniform(torch.zeros(SHAPE), torch.ones(SHAPE)).to_event(3)
+    assert dist.TransformedDistribution(uniform, [layer.inv]).support.base_constraint is constraints.real
 
 
 # -- float64 end to end -----------------------------------------------------------------------------------------------
