@@ -4,6 +4,9 @@ Both draw from the guide and replay the model on each draw. Draws are
 vectorised with a particle plate (one guide and one model pass for all draws,
 as Pyro's ``vectorized_importance_weights``) when the model allows it, and
 otherwise taken one by one in a loop; ``vectorize=True/False`` forces either.
+"Allows" is checked, not assumed: the first vectorised draw is scored again
+without the plate, and a model whose shapes fail under the plate or broadcast
+wrongly against it (a different log-weight) falls back to the loop.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Callable, Optional
 
 import arviz as az
 import numpy as np
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
@@ -82,16 +86,46 @@ def _draws_in_loop(model, guide, args, kwargs, num_samples: int) -> _Draws:
     return _Draws(log_weights, latents, log_likelihood, observed)
 
 
+def _per_draw(name: str, value: Tensor, shape: torch.Size, num_samples: int) -> Tensor:
+    """A site's value under the particle plate as ``(num_samples, *shape)`` (``shape``: its unvectorised shape)."""
+    if value.numel() != num_samples * shape.numel():
+        raise ValueError(f"site '{name}' has shape {tuple(value.shape)} under the particle plate")
+    return value.reshape((num_samples,) + shape)
+
+
+def _rescore_first_draw(model, guide, args, kwargs, guide_trace, guide_prototype, num_samples: int) -> Tensor:
+    """The log-weight of the first vectorised draw, recomputed without the particle plate.
+
+    The guide is replayed on that draw's values (``Delta`` sites are left to
+    be recomputed from the others, as autoguides do) and the model on the guide.
+    """
+    first = guide_prototype.copy()
+    for name, site in guide_prototype.nodes.items():
+        if site["type"] != "sample" or isinstance(site["fn"], dist.Delta):
+            first.remove_node(name)
+        elif not site_is_subsample(site):
+            value = guide_trace.nodes[name]["value"]
+            first.nodes[name]["value"] = _per_draw(name, value, site["value"].shape, num_samples)[0]
+    model_trace, guide_trace = _one_draw(model, poutine.replay(guide, trace=first), args, kwargs)
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+
 def _draws_vectorized(model, guide, args, kwargs, num_samples: int) -> _Draws:
-    prototype, _ = _one_draw(model, guide, args, kwargs)
-    log_weights, model_trace, _ = vectorized_importance_weights(
+    prototype, guide_prototype = _one_draw(model, guide, args, kwargs)
+    log_weights, model_trace, guide_trace = vectorized_importance_weights(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=_max_plate_nesting(prototype), **kwargs
     )
+    if log_weights.shape != (num_samples,):
+        raise ValueError(f"vectorised log-weights have shape {tuple(log_weights.shape)}, not ({num_samples},)")
+    first = _rescore_first_draw(model, guide, args, kwargs, guide_trace, guide_prototype, num_samples)
+    if not torch.isclose(first, log_weights[0], rtol=1e-4, atol=1e-3):
+        raise ValueError(
+            f"the vectorised log-weight of a draw ({float(log_weights[0]):.6g}) differs from the same draw "
+            f"scored alone ({float(first):.6g}): the model does not broadcast over a leading particle dim"
+        )
 
     def per_draw(name: str, value: Tensor, shape: torch.Size) -> Tensor:
-        if value.numel() != num_samples * shape.numel():
-            raise ValueError(f"site '{name}' has shape {tuple(value.shape)} under the particle plate")
-        return value.reshape((num_samples,) + shape)
+        return _per_draw(name, value, shape, num_samples)
 
     latents = {
         name: per_draw(name, model_trace.nodes[name]["value"], prototype.nodes[name]["value"].shape)
@@ -103,8 +137,6 @@ def _draws_vectorized(model, guide, args, kwargs, num_samples: int) -> _Draws:
         shape = _pointwise_log_likelihood(prototype.nodes[name]).shape
         log_likelihood[name] = per_draw(name, pointwise, shape)
     observed = {name: prototype.nodes[name]["value"] for name in _observed_sites(prototype)}
-    if log_weights.shape != (num_samples,):
-        raise ValueError(f"vectorised log-weights have shape {tuple(log_weights.shape)}")
     return _Draws(log_weights, latents, log_likelihood, observed)
 
 
