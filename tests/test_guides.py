@@ -237,6 +237,8 @@ def test_callable_flow_and_bad_input():
         pf.infer.AutoFlowGuide(regression, flow="glow")
     with pytest.raises(ValueError, match="init_scale"):
         pf.infer.AutoFlowGuide(regression, init_scale=0.0)
+    with pytest.raises(TypeError, match="apply to named flows"):
+        pf.infer.AutoFlowGuide(regression, flow=lambda d: pf.IAF(d), bins=4)(X, y)
 
 
 # -- amortized ----------------------------------------------------------------------------------------------------
@@ -288,3 +290,25 @@ def test_amortized_guide_with_global_latents_subsampling_and_custom_encoder():
     assert set(guide.median(x, num_samples=50)) == {"mu", "z"}
     with pytest.raises(ValueError, match="not latent sample sites"):
         pf.infer.AmortizedFlowGuide(model, ["w"], observation=0)(x)
+
+
+def test_amortized_guide_unpacks_several_local_sites_in_a_plate_at_dim_minus_2():
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            with pyro.plate("inner", 3, dim=-1):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            s = pyro.sample("s", dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).unsqueeze(-1) * s, 0.5).to_event(1), obs=x)
+
+    x = torch.randn(10, 1, 2)
+    pyro.clear_param_store()
+    guide = pf.infer.AmortizedFlowGuide(model, ["z", "s"], observation=0, plate="data", transforms=1, hidden=(8,))
+    losses = train(model, guide, x, steps=2, particles=2, nesting=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    latent = trace.nodes["_AmortizedFlowGuide_local"]["value"]
+    assert latent.shape == (10, 1, 5)  # per datum: 3 z's and 2 log-s's
+    torch.testing.assert_close(trace.nodes["z"]["value"], latent[:, 0, :3])
+    torch.testing.assert_close(trace.nodes["s"]["value"], latent[:, :, 3:].exp())
+    predictive = Predictive(model, guide=guide, num_samples=4)(torch.randn(6, 1, 2))
+    assert predictive["z"].shape == (4, 6, 3) and predictive["s"].shape == (4, 6, 1, 2)

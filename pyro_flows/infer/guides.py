@@ -111,6 +111,8 @@ def build_guide_flow(
     if isinstance(flow, str):
         module = named_flow(flow, features, context, transforms, hidden, **kwargs)
     else:
+        if kwargs:
+            raise TypeError(f"flow keyword arguments {sorted(kwargs)} apply to named flows, not to a callable")
         module = flow(features, context) if context else flow(features)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the flow callable must return an nn.Module, got {type(module).__name__}")
