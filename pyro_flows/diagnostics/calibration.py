@@ -178,13 +178,16 @@ def _posterior_fn(posterior: Union[NPE, PosteriorFn]) -> PosteriorFn:
 def _ranks_of_chunk(posterior_fn: PosteriorFn, theta: Tensor, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
     """Marginal ranks ``(n, D)`` and density ranks ``(n,)`` of the true θ of one chunk of observations."""
     distribution = posterior_fn(x)
-    draws = distribution.sample((samples,))
+    if hasattr(distribution, "sample_and_log_prob"):  # a flow's samples and densities in one pass
+        draws, log_q_draws = distribution.sample_and_log_prob((samples,))
+    else:
+        draws, log_q_draws = distribution.sample((samples,)), None
     if draws.shape != (samples, *theta.shape):
         raise ValueError(
             f"sbc: the posterior of a batch of {len(x)} observations must give samples of shape "
             f"({samples}, {len(x)}, {theta.shape[1]}) (batch shape ({len(x)},)), got {tuple(draws.shape)}"
         )
-    log_q_draws = distribution.log_prob(draws)
+    log_q_draws = distribution.log_prob(draws) if log_q_draws is None else log_q_draws
     log_q_true = distribution.log_prob(theta)
     return (draws < theta).sum(0), (log_q_draws > log_q_true).sum(0)
 

@@ -69,6 +69,17 @@ def _simulate_batch(simulator: Simulator, theta: Tensor, seed: int) -> Tensor:
     return x
 
 
+def _batch_outputs(simulator: Simulator, jobs: list[tuple[Tensor, int]], num_workers: int) -> Iterator[Tensor]:
+    """The simulator's output for each ``(theta, seed)`` job, in order: here, or in ``spawn``-started workers."""
+    if num_workers == 1:
+        yield from (_simulate_batch(simulator, theta, seed) for theta, seed in jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_worker_init) as pool:
+        futures = [pool.submit(_simulate_batch, simulator, theta, seed) for theta, seed in jobs]
+        yield from (future.result() for future in futures)
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the parallelism is across processes
 
@@ -134,20 +145,11 @@ def simulate(
         theta = prior.sample((num_simulations,))
         batch_seeds = torch.randint(2**62, (len(range(0, num_simulations, batch_size)),)).tolist()
     jobs = list(zip(theta.split(batch_size), batch_seeds, strict=True))
+    outputs = []
     with tqdm(total=num_simulations, disable=not _show_progress(progress), desc="simulate", unit="sim") as bar:
-        if num_workers == 1:
-            outputs = []
-            for batch, batch_seed in jobs:
-                outputs.append(_simulate_batch(simulator, batch, batch_seed))
-                bar.update(len(batch))
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_worker_init) as pool:
-                futures = [pool.submit(_simulate_batch, simulator, b, s) for b, s in jobs]
-                outputs = []
-                for future, (batch, _) in zip(futures, jobs, strict=True):
-                    outputs.append(future.result())
-                    bar.update(len(batch))
+        for (batch, _), output in zip(jobs, _batch_outputs(simulator, jobs, num_workers), strict=True):
+            outputs.append(output)
+            bar.update(len(batch))
     shapes = {tuple(o.shape[1:]) for o in outputs}
     if len(shapes) > 1:
         raise ValueError(f"simulate: the simulator returned x of different shapes across batches: {sorted(shapes)}")
@@ -314,7 +316,8 @@ class AtomicProposalLoss:
     .. math:: \mathcal L = -\frac1B \sum_n \Big(\ell_{nn} - \log \sum_{k \in \text{atoms}(n)} e^{\ell_{nk}}\Big).
 
     It is the likelihood of the proposal posterior restricted to the atoms, minimised by
-    :math:`q(\theta \mid x) = p(\theta \mid x)` whatever proposal the θ came from.
+    :math:`q(\theta \mid x) = p(\theta \mid x)` whatever proposal the θ came from. In eval mode
+    (validation) the atoms are drawn by a fixed seed, so epochs are compared on the same atoms.
     ``objective(model, theta, x)``: ``model(x)`` is the posterior estimator's distribution
     over θ (batch ``(B,)``), ``theta (B, D)``, ``x (B, *x_shape)``.
 
@@ -334,7 +337,8 @@ class AtomicProposalLoss:
             raise ValueError(f"AtomicProposalLoss: a batch needs at least 2 rows to draw atoms from, got {rows}")
         atoms = min(self.num_atoms, rows)
         others = torch.ones(rows, rows, device=theta.device).fill_diagonal_(0.0)
-        choices = torch.multinomial(others, atoms - 1, replacement=False)
+        generator = None if model.training else torch.Generator(theta.device).manual_seed(0)
+        choices = torch.multinomial(others, atoms - 1, replacement=False, generator=generator)
         theta_atoms = torch.cat([theta.unsqueeze(1), theta[choices]], dim=1)  # (B, K, D), the true θ first
         log_q = model(x).log_prob(theta_atoms.transpose(0, 1)).transpose(0, 1)  # atoms against every row's x
         logits = log_q - self.prior.log_prob(theta_atoms)
@@ -486,7 +490,8 @@ class NPE:
         r"""Add a round of simulated pairs: ``theta (N, D)`` from ``proposal`` (None: the prior), ``x (N, *x_shape)``.
 
         The first round builds the estimator and fixes the z-scorings. A round with a proposal
-        switches training to the APT loss (on all rounds' pairs). Returns ``self``.
+        switches training to the APT loss (on all rounds' pairs). ``x`` is cast to θ's dtype
+        (integer counts are fine). Returns ``self``.
         """
         if proposal is not None and not isinstance(proposal, Distribution):
             raise TypeError(f"NPE: the proposal must be a Distribution (a posterior), got {type(proposal).__name__}")
@@ -497,6 +502,7 @@ class NPE:
                 f"NPE.append_simulations: x must have shape (N, *x_shape) with the N = {theta.shape[0]} rows of θ, "
                 f"got {shape}"
             )
+        x = x.to(theta.dtype)  # e.g. integer counts
         _check_finite(x, "NPE.append_simulations: x")
         if self.estimator is None:
             self.estimator = self._build_estimator(theta, x)
@@ -576,7 +582,7 @@ class NPE:
         if not bool(torch.isfinite(x_obs).all()):
             raise ValueError("NPE.posterior: x_obs has NaN or inf entries")
         self.estimator.eval()
-        return NPEPosterior(self.estimator, x_obs, self.prior)
+        return NPEPosterior(self.estimator, x_obs.to(self.estimator.x_loc.dtype), self.prior)
 
     def __repr__(self) -> str:
         flow = self.flow if isinstance(self.flow, str) else getattr(self.flow, "__name__", "callable")
