@@ -20,6 +20,7 @@ import pickle
 import random
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -31,11 +32,14 @@ from .. import transforms as T
 from ..flow_matching import FlowMatching, the_continuous_flow
 from ..flows import CNF, MAF, NSF, Flow, FlowDistribution, RealNVP
 from ..train import FitHistory, _show_progress, fit
+from ..utils import PathLike, atomic_save, safe_load
 
 Simulator = Callable[[Tensor], Tensor]
 FlowBuilder = Callable[[int, int], Flow]
 
 FLOWS = {"nsf": NSF, "maf": MAF, "realnvp": RealNVP, "cnf": CNF}
+FORMAT = "pyro_flows.NPE/1"
+PLAIN = (bool, int, float, str, type(None))
 
 
 # --------------------------------------------------------------------------- simulate
@@ -370,6 +374,11 @@ class PosteriorFlowMatching:
 # --------------------------------------------------------------------------- NPE
 
 
+def _is_plain(value) -> bool:
+    """Whether ``value`` loads with ``weights_only=True``: a number, string, bool, None or a tuple of them."""
+    return isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(e, PLAIN) for e in value))
+
+
 def _is_continuous(flow: Flow) -> bool:
     try:
         the_continuous_flow(flow)
@@ -583,6 +592,66 @@ class NPE:
             raise ValueError("NPE.posterior: x_obs has NaN or inf entries")
         self.estimator.eval()
         return NPEPosterior(self.estimator, x_obs.to(self.estimator.x_loc.dtype), self.prior)
+
+    def save(self, path: PathLike) -> Path:
+        """Write the configuration, weights and z-scorings to one file, atomically (the simulations are not saved).
+
+        A callable ``flow`` or an ``embedding`` is code, not data: pass them again to :meth:`load`.
+        """
+        if self.estimator is None:
+            raise ValueError("NPE.save: nothing to save; append simulations and train first")
+        if not all(_is_plain(v) for v in self.flow_kwargs.values()):
+            raise ValueError(
+                f"NPE.save: flow_kwargs must be plain values (numbers, strings, tuples of them), got {self.flow_kwargs}"
+            )
+        return atomic_save(
+            {
+                "format": FORMAT,
+                "flow": self.flow if isinstance(self.flow, str) else None,
+                "transforms": self.transforms,
+                "hidden": list(self.hidden),
+                "num_atoms": self.loss.num_atoms,
+                "flow_kwargs": dict(self.flow_kwargs),
+                "features": self.estimator.theta_standardize.loc.shape[0],
+                "context_features": self.estimator.flow.context_features,
+                "x_shape": list(self.estimator.x_shape),
+                "state_dict": {k: v.detach().cpu() for k, v in self.estimator.state_dict().items()},
+            },
+            path,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        prior: Distribution,
+        flow: Optional[FlowBuilder] = None,
+        embedding: Optional[nn.Module] = None,
+    ) -> NPE:
+        """An NPE saved by :meth:`save`, ready for ``posterior``; loaded with ``weights_only=True``.
+
+        ``prior`` is the one it was trained with; ``flow`` the callable and ``embedding`` the module
+        it was built with, if any (its weights come from the file).
+        """
+        state = safe_load(path, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"NPE.load: {path} is not a file written by NPE.save")
+        if state["flow"] is None and flow is None:
+            raise ValueError(f"NPE.load: {path} was saved from a callable flow; pass it as flow=...")
+        npe = cls(prior, state["flow"] if flow is None else flow, embedding, state["transforms"], state["hidden"],
+                  state["num_atoms"], **state["flow_kwargs"])  # fmt: skip
+        features, x_shape = state["features"], tuple(state["x_shape"])
+        npe.estimator = PosteriorEstimator(
+            npe._build_flow(features, state["context_features"]),
+            npe.embedding,
+            torch.zeros(x_shape),
+            torch.ones(x_shape),
+            T.Standardize(torch.zeros(features), torch.ones(features)),
+            npe.bijection,
+        )
+        npe.estimator.load_state_dict(state["state_dict"])
+        npe.estimator.eval()
+        return npe
 
     def __repr__(self) -> str:
         flow = self.flow if isinstance(self.flow, str) else getattr(self.flow, "__name__", "callable")
