@@ -140,7 +140,7 @@ def logistic(x: Tensor, y: Optional[Tensor] = None) -> None:
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
     with pyro.plate("data", x.shape[0]):
-        logits = (x * w.unsqueeze(-2)).sum(-1) + b  # broadcasts over vectorised particles
+        logits = (x * w).sum(-1) + b  # w: (4,) or (particles, 1, 4) under a particle plate at dim -2
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
