@@ -37,7 +37,7 @@ A library that is not installed (sbi) is reported as ``n/a``.
 
 Usage::
 
-    python benchmarks/bench_sbi.py                                  # both flows, 3 repeats (~10 minutes)
+    python benchmarks/bench_sbi.py                                  # both flows, 3 repeats (~20 minutes, 2 busy cores)
     python benchmarks/bench_sbi.py --flows maf --repeats 1
     python benchmarks/bench_sbi.py --quick --libs pyro_flows         # seconds (the test)
 """
@@ -45,7 +45,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import math
 import statistics
 import time
@@ -139,6 +141,7 @@ class Trained:
 def train_pyro_flows(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tensor, cfg: Config, seed: int) -> Trained:
     import pyro_flows as pf
 
+    torch.manual_seed(seed)  # the initial weights, as for sbi
     start = time.perf_counter()
     npe = pf.infer.NPE(
         task.prior,
@@ -183,14 +186,15 @@ def train_sbi(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tensor, cfg
         num_blocks=cfg.blocks,
     )
     inference = NPE(prior=task.prior, density_estimator=builder, show_progress_bars=False)
-    estimator = inference.append_simulations(theta, x).train(
-        training_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr,
-        validation_fraction=cfg.validation_fraction,
-        stop_after_epochs=cfg.patience,
-        max_num_epochs=cfg.max_epochs - 1,  # sbi counts epochs from 0 and runs epoch max_num_epochs too
-        clip_max_norm=5.0,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # sbi prints "converged after N epochs" itself
+        estimator = inference.append_simulations(theta, x).train(
+            training_batch_size=cfg.batch_size,
+            learning_rate=cfg.lr,
+            validation_fraction=cfg.validation_fraction,
+            stop_after_epochs=cfg.patience,
+            max_num_epochs=cfg.max_epochs - 1,  # sbi counts epochs from 0 and runs epoch max_num_epochs too
+            clip_max_norm=5.0,
+        )
     seconds = time.perf_counter() - start
     posterior = inference.build_posterior(estimator)
 
@@ -322,7 +326,8 @@ def run(
 
 
 def table(results: Sequence[Result]) -> str:
-    """A Markdown table, one row per (flow, library), with sbi's time over pyro_flows' (above 1: pf faster)."""
+    """A Markdown table, one row per (flow, library); ``pf speed-up`` is sbi's median training time over
+    pyro_flows' (above 1: pyro_flows faster), ``per epoch`` the same for the median time per epoch."""
     head = "| flow | library | params | C2ST | epochs | train time (s) | s / epoch | pf speed-up | per epoch |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     ours = {r.flow: r for r in results if r.lib == "pyro_flows"}
@@ -362,6 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) is not None
     }
     cfg = replace(QUICK if args.quick else Config(), **overrides)
+    if cfg.max_epochs < 2:
+        parser.error(f"--max-epochs must be at least 2 (sbi always runs max_num_epochs + 1 >= 2), got {cfg.max_epochs}")
     repeats = args.repeats or (1 if args.quick else 3)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); linear-Gaussian D={cfg.dim}, sigma={cfg.noise:g}, "
