@@ -1,6 +1,6 @@
 """pyro_flows: normalizing flows for Pyro."""
 
-from . import diagnostics, infer, nn, transforms
+from . import data, diagnostics, infer, nn, transforms
 from .dequantization import Dequantized, DequantizedDistribution, VariationalDequantizer
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
@@ -20,6 +20,7 @@ __all__ = [
     "CNF",
     "CNFRegularizedNLL",
     "DensityEstimator",
+    "data",
     "diagnostics",
     "infer",
     "FFJORD",

@@ -9,6 +9,7 @@ The factories :func:`NICE`, :func:`RealNVP`, :func:`MAF`, :func:`IAF` and
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import pyro.distributions as dist
@@ -450,6 +451,14 @@ def _image_shape(shape: Sequence[int], levels: int, squeezes: int) -> torch.Size
     return shape
 
 
+def _check_image_sizes(name: str, steps: int, hidden: Sequence[int]) -> None:
+    """ValueErrors naming the problem for a flow without steps or a conditioner without channels."""
+    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
+        raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, Integral) or h < 1 for h in hidden):
+        raise ValueError(f"{name}: the conditioners' hidden channels must be integers >= 1, got {tuple(hidden)!r}")
+
+
 def _conditional(cls, conditional_cls, context: int):
     """The class and the keyword arguments of a layer that sees the context when there is one."""
     return (conditional_cls, {"context_features": context}) if context else (cls, {})
@@ -598,6 +607,7 @@ def Glow(
     """
     shape = _image_shape(shape, levels, levels)
     hidden = (hidden_channels, hidden_channels)
+    _check_image_sizes("Glow", steps, hidden)
 
     def level_chain(features: int) -> T.Chain:
         at_scale = _steps(steps, hidden, features, _channels, conv=True)
@@ -619,6 +629,7 @@ def _image_realnvp(
     embedding_features: int = 16,
 ) -> nn.Module:
     shape = _image_shape(shape, levels, levels - 1)
+    _check_image_sizes("RealNVP", steps, hidden)
 
     def level_chain(features: int) -> T.Chain:
         checkerboard = _steps(steps, hidden, features, _checkerboard, conv=False)

@@ -265,6 +265,55 @@ def test_bad_pixels_are_named(images, message):
         tiny_glow("uniform")().log_prob(images.double())
 
 
+@pytest.mark.parametrize(
+    "family, kwargs, message",
+    [
+        (pf.Glow, dict(shape=(1, 6, 6), levels=2), "divisible by 4"),
+        (pf.Glow, dict(shape=(8, 8)), "needs shape \\(C, H, W\\)"),
+        (pf.Glow, dict(shape=(1, 8, 8), levels=0), "levels >= 1"),
+        (pf.Glow, dict(shape=(1, 8, 8), steps=0), "steps must be an integer >= 1"),
+        (pf.Glow, dict(shape=(1, 8, 8), hidden_channels=0), "hidden channels must be integers >= 1"),
+        (pf.Glow, dict(shape=(1, 8, 8), classes=3, context=2), "class labels \\(classes=\\) or a context"),
+        (pf.Glow, dict(shape=(1, 8, 8), pixel_levels=1), "levels must be an integer >= 2"),
+        (pf.Glow, dict(shape=(1, 8, 8), dequantization="none"), "'uniform' or 'variational'"),
+        (pf.RealNVP, dict(shape=(1, 6, 6), levels=3), "divisible by 4"),
+        (pf.RealNVP, dict(shape=(1, 8, 8), steps=0), "steps must be an integer >= 1"),
+        (pf.RealNVP, dict(shape=(1, 8, 8), hidden=()), "hidden channels must be integers >= 1"),
+        (pf.RealNVP, dict(features=4, shape=(1, 8, 8)), "not both"),
+    ],
+)
+def test_bad_model_arguments_are_named(family, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        family(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.tensor([0, 3]), "labels must lie in \\[0, 3\\)"),
+        (torch.tensor([-1, 0]), "labels must lie in \\[0, 3\\)"),
+        (torch.tensor([0.5, 1.0]), "whole numbers"),
+        (torch.tensor([float("nan"), 1.0]), "NaN or inf"),
+    ],
+)
+def test_bad_class_labels_are_named(labels, message):
+    model = make("glow-classes")
+    images = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        model(labels).log_prob(images)
+    with pytest.raises(ValueError, match="is conditional"):
+        model().log_prob(images)
+
+
+def test_bits_per_dim_of_a_dequantized_model_refuses_levels():
+    model = make("glow-classes")
+    labels = torch.tensor([0, 1, 2])
+    images = torch.randint(0, model.levels, (3, *SHAPE)).double()
+    assert math.isfinite(pf.bits_per_dim(model, images, context=labels))
+    with pytest.raises(ValueError, match="leave levels out"):
+        pf.bits_per_dim(model, images, model.levels, context=labels)
+
+
 def test_integer_dtype_pixels_give_the_same_log_prob():
     model = tiny_glow("uniform")
     images = torch.randint(0, 2, (5, 1, 2, 2))

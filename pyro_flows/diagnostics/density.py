@@ -103,7 +103,7 @@ def bits_per_dim(
     ``bits_per_dim(model, data, context=...)`` scores ``data`` under a model first.
     A model of integer data (:class:`~pyro_flows.dequantization.Dequantized`, e.g.
     ``pf.Glow``) already returns the discrete log-likelihood (bound): leave
-    ``levels`` out for it.
+    ``levels`` out for it (giving it raises a ValueError: the dequantisation would count twice).
 
     Continuous data (``levels=None``):
 
@@ -138,6 +138,14 @@ def bits_per_dim(
         >>> bits_per_dim([0.0], dims=3, levels=256)    # uniform on [0, 1)^3: 8 bits/dim
         8.0
     """
+    if levels is not None and isinstance(log_prob, torch.nn.Module):
+        from ..dequantization import Dequantized
+
+        if isinstance(log_prob, Dequantized):
+            raise ValueError(
+                f"bits_per_dim: the model is Dequantized (levels={log_prob.levels}): its log_prob is already the "
+                "discrete data's, so leave levels out (passing it would count the dequantisation twice)"
+            )
     log_prob, dims = _scores(log_prob, dims, context, batch_size)
     mean = _mean_log_prob(log_prob, dims)
     if levels is None:
