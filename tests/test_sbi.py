@@ -175,6 +175,26 @@ def test_sequential_npe_beats_one_round_at_equal_simulations():
     assert all(two < one for one, two in kls) and sequential_kl < 0.6 * one_round_kl, kls
 
 
+def test_train_with_a_proposal_marks_the_new_rounds_and_switches_to_the_apt_loss():
+    """The issue's spelling, ``append_simulations(theta, x).train(proposal=posterior)``."""
+    theta, x = simulate(linear_gaussian, PRIOR, 200, seed=0, progress=False)
+    torch.manual_seed(0)
+    npe = NPE(PRIOR, "maf", transforms=1, hidden=(8,)).append_simulations(theta, x)
+    calls = []
+    apt = npe.loss
+    npe.loss = lambda model, t, o: calls.append(len(t)) or apt(model, t, o)
+    npe.train(max_epochs=1, **FAST)
+    assert calls == []  # one round from the prior: maximum likelihood
+    proposal = npe.posterior(X_OBS)
+    with pytest.raises(ValueError, match="none were appended"):
+        npe.train(proposal=proposal, max_epochs=1, **FAST)
+    theta2 = proposal.sample((100,))
+    npe.append_simulations(theta2, linear_gaussian(theta2)).train(proposal=proposal, max_epochs=1, **FAST)
+    assert [r[2] for r in npe.rounds] == [False, True] and calls  # the new round only; APT from now on
+    with pytest.raises(TypeError, match="proposal must be a Distribution"):
+        npe.append_simulations(theta2, linear_gaussian(theta2)).train(proposal="posterior")
+
+
 # -- flow matching --------------------------------------------------------------------------------------------------
 def test_cnf_posterior_by_flow_matching():
     theta, x = simulate(linear_gaussian, PRIOR, 2000, seed=0, progress=False)
@@ -193,6 +213,29 @@ def test_cnf_posterior_by_flow_matching():
     assert float(kl) < 0.15
     with pytest.raises(ValueError, match="APT"):
         npe.append_simulations(theta[:10], x[:10], proposal=posterior)
+
+
+# -- z-scoring ------------------------------------------------------------------------------------------------------
+def test_z_scorings_of_theta_and_x_are_learnt_from_the_first_round():
+    prior = dist.LogNormal(torch.zeros(2), 1.0).to_event(1)  # unconstrained θ: log θ
+    simulator = lambda t: 1000 * t.log() + 5000 + torch.randn_like(t)
+    theta, x = simulate(simulator, prior, 500, seed=0, progress=False)
+    torch.manual_seed(0)
+    estimator = NPE(prior, "maf", transforms=1, hidden=(8,)).append_simulations(theta, x).estimator
+    torch.testing.assert_close(estimator.x_loc, x.mean(0))
+    torch.testing.assert_close(estimator.x_scale, x.std(0))
+    u = estimator.unconstrained(theta)  # (log θ - mean) / std
+    torch.testing.assert_close(u.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(u.std(0), torch.ones(2), atol=1e-4, rtol=0)
+    context = estimator.context(x)  # the default embedding (Flatten) sees the standardised x
+    torch.testing.assert_close(context.mean(0), torch.zeros(2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(context.std(0), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_simulate_shows_a_progress_bar(capsys):
+    simulate(linear_gaussian, PRIOR, 30, batch_size=10, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "simulate" in err and "30/30" in err
 
 
 # -- embedding ------------------------------------------------------------------------------------------------------
@@ -238,6 +281,8 @@ def test_simulate_bad_inputs():
         simulate(lambda t: t, PRIOR, 10, num_workers=2, progress=False)
     with pytest.raises(ValueError, match="shape"):
         simulate(lambda t: t[:, 0], PRIOR, 10, progress=False)
+    with pytest.raises(ValueError, match=r"for θ of shape \(10, 2\) it returned shape \(9, 2\)"):
+        simulate(lambda t: t[:-1], PRIOR, 10, progress=False)  # the wrong batch size
     with pytest.raises(ValueError, match="num_simulations"):
         simulate(linear_gaussian, PRIOR, 0)
     with pytest.raises(ValueError, match="to_event"):
@@ -265,6 +310,8 @@ def test_npe_bad_inputs(npe):
         NPE(PRIOR, flow="glow")
     with pytest.raises(ValueError, match="event shape"):
         NPE(dist.Normal(torch.zeros(2), 1.0))
+    with pytest.raises(ValueError, match="biject_to"):
+        NPE(dist.Binomial(10, torch.full((2,), 0.5)).to_event(1))  # discrete parameters
     with pytest.raises(ValueError, match="append_simulations"):
         NPE(PRIOR).train()
     with pytest.raises(TypeError, match="proposal"):

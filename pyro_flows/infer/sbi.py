@@ -398,7 +398,8 @@ class NPE:
 
     Round 1 (``append_simulations(theta, x)`` with θ from the prior, then ``train()``) minimises
     :math:`-\frac1N \sum_n \log q(\theta_n \mid x_n)` (Papamakarios & Murray 2016). Later rounds
-    with θ from a proposal (``append_simulations(theta, x, proposal=posterior)``) train on all
+    with θ from a proposal (``append_simulations(theta, x, proposal=posterior)``, or
+    ``append_simulations(theta, x).train(proposal=posterior)``) train on all
     rounds' pairs with the atomic APT loss (:class:`AtomicProposalLoss`, Greenberg et al. 2019),
     which needs no importance weights or correction: ``posterior(x_o)`` stays the posterior.
 
@@ -454,9 +455,17 @@ class NPE:
         self.embedding = embedding if embedding is not None else nn.Flatten()
         self.flow_kwargs = flow_kwargs
         self.loss = AtomicProposalLoss(prior, num_atoms)
-        self.bijection = biject_to(prior.support)
+        try:
+            self.bijection = biject_to(prior.support)
+        except NotImplementedError:
+            raise ValueError(
+                f"NPE: the prior's support {prior.support} has no bijection from the real numbers (torch's "
+                "biject_to), so a flow cannot model it; NPE needs continuous parameters (e.g. a Uniform, "
+                "(Log)Normal, Gamma or Beta prior)"
+            ) from None
         self.estimator: Optional[PosteriorEstimator] = None
         self.rounds: list[tuple[Tensor, Tensor, bool]] = []
+        self._rounds_trained = 0  # rounds appended before the last train(): not marked by train(proposal=...)
         self.history: Optional[FitHistory] = None
 
     def _build_flow(self, features: int, context: int) -> Flow:
@@ -520,14 +529,18 @@ class NPE:
                 f"NPE.append_simulations: x has x_shape {tuple(x.shape[1:])}, earlier rounds "
                 f"{tuple(self.estimator.x_shape)}"
             )
-        if proposal is not None and self.continuous:
+        if proposal is not None:
+            self._check_sequential()
+        self.rounds.append((theta, x, proposal is not None))
+        return self
+
+    def _check_sequential(self) -> None:
+        if self.continuous:
             raise ValueError(
                 "NPE: sequential rounds (a proposal) need the APT loss, which evaluates many cheap log-probs of "
                 "atoms; a continuous flow's log-prob is an ODE solve. Use flow='nsf' (or 'maf', 'realnvp') for "
                 "sequential NPE, or simulate from the prior"
             )
-        self.rounds.append((theta, x, proposal is not None))
-        return self
 
     def train(
         self,
@@ -538,6 +551,7 @@ class NPE:
         patience: Optional[int] = 20,
         seed: Optional[int] = None,
         progress: Optional[bool] = None,
+        proposal: Optional[Distribution] = None,
         **fit_kwargs,
     ) -> NPE:
         """Train the estimator on every round's pairs with :func:`~pyro_flows.fit` (validation split, early stopping).
@@ -546,9 +560,26 @@ class NPE:
         :class:`AtomicProposalLoss` once a round had a proposal, and :class:`PosteriorFlowMatching`
         for a continuous flow. Training continues from the current weights; the best validation
         epoch's weights are kept. ``history`` holds the :class:`~pyro_flows.FitHistory`. Returns ``self``.
+
+        ``proposal``: the distribution the θ of the rounds appended since the last ``train`` were
+        drawn from (e.g. the previous round's posterior), the same as passing it to
+        :meth:`append_simulations`: ``npe.append_simulations(theta, x).train(proposal=posterior)``.
+        Other keyword arguments go to :func:`~pyro_flows.fit` (e.g. ``max_steps``, ``schedule``, ``device``).
         """
         if self.estimator is None:
             raise ValueError("NPE.train: no simulations yet; call append_simulations(theta, x) first")
+        if proposal is not None:
+            if not isinstance(proposal, Distribution):
+                raise TypeError(
+                    f"NPE.train: the proposal must be a Distribution (a posterior), got {type(proposal).__name__}"
+                )
+            if self._rounds_trained == len(self.rounds):
+                raise ValueError(
+                    "NPE.train: proposal= marks the rounds appended since the last train() as drawn from it, "
+                    "but none were appended; call append_simulations(theta, x) with the proposal's θ first"
+                )
+            self._check_sequential()
+            self.rounds[self._rounds_trained :] = [(t, o, True) for t, o, _ in self.rounds[self._rounds_trained :]]
         theta = torch.cat([r[0] for r in self.rounds])
         x = torch.cat([r[1] for r in self.rounds])
         if self.continuous:
@@ -571,6 +602,7 @@ class NPE:
             progress=progress,
             **fit_kwargs,
         )
+        self._rounds_trained = len(self.rounds)
         return self
 
     def posterior(self, x_obs: Tensor) -> NPEPosterior:
