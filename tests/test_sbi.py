@@ -81,6 +81,15 @@ def test_sbc_of_the_trained_npe_is_uniform(npe):
     assert float((coverage - levels).abs().max()) < 0.1
 
 
+def test_sbc_flags_the_npe_on_data_from_another_simulator(npe):
+    """The same trained NPE, checked against a simulator it was not trained on (x shifted by +1): a biased posterior."""
+    result = sbc(npe, PRIOR, lambda theta: linear_gaussian(theta) + 1.0, num_simulations=300,
+                 num_posterior_samples=49, seed=3)  # fmt: skip
+    assert float(result.pvalues.max()) < 1e-4, result.pvalues
+    levels, coverage = result.coverage()
+    assert float((coverage - levels).abs().max()) > 0.2
+
+
 def test_a_batch_of_observations_gives_a_batch_of_posteriors(npe):
     xs = torch.stack([X_OBS, -X_OBS, torch.zeros(2)])
     posterior = npe.posterior(xs)
