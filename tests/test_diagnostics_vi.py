@@ -145,3 +145,20 @@ def test_bad_input(data):
 
     with pyro.validation_enabled(False), pytest.raises(ValueError, match="log-weights are not finite"):
         pf.diagnostics.psis(bounded, normal_guide(0.5, 2.0), data, num_samples=50)
+
+
+def test_subsampled_model_is_rejected():
+    def model(x, subsample_size=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as index:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[index])
+
+    x = torch.randn(40)
+    pyro.clear_param_store()
+    guide = pf.infer.AutoFlowGuide(model, transforms=1, hidden=(8,))
+    for vectorize in (None, False):
+        with pytest.raises(ValueError, match=r"site 'x' is in plate 'data', subsampled \(10 of 40\)"):
+            pf.diagnostics.psis(model, guide, x, 10, num_samples=20, vectorize=vectorize)
+    # the same model and guide without subsampling: every datum at every draw
+    idata = pf.diagnostics.to_inference_data(model, guide, x, num_samples=20)
+    assert idata.log_likelihood["x"].shape == (1, 20, 40)

@@ -164,6 +164,18 @@ def test_discrete_latent_raises_naming_the_site():
         pf.infer.AutoFlowGuide(model)()
 
 
+def test_model_without_latents_raises_the_same_error_on_every_call():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    guide = pf.infer.AutoFlowGuide(model)
+    for _ in range(2):  # a failed build leaves the guide unbuilt, not half-built
+        with pytest.raises(RuntimeError, match="found no latent variables"):
+            guide(torch.randn(3))
+    assert guide.prototype_trace is None
+
+
 def test_subsampling():
     data = torch.randn(40) + 1.0
 

@@ -110,8 +110,22 @@ def _rescore_first_draw(model, guide, args, kwargs, guide_trace, guide_prototype
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
-def _draws_vectorized(model, guide, args, kwargs, num_samples: int) -> _Draws:
-    prototype, guide_prototype = _one_draw(model, guide, args, kwargs)
+def _reject_subsampling(trace) -> None:
+    """Importance weights and pointwise log-likelihoods need every datum, not a random subsample per draw."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"site '{name}' is in plate '{frame.name}', subsampled ({frame.size} of {frame.full_size}): "
+                    "the diagnostics need the full likelihood. Call them with the model (and guide) arguments "
+                    "that turn subsampling off (a plate without subsample_size)."
+                )
+
+
+def _draws_vectorized(model, guide, args, kwargs, num_samples: int, prototypes) -> _Draws:
+    prototype, guide_prototype = prototypes
     log_weights, model_trace, guide_trace = vectorized_importance_weights(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=_max_plate_nesting(prototype), **kwargs
     )
@@ -144,10 +158,12 @@ def _draws_vectorized(model, guide, args, kwargs, num_samples: int) -> _Draws:
 def _draw(model, guide, args, kwargs, num_samples: int, vectorize: Optional[bool]) -> _Draws:
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    prototypes = _one_draw(model, guide, args, kwargs)
+    _reject_subsampling(prototypes[0])
     if vectorize is False:
         return _draws_in_loop(model, guide, args, kwargs, num_samples)
     try:
-        return _draws_vectorized(model, guide, args, kwargs, num_samples)
+        return _draws_vectorized(model, guide, args, kwargs, num_samples, prototypes)
     except (ValueError, RuntimeError, IndexError):
         if vectorize:
             raise
@@ -168,6 +184,8 @@ def to_inference_data(
     ``log_likelihood``: per observed site, the pointwise (per datum, unscaled)
     log-likelihood at each draw; ``observed_data``: the observed values.
     ``args``/``kwargs`` are the model's; ``vectorize`` as in the module docstring.
+    A model whose plates subsample the data is rejected (both diagnostics need
+    the full likelihood at every draw).
 
     Example:
         >>> idata = to_inference_data(model, guide, data, num_samples=2000)  # doctest: +SKIP

@@ -9,7 +9,7 @@ latents, so it generalises to new data without refitting.
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Optional, Sequence, Union
 
 import pyro
@@ -189,6 +189,10 @@ class AutoFlowGuide(AutoContinuous):
         self.flow = None
 
     def _setup_prototype(self, *args, **kwargs) -> None:
+        with _prototype_reset_on_error(self):
+            self._build(*args, **kwargs)
+
+    def _build(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
         _reject_subsampled_latents(self.prototype_trace, type(self).__name__)
         loc = self._init_loc()
@@ -233,6 +237,16 @@ class AutoFlowGuide(AutoContinuous):
         return {
             name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
         }
+
+
+@contextmanager
+def _prototype_reset_on_error(guide: AutoGuide):
+    """Leave ``guide`` unbuilt if building it fails, so the next call raises the same error, not a later one."""
+    try:
+        yield
+    except BaseException:
+        guide.prototype_trace = None
+        raise
 
 
 def _coordinate_quantiles(draws: Tensor, quantiles: Union[Sequence[float], Tensor]) -> Tensor:
@@ -421,6 +435,10 @@ class AmortizedFlowGuide(AutoGuide):
 
     # -- prototype ---------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
+        with _prototype_reset_on_error(self):
+            self._build(*args, **kwargs)
+
+    def _build(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
         latents = dict(self.prototype_trace.iter_stochastic_nodes())
         missing = [name for name in self.local_sites if name not in latents]
