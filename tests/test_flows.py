@@ -590,6 +590,47 @@ def test_no_stale_cache_after_vector_to_parameters(name):
 
 
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
+def test_no_stale_cache_after_a_parameter_is_replaced_by_attribute(name):
+    """Assigning a new ``nn.Parameter`` to a layer deep inside the flow (the layers' lists of watched
+    tensors are kept between calls and must be rebuilt)."""
+    flow = build(name, 3)
+    y = flow().rsample((4,))
+    before = flow().log_prob(y.detach().clone())
+    module, param_name = next(
+        (m, n) for m in flow.modules() for n, p in m.named_parameters(recurse=False) if p.dim() == 1
+    )
+    setattr(module, param_name, torch.nn.Parameter(getattr(module, param_name).detach() + 0.5))
+    reference = copy.deepcopy(flow)().log_prob(y.detach().clone())
+    assert (reference - before).abs().max() > 1e-3  # the new parameter does change the density
+    torch.testing.assert_close(flow().log_prob(y), reference)
+
+
+class _LogProb(torch.nn.Module):
+    def __init__(self, flow: torch.nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.flow().log_prob(y)
+
+
+@pytest.mark.parametrize("name", ["IAF", "RealNVP"])
+def test_no_stale_cache_under_functional_call(name):
+    """``torch.func.functional_call`` swaps tensors into ``_parameters`` behind the registration hooks
+    that keep the layers' lists of watched tensors up to date: a lookup must walk the modules again."""
+    flow = build(name, 3)
+    wrapper = _LogProb(flow)
+    shifted = {k: v.detach() + 0.3 for k, v in flow.named_parameters()}
+    reference = copy.deepcopy(flow)
+    reference.load_state_dict(shifted, strict=False)
+    y = flow().rsample((4,))  # fills the layers' caches (no module is registered from here on)
+    got = torch.func.functional_call(wrapper, {f"flow.{k}": v for k, v in shifted.items()}, (y,))
+    expected = reference().log_prob(y.detach().clone())
+    assert (expected - flow().log_prob(y.detach().clone())).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["IAF", "RealNVP"])
 def test_no_stale_cache_after_in_place_context_change(name):
     """The layer cache is keyed on the context's identity but not on its version counter."""
     flow = build(name, 3, CONTEXT)
