@@ -190,6 +190,11 @@ class Flow(nn.Module):
             raise ValueError("Flow: a layer is conditional but context_features is 0")
 
     def forward(self, context: Optional[Tensor] = None) -> FlowDistribution:
+        return FlowDistribution(*self.base_and_transforms(context))
+
+    def base_and_transforms(self, context: Optional[Tensor] = None) -> tuple[Distribution, list[Transform]]:
+        """The base distribution (batch shape that of the context) and the layers conditioned on ``context``:
+        what ``forward`` passes to :class:`FlowDistribution`, for a caller that adds layers of its own."""
         name = type(self).__name__
         if self.context_features == 0:
             if context is not None:
@@ -213,7 +218,7 @@ class Flow(nn.Module):
             batch_shape = context.shape[:-1]
             transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
         base = self.base(batch_shape) if isinstance(self.base, nn.Module) else self.base.expand(batch_shape)
-        return FlowDistribution(base, transforms)
+        return base, transforms
 
 
 MIXING = ("alternate", "random", "lu")

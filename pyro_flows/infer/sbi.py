@@ -262,8 +262,8 @@ class PosteriorEstimator(nn.Module):
         return self.theta_standardize.inv(self.bijection.inv(theta))
 
     def forward(self, x: Tensor) -> FlowDistribution:
-        inner = self.flow(self.context(x))
-        return FlowDistribution(inner.base_dist, [*inner.transforms, self.theta_standardize, self.bijection])
+        base, transforms = self.flow.base_and_transforms(self.context(x))
+        return FlowDistribution(base, [*transforms, self.theta_standardize, self.bijection])
 
 
 class NPEPosterior(Distribution):

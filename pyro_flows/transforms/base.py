@@ -18,6 +18,7 @@ of the layer's parameters and buffers, so an optimizer step (or
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple, Optional
 
@@ -45,6 +46,13 @@ for _register in (
     _module.register_module_module_registration_hook,
 ):
     _register(_structure_changed)
+
+
+@functools.cache
+def _real_events(event_dim: int) -> constraints.Constraint:
+    """``independent(real, event_dim)``, one shared object per ``event_dim`` (built for every layer of every
+    distribution a flow returns otherwise)."""
+    return constraints.independent(constraints.real, event_dim)
 
 
 class _CacheEntry(NamedTuple):
@@ -109,7 +117,7 @@ class FlowTransform(TransformModule):
     # -- the contract ---------------------------------------------------------
     @property
     def domain(self):
-        return constraints.independent(constraints.real, len(self.event_shape))
+        return _real_events(len(self.event_shape))
 
     codomain = domain
 
