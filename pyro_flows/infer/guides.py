@@ -8,8 +8,9 @@ latents, so it generalises to new data without refitting.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Callable, Optional, Sequence, Union
 
 import pyro
@@ -123,6 +124,20 @@ def build_guide_flow(
     return module.to(loc)
 
 
+def _unbuilt_on_error(setup: Callable) -> Callable:
+    """Leave the guide unbuilt if ``setup`` fails, so the next call raises the same error, not a later one."""
+
+    @functools.wraps(setup)
+    def wrapper(guide: AutoGuide, *args, **kwargs) -> None:
+        try:
+            setup(guide, *args, **kwargs)
+        except BaseException:
+            guide.prototype_trace = None
+            raise
+
+    return wrapper
+
+
 class AutoFlowGuide(AutoContinuous):
     r"""A normalizing-flow guide over a Pyro model's whole unconstrained latent vector.
 
@@ -188,11 +203,8 @@ class AutoFlowGuide(AutoContinuous):
         self._flow_kwargs = flow_kwargs
         self.flow = None
 
+    @_unbuilt_on_error
     def _setup_prototype(self, *args, **kwargs) -> None:
-        with _prototype_reset_on_error(self):
-            self._build(*args, **kwargs)
-
-    def _build(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
         _reject_subsampled_latents(self.prototype_trace, type(self).__name__)
         loc = self._init_loc()
@@ -237,16 +249,6 @@ class AutoFlowGuide(AutoContinuous):
         return {
             name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
         }
-
-
-@contextmanager
-def _prototype_reset_on_error(guide: AutoGuide):
-    """Leave ``guide`` unbuilt if building it fails, so the next call raises the same error, not a later one."""
-    try:
-        yield
-    except BaseException:
-        guide.prototype_trace = None
-        raise
 
 
 def _coordinate_quantiles(draws: Tensor, quantiles: Union[Sequence[float], Tensor]) -> Tensor:
@@ -434,11 +436,8 @@ class AmortizedFlowGuide(AutoGuide):
         return pyro.plate(frame.name, rows, dim=frame.dim, subsample_size=subsample_size)
 
     # -- prototype ---------------------------------------------------------------
+    @_unbuilt_on_error
     def _setup_prototype(self, *args, **kwargs) -> None:
-        with _prototype_reset_on_error(self):
-            self._build(*args, **kwargs)
-
-    def _build(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
         latents = dict(self.prototype_trace.iter_stochastic_nodes())
         missing = [name for name in self.local_sites if name not in latents]
