@@ -4,10 +4,9 @@ from . import data, diagnostics, infer, nn, transforms
 from .dequantization import Dequantized, DequantizedDistribution, VariationalDequantizer
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
-from .flow_matching import FlowMatching
 from .flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, FlowDistribution, Glow, RealNVP, StandardNormal
-from .objectives import CNFRegularizedNLL
-from .train import FitHistory, NegativeLogLikelihood, fit
+from .objectives import CNFRegularizedNLL, FlowMatching, NegativeLogLikelihood
+from .train import FitHistory, fit
 
 __version__ = "0.1.0"
 

@@ -28,8 +28,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,24 +42,14 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .utils import PathLike, atomic_save, safe_load
+from .objectives import NegativeLogLikelihood
+from .utils import PathLike, atomic_save, safe_load, show_progress
 
 Batch = tuple[Tensor, Optional[Tensor]]
 Objective = Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor]
 Schedule = Union[None, str, Callable[[torch.optim.Optimizer], LRScheduler]]
 
 CHECKPOINT_FORMAT = "pyro_flows.fit/1"
-
-
-class NegativeLogLikelihood:
-    """The default objective: ``-model(context).log_prob(x).mean()`` (``model()`` when ``context`` is None)."""
-
-    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        distribution = model() if context is None else model(context)
-        return -distribution.log_prob(x).mean()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 @dataclass
@@ -410,12 +398,6 @@ def _device(model: nn.Module, device: Union[None, str, torch.device]) -> torch.d
         return torch.device(device)
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     return torch.device("cpu") if first is None else first.device
-
-
-def _show_progress(progress: Optional[bool]) -> bool:
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -798,6 +780,6 @@ def fit(
     loop = _Loop(model, objective, source, validation, optimizer, scheduler, device, options, base_seed)
     if state is not None:
         loop.load(state)
-    show = rank == 0 and _show_progress(progress)
+    show = rank == 0 and show_progress(progress)
     with tqdm(total=total, initial=loop.position.history.steps, disable=not show, desc="fit", unit="step") as bar:
         return loop.run(bar)

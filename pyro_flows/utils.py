@@ -1,11 +1,12 @@
-"""Small shared helpers: atomic checkpoint files and safe loading."""
+"""Small shared helpers: atomic checkpoint files, safe loading and when to show a progress bar."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -48,3 +49,10 @@ def safe_load(path: PathLike, map_location: Any = None) -> Any:
         raise ValueError(
             f"{path} is not a weights-only pyro_flows file (refusing to execute code from it): {error}"
         ) from None
+
+
+def show_progress(progress: Optional[bool]) -> bool:
+    """Whether to show a progress bar: ``progress`` if given, else when stderr is a terminal outside CI."""
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() and not os.environ.get("CI")

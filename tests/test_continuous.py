@@ -17,8 +17,8 @@ from torch import nn
 
 import pyro_flows as pf
 from pyro_flows import transforms as T
-from pyro_flows.cli import gaussian_log_density
 from pyro_flows.data import two_moons
+from pyro_flows.demo import gaussian_log_density
 from pyro_flows.nn import VectorField
 from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import pyro_flows as pf
-from pyro_flows.train import FitHistory, NegativeLogLikelihood
+from pyro_flows import FitHistory, NegativeLogLikelihood
 
 MIX = torch.tensor([[1.0, 0.9], [0.0, 0.4]])
 

@@ -19,7 +19,8 @@ from scipy import stats
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..infer.sbi import NPE, Simulator, _seeded, simulate
+from ..infer.sbi import NPE
+from ..infer.simulation import Simulator, seeded, simulate
 
 PosteriorFn = Callable[[Tensor], Distribution]
 REGIONS = ("hpd", "central")
@@ -234,7 +235,7 @@ def sbc(
     bins = bins if bins is not None else min(20, num_posterior_samples + 1, max(2, len(theta) // 10))
     if not isinstance(bins, int) or not 2 <= bins <= num_posterior_samples + 1:
         raise ValueError(f"sbc: bins must be an integer in [2, num_posterior_samples + 1], got {bins!r}")
-    with _seeded(base_seed + 1):
+    with seeded(base_seed + 1):
         chunks = [
             _ranks_of_chunk(posterior_fn, t, o, num_posterior_samples)
             for t, o in zip(theta.split(chunk_size), x.split(chunk_size), strict=True)

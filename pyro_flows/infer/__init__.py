@@ -1,7 +1,8 @@
 """Inference with flows: variational guides for Pyro models and simulation-based inference."""
 
 from .guides import AmortizedFlowGuide, AutoFlowGuide
-from .sbi import NPE, AtomicProposalLoss, NPEPosterior, PosteriorEstimator, PosteriorFlowMatching, simulate
+from .sbi import NPE, AtomicProposalLoss, NPEPosterior, PosteriorEstimator, PosteriorFlowMatching
+from .simulation import simulate
 
 __all__: list[str] = [
     "AmortizedFlowGuide",

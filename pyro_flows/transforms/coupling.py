@@ -125,7 +125,8 @@ class Coupling(FlowTransform):
 
 
 def channel_mask(channels: int, parity: int = 0) -> Tensor:
-    """Boolean ``(channels,)`` marking the second half of the channels (``parity=1``: the first half)."""
+    """Boolean ``(channels,)`` marking the second half of the channels or vector features (``parity=1``: the
+    first half); alternating parities between layers is how every coupling preset alternates its halves."""
     mask = torch.arange(channels) >= channels // 2
     return mask if parity % 2 == 0 or channels == 1 else ~mask
 

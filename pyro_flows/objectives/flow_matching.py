@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .flows import Flow, StandardNormal
-from .objectives import continuous_layers
-from .transforms import ContinuousFlow
+from ..flows import Flow, StandardNormal
+from ..transforms import ContinuousFlow
+from .likelihood import continuous_layers
 
 
 def ot_pairing(z0: Tensor, x1: Tensor) -> Tensor:
@@ -41,7 +41,7 @@ def ot_pairing(z0: Tensor, x1: Tensor) -> Tensor:
     return torch.as_tensor(columns, device=x1.device)
 
 
-def the_continuous_flow(model: nn.Module) -> ContinuousFlow:
+def continuous_flow_of(model: nn.Module) -> ContinuousFlow:
     """The one :class:`~.transforms.ContinuousFlow` of a ``Flow`` (maybe DDP-wrapped) on a standard normal base."""
     flow = getattr(model, "module", model)
     layers = continuous_layers(flow)
@@ -89,7 +89,7 @@ class FlowMatching:
         self.sigma_min, self.ot_pairing = float(sigma_min), bool(ot_pairing)
 
     def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        layer = the_continuous_flow(model)
+        layer = continuous_flow_of(model)
         if x.dim() != 2:
             raise ValueError(f"FlowMatching: x must be rows (N, D), got shape {tuple(x.shape)}")
         model() if context is None else model(context)  # through the (DDP) wrapper, which then syncs the gradients

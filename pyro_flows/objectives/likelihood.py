@@ -1,4 +1,5 @@
-"""Training objectives for continuous normalizing flows, for :func:`pyro_flows.fit`."""
+"""Likelihood objectives for :func:`pyro_flows.fit`: the negative log-likelihood, and its regularised form for
+continuous flows."""
 
 from __future__ import annotations
 
@@ -6,7 +7,18 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .transforms import ContinuousFlow
+from ..transforms import ContinuousFlow
+
+
+class NegativeLogLikelihood:
+    """The default objective: ``-model(context).log_prob(x).mean()`` (``model()`` when ``context`` is None)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        distribution = model() if context is None else model(context)
+        return -distribution.log_prob(x).mean()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 def continuous_layers(model: nn.Module) -> list[ContinuousFlow]:

@@ -1,0 +1,21 @@
+"""Flows: :class:`Flow` (a base distribution and layers as one module) and the presets built on it."""
+
+from .base import Flow, FlowDistribution, StandardNormal
+from .continuous import CNF, FFJORD
+from .images import Glow
+from .tabular import IAF, MAF, MIXING, NICE, NSF, RealNVP
+
+__all__ = [
+    "CNF",
+    "FFJORD",
+    "Flow",
+    "FlowDistribution",
+    "Glow",
+    "IAF",
+    "MAF",
+    "MIXING",
+    "NICE",
+    "NSF",
+    "RealNVP",
+    "StandardNormal",
+]

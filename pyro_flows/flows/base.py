@@ -1,0 +1,218 @@
+"""The flow: a base distribution and a stack of layers as one ``nn.Module``.
+
+``flow(context)`` returns a :class:`FlowDistribution`, a Pyro
+``TransformedDistribution`` whose ``log_prob`` and ``rsample_and_log_prob``
+take the fused path (each layer's log-det in the same pass as its output).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Transform
+from torch.distributions.utils import _sum_rightmost
+
+from .. import transforms as T
+from ..transforms.base import check_shape
+
+
+class StandardNormal(nn.Module):
+    r"""The base :math:`\mathcal{N}(0, I)` as a module, so it follows ``.to(device, dtype)``.
+
+    ``features`` is :math:`D` for vectors or an event shape such as ``(C, H, W)``;
+    ``forward(batch_shape)`` returns the distribution with that batch shape.
+    """
+
+    def __init__(self, features: Union[int, Sequence[int]]) -> None:
+        super().__init__()
+        shape = (features,) if isinstance(features, int) else tuple(features)
+        self.register_buffer("loc", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
+
+    def forward(self, batch_shape: tuple = ()) -> Distribution:
+        return dist.Normal(self.loc, self.scale).to_event(self.loc.dim()).expand(batch_shape)
+
+
+def _fused(t: Transform) -> bool:
+    return isinstance(t, (T.FlowTransform, T.ConditionedTransform))
+
+
+class FlowDistribution(dist.TransformedDistribution):
+    r"""A Pyro ``TransformedDistribution`` with a fused fast path.
+
+    :math:`\log p(y) = \log p_0(f^{-1}(y)) + \log|\det J_{f^{-1}}(y)|`, with
+    every layer returning its output and log-det together. Layers from
+    ``pyro.distributions.transforms`` mix in freely (they take the generic path).
+    """
+
+    def _check_value(self, value: Tensor) -> None:
+        check_shape("FlowDistribution.log_prob", value, self.event_shape, "value")
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        try:
+            torch.broadcast_shapes(batch, self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"log_prob: value of batch shape {tuple(batch)} does not broadcast with the "
+                f"distribution's batch shape {tuple(self.batch_shape)}"
+            ) from None
+        if value.dtype != self.base_dist.mean.dtype:
+            raise ValueError(f"log_prob: value has dtype {value.dtype}, the flow has {self.base_dist.mean.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            rows = torch.nonzero(~torch.isfinite(value).reshape(-1, self.event_shape.numel()).all(-1)).flatten()
+            raise ValueError(f"log_prob: value has NaN or inf entries (at flattened batch rows {rows[:10].tolist()})")
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._check_value(value)
+        event_dim = len(self.event_shape)
+        log_prob = 0.0
+        y = value
+        for t in reversed(self.transforms):
+            if _fused(t):
+                x, ladj = t.inverse_and_ladj(y)
+            else:
+                x = t.inv(y)
+                ladj = -t.log_abs_det_jacobian(x, y)
+            log_prob = log_prob + _sum_rightmost(ladj, event_dim - t.codomain.event_dim)
+            y = x
+        return log_prob + _sum_rightmost(self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape))
+
+    def _base_rsample(self, sample_shape: tuple, temperature: float) -> Tensor:
+        z = self.base_dist.rsample(sample_shape)
+        if temperature == 1.0:
+            return z
+        if not temperature > 0:
+            raise ValueError(f"sample: temperature must be positive, got {temperature}")
+        base = self.base_dist
+        while isinstance(base, (dist.Independent, torch.distributions.Independent, dist.ExpandedDistribution)):
+            base = base.base_dist
+        if not isinstance(base, (torch.distributions.Normal, torch.distributions.MultivariateNormal)):
+            raise ValueError(f"sample: temperature needs a Gaussian base distribution, got {type(base).__name__}")
+        loc = self.base_dist.mean
+        return loc + temperature * (z - loc)
+
+    def rsample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
+        r"""A reparameterised sample; ``temperature`` :math:`T` scales the Gaussian base around its mean.
+
+        :math:`T < 1` draws from the base :math:`\mathcal{N}(\mu, T^2 \Sigma)`: samples
+        of higher density and less diversity (Kingma & Dhariwal 2018, Glow).
+        """
+        return self.from_base(self._base_rsample(sample_shape, temperature))
+
+    def sample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
+        """A sample without gradients (see :meth:`rsample` for ``temperature``)."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, temperature)
+
+    def to_base(self, value: Tensor) -> Tensor:
+        """The base-space point :math:`z = f^{-1}(y)` of ``value`` (e.g. to interpolate in the latent space)."""
+        check_shape("FlowDistribution.to_base", value, self.event_shape, "value")
+        for t in reversed(self.transforms):
+            value = t.inv(value)
+        return value
+
+    def from_base(self, z: Tensor) -> Tensor:
+        """The data-space point :math:`y = f(z)` of a base-space point ``z`` (the inverse of :meth:`to_base`)."""
+        check_shape("FlowDistribution.from_base", z, self.base_dist.event_shape, "base point")
+        for t in self.transforms:
+            z = t(z)
+        return z
+
+    def rsample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
+        """A reparameterised sample and its log-density in one forward pass."""
+        x = self.base_dist.rsample(sample_shape)
+        event_dim = len(self.event_shape)
+        log_prob = _sum_rightmost(self.base_dist.log_prob(x), event_dim - len(self.base_dist.event_shape))
+        for t in self.transforms:
+            if _fused(t):
+                y, ladj = t.call_and_ladj(x)
+            else:
+                y = t(x)
+                ladj = t.log_abs_det_jacobian(x, y)
+            log_prob = log_prob - _sum_rightmost(ladj, event_dim - t.domain.event_dim)
+            x = y
+        return x, log_prob
+
+    def sample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return self.rsample_and_log_prob(sample_shape)
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow: base distribution :math:`p_0` and layers :math:`f_1, \dots, f_K`.
+
+    .. math:: y = f_K \circ \dots \circ f_1(z),\ z \sim p_0, \qquad
+              \log p(y \mid c) = \log p_0(z) - \sum_k \log|\det J_{f_k}|.
+
+    Calling the module returns the distribution: ``flow()`` for an
+    unconditional flow, ``flow(context)`` for a conditional one, with one
+    distribution per context row (batch shape ``context.shape[:-1]``).
+    Every parameter and buffer is registered, so ``.to(device, dtype)``,
+    ``state_dict`` and ``pyro.module`` work as for any module.
+
+    Args:
+        base: the base distribution, an ``nn.Module`` called with the batch
+            shape (e.g. :class:`StandardNormal`), or a fixed ``Distribution``.
+        transforms: base→data layers: this library's, Pyro's or torch's.
+        context_features: size of the context the layers see (0 for unconditional flows).
+        embedding: optional module applied to the context first (e.g. a
+            :class:`~.nn.ClassEmbedding` of class labels, or a network summarising
+            observations); its output has ``context_features`` features.
+
+    Example:
+        >>> flow = Flow(StandardNormal(2), [T.AffineCoupling(2), T.Permute(2)])
+        >>> flow().log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        base: Union[nn.Module, Distribution],
+        transforms: Sequence[Transform],
+        context_features: int = 0,
+        embedding: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if embedding is not None and not context_features:
+            raise ValueError("Flow: an embedding needs context_features > 0 (the size of its output)")
+        self.embedding = embedding
+        self.base = base
+        self.transforms = list(transforms)
+        self.layers = nn.ModuleList(t for t in self.transforms if isinstance(t, nn.Module))
+        self.context_features = int(context_features)
+        if not self.context_features and any(isinstance(t, T.Conditional) for t in self.transforms):
+            raise ValueError("Flow: a layer is conditional but context_features is 0")
+
+    def forward(self, context: Optional[Tensor] = None) -> FlowDistribution:
+        return FlowDistribution(*self.base_and_transforms(context))
+
+    def base_and_transforms(self, context: Optional[Tensor] = None) -> tuple[Distribution, list[Transform]]:
+        """The base distribution (batch shape that of the context) and the layers conditioned on ``context``:
+        what ``forward`` passes to :class:`FlowDistribution`, for a caller that adds layers of its own."""
+        name = type(self).__name__
+        if self.context_features == 0:
+            if context is not None:
+                raise ValueError(f"{name} is unconditional: call it with no context")
+            batch_shape = torch.Size()
+            transforms = self.transforms
+        else:
+            if context is None:
+                raise ValueError(
+                    f"{name} is conditional: call it with a context of shape (..., {self.context_features})"
+                )
+            if self.embedding is None:
+                check_shape(name, context, (self.context_features,), "context")
+            elif not isinstance(context, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
+            if not bool(torch.isfinite(context).all()):
+                raise ValueError(f"{name}: the context has NaN or inf entries")
+            if self.embedding is not None:
+                context = self.embedding(context)
+                check_shape(name, context, (self.context_features,), "embedded context")
+            batch_shape = context.shape[:-1]
+            transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
+        base = self.base(batch_shape) if isinstance(self.base, nn.Module) else self.base.expand(batch_shape)
+        return base, transforms

@@ -1,0 +1,36 @@
+"""Continuous normalizing flows: :func:`CNF` and :func:`FFJORD`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .. import transforms as T
+from .base import Flow, StandardNormal
+
+
+def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace: str = "exact", **kwargs) -> Flow:
+    r"""A continuous normalizing flow (Chen et al. 2018; FFJORD, Grathwohl et al. 2019): one ODE layer.
+
+    :math:`\frac{dz}{dt} = f(z, t[, c])` from the base :math:`\mathcal{N}(0, I_D)` at :math:`t_0`
+    to the data at :math:`t_1`, with a :class:`~.transforms.ContinuousFlow` (conditional twin if
+    ``context``) whose :class:`~.nn.VectorField` has ``hidden`` widths. Train it by maximum
+    likelihood (``pf.fit(flow, X)``, optionally ``objective=pf.CNFRegularizedNLL(...)``) or by
+    flow matching (``objective=pf.FlowMatching()``); likelihoods come from the ODE either way.
+    ``kwargs`` go to the layer (``solver``, ``atol``, ``rtol``, ``t0``, ``t1``, ``options``,
+    ``adjoint``, ``probe``, ``activation``, ``vector_field``).
+
+    Example: ``CNF(features=2, trace="hutchinson")().log_prob(torch.randn(7, 2))``.
+    """
+    if features < 1:
+        raise ValueError(f"CNF: features must be >= 1, got {features}")
+    cls = T.ConditionalContinuousFlow if context else T.ContinuousFlow
+    extra = {"context_features": context} if context else {}
+    layer = cls(features, hidden=tuple(hidden), trace=trace, **extra, **kwargs)
+    return Flow(StandardNormal(features), [layer], context)
+
+
+def FFJORD(
+    features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace: str = "hutchinson", **kwargs
+) -> Flow:
+    """:func:`CNF` with Hutchinson's trace estimator by default, as in FFJORD (Grathwohl et al. 2019)."""
+    return CNF(features, context, hidden, trace, **kwargs)

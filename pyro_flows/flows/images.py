@@ -1,0 +1,217 @@
+"""Multi-scale image flows: :func:`Glow` and the multi-scale RealNVP (``RealNVP(shape=...)``)."""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Transform
+
+from .. import transforms as T
+from .base import Flow, StandardNormal
+
+
+def _image_shape(shape: Sequence[int], levels: int, squeezes: int) -> torch.Size:
+    shape = torch.Size(shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"an image flow needs shape (C, H, W), got {tuple(shape)}")
+    if levels < 1:
+        raise ValueError(f"an image flow needs levels >= 1, got {levels}")
+    if shape[1] % 2**squeezes or shape[2] % 2**squeezes:
+        raise ValueError(
+            f"{levels} levels squeeze the image {squeezes} times: H and W must be divisible by {2**squeezes}, "
+            f"got shape {tuple(shape)}"
+        )
+    return shape
+
+
+def _check_image_sizes(name: str, steps: int, hidden: Sequence[int]) -> None:
+    """ValueErrors naming the problem for a flow without steps or a conditioner without channels."""
+    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
+        raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, Integral) or h < 1 for h in hidden):
+        raise ValueError(f"{name}: the conditioners' hidden channels must be integers >= 1, got {tuple(hidden)!r}")
+
+
+def _conditional(cls, conditional_cls, context: int):
+    """The class and the keyword arguments of a layer that sees the context when there is one."""
+    return (conditional_cls, {"context_features": context}) if context else (cls, {})
+
+
+def _multiscale(shape: torch.Size, levels: int, context: int, before, at_scale, final, split_prior: bool, hidden):
+    r"""Base→data layers of a multi-scale image flow (Dinh et al. 2017), as one :class:`~.transforms.Chain`.
+
+    Data→base at a level of shape ``(C, H, W)``: the last level is ``final(shape)``; any other
+    applies ``before(shape)``, squeezes to ``(4C, H/2, W/2)``, applies ``at_scale`` there, factors
+    out half the channels (the rest of the flow goes on with the other half, one level down) and
+    unsqueezes, so every level keeps its input's shape. The builders return base→data lists.
+    """
+    chain = T.ConditionalChain if context else T.Chain
+    if levels == 1:
+        return chain(final(shape))
+    channels, height, width = shape
+    squeezed = torch.Size((4 * channels, height // 2, width // 2))
+    kept = torch.Size((2 * channels, height // 2, width // 2))
+    inner = _multiscale(kept, levels - 1, context, before, at_scale, final, split_prior, hidden)
+    factor_out, factor_kw = _conditional(T.FactorOut, T.ConditionalFactorOut, context)
+    return chain(
+        [
+            T.Squeeze(shape),
+            factor_out(squeezed, inner, split_prior=split_prior, hidden=hidden, **factor_kw),
+            *at_scale(squeezed),
+            T.Squeeze(shape).inv,
+            *before(shape),
+        ]
+    )
+
+
+def _steps(steps: int, hidden: Sequence[int], context: int, mask, conv: bool):
+    """A builder of ``steps`` base→data flow steps at a shape; data→base each is ActNorm, (1×1 conv,) coupling."""
+    coupling, kw = _conditional(T.AffineCoupling, T.ConditionalAffineCoupling, context)
+
+    def build(shape: torch.Size) -> list[Transform]:
+        layers: list[Transform] = []
+        for k in range(steps):
+            layers.append(coupling(shape, mask=mask(shape, k), hidden=tuple(hidden), **kw))
+            layers += [T.InvertibleConv1x1(shape)] if conv else []
+            layers.append(T.ActNorm(shape))
+        return layers
+
+    return build
+
+
+def _squeezed(layers):
+    """``layers`` applied between a squeeze and an unsqueeze (base→data)."""
+
+    def build(shape: torch.Size) -> list[Transform]:
+        channels, height, width = shape
+        return [T.Squeeze(shape), *layers(torch.Size((4 * channels, height // 2, width // 2))), T.Squeeze(shape).inv]
+
+    return build
+
+
+def _no_layers(shape: torch.Size) -> list[Transform]:
+    return []
+
+
+def _image_model(
+    shape: torch.Size,
+    level_chain,
+    context: int,
+    classes: Optional[int],
+    embedding_features: int,
+    pixel_levels: Optional[int],
+    dequantization: str,
+    alpha: float,
+) -> nn.Module:
+    """The flow around a multi-scale chain: base, logit, context embedding and dequantisation."""
+    from ..dequantization import Dequantized, VariationalDequantizer
+    from ..nn import ClassEmbedding
+
+    if classes is not None and context:
+        raise ValueError("an image flow is conditioned on class labels (classes=) or a context vector (context=)")
+    if dequantization not in ("uniform", "variational"):
+        raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
+    features = embedding_features if classes is not None else context
+    embedding = ClassEmbedding(classes, embedding_features) if classes is not None else None
+    transforms = [level_chain(features)]
+    if pixel_levels is None:
+        return Flow(StandardNormal(shape), transforms, features, embedding)
+    flow = Flow(StandardNormal(shape), [*transforms, T.Logit(shape, alpha)], features, embedding)
+    dequantizer = None
+    if dequantization == "variational":
+        d = shape.numel()
+        layers = [
+            T.ConditionalAffineCoupling(d, mask=T.channel_mask(d, i), hidden=(64, 64), context_features=d)
+            for i in range(4)
+        ]
+        dequantizer = VariationalDequantizer(
+            Flow(StandardNormal(d), [*layers, T.Logit(d, 0.0)], d), shape, pixel_levels
+        )
+    return Dequantized(flow, pixel_levels, dequantizer)
+
+
+def _checkerboard(shape, k):
+    return T.checkerboard_mask(shape, k)
+
+
+def _channels(shape, k):
+    return T.channel_mask(shape[0], k)
+
+
+def Glow(
+    shape: Sequence[int],
+    levels: int = 3,
+    steps: int = 4,
+    hidden_channels: int = 64,
+    classes: Optional[int] = None,
+    context: int = 0,
+    pixel_levels: Optional[int] = 256,
+    dequantization: str = "uniform",
+    split_prior: bool = True,
+    alpha: float = 0.05,
+    embedding_features: int = 16,
+) -> nn.Module:
+    r"""Glow (Kingma & Dhariwal 2018): a multi-scale flow of ActNorm, invertible 1×1 convolutions and affine couplings.
+
+    Data→base, each of the ``levels`` levels squeezes the image to
+    ``(4C, H/2, W/2)``, applies ``steps`` steps of
+    :class:`~.transforms.ActNorm` → :class:`~.transforms.InvertibleConv1x1` →
+    :class:`~.transforms.AffineCoupling` (channel mask, CNN with
+    ``hidden_channels``), and, except at the last level, factors out half the
+    channels with a learned Gaussian conditioned on the other half
+    (:class:`~.transforms.FactorOut`); the other half goes on to the next level.
+
+    Integer pixels ``0 .. pixel_levels - 1`` (e.g. 256; 17 for scikit-learn's digits) are modelled by
+    :class:`~.dequantization.Dequantized` (``"uniform"`` or ``"variational"`` dequantisation) around a
+    flow on :math:`[0, 1]` that ends with a :class:`~.transforms.Logit`; its ``log_prob`` is then the
+    discrete data's (a bound, in nats) and ``pf.bits_per_dim(model, images)`` their bits per dimension.
+    ``pixel_levels=None`` models continuous images with the flow alone.
+
+    Conditioning: ``classes=K`` embeds integer labels (a :class:`~.nn.ClassEmbedding` of
+    ``embedding_features``) as the context of every coupling and split prior; ``context=F`` takes
+    any context vector of ``F`` features instead.
+
+    Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels``; labels ``(...)``.
+
+    Example:
+        >>> model = Glow(shape=(1, 8, 8), levels=2, steps=4, hidden_channels=64, classes=10, pixel_levels=17)
+        >>> model(torch.tensor([3, 7])).sample(temperature=0.7).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    shape = _image_shape(shape, levels, levels)
+    hidden = (hidden_channels, hidden_channels)
+    _check_image_sizes("Glow", steps, hidden)
+
+    def level_chain(features: int) -> T.Chain:
+        at_scale = _steps(steps, hidden, features, _channels, conv=True)
+        return _multiscale(shape, levels, features, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
+
+    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)
+
+
+def multiscale_realnvp(
+    shape: Sequence[int],
+    levels: int = 2,
+    steps: int = 3,
+    hidden: Sequence[int] = (64, 64),
+    classes: Optional[int] = None,
+    context: int = 0,
+    pixel_levels: Optional[int] = 256,
+    dequantization: str = "uniform",
+    alpha: float = 0.05,
+    embedding_features: int = 16,
+) -> nn.Module:
+    """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`)."""
+    shape = _image_shape(shape, levels, levels - 1)
+    _check_image_sizes("RealNVP", steps, hidden)
+
+    def level_chain(features: int) -> T.Chain:
+        checkerboard = _steps(steps, hidden, features, _checkerboard, conv=False)
+        channelwise = _steps(steps, hidden, features, _channels, conv=False)
+        final = _steps(steps + 1, hidden, features, _checkerboard, conv=False)
+        return _multiscale(shape, levels, features, checkerboard, channelwise, final, False, hidden)
+
+    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)
