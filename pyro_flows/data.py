@@ -13,7 +13,12 @@ DIGITS_LEVELS = 17
 
 
 def two_moons(n: int, noise: float = 0.1, generator: Optional[torch.Generator] = None) -> Tensor:
-    """``n`` points ``(n, 2)`` from the two interleaving half circles, with Gaussian noise."""
+    """``n`` points ``(n, 2)`` from the two interleaving half circles, with Gaussian noise.
+
+    Example:
+        >>> two_moons(500, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([500, 2])
+    """
     angle = torch.rand(n, generator=generator) * math.pi
     upper = torch.rand(n, generator=generator) < 0.5
     x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
@@ -33,6 +38,11 @@ def ring_mixture(
 
     With the defaults, the classic "8 Gaussians" benchmark: eight modes at
     radius 2, separated by low-density gaps a unimodal model cannot represent.
+
+    Example:
+        >>> x = ring_mixture(1000)
+        >>> x.shape, round(x.norm(dim=-1).mean().item())
+        (torch.Size([1000, 2]), 2)
     """
     if rings < 1:
         raise ValueError(f"ring_mixture: rings must be at least 1, got {rings}")
@@ -51,6 +61,11 @@ def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None)
     ``u ~ U[0, 1)``: continuous values in ``[0, 1)`` whose density bounds the
     discrete likelihood, so ``bits_per_dim(X, levels=DIGITS_LEVELS)`` is the
     discrete data's. With ``dequantize=False`` the raw integer levels come back.
+
+    Example:
+        >>> X, y = digits()
+        >>> X.shape, y.shape, bool((X >= 0).all() and (X < 1).all())
+        (torch.Size([1797, 64]), torch.Size([1797]), True)
     """
     from sklearn.datasets import load_digits
 
@@ -69,6 +84,11 @@ def digit_images() -> tuple[Tensor, Tensor]:
 
     The pixels are whole numbers in the default float dtype: the input of an image
     flow with ``pixel_levels=DIGITS_LEVELS`` (e.g. ``pf.Glow``), which dequantises them itself.
+
+    Example:
+        >>> images, labels = digit_images()
+        >>> images.shape, int(images.max()), labels[:5].tolist()
+        (torch.Size([1797, 1, 8, 8]), 16, [0, 1, 2, 3, 4])
     """
     images, labels = digits(dequantize=False)
     return images.reshape(-1, 1, 8, 8), labels

@@ -71,7 +71,10 @@ def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: boo
             an empty table, or an ``.npy`` array that is not 1-D/2-D numeric.
 
     Example:
-        >>> values, columns = read_table("data.csv")  # doctest: +SKIP
+        >>> write_table(np.array([[1.0, 2.0], [3.0, 4.0]]), "data.csv", header=["x", "y"])
+        >>> values, columns = read_table("data.csv")
+        >>> values.shape, columns
+        ((2, 2), ['x', 'y'])
     """
     path = Path(path)
     suffix = path.suffix.lower()

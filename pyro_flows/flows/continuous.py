@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .. import transforms as T
 from .base import Flow, StandardNormal
@@ -19,12 +19,26 @@ def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace
     ``kwargs`` go to the layer (``solver``, ``atol``, ``rtol``, ``t0``, ``t1``, ``options``,
     ``adjoint``, ``probe``, ``activation``, ``vector_field``).
 
-    Example: ``CNF(features=2, trace="hutchinson")().log_prob(torch.randn(7, 2))``.
+    References
+    ----------
+    - R. T. Q. Chen, Y. Rubanova, J. Bettencourt and D. Duvenaud.
+      *Neural Ordinary Differential Equations*. NeurIPS 2018.
+      `arXiv:1806.07366 <https://arxiv.org/abs/1806.07366>`__
+    - W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever and D. Duvenaud.
+      *FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models*. ICLR 2019.
+      `arXiv:1810.01367 <https://arxiv.org/abs/1810.01367>`__
+
+    Example:
+        >>> flow = CNF(features=2, hidden=(16, 16))
+        >>> flow().log_prob(torch.randn(7, 2)).shape
+        torch.Size([7])
+        >>> CNF(features=2, context=3, trace="hutchinson")(torch.randn(3)).sample((4,)).shape
+        torch.Size([4, 2])
     """
     if features < 1:
         raise ValueError(f"CNF: features must be >= 1, got {features}")
     cls = T.ConditionalContinuousFlow if context else T.ContinuousFlow
-    extra = {"context_features": context} if context else {}
+    extra: dict[str, Any] = {"context_features": context} if context else {}
     layer = cls(features, hidden=tuple(hidden), trace=trace, **extra, **kwargs)
     return Flow(StandardNormal(features), [layer], context)
 
@@ -32,5 +46,16 @@ def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace
 def FFJORD(
     features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace: str = "hutchinson", **kwargs
 ) -> Flow:
-    """:func:`CNF` with Hutchinson's trace estimator by default, as in FFJORD (Grathwohl et al. 2019)."""
+    """:func:`CNF` with Hutchinson's trace estimator by default, as in FFJORD (Grathwohl et al. 2019).
+
+    References
+    ----------
+    - W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever and D. Duvenaud.
+      *FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models*. ICLR 2019.
+      `arXiv:1810.01367 <https://arxiv.org/abs/1810.01367>`__
+
+    Example:
+        >>> FFJORD(features=2, hidden=(16, 16))().log_prob(torch.randn(7, 2)).shape
+        torch.Size([7])
+    """
     return CNF(features, context, hidden, trace, **kwargs)

@@ -176,6 +176,12 @@ def Glow(
 
     Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels``; labels ``(...)``.
 
+    References
+    ----------
+    - D. P. Kingma and P. Dhariwal.
+      *Glow: Generative Flow with Invertible 1x1 Convolutions*. NeurIPS 2018.
+      `arXiv:1807.03039 <https://arxiv.org/abs/1807.03039>`__
+
     Example:
         >>> model = Glow(shape=(1, 8, 8), levels=2, steps=4, hidden_channels=64, classes=10, pixel_levels=17)
         >>> model(torch.tensor([3, 7])).sample(temperature=0.7).shape
@@ -204,7 +210,19 @@ def multiscale_realnvp(
     alpha: float = 0.05,
     embedding_features: int = 16,
 ) -> nn.Module:
-    """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`)."""
+    """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`).
+
+    References
+    ----------
+    - L. Dinh, J. Sohl-Dickstein and S. Bengio.
+      *Density estimation using Real NVP*. ICLR 2017.
+      `arXiv:1605.08803 <https://arxiv.org/abs/1605.08803>`__
+
+    Example:
+        >>> model = multiscale_realnvp((1, 8, 8), levels=2, steps=1, hidden=(16,), pixel_levels=17)
+        >>> model().log_prob(torch.randint(0, 17, (3, 1, 8, 8)).float()).shape
+        torch.Size([3])
+    """
     shape = _image_shape(shape, levels, levels - 1)
     _check_image_sizes("RealNVP", steps, hidden)
 

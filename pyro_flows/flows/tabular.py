@@ -83,7 +83,16 @@ def NICE(features: int, context: int = 0, transforms: int = 4, hidden: Sequence[
     :class:`~.transforms.ActNorm`, initialised from the first batch) is what
     lets the flow match the data's scale, as NICE's final scaling layer does.
 
-    Example: ``NICE(features=2)().log_prob(torch.randn(7, 2))``.
+    References
+    ----------
+    - L. Dinh, D. Krueger and Y. Bengio.
+      *NICE: Non-linear Independent Components Estimation*. ICLR 2015 workshop.
+      `arXiv:1410.8516 <https://arxiv.org/abs/1410.8516>`__
+
+    Example:
+        >>> flow = NICE(features=2)
+        >>> flow().log_prob(torch.randn(7, 2)).shape
+        torch.Size([7])
     """
     flow = _coupling_flow(
         features, context, transforms, hidden, T.AdditiveCoupling, T.ConditionalAdditiveCoupling, **kwargs
@@ -113,8 +122,17 @@ def RealNVP(
     ``classes``, ``context``, ``pixel_levels``, ``dequantization``, ``alpha`` and
     ``embedding_features`` are as in :func:`Glow` (integer pixels are dequantised, etc.).
 
-    Example: ``RealNVP(features=2, context=3)(torch.randn(3)).sample((10,))``;
-    ``RealNVP(shape=(1, 8, 8), pixel_levels=17)().sample((4,))``.
+    References
+    ----------
+    - L. Dinh, J. Sohl-Dickstein and S. Bengio.
+      *Density estimation using Real NVP*. ICLR 2017.
+      `arXiv:1605.08803 <https://arxiv.org/abs/1605.08803>`__
+
+    Example:
+        >>> RealNVP(features=2, context=3)(torch.randn(3)).sample((10,)).shape
+        torch.Size([10, 2])
+        >>> RealNVP(shape=(1, 8, 8), pixel_levels=17)().sample((4,)).shape
+        torch.Size([4, 1, 8, 8])
     """
     if shape is not None:
         if features is not None:
@@ -132,6 +150,21 @@ def MAF(features: int, context: int = 0, transforms: int = 5, hidden: Sequence[i
 
     Each layer is ``AffineAutoregressive(...).inv``, orders alternate between layers;
     sampling inverts each layer sequentially (exactly).
+
+    References
+    ----------
+    - G. Papamakarios, T. Pavlakou and I. Murray.
+      *Masked Autoregressive Flow for Density Estimation*. NeurIPS 2017.
+      `arXiv:1705.07057 <https://arxiv.org/abs/1705.07057>`__
+    - M. Germain, K. Gregor, I. Murray and H. Larochelle.
+      *MADE: Masked Autoencoder for Distribution Estimation*. ICML 2015.
+      `arXiv:1502.03509 <https://arxiv.org/abs/1502.03509>`__
+
+    Example:
+        >>> flow = MAF(features=3, transforms=2)
+        >>> x = flow().sample((5,))
+        >>> x.shape, flow().log_prob(x).shape
+        (torch.Size([5, 3]), torch.Size([5]))
     """
     return _autoregressive_flow(
         features, context, transforms, hidden, T.AffineAutoregressive, T.ConditionalAffineAutoregressive, True, **kwargs
@@ -143,6 +176,20 @@ def IAF(features: int, context: int = 0, transforms: int = 5, hidden: Sequence[i
 
     Each layer is ``AffineAutoregressive(...)``; density evaluation of new points
     inverts it sequentially, while ``rsample_and_log_prob`` (VI) never does.
+
+    References
+    ----------
+    - D. P. Kingma, T. Salimans, R. Jozefowicz, X. Chen, I. Sutskever and M. Welling.
+      *Improved Variational Inference with Inverse Autoregressive Flow*. NeurIPS 2016.
+      `arXiv:1606.04934 <https://arxiv.org/abs/1606.04934>`__
+    - M. Germain, K. Gregor, I. Murray and H. Larochelle.
+      *MADE: Masked Autoencoder for Distribution Estimation*. ICML 2015.
+      `arXiv:1502.03509 <https://arxiv.org/abs/1502.03509>`__
+
+    Example:
+        >>> z, log_q = IAF(features=3, transforms=2)().rsample_and_log_prob((5,))
+        >>> z.shape, log_q.shape
+        (torch.Size([5, 3]), torch.Size([5]))
     """
     return _autoregressive_flow(
         features,
@@ -172,7 +219,17 @@ def NSF(
     (one-pass densities, like MAF); ``False`` stacks spline couplings with
     alternating masks (one-pass in both directions).
 
-    Example: ``NSF(features=5, context=3)(torch.randn(3)).rsample((100,))``.
+    References
+    ----------
+    - C. Durkan, A. Bekasov, I. Murray and G. Papamakarios.
+      *Neural Spline Flows*. NeurIPS 2019.
+      `arXiv:1906.04032 <https://arxiv.org/abs/1906.04032>`__
+
+    Example:
+        >>> NSF(features=5, context=3)(torch.randn(3)).rsample((100,)).shape
+        torch.Size([100, 5])
+        >>> NSF(features=5, autoregressive=False)().log_prob(torch.randn(7, 5)).shape
+        torch.Size([7])
     """
     if autoregressive:
         return _autoregressive_flow(

@@ -19,6 +19,12 @@ class CNN(nn.Module):
     bias of the first hidden layer. The last (3×3) layer starts at zero, so a
     coupling conditioned by a fresh network is the identity.
 
+    References
+    ----------
+    - D. P. Kingma and P. Dhariwal.
+      *Glow: Generative Flow with Invertible 1x1 Convolutions*. NeurIPS 2018.
+      `arXiv:1807.03039 <https://arxiv.org/abs/1807.03039>`__
+
     Example:
         >>> net = CNN(2, 4, hidden=(32, 32), context_features=3)
         >>> net(torch.randn(10, 2, 8, 8), torch.randn(3)).shape
@@ -46,7 +52,8 @@ class CNN(nn.Module):
         self.activation = activation()
         self.output = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
         nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        if self.output.bias is not None:  # always: the layer is built with a bias
+            nn.init.zeros_(self.output.bias)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         batch = x.shape[:-3]

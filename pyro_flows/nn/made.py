@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ class MaskedLinear(nn.Linear):
     next to the batched matmul; :meth:`MADE.sequential` slices the unmasked
     weight where the mask is all ones and does not multiply at all.
     """
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor) -> None:
         out_features, in_features = mask.shape
@@ -51,11 +53,20 @@ class MADE(nn.Module):
     variable :math:`i` is known, only the units whose degree is :math:`o_i`
     are computed, instead of the whole network once per variable.
 
+    References
+    ----------
+    - M. Germain, K. Gregor, I. Murray and H. Larochelle.
+      *MADE: Masked Autoencoder for Distribution Estimation*. ICML 2015.
+      `arXiv:1502.03509 <https://arxiv.org/abs/1502.03509>`__
+
     Example:
         >>> made = MADE(4, params_per_feature=2, hidden=(32, 32))
         >>> made(torch.randn(10, 4)).shape
         torch.Size([10, 2, 4])
     """
+
+    order: Tensor
+    variable_of_rank: Tensor
 
     def __init__(
         self,
@@ -70,15 +81,16 @@ class MADE(nn.Module):
         if features < 1 or not hidden:
             raise ValueError(f"MADE needs features >= 1 and at least one hidden layer, got {features}, {hidden}")
         D, P, C = features, params_per_feature, context_features
-        order = torch.arange(D) if order is None else torch.as_tensor(order).long()
-        if sorted(order.tolist()) != list(range(D)):
-            raise ValueError(f"MADE: order must be a permutation of 0..{D - 1}, got {order.tolist()}")
+        ranks = torch.arange(D) if order is None else torch.as_tensor(order).long()
+        if sorted(ranks.tolist()) != list(range(D)):
+            raise ValueError(f"MADE: order must be a permutation of 0..{D - 1}, got {ranks.tolist()}")
         self.features, self.params_per_feature, self.context_features = D, P, C
-        degrees_in = order + 1  # degree of each input variable, 1..D
+        degrees_in = ranks + 1  # degree of each input variable, 1..D
         low = 0 if (C > 0 or D == 1) else 1  # degree-0 units see only the context
         degrees_hidden = [_sorted_degrees(h, low, D - 1) for h in hidden]
 
-        layers, previous = [], degrees_in
+        layers: list[nn.Module] = []
+        previous = degrees_in
         for i, degrees in enumerate(degrees_hidden):
             mask = degrees[:, None] >= previous[None, :]
             if i == 0:
@@ -92,8 +104,8 @@ class MADE(nn.Module):
         self.hidden = nn.ModuleList(layers)
         self.activation = activation()
 
-        self.register_buffer("order", order)
-        self.register_buffer("variable_of_rank", torch.argsort(order))  # variable with degree r + 1
+        self.register_buffer("order", ranks)
+        self.register_buffer("variable_of_rank", torch.argsort(ranks))  # variable with degree r + 1
         # number of hidden units of degree <= r, for r = -1..D-1, per layer
         self._ends = [[int((d <= r).sum()) for r in range(-1, D)] for d in degrees_hidden]
 
@@ -114,15 +126,16 @@ class MADE(nn.Module):
         Each hidden unit is evaluated exactly once, as soon as its inputs are known.
         """
         D, P = self.features, self.params_per_feature
-        first = self.hidden[0]
+        layers = cast("list[MaskedLinear]", list(self.hidden))  # built from MaskedLinear layers only
+        first = layers[0]
         weight_x = first.weight[:, :D].index_select(1, self.variable_of_rank)  # columns by rank
         const = first.bias.expand(*batch_shape, -1)
         if context is not None:
             const = const + F.linear(context, first.weight[:, D:])
         known = const.new_empty(*batch_shape, 0)  # determined variables, by rank
-        hidden = [const.new_empty(*batch_shape, 0) for _ in self.hidden]  # units computed so far
+        hidden = [const.new_empty(*batch_shape, 0) for _ in layers]  # units computed so far
         for r, variable in enumerate(self.variable_of_rank.tolist()):  # one host read, not D
-            for i, layer in enumerate(self.hidden):
+            for i, layer in enumerate(layers):
                 start, end = self._ends[i][r], self._ends[i][r + 1]
                 if start == end:
                     continue

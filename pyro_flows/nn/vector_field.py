@@ -23,6 +23,12 @@ class ConcatSquashLinear(nn.Module):
 
     Shapes: ``h`` is ``(..., in_features)``, ``t`` a column ``(..., 1)`` broadcastable against it.
 
+    References
+    ----------
+    - W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever and D. Duvenaud.
+      *FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models*. ICLR 2019.
+      `arXiv:1810.01367 <https://arxiv.org/abs/1810.01367>`__
+
     Example:
         >>> layer = ConcatSquashLinear(3, 8)
         >>> layer(torch.randn(10, 3), torch.rand(10, 1)).shape
@@ -64,6 +70,15 @@ class VectorField(nn.Module):
         context_features: size of :math:`c` (0: unconditional).
         activation: a smooth activation module class (default ``nn.SiLU``; ``nn.Softplus``, ``nn.Tanh`` work too).
 
+    References
+    ----------
+    - R. T. Q. Chen, Y. Rubanova, J. Bettencourt and D. Duvenaud.
+      *Neural Ordinary Differential Equations*. NeurIPS 2018.
+      `arXiv:1806.07366 <https://arxiv.org/abs/1806.07366>`__
+    - W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever and D. Duvenaud.
+      *FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models*. ICLR 2019.
+      `arXiv:1810.01367 <https://arxiv.org/abs/1810.01367>`__
+
     Example:
         >>> f = VectorField(2, hidden=(32, 32))
         >>> f(torch.randn(10, 2), torch.tensor(0.5)).shape
@@ -80,8 +95,9 @@ class VectorField(nn.Module):
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
         widths = [features + context_features, *hidden, features]
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
-        self.layers[-1].zero_()
+        layers = [ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+        layers[-1].zero_()
+        self.layers = nn.ModuleList(layers)
         self.activation = activation()
 
     def forward(self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None) -> Tensor:
