@@ -189,30 +189,42 @@ class Flow(nn.Module):
     def forward(self, context: Optional[Tensor] = None) -> FlowDistribution:
         return FlowDistribution(*self.base_and_transforms(context))
 
-    def base_and_transforms(self, context: Optional[Tensor] = None) -> tuple[Distribution, list[Transform]]:
-        """The base distribution (batch shape that of the context) and the layers conditioned on ``context``:
-        what ``forward`` passes to :class:`FlowDistribution`, for a caller that adds layers of its own."""
+    def embed(self, context: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The context the layers see: ``context`` checked and passed through the ``embedding`` (if any).
+
+        Shape ``(..., context_features)``; ``None`` for an unconditional flow (called with no context).
+        Every path that conditions the layers goes through this method (``forward``, :meth:`base_and_transforms`
+        and the flow-matching objective), so training, ``log_prob`` and sampling all see the same context.
+        Raises a ValueError for a missing, superfluous, misshapen or non-finite context.
+        """
         name = type(self).__name__
         if self.context_features == 0:
             if context is not None:
                 raise ValueError(f"{name} is unconditional: call it with no context")
+            return None
+        if context is None:
+            raise ValueError(f"{name} is conditional: call it with a context of shape (..., {self.context_features})")
+        if self.embedding is None:
+            check_shape(name, context, (self.context_features,), "context")
+        elif not isinstance(context, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
+        if not bool(torch.isfinite(context).all()):
+            raise ValueError(f"{name}: the context has NaN or inf entries")
+        if self.embedding is not None:
+            context = self.embedding(context)
+            check_shape(name, context, (self.context_features,), "embedded context")
+        return context
+
+    def base_and_transforms(self, context: Optional[Tensor] = None) -> tuple[Distribution, list[Transform]]:
+        """The base distribution (batch shape that of the context) and the layers conditioned on ``context``
+        (embedded by :meth:`embed`): what ``forward`` passes to :class:`FlowDistribution`, for a caller that
+        adds layers of its own."""
+        embedded = self.embed(context)
+        if embedded is None:
             batch_shape = torch.Size()
             transforms = self.transforms
         else:
-            if context is None:
-                raise ValueError(
-                    f"{name} is conditional: call it with a context of shape (..., {self.context_features})"
-                )
-            if self.embedding is None:
-                check_shape(name, context, (self.context_features,), "context")
-            elif not isinstance(context, Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
-            if not bool(torch.isfinite(context).all()):
-                raise ValueError(f"{name}: the context has NaN or inf entries")
-            if self.embedding is not None:
-                context = self.embedding(context)
-                check_shape(name, context, (self.context_features,), "embedded context")
-            batch_shape = context.shape[:-1]
-            transforms = [t.condition(context) if isinstance(t, T.Conditional) else t for t in self.transforms]
+            batch_shape = embedded.shape[:-1]
+            transforms = [t.condition(embedded) if isinstance(t, T.Conditional) else t for t in self.transforms]
         base = self.base(batch_shape) if isinstance(self.base, nn.Module) else self.base.expand(batch_shape)
         return base, transforms

@@ -66,7 +66,8 @@ class FlowMatching:
     ``objective(model, x, context)`` draws :math:`z_0 \sim \mathcal{N}(0, I)` and
     :math:`t \sim U[0, 1]` per row and returns
     :math:`\frac{1}{N}\sum_n \|f(x_{t_n}, t_n[, c_n]) - u_n\|^2` on the straight paths of the
-    module docstring; with a conditional flow, the field sees the row's context.
+    module docstring; with a conditional flow, the field sees the row's context embedded by
+    :meth:`~.flows.Flow.embed`, as in ``log_prob`` and sampling (the embedding trains with the field).
     ``model`` must be a :class:`~.flows.Flow` of exactly one :class:`~.transforms.ContinuousFlow`
     on a :class:`~.flows.StandardNormal` base (a ValueError says so otherwise).
 
@@ -75,7 +76,7 @@ class FlowMatching:
         ot_pairing: pair base samples and data rows by exact minibatch optimal transport
             (:func:`ot_pairing`), which straightens the learnt trajectories.
 
-    Shapes: ``x`` ``(N, D)``, ``context`` ``(N, C)``.
+    Shapes: ``x`` ``(N, D)``; ``context`` ``(N, ...)``, what the flow is called with (``(N, C)`` without an embedding).
 
     Example:
         >>> flow = pf.CNF(features=2)
@@ -90,9 +91,12 @@ class FlowMatching:
 
     def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         layer = continuous_flow_of(model)
+        flow = getattr(model, "module", model)
         if x.dim() != 2:
             raise ValueError(f"FlowMatching: x must be rows (N, D), got shape {tuple(x.shape)}")
-        model() if context is None else model(context)  # through the (DDP) wrapper, which then syncs the gradients
+        if model is not flow:
+            model() if context is None else model(context)  # through the DDP wrapper, which then syncs the gradients
+        context = flow.embed(context)  # the context log_prob and sampling condition the field on: embedded
         z0 = torch.randn_like(x)
         if self.ot_pairing:
             order = ot_pairing(z0, x)
