@@ -19,7 +19,8 @@ from .flows import Flow
 from .train import FitHistory
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
-from .utils import PathLike, atomic_save, safe_load
+from .saving import atomic_save, safe_load
+from .utils import PathLike
 
 FLOWS = {"nice": flows.NICE, "realnvp": flows.RealNVP, "maf": flows.MAF, "iaf": flows.IAF, "nsf": flows.NSF}
 FORMAT, VERSION = "pyro_flows.DensityEstimator", 1

@@ -24,7 +24,6 @@ gradient (``find_unused_parameters`` cannot see through a distribution).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -36,20 +35,18 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributions import Distribution
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import saving
 from .objectives import NegativeLogLikelihood
-from .utils import PathLike, atomic_save, safe_load, show_progress
+from .utils import Device, PathLike, check_finite_rows, draw_seed, seeded_rng, show_progress
 
 Batch = tuple[Tensor, Optional[Tensor]]
 Objective = Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor]
 Schedule = Union[None, str, Callable[[torch.optim.Optimizer], LRScheduler]]
-
-CHECKPOINT_FORMAT = "pyro_flows.fit/1"
 
 
 @dataclass
@@ -82,6 +79,78 @@ class FitHistory:
 
     def __iter__(self) -> Iterator[float]:
         return iter(self.train_loss)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit` trains: the one set of training options, with the defaults of a plain ``fit`` call.
+
+    The front ends start from these defaults and change only what their problem needs, each saying why:
+    :attr:`pyro_flows.DensityEstimator.fit_options` and :attr:`pyro_flows.infer.NPE.fit_options`.
+    ``options.replace(lr=3e-4)`` is a changed copy; ``fit(model, x, options=options, max_epochs=5)`` and the
+    front ends' keyword arguments change given options for one call.
+
+    Attributes:
+        max_epochs, max_steps: stop after this many epochs / optimizer steps in total
+            (counting those before a resume).
+        steps_per_epoch: batches per epoch of a ``DataLoader`` (at most) or a callable (default 100).
+        batch_size: rows per step (per rank under ``torch.distributed``).
+        lr, weight_decay: Adam's.
+        schedule: None, ``"cosine"`` (annealed to 0 over the run's steps) or ``optimizer -> LRScheduler``;
+            stepped every step.
+        clip_grad: maximum gradient norm (None: no clipping).
+        validation_fraction: hold out this fraction of the tensor rows (seeded shuffle). The validation
+            loss is computed after each epoch in eval mode; the best epoch's weights are restored at the end.
+        patience: stop after this many epochs without a better validation loss.
+        seed: makes the run deterministic: the split, the shuffles and the model's own randomness
+            (dropout, noise, Hutchinson probes) draw from torch's generators seeded by it (``seed + rank``
+            under ``torch.distributed``), forked from the caller's, whose random streams are left as they
+            were. None: a seed drawn from torch's global generator (one draw, so ``torch.manual_seed``
+            makes an unseeded run repeat).
+        progress: a tqdm bar (loss, validation loss); None shows it when stderr is a terminal and the
+            environment variable ``CI`` is unset.
+        checkpoint: file written atomically every ``checkpoint_every`` steps and at the end, by rank 0 only
+            (:mod:`pyro_flows.saving`'s format, kind ``"fit"``).
+        max_recoveries: non-finite losses or gradients survived (each rolls back to the state before the
+            last good update and halves the learning rate, with a warning) before a ``RuntimeError``.
+        device: move the model there and train there (default: the model's device).
+    """
+
+    max_epochs: int = 100
+    max_steps: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: Schedule = None
+    clip_grad: Optional[float] = 5.0
+    validation_fraction: float = 0.0
+    patience: Optional[int] = None
+    seed: Optional[int] = None
+    progress: Optional[bool] = None
+    checkpoint: Optional[PathLike] = None
+    checkpoint_every: int = 500
+    max_recoveries: int = 5
+    device: Device = None
+
+    def __post_init__(self) -> None:
+        """Counts are whole numbers >= 1 (>= 0 for epochs, steps and recoveries; None where optional)."""
+        for name in ("max_epochs", "max_steps", "steps_per_epoch", "batch_size", "patience", "checkpoint_every",
+                     "max_recoveries"):  # fmt: skip
+            value = getattr(self, name)
+            least = 0 if name in ("max_epochs", "max_steps", "max_recoveries") else 1
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"fit option {name} must be an integer >= {least}, got {value!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"fit option validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+
+    def replace(self, **changes: Any) -> FitOptions:
+        """A copy with ``changes``; a TypeError names an unknown option (and lists the options)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"unknown fit option {', '.join(unknown)}; the options are {', '.join(names)}")
+        return dataclasses.replace(self, **changes)
 
 
 # --------------------------------------------------------------------------- data
@@ -124,23 +193,11 @@ def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
         )
     for tensor, what in ((x, name), (context, f"{name} context")):
         if tensor is not None:
-            _check_finite(tensor, what)
-
-
-def _check_finite(t: Tensor, name: str) -> None:
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
-        raise ValueError(
-            f"fit: {name} has NaN or inf values in row {int(rows[0])} ({len(rows)} bad rows of {t.shape[0]}); "
-            "drop or impute them first"
-        )
+            check_finite_rows(tensor, f"fit: {what}")
 
 
 def _split(x: Tensor, context: Optional[Tensor], fraction: float, seed: int) -> tuple[Batch, Batch]:
     """A seeded random split of the rows into (training, validation)."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fit: validation_fraction must be in [0, 1), got {fraction}")
     rows = x.shape[0]
     held_out = round(fraction * rows)
     if held_out < 1 or held_out >= rows:
@@ -285,8 +342,8 @@ def _gather(t: Tensor, device: torch.device) -> list[Tensor]:
 
 
 def _shared_seed(seed: Optional[int], device: torch.device) -> int:
-    """``seed``, or one drawn from torch's RNG; rank 0's on every rank."""
-    value = seed if seed is not None else int(torch.randint(2**62, ()).item())
+    """``seed``, or one drawn from torch's global generator; rank 0's on every rank."""
+    value = seed if seed is not None else draw_seed()
     if _rank_and_world()[1] > 1:
         t = torch.tensor(value, dtype=torch.int64, device=device)
         dist.broadcast(t, 0)
@@ -295,17 +352,6 @@ def _shared_seed(seed: Optional[int], device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------- state
-
-
-@contextlib.contextmanager
-def _argument_validation(enabled: bool) -> Iterator[None]:
-    """``torch.distributions`` argument validation on or off inside the block (the setting is global)."""
-    previous = Distribution._validate_args
-    Distribution.set_default_validate_args(enabled)
-    try:
-        yield
-    finally:
-        Distribution.set_default_validate_args(previous)
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -424,20 +470,6 @@ class _Position:
         return cls(**{**state, "history": FitHistory(**state["history"])})
 
 
-@dataclass(frozen=True)
-class _Options:
-    """The options of one :func:`fit` call that the loop reads."""
-
-    max_epochs: int
-    max_steps: Optional[int]
-    batch_size: int
-    clip_grad: Optional[float]
-    patience: Optional[int]
-    checkpoint: Optional[PathLike]
-    checkpoint_every: int
-    max_recoveries: int
-
-
 def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` under a process group of several ranks, else itself."""
     if _rank_and_world()[1] == 1:
@@ -452,7 +484,7 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 class _Loop:
     """One call of :func:`fit`: the model, its optimizer, the data and the run's position."""
 
-    def __init__(self, model, objective, source, validation, optimizer, scheduler, device, options: _Options, seed):
+    def __init__(self, model, objective, source, validation, optimizer, scheduler, device, options: FitOptions, seed):
         self.model, self.objective, self.source, self.validation = model, objective, source, validation
         self.optimizer, self.scheduler, self.device, self.options = optimizer, scheduler, device, options
         self.rank, self.world = _rank_and_world()
@@ -462,16 +494,14 @@ class _Loop:
         self.epoch_rng = _rng_state(device)
         self.last_good, self.pending = _Snapshot(), _Snapshot()
         self.first_step = True
-        self.validate_arguments = Distribution._validate_args  # the user's setting
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Write a checkpoint (rank 0 writes; every rank takes part, for the RNG states, and waits)."""
         rng = [_gather(state, self.device) for state in (_rng_state(self.device), self.epoch_rng)]
-        if self.rank == 0:
-            atomic_save(
+        if self.rank == 0 and self.options.checkpoint is not None:
+            saving.save(
                 {
-                    "format": CHECKPOINT_FORMAT,
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -481,6 +511,7 @@ class _Loop:
                     "epoch_rng": rng[1],
                 },
                 self.options.checkpoint,
+                "fit",
             )
         _barrier()
 
@@ -528,12 +559,11 @@ class _Loop:
         """Gradients of the objective (averaged over ranks), clipped; the loss x rows and the rows summed
         over ranks, and the gradient norm, read in one device-to-host transfer.
 
-        Distribution argument validation stays as configured for the first step, which catches bad input
-        with a clear error; after that it is off, so a NaN inside the model (an overflowing layer) makes a
-        non-finite loss that the loop recovers from rather than a ValueError.
+        ``torch.distributions`` argument validation stays as the caller set it. A NaN inside one of the
+        library's flows (an overflowing layer) still makes a non-finite loss that the loop recovers from,
+        not a ValueError: their base distributions do not validate the values the layers compute.
         """
-        with _argument_validation(self.validate_arguments and self.first_step):
-            loss = self.objective(self.trained, x, context)
+        loss = self.objective(self.trained, x, context)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"fit: the objective must return a scalar tensor, got {_describe(loss)}")
         loss.backward()
@@ -596,8 +626,7 @@ class _Loop:
         for index in chunks:  # a rank may hold no validation rows
             xb = x[index].to(self.device)
             cb = None if context is None else context[index].to(self.device)
-            with _argument_validation(False):  # a NaN is a bad epoch, not an error
-                loss = self.objective(self.model, xb, cb)
+            loss = self.objective(self.model, xb, cb)  # a NaN is a bad epoch, not an error
             sums += torch.stack([loss.double() * len(index), sums.new_tensor(len(index))])
         self.model.train()
         total, rows = _all_sum(sums).tolist()
@@ -651,24 +680,13 @@ class _Loop:
         return history
 
 
-def _check_counts(**counts: Optional[int]) -> None:
-    """Counts that must be whole numbers >= 1 (>= 0 for epochs, steps and recoveries); None where optional."""
-    for name, value in counts.items():
-        least = 0 if name in ("max_epochs", "max_steps", "max_recoveries") else 1
-        if value is not None and (not isinstance(value, int) or value < least):
-            raise ValueError(f"fit: {name} must be an integer >= {least}, got {value!r}")
-
-
 def _resume_state(resume: Optional[PathLike], checkpoint: Optional[PathLike]) -> Optional[dict]:
     """The checkpoint to resume from; None when ``resume`` is this run's own ``checkpoint``, not written yet."""
     if resume is None:
         return None
     if not Path(resume).exists() and checkpoint is not None and Path(resume) == Path(checkpoint):
         return None
-    state = safe_load(resume, map_location="cpu")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"fit: {resume} is not a checkpoint written by pyro_flows.fit")
-    return state
+    return saving.load(resume, "fit")
 
 
 def fit(
@@ -677,24 +695,10 @@ def fit(
     context: Optional[Tensor] = None,
     *,
     objective: Optional[Objective] = None,
-    max_epochs: int = 100,
-    max_steps: Optional[int] = None,
-    steps_per_epoch: Optional[int] = None,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    schedule: Schedule = None,
-    clip_grad: Optional[float] = 5.0,
-    validation_fraction: float = 0.0,
     validation_data: Union[None, Tensor, Sequence[Tensor]] = None,
-    patience: Optional[int] = None,
-    seed: Optional[int] = None,
-    progress: Optional[bool] = None,
-    checkpoint: Optional[PathLike] = None,
-    checkpoint_every: int = 500,
     resume: Optional[PathLike] = None,
-    max_recoveries: int = 5,
-    device: Union[None, str, torch.device] = None,
+    options: Optional[FitOptions] = None,
+    **changes: Any,
 ) -> FitHistory:
     """Fit ``model`` by minimising ``objective(model, x, context)`` over minibatches with Adam.
 
@@ -706,34 +710,21 @@ def fit(
             ``(x, context)``, or a callable returning a fresh batch ``x`` or
             ``(x, context)`` at each step (``steps_per_epoch`` steps an epoch, default 100).
         objective: ``objective(model, x, context) -> scalar``; default :class:`NegativeLogLikelihood`.
-        max_epochs, max_steps: stop after this many epochs / optimizer steps in total
-            (counting those before a resume).
-        batch_size: rows per step (per rank under ``torch.distributed``).
-        lr, weight_decay: Adam's. ``schedule``: None, ``"cosine"`` (annealed to 0
-            over the run's steps) or ``optimizer -> LRScheduler``; stepped every step.
-        clip_grad: maximum gradient norm (None: no clipping).
-        validation_fraction: hold out this fraction of the tensor rows (seeded
-            shuffle); or ``validation_data``, a tensor or ``(x, context)``. The
-            validation loss is computed after each epoch in eval mode; the best
-            epoch's weights are restored at the end.
-        patience: stop after this many epochs without a better validation loss.
-        seed: makes the run deterministic (batches from a private generator,
-            ``torch.manual_seed(seed + rank)`` for the model's own randomness).
-        progress: a tqdm bar (loss, validation loss); None shows it when stderr
-            is a terminal and the environment variable ``CI`` is unset.
-        checkpoint: file written atomically every ``checkpoint_every`` steps and
-            at the end, by rank 0 only. ``resume``: a checkpoint to continue from
-            with the same optimizer state, schedule, step count, data position and
-            RNG states (the same path as ``checkpoint`` starts fresh when the file
-            does not exist yet). The data and options should be the same as the
-            interrupted run's; exact continuation needs a seeded run.
-        max_recoveries: non-finite losses or gradients survived (each rolls back
-            to the state before the last good update and halves the learning
-            rate, with a warning) before a ``RuntimeError``.
-        device: move the model there and train there (default: the model's device).
+        validation_data: validation rows, a tensor or ``(x, context)`` (instead of ``validation_fraction``).
+        resume: a checkpoint to continue from with the same optimizer state, schedule, step count, data
+            position and RNG states (the same path as ``checkpoint`` starts fresh when the file does not
+            exist yet). The data and options should be the same as the interrupted run's.
+        options: a :class:`FitOptions` (default ``FitOptions()``); ``changes`` are keyword arguments that
+            change it for this call (``max_epochs=``, ``batch_size=``, ``lr=``, ``validation_fraction=``,
+            ``patience=``, ``seed=``, ``checkpoint=``, ``device=``, ...: every field of :class:`FitOptions`,
+            where each is described).
 
     Returns:
         :class:`FitHistory`; the model is left in eval mode with the best (or last) weights.
+
+    The caller's state is left alone: torch's random streams are what they were before (the run draws
+    from generators seeded by ``seed``, forked from them), and so is ``torch.distributions``' argument
+    validation.
 
     Under an initialised ``torch.distributed`` process group (e.g. ``torchrun``)
     the model trains as ``DistributedDataParallel``, tensor rows are sharded by a
@@ -748,38 +739,29 @@ def fit(
         >>> len(history.train_loss), len(history.validation_loss), history.steps
         (3, 3, 6)
     """
-    _check_counts(
-        max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-        patience=patience, checkpoint_every=checkpoint_every, max_recoveries=max_recoveries,
-    )  # fmt: skip
+    if options is not None and not isinstance(options, FitOptions):
+        raise TypeError(f"fit: options must be a FitOptions, got {type(options).__name__}")
+    o = (options or FitOptions()).replace(**changes)
     rank, world = _rank_and_world()
-    device = _device(model, device)
-    state = _resume_state(resume, checkpoint)
-    base_seed = state["position"]["seed"] if state is not None else _shared_seed(seed, device)
+    device = _device(model, o.device)
+    state = _resume_state(resume, o.checkpoint)
+    seed = state["position"]["seed"] if state is not None else _shared_seed(o.seed, device)
     source, validation = _sources(
-        data, context, validation_fraction, validation_data, batch_size, steps_per_epoch, base_seed, rank, world
+        data, context, o.validation_fraction, validation_data, o.batch_size, o.steps_per_epoch, seed, rank, world
     )
-    if patience is not None and validation is None:
+    if o.patience is not None and validation is None:
         raise ValueError("fit: patience needs validation data (validation_fraction or validation_data)")
-    if seed is not None:
-        torch.manual_seed(seed + rank)
-    total = _total_steps(max_epochs, max_steps, source.steps_per_epoch)
-    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
-    scheduler = _scheduler(schedule, optimizer, total)
-    options = _Options(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        clip_grad=clip_grad,
-        patience=patience,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        max_recoveries=max_recoveries,
+    total = _total_steps(o.max_epochs, o.max_steps, source.steps_per_epoch)
+    optimizer = torch.optim.Adam(
+        (p for p in model.parameters() if p.requires_grad), lr=o.lr, weight_decay=o.weight_decay
     )
-    objective = objective or NegativeLogLikelihood()
-    loop = _Loop(model, objective, source, validation, optimizer, scheduler, device, options, base_seed)
-    if state is not None:
-        loop.load(state)
-    show = rank == 0 and show_progress(progress)
-    with tqdm(total=total, initial=loop.position.history.steps, disable=not show, desc="fit", unit="step") as bar:
-        return loop.run(bar)
+    scheduler = _scheduler(o.schedule, optimizer, total)
+    with seeded_rng(seed + rank, device):  # the run's own random stream; the caller's is restored after it
+        loop = _Loop(
+            model, objective or NegativeLogLikelihood(), source, validation, optimizer, scheduler, device, o, seed
+        )
+        if state is not None:
+            loop.load(state)
+        show = rank == 0 and show_progress(o.progress)
+        with tqdm(total=total, initial=loop.position.history.steps, disable=not show, desc="fit", unit="step") as bar:
+            return loop.run(bar)

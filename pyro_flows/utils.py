@@ -1,54 +1,55 @@
-"""Small shared helpers: atomic checkpoint files, safe loading and when to show a progress bar."""
+"""Small shared helpers: seeds and private random streams, checks of rows, and when to show a progress bar."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
+from torch import Tensor
 
 PathLike = Union[str, os.PathLike]
+Device = Union[None, str, torch.device]
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+def draw_seed() -> int:
+    """A seed for an unseeded call, drawn from torch's global generator.
 
-    A crash mid-write leaves the previous file intact: readers see either the
-    old file or the new one, never a truncated one.
+    An unseeded call is one draw from the caller's random stream, as any of torch's random functions:
+    ``torch.manual_seed`` makes it repeat, and two calls in a row differ.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return int(torch.randint(2**62, ()))
 
 
-def safe_load(path: PathLike, map_location: Any = None) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: Device = None) -> Iterator[None]:
+    """torch's global generators seeded by ``seed`` inside the block, and the caller's states back after it.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming
-    the file) for one that is not a weights-only checkpoint.
+    The CPU generator, and ``device``'s when it is a CUDA device (no other device's state is touched, unlike
+    ``torch.manual_seed``, which seeds every CUDA device). Code inside the block draws what it would draw after
+    ``torch.manual_seed(seed)``; the caller's random stream is unchanged, even when the block raises.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # any unpickler failure: the file is not ours or would run code
+    device = torch.device("cpu") if device is None else torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def check_finite_rows(t: Tensor, what: str) -> None:
+    """A ValueError naming the first bad row and their count unless every row of ``t`` is finite."""
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
         raise ValueError(
-            f"{path} is not a weights-only pyro_flows file (refusing to execute code from it): {error}"
-        ) from None
+            f"{what} has NaN or inf values in row {int(rows[0])} ({len(rows)} bad rows of {t.shape[0]}: "
+            f"rows {rows[:10].tolist()}); drop or impute them first"
+        )
 
 
 def show_progress(progress: Optional[bool]) -> bool:

@@ -106,7 +106,7 @@ def test_save_and_load_round_trip(npe, tmp_path):
     torch.testing.assert_close(loaded.posterior(X_OBS).log_prob(reference), npe.posterior(X_OBS).log_prob(reference))
     assert torch.load(path, weights_only=True)["format"] == "pyro_flows.NPE/1"
     with pytest.raises(ValueError, match="not a file written by NPE.save"):
-        NPE.load(pf.utils.atomic_save({"weights": torch.zeros(1)}, tmp_path / "other.pt"), PRIOR)
+        NPE.load(pf.saving.atomic_save({"weights": torch.zeros(1)}, tmp_path / "other.pt"), PRIOR)
     theta, x = npe.rounds[0][:2]
     custom = NPE(PRIOR, flow=lambda features, context: pf.MAF(features, context, transforms=1, hidden=(8,)))
     custom.append_simulations(theta[:50], x[:50]).save(tmp_path / "custom.pt")

@@ -3,11 +3,13 @@
 from .base import Flow, FlowDistribution, StandardNormal
 from .continuous import CNF, FFJORD
 from .images import Glow
+from .registry import FLOWS, build_flow
 from .tabular import IAF, MAF, MIXING, NICE, NSF, RealNVP
 
 __all__ = [
     "CNF",
     "FFJORD",
+    "FLOWS",
     "Flow",
     "FlowDistribution",
     "Glow",
@@ -18,4 +20,5 @@ __all__ = [
     "NSF",
     "RealNVP",
     "StandardNormal",
+    "build_flow",
 ]

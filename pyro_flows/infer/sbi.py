@@ -25,7 +25,8 @@ from .. import transforms as T
 from ..flows import CNF, MAF, NSF, Flow, FlowDistribution, RealNVP
 from ..objectives import FlowMatching, continuous_flow_of
 from ..train import FitHistory, fit
-from ..utils import PathLike, atomic_save, safe_load
+from ..saving import atomic_save, safe_load
+from ..utils import PathLike
 from .simulation import check_prior
 
 FlowBuilder = Callable[[int, int], Flow]

@@ -1,0 +1,48 @@
+"""The one registry of flow names: what ``"nsf"``, ``"maf"``, ... mean wherever a flow is named by a string.
+
+:class:`~pyro_flows.DensityEstimator`, the guides (:class:`~pyro_flows.infer.AutoFlowGuide`,
+:class:`~pyro_flows.infer.AmortizedFlowGuide`), :class:`~pyro_flows.infer.NPE` and the command line all read
+:data:`FLOWS` and build through :func:`build_flow`; a front end that cannot use a flow refuses its name itself.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
+
+from .base import Flow
+from .continuous import CNF, FFJORD
+from .tabular import IAF, MAF, NICE, NSF, RealNVP
+
+FLOWS: Mapping[str, Callable[..., Flow]] = MappingProxyType(
+    {"nice": NICE, "realnvp": RealNVP, "maf": MAF, "iaf": IAF, "nsf": NSF, "cnf": CNF, "ffjord": FFJORD}
+)
+"""Flow names → factories ``(features, context=0, ...) -> Flow``, in the order help texts list them."""
+
+CONTINUOUS = frozenset({"cnf", "ffjord"})
+"""The names whose flow is one continuous (ODE) layer: they take no ``transforms``."""
+
+
+def check_flow_name(name: Any, caller: str = "") -> str:
+    """``name`` if :data:`FLOWS` has it, else a ValueError listing the known names (prefixed by ``caller``)."""
+    if not isinstance(name, str) or name not in FLOWS:
+        prefix = f"{caller}: " if caller else ""
+        raise ValueError(f"{prefix}flow must be one of {', '.join(FLOWS)}, got {name!r}")
+    return name
+
+
+def build_flow(name: str, features: int, context: int = 0, *, transforms: Optional[int] = None, **kwargs: Any) -> Flow:
+    """The flow ``name`` of :data:`FLOWS` over ``features`` dimensions (conditional on ``context`` features if > 0).
+
+    ``transforms`` is the number of layers (None: the factory's default); a continuous flow
+    (:data:`CONTINUOUS`) is one ODE layer and ignores it. Other keyword arguments go to the factory
+    (``hidden``, ``bins``, ``mixing``, ``trace``, ...).
+
+    Example:
+        >>> build_flow("nsf", features=3, transforms=2, hidden=(16,))().sample((5,)).shape
+        torch.Size([5, 3])
+    """
+    factory = FLOWS[check_flow_name(name, "build_flow")]
+    if transforms is not None and name not in CONTINUOUS:
+        kwargs["transforms"] = transforms
+    return factory(features, context, **kwargs)
