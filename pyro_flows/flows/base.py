@@ -33,7 +33,9 @@ class StandardNormal(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
 
     def forward(self, batch_shape: tuple = ()) -> Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(self.loc.dim()).expand(batch_shape)
+        # validate_args=False: the values scored are the layers' outputs (a NaN there is a NaN log-density, which
+        # fit recovers from), never the caller's, which FlowDistribution checks itself
+        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(self.loc.dim()).expand(batch_shape)
 
 
 def _fused(t: Transform) -> bool:
