@@ -17,6 +17,7 @@ from torch.distributions.utils import _sum_rightmost
 
 from .. import transforms as T
 from ..transforms.base import check_shape
+from ..transforms.cache import same_state, state_key
 
 
 class StandardNormal(nn.Module):
@@ -43,12 +44,19 @@ def _fused(t: Transform) -> bool:
 
 
 class FlowDistribution(dist.TransformedDistribution):
-    r"""A Pyro ``TransformedDistribution`` with a fused fast path.
+    r"""A Pyro ``TransformedDistribution`` whose own methods take the fused path.
 
-    :math:`\log p(y) = \log p_0(f^{-1}(y)) + \log|\det J_{f^{-1}}(y)|`, with
-    every layer returning its output and log-det together. Layers from
-    ``pyro.distributions.transforms`` mix in freely (they take the generic path).
+    :math:`\log p(y) = \log p_0(f^{-1}(y)) + \log|\det J_{f^{-1}}(y)|`: ``log_prob``, ``to_base`` call each
+    layer's ``inverse_and_ladj`` once, ``rsample``, ``sample``, ``rsample_and_log_prob``, ``from_base`` its
+    ``call_and_ladj`` once, and no layer stores anything. Layers from ``pyro.distributions.transforms`` mix in
+    freely (they take the generic path).
+
+    ``log_prob`` of this distribution's own last ``rsample`` (what a Pyro guide scores) is read from that
+    sample's pass, with no inverse (sequential for IAF layers), while the layers' parameters, buffers and
+    modes and the sample are unchanged (see :func:`~pyro_flows.transforms.cache.state_key`).
     """
+
+    _last_sample: Optional[tuple] = None  # (y, z, sum of log-dets, state key) of the last rsample
 
     def _check_value(self, value: Tensor) -> None:
         check_shape("FlowDistribution.log_prob", value, self.event_shape, "value")
@@ -66,21 +74,48 @@ class FlowDistribution(dist.TransformedDistribution):
             rows = torch.nonzero(~torch.isfinite(value).reshape(-1, self.event_shape.numel()).all(-1)).flatten()
             raise ValueError(f"log_prob: value has NaN or inf entries (at flattened batch rows {rows[:10].tolist()})")
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._check_value(value)
-        event_dim = len(self.event_shape)
-        log_prob = 0.0
-        y = value
+    def _base_log_prob(self, z: Tensor) -> Tensor:
+        return _sum_rightmost(self.base_dist.log_prob(z), len(self.event_shape) - len(self.base_dist.event_shape))
+
+    def _to_base(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f^{-1}(y), log|det J_{f^{-1}}(y)|)``, each layer's log-det summed over the flow's event dims."""
+        event_dim, ladj_sum = len(self.event_shape), 0.0
         for t in reversed(self.transforms):
             if _fused(t):
                 x, ladj = t.inverse_and_ladj(y)
             else:
                 x = t.inv(y)
                 ladj = -t.log_abs_det_jacobian(x, y)
-            log_prob = log_prob + _sum_rightmost(ladj, event_dim - t.codomain.event_dim)
+            ladj_sum = ladj_sum + _sum_rightmost(ladj, event_dim - t.codomain.event_dim)
             y = x
-        return log_prob + _sum_rightmost(self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape))
+        return y, ladj_sum
+
+    def _from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f(z), log|det J_f(z)|)``, each layer's log-det summed over the flow's event dims."""
+        event_dim, ladj_sum = len(self.event_shape), 0.0
+        for t in self.transforms:
+            if _fused(t):
+                y, ladj = t.call_and_ladj(z)
+            else:
+                y = t(z)
+                ladj = t.log_abs_det_jacobian(z, y)
+            ladj_sum = ladj_sum + _sum_rightmost(ladj, event_dim - t.domain.event_dim)
+            z = y
+        return z, ladj_sum
+
+    def _state_key(self, *tensors: Tensor) -> Optional[tuple]:
+        modules = [t.layer if isinstance(t, T.ConditionedTransform) else t for t in self.transforms]
+        contexts = [t.context for t in self.transforms if isinstance(t, T.ConditionedTransform)]
+        return state_key([m for m in modules if isinstance(m, nn.Module)], *contexts, *tensors)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._check_value(value)
+        last = self._last_sample
+        if last is not None and last[0] is value and same_state(last[3], self._state_key(*last[:2])):
+            return self._base_log_prob(last[1]) - last[2]
+        z, ladj = self._to_base(value)
+        return self._base_log_prob(z) + ladj
 
     def _base_rsample(self, sample_shape: tuple, temperature: float) -> Tensor:
         z = self.base_dist.rsample(sample_shape)
@@ -102,7 +137,11 @@ class FlowDistribution(dist.TransformedDistribution):
         :math:`T < 1` draws from the base :math:`\mathcal{N}(\mu, T^2 \Sigma)`: samples
         of higher density and less diversity (Kingma & Dhariwal 2018, Glow).
         """
-        return self.from_base(self._base_rsample(sample_shape, temperature))
+        z = self._base_rsample(sample_shape, temperature)
+        y, ladj = self._from_base(z)
+        key = self._state_key(y, z)
+        self._last_sample = None if key is None else (y, z, ladj, key)
+        return y
 
     def sample(self, sample_shape: tuple = (), temperature: float = 1.0) -> Tensor:
         """A sample without gradients (see :meth:`rsample` for ``temperature``)."""
@@ -112,31 +151,18 @@ class FlowDistribution(dist.TransformedDistribution):
     def to_base(self, value: Tensor) -> Tensor:
         """The base-space point :math:`z = f^{-1}(y)` of ``value`` (e.g. to interpolate in the latent space)."""
         check_shape("FlowDistribution.to_base", value, self.event_shape, "value")
-        for t in reversed(self.transforms):
-            value = t.inv(value)
-        return value
+        return self._to_base(value)[0]
 
     def from_base(self, z: Tensor) -> Tensor:
         """The data-space point :math:`y = f(z)` of a base-space point ``z`` (the inverse of :meth:`to_base`)."""
         check_shape("FlowDistribution.from_base", z, self.base_dist.event_shape, "base point")
-        for t in self.transforms:
-            z = t(z)
-        return z
+        return self._from_base(z)[0]
 
     def rsample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         """A reparameterised sample and its log-density in one forward pass."""
-        x = self.base_dist.rsample(sample_shape)
-        event_dim = len(self.event_shape)
-        log_prob = _sum_rightmost(self.base_dist.log_prob(x), event_dim - len(self.base_dist.event_shape))
-        for t in self.transforms:
-            if _fused(t):
-                y, ladj = t.call_and_ladj(x)
-            else:
-                y = t(x)
-                ladj = t.log_abs_det_jacobian(x, y)
-            log_prob = log_prob - _sum_rightmost(ladj, event_dim - t.domain.event_dim)
-            x = y
-        return x, log_prob
+        z = self.base_dist.rsample(sample_shape)
+        y, ladj = self._from_base(z)
+        return y, self._base_log_prob(z) - ladj
 
     def sample_and_log_prob(self, sample_shape: tuple = ()) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

@@ -44,6 +44,16 @@ class Autoregressive(FlowTransform):
     Example:
         >>> layer = Autoregressive(4, Affine())
         >>> x, ladj = layer.inverse_and_ladj(torch.randn(10, 4))
+        >>> x.shape, ladj.shape
+        (torch.Size([10, 4]), torch.Size([10]))
+
+    References:
+        - Germain, Gregor, Murray & Larochelle (2015), *MADE: Masked autoencoder for distribution estimation*,
+          arXiv:1502.03509.
+        - Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling (2016), *Improved variational inference with inverse
+          autoregressive flow*, arXiv:1606.04934.
+        - Papamakarios, Pavlakou & Murray (2017), *Masked autoregressive flow for density estimation*, arXiv:1705.07057.
+        - Durkan, Bekasov, Murray & Papamakarios (2019), *Neural spline flows*, arXiv:1906.04032.
     """
 
     def __init__(
@@ -86,7 +96,16 @@ class AffineAutoregressive(Autoregressive):
 
     As a base→data layer it is an IAF layer; its ``.inv`` is a MAF layer.
 
-    Example: ``AffineAutoregressive(4, hidden=(64, 64))``.
+    Example:
+        >>> maf_layer = AffineAutoregressive(4, hidden=(64, 64)).inv
+        >>> y, ladj = maf_layer.call_and_ladj(torch.randn(10, 4))  # data -> base in one pass
+        >>> ladj.shape
+        torch.Size([10])
+
+    References:
+        - Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling (2016), *Improved variational inference with inverse
+          autoregressive flow*, arXiv:1606.04934.
+        - Papamakarios, Pavlakou & Murray (2017), *Masked autoregressive flow for density estimation*, arXiv:1705.07057.
     """
 
     def __init__(self, features: int, log_scale_bound: float = 3.0, **kwargs) -> None:
@@ -98,7 +117,13 @@ class SplineAutoregressive(Autoregressive):
 
     :class:`Autoregressive` with a :class:`~.maps.RationalQuadraticSpline`.
 
-    Example: ``SplineAutoregressive(4, bins=8, bound=5.0)``.
+    Example:
+        >>> layer = SplineAutoregressive(4, bins=8, bound=5.0)
+        >>> layer(torch.randn(10, 4)).shape
+        torch.Size([10, 4])
+
+    References:
+        - Durkan, Bekasov, Murray & Papamakarios (2019), *Neural spline flows*, arXiv:1906.04032.
     """
 
     def __init__(self, features: int, bins: int = 8, bound: float = 5.0, **kwargs) -> None:

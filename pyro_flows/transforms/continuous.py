@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from ..nn import VectorField
 from .base import Conditional, FlowTransform, broadcast_context
@@ -145,7 +144,15 @@ class ContinuousFlow(FlowTransform):
     Example:
         >>> layer = ContinuousFlow(2, hidden=(32, 32), trace="hutchinson")
         >>> y, ladj = layer.call_and_ladj(torch.randn(10, 2))
-        >>> layer.nfe, sorted(layer.regularization)
+        >>> y.shape, ladj.shape, layer.nfe > 0, sorted(layer.regularization)
+        (torch.Size([10, 2]), torch.Size([10]), True, ['jacobian', 'kinetic'])
+
+    References:
+        - Chen, Rubanova, Bettencourt & Duvenaud (2018), *Neural ordinary differential equations*, arXiv:1806.07366.
+        - Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud (2019), *FFJORD: Free-form continuous dynamics for scalable
+          reversible generative models*, arXiv:1810.01367.
+        - Finlay, Jacobsen, Nurbekyan & Oberman (2020), *How to train your neural ODE: the world of Jacobian and kinetic
+          regularization*, arXiv:2002.02798.
     """
 
     def __init__(
@@ -209,6 +216,8 @@ class ContinuousFlow(FlowTransform):
         return z_end.reshape(batch + (d,)), ladj.reshape(batch)
 
     def _solve(self, dynamics: _Dynamics, state: tuple, times: Tensor, context: Optional[Tensor]) -> tuple:
+        from torchdiffeq import odeint, odeint_adjoint  # imports SciPy: here, not at import pyro_flows
+
         floor = 8 * torch.finfo(times.dtype).eps
         kwargs = dict(
             method=self.solver,
@@ -238,5 +247,8 @@ class ContinuousFlow(FlowTransform):
 class ConditionalContinuousFlow(Conditional, ContinuousFlow):
     """:class:`ContinuousFlow` whose vector field also sees a context :math:`c`: :math:`f(z, t, c)`.
 
-    Example: ``ConditionalContinuousFlow(2, context_features=3).condition(torch.randn(3))``.
+    Example:
+        >>> layer = ConditionalContinuousFlow(2, hidden=(16, 16), context_features=3)
+        >>> layer.condition(torch.randn(5, 3))(torch.randn(2)).shape  # one point, five contexts
+        torch.Size([5, 2])
     """

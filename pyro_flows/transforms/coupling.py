@@ -54,6 +54,12 @@ class Coupling(FlowTransform):
         >>> image_layer = Coupling((2, 8, 8), Affine(), mask=checkerboard_mask((2, 8, 8)))
         >>> image_layer(torch.randn(10, 2, 8, 8)).shape
         torch.Size([10, 2, 8, 8])
+
+    References:
+        - Dinh, Krueger & Bengio (2015), *NICE: Non-linear independent components estimation*, arXiv:1410.8516.
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP*, arXiv:1605.08803.
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
+        - Durkan, Bekasov, Murray & Papamakarios (2019), *Neural spline flows*, arXiv:1906.04032.
     """
 
     def __init__(
@@ -142,7 +148,15 @@ def checkerboard_mask(shape: Sequence[int], parity: int = 0) -> Tensor:
 class AdditiveCoupling(Coupling):
     """NICE's additive coupling (Dinh et al. 2015): :class:`Coupling` with a :class:`~.maps.Shift`.
 
-    Volume preserving: the log-det is zero. Example: ``AdditiveCoupling(4)``.
+    Volume preserving: the log-det is zero.
+
+    Example:
+        >>> y, ladj = AdditiveCoupling(4).call_and_ladj(torch.randn(10, 4))
+        >>> ladj
+        tensor([0., 0., 0., 0., 0., 0., 0., 0., 0., 0.])
+
+    References:
+        - Dinh, Krueger & Bengio (2015), *NICE: Non-linear independent components estimation*, arXiv:1410.8516.
     """
 
     def __init__(self, features: Union[int, Sequence[int]], **kwargs) -> None:
@@ -152,7 +166,13 @@ class AdditiveCoupling(Coupling):
 class AffineCoupling(Coupling):
     """RealNVP's affine coupling (Dinh et al. 2017): :class:`Coupling` with an :class:`~.maps.Affine` map.
 
-    Example: ``AffineCoupling(4, hidden=(64, 64), log_scale_bound=3.0)``.
+    Example:
+        >>> layer = AffineCoupling(4, hidden=(64, 64), log_scale_bound=3.0)
+        >>> layer(torch.randn(10, 4)).shape
+        torch.Size([10, 4])
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP*, arXiv:1605.08803.
     """
 
     def __init__(self, features: Union[int, Sequence[int]], log_scale_bound: float = 3.0, **kwargs) -> None:
@@ -162,7 +182,13 @@ class AffineCoupling(Coupling):
 class SplineCoupling(Coupling):
     """Neural spline coupling (Durkan et al. 2019): :class:`Coupling` with a rational-quadratic spline.
 
-    Example: ``SplineCoupling(4, bins=8, bound=5.0)``.
+    Example:
+        >>> layer = SplineCoupling(4, bins=8, bound=5.0)
+        >>> layer.inv(torch.randn(10, 4)).shape
+        torch.Size([10, 4])
+
+    References:
+        - Durkan, Bekasov, Murray & Papamakarios (2019), *Neural spline flows*, arXiv:1906.04032.
     """
 
     def __init__(self, features: Union[int, Sequence[int]], bins: int = 8, bound: float = 5.0, **kwargs) -> None:
@@ -172,7 +198,10 @@ class SplineCoupling(Coupling):
 class ConditionalCoupling(Conditional, Coupling):
     """:class:`Coupling` whose conditioner also sees a context.
 
-    Example: ``ConditionalCoupling(4, Affine(), context_features=3)``.
+    Example:
+        >>> layer = ConditionalCoupling(4, Affine(), context_features=3)
+        >>> layer.condition(torch.randn(3))(torch.randn(10, 4)).shape
+        torch.Size([10, 4])
     """
 
 

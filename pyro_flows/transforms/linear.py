@@ -25,6 +25,12 @@ class Permute(FlowTransform):
     Example:
         >>> Permute(3)(torch.tensor([1.0, 2.0, 3.0]))
         tensor([3., 2., 1.])
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP* (alternating halves between
+          couplings), arXiv:1605.08803.
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions* (reversal, random shuffle
+          and learned mixing compared), arXiv:1807.03039.
     """
 
     def __init__(self, features: int, permutation: Union[str, Sequence[int], Tensor] = "reverse") -> None:
@@ -55,6 +61,14 @@ class LUWeight(nn.Module):
     costs :math:`O(D)` and :math:`W^{-1}v` two triangular solves. Initialised
     at a random rotation (Kingma & Dhariwal 2018). Shared by
     :class:`LULinear` (vectors) and Glow's invertible 1×1 convolution (channels).
+
+    Example:
+        >>> w = LUWeight(4)
+        >>> torch.allclose(w.log_abs_det(), torch.linalg.slogdet(w.weight())[1], atol=1e-5)
+        True
+
+    References:
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
     def __init__(self, features: int) -> None:
@@ -106,6 +120,9 @@ class LULinear(FlowTransform):
         >>> x = torch.randn(10, 4)
         >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
         True
+
+    References:
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
     def __init__(self, features: int) -> None:
@@ -142,6 +159,9 @@ class InvertibleConv1x1(FlowTransform):
         >>> x = torch.randn(5, 3, 8, 8)
         >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
         True
+
+    References:
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
     def __init__(self, shape: Sequence[int]) -> None:

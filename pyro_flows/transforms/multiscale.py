@@ -31,6 +31,9 @@ class Squeeze(FlowTransform):
     Example:
         >>> Squeeze((1, 4, 4))(torch.arange(16.0).reshape(1, 4, 4))[:, 0, 0]
         tensor([0., 1., 4., 5.])
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP*, arXiv:1605.08803.
     """
 
     def __init__(self, shape: Sequence[int]) -> None:
@@ -68,6 +71,10 @@ class Chain(FlowTransform):
         >>> chain = Chain([Squeeze(shape), AffineCoupling((4, 2, 2)), Squeeze(shape).inv])
         >>> chain(torch.randn(3, *shape)).shape
         torch.Size([3, 1, 4, 4])
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP*, arXiv:1605.08803.
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
     def __init__(self, layers: Sequence[FlowTransform]) -> None:
@@ -136,10 +143,15 @@ class FactorOut(FlowTransform):
             conditional inner layers see the context.
 
     Example:
-        >>> inner = AffineCoupling((1, 4, 4), mask=checkerboard_mask((1, 4, 4)))
+        >>> inner = AffineCoupling((1, 4, 4), mask=T.checkerboard_mask((1, 4, 4)))
         >>> layer = FactorOut((2, 4, 4), inner)
         >>> layer(torch.randn(3, 2, 4, 4)).shape
         torch.Size([3, 2, 4, 4])
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP*, arXiv:1605.08803.
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions* (the learned split prior),
+          arXiv:1807.03039.
     """
 
     def __init__(

@@ -43,6 +43,9 @@ class ActNorm(FlowTransform):
         True
         >>> ActNorm((3, 8, 8)).inv(torch.rand(16, 3, 8, 8)).shape
         torch.Size([16, 3, 8, 8])
+
+    References:
+        - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
     def __init__(self, features: Union[int, Sequence[int]], eps: float = 1e-6) -> None:
@@ -109,6 +112,14 @@ class BatchNorm(FlowTransform):
         >>> layer = BatchNorm(3)
         >>> z = layer.inv(torch.randn(100, 3))  # training mode: batch statistics
         >>> _ = layer.eval()                     # now a fixed affine map
+        >>> torch.allclose(layer(layer.inv(z)), z, atol=1e-5)
+        True
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP* (batch normalisation as a flow
+          layer), arXiv:1605.08803.
+        - Papamakarios, Pavlakou & Murray (2017), *Masked autoregressive flow for density estimation*, arXiv:1705.07057.
+        - Ioffe & Szegedy (2015), *Batch normalization*, arXiv:1502.03167.
     """
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
@@ -163,6 +174,10 @@ class Standardize(FlowTransform):
         >>> y, ladj = layer.call_and_ladj(torch.zeros(1, 2))  # ladj = log 100 + log 0.5
         >>> ladj
         tensor([3.9120])
+
+    References:
+        - Papamakarios, Nalisnick, Rezende, Mohamed & Lakshminarayanan (2021), *Normalizing flows for probabilistic
+          modeling and inference*, arXiv:1912.02762.
     """
 
     def __init__(self, loc: Tensor, scale: Tensor) -> None:

@@ -37,6 +37,10 @@ class Logit(FlowTransform):
         >>> x, ladj = layer.inverse_and_ladj(torch.tensor([[[0.0, 0.5], [0.9, 1.0]]]))
         >>> bool(torch.isfinite(x).all())
         True
+
+    References:
+        - Dinh, Sohl-Dickstein & Bengio (2017), *Density estimation using Real NVP* (the logit of the jittered, rescaled
+          data), arXiv:1605.08803.
     """
 
     def __init__(self, features: Union[int, Sequence[int]], alpha: float = 0.05) -> None:
