@@ -14,17 +14,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from .demo import FULL, QUICK, REPORT_FILES
 from .demo import demo as run_demo
-from .estimator import FLOWS, DensityEstimator
+from .estimator import DensityEstimator
+from .flows import FLOWS
 from .io import Table, read_table, write_table
-
-if TYPE_CHECKING:
-    pass
 
 EXIT_ERROR = 2
 
@@ -163,30 +161,34 @@ def _add_model_argument(command: argparse.ArgumentParser) -> None:
 
 
 def _fit_parser(commands: argparse._SubParsersAction) -> None:
-    model, train = _defaults(DensityEstimator.__init__), _defaults(DensityEstimator.fit)
+    model, train = _defaults(DensityEstimator.__init__), DensityEstimator.fit_options
     p = _command(commands, "fit", "fit a flow to a table of numbers and save it", fit_command)
     _add_data_argument(p, "one row per sample")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN or inf instead of failing")
-    p.add_argument("--flow", choices=list(FLOWS), default=model["flow"], help="flow family")
+    p.add_argument(
+        "--flow", choices=list(FLOWS), default=model["flow"], help="flow family (cnf, ffjord: one ODE layer)"
+    )
     p.add_argument("--out", type=Path, required=True, help="where to save the fitted model, e.g. model.pt")
-    p.add_argument("--transforms", type=_positive_int, default=model["transforms"], metavar="N", help="flow layers")
+    p.add_argument(
+        "--transforms", type=_positive_int, default=model["transforms"], metavar="N", help="flow layers (not for CNFs)"
+    )
     p.add_argument(
         "--hidden", type=_positive_int, nargs="+", default=list(model["hidden"]), metavar="W", help="hidden widths"
     )
-    p.add_argument("--epochs", type=_positive_int, default=train["max_epochs"], metavar="N", help="maximum epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=train["batch_size"], metavar="N", help="rows per step")
-    p.add_argument("--lr", type=float, default=train["lr"], help="Adam learning rate")
+    p.add_argument("--epochs", type=_positive_int, default=train.max_epochs, metavar="N", help="maximum epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=train.batch_size, metavar="N", help="rows per step")
+    p.add_argument("--lr", type=float, default=train.lr, help="Adam learning rate")
     p.add_argument(
         "--validation-fraction",
         type=float,
-        default=train["validation_fraction"],
+        default=train.validation_fraction,
         metavar="F",
         help="fraction of rows held out for early stopping (0: none)",
     )
     p.add_argument(
-        "--patience", type=_positive_int, default=train["patience"], metavar="N", help="epochs without improvement"
+        "--patience", type=_positive_int, default=train.patience, metavar="N", help="epochs without improvement"
     )
-    p.add_argument("--seed", type=int, default=train["seed"], help="random seed")
+    p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -8,22 +8,22 @@ raises :class:`NotFittedError`, a ``RuntimeError``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import diagnostics, flows
-from .flows import Flow
-from .train import FitHistory
+from . import saving
+from .flows import Flow, build_flow
+from .flows.registry import FLOWS, check_flow_name
+from .train import FitHistory, FitOptions
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
-from .saving import atomic_save, safe_load
-from .utils import PathLike
+from .utils import PathLike, draw_seed, seeded_rng
 
-FLOWS = {"nice": flows.NICE, "realnvp": flows.RealNVP, "maf": flows.MAF, "iaf": flows.IAF, "nsf": flows.NSF}
-FORMAT, VERSION = "pyro_flows.DensityEstimator", 1
+__all__ = ["FLOWS", "DensityEstimator", "NotFittedError"]
+
 SHOWN_ROWS = 10  # how many offending rows an error message names
 JSONLike = Union[None, bool, int, float, str, list, dict]
 ArrayLike = Union[np.ndarray, Tensor]
@@ -58,9 +58,11 @@ class DensityEstimator:
     :class:`NotFittedError` (a ``RuntimeError``) before ``fit``.
 
     Args:
-        flow: ``"nice"``, ``"realnvp"``, ``"maf"``, ``"iaf"`` or ``"nsf"``.
-        transforms: number of flow layers.
-        hidden: hidden layer sizes of each layer's conditioner network.
+        flow: a name of :data:`pyro_flows.flows.FLOWS`: ``"nice"``, ``"realnvp"``, ``"maf"``, ``"iaf"``,
+            ``"nsf"``, ``"cnf"`` or ``"ffjord"`` (the continuous flows are one ODE layer, trained by maximum
+            likelihood through the ODE: exact but slower).
+        transforms: number of flow layers (not for the continuous flows).
+        hidden: hidden layer sizes of each layer's conditioner network (of the vector field, for CNFs).
         dtype: floating dtype of the model.
         min_scale: relative floor of the standardisation's standard deviations.
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...);
@@ -81,6 +83,16 @@ class DensityEstimator:
         (4, 2)
     """
 
+    fit_options: ClassVar[FitOptions] = FitOptions().replace(
+        max_epochs=200, validation_fraction=0.1, patience=20, seed=0
+    )
+    """The defaults of :meth:`fit`: :class:`~pyro_flows.FitOptions` with four changes. ``est.fit(X)`` with no
+    budget should hand back a finished model, as a scikit-learn ``fit`` does, so 10% of the rows are held out
+    and training stops 20 epochs after the validation loss last improved (at 200 epochs at most), keeping the
+    best epoch's weights; plain :func:`~pyro_flows.fit` trains exactly as asked and holds nothing back
+    unasked. ``seed=0``: the same rows give the same model (the command line's ``fit`` relies on it), on a
+    random stream of its own (the caller's is left as it was)."""
+
     def __init__(
         self,
         flow: str = "nsf",
@@ -91,8 +103,7 @@ class DensityEstimator:
         min_scale: float = 1e-6,
         **flow_kwargs: JSONLike,
     ) -> None:
-        if flow not in FLOWS:
-            raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {flow!r}")
+        check_flow_name(flow, "DensityEstimator")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         for name, value in flow_kwargs.items():
@@ -113,49 +124,47 @@ class DensityEstimator:
     def fit(
         self,
         X: ArrayLike,
-        max_epochs: int = 200,
-        batch_size: int = 256,
-        validation_fraction: float = 0.1,
-        lr: float = 1e-3,
-        patience: Optional[int] = 20,
-        seed: Optional[int] = 0,
-        progress: Optional[bool] = None,
+        y: None = None,
+        *,
         feature_names: Optional[Sequence[str]] = None,
-        **fit_kwargs: Any,
+        validation_data: Optional[ArrayLike] = None,
+        objective: Any = None,
+        resume: Optional[PathLike] = None,
+        **options: Any,
     ) -> DensityEstimator:
         """Build a fresh flow for ``X`` ``(rows, features)`` and fit it by maximum likelihood; returns ``self``.
 
-        The arguments go to :func:`pyro_flows.fit` (``fit_kwargs`` too: ``weight_decay``,
-        ``schedule``, ``checkpoint``, ``device``, ...): a ``validation_fraction`` of the
-        rows is held out for early stopping with ``patience`` epochs (the best
-        weights are kept; ``patience`` is ignored without validation data). ``seed``
-        fixes the initialisation and the training run. The standardisation uses the
-        mean and standard deviation of all rows of ``X`` (validation rows included).
-        ``feature_names`` (e.g. a CSV header) are kept as ``feature_names_in_`` and saved.
-        A failed ``fit`` leaves the estimator as it was.
+        ``options`` change :attr:`fit_options` for this call: any field of :class:`~pyro_flows.FitOptions`
+        (``max_epochs``, ``batch_size``, ``lr``, ``validation_fraction``, ``patience``, ``seed``, ``progress``,
+        ``weight_decay``, ``schedule``, ``checkpoint``, ``device``, ...); ``validation_data``, ``objective`` and
+        ``resume`` go to :func:`pyro_flows.fit` as they are. A ``validation_fraction`` of the rows is held out for
+        early stopping with ``patience`` epochs (the best weights are kept; ``patience`` is ignored without
+        validation data). ``seed`` fixes the initialisation and the training run (None: one draw from torch's
+        global generator). The standardisation uses the mean and standard deviation of all rows of ``X``
+        (validation rows included). ``feature_names`` (e.g. a CSV header) are kept as ``feature_names_in_`` and
+        saved. ``y`` is ignored (scikit-learn's ``fit(X, y=None)``). A failed ``fit`` leaves the estimator as it was.
         """
+        fit_options = self.fit_options.replace(**options)
         data = self._check_rows(X, "fit")
         if feature_names is not None and len(feature_names) != data.shape[1]:
             raise ValueError(f"fit: {len(feature_names)} feature names for {data.shape[1]} features")
         if len(data) < 2:
             raise ValueError(f"fit: need at least 2 rows of X to standardise them, got {len(data)}")
         features = data.shape[1]
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        seed = draw_seed() if fit_options.seed is None else fit_options.seed
+        with seeded_rng(seed):
             model = self._build(features, Standardize.from_data(data.double(), self.min_scale))
-        validated = bool(validation_fraction) or fit_kwargs.get("validation_data") is not None
+        if validation_data is not None:
+            validation_data = self._check_rows(validation_data, "fit", features).to(self.dtype)
+        elif not fit_options.validation_fraction:
+            fit_options = fit_options.replace(patience=None)
         history = fit_flow(
             model,
             data.to(self.dtype),
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            validation_fraction=validation_fraction,
-            lr=lr,
-            patience=patience if validated else None,
-            seed=seed,
-            progress=progress,
-            **fit_kwargs,
+            objective=objective,
+            validation_data=validation_data,
+            resume=resume,
+            options=fit_options.replace(seed=seed),
         )
         self.flow_, self.features_, self.history_ = model.eval(), features, history
         self.feature_names_in_ = None if feature_names is None else [str(name) for name in feature_names]
@@ -164,7 +173,7 @@ class DensityEstimator:
 
     def _build(self, features: int, standardize: Standardize) -> Flow:
         """The factory's flow for ``features`` with ``standardize`` appended, in ``self.dtype``."""
-        model = FLOWS[self.flow](features=features, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
+        model = build_flow(self.flow, features, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
         return Flow(model.base, [*model.transforms, standardize], model.context_features).to(self.dtype)
 
     # -- evaluation -------------------------------------------------------------
@@ -185,7 +194,9 @@ class DensityEstimator:
 
     def nats_per_dim(self, X: ArrayLike) -> float:
         """Negative mean log-likelihood per dimension in nats (:func:`pyro_flows.nats_per_dim`)."""
-        return diagnostics.nats_per_dim(self.log_prob(X), self.features_)
+        from .diagnostics.density import nats_per_dim
+
+        return nats_per_dim(self.log_prob(X), self.features_)
 
     def bits_per_dim(self, X: ArrayLike, levels: Optional[int] = None) -> float:
         """Negative mean log-likelihood per dimension in bits (:func:`pyro_flows.bits_per_dim`).
@@ -193,17 +204,21 @@ class DensityEstimator:
         With ``levels``, ``X`` must be data dequantised into ``[0, 1)`` as ``(x + u) / levels``
         and the result bounds the discrete data's bits/dim (see :func:`~pyro_flows.bits_per_dim`).
         """
-        return diagnostics.bits_per_dim(self.log_prob(X), self.features_, levels)
+        from .diagnostics.density import bits_per_dim
+
+        return bits_per_dim(self.log_prob(X), self.features_, levels)
 
     @torch.no_grad()
     def sample(self, n: int, seed: Optional[int] = None) -> ArrayLike:
-        """``n`` samples ``(n, features)`` in the data's units (NumPy if fitted on NumPy, else a tensor)."""
+        """``n`` samples ``(n, features)`` in the data's units (NumPy if fitted on NumPy, else a tensor).
+
+        ``seed`` makes them repeat, on a random stream of their own (the caller's is left as it was); None draws
+        the seed from torch's global generator (so ``torch.manual_seed`` makes unseeded samples repeat).
+        """
         flow = self._fitted_flow("sample")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
-        with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded_rng(draw_seed() if seed is None else seed, self._device):
             samples, _ = flow().sample_and_log_prob((int(n),))
         return _like(samples, numpy=self._fitted_on == "numpy")
 
@@ -211,10 +226,8 @@ class DensityEstimator:
     def save(self, path: PathLike) -> None:
         """Write the configuration, weights and standardisation to one file (atomically)."""
         flow = self._fitted_flow("save")
-        atomic_save(
+        saving.save(
             {
-                "format": FORMAT,
-                "version": VERSION,
                 "config": self._config(),
                 "features": self.features_,
                 "feature_names": self.feature_names_in_,
@@ -224,19 +237,17 @@ class DensityEstimator:
                 "history": _plain_history(self.history_),
             },
             path,
+            "DensityEstimator",
         )
 
     @classmethod
     def load(cls, path: PathLike) -> DensityEstimator:
         """Rebuild an estimator written by :meth:`save` (weights-only loading: a file that would run code is refused).
 
-        Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version.
+        Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version
+        (:mod:`pyro_flows.saving`'s format).
         """
-        payload = safe_load(path, map_location="cpu")
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a saved pyro_flows DensityEstimator")
-        if payload.get("version") != VERSION:
-            raise ValueError(f"{path}: unknown DensityEstimator file version {payload.get('version')!r}")
+        payload = saving.load(path, "DensityEstimator")
         try:
             return cls._from_payload(payload)
         except (KeyError, TypeError, RuntimeError) as error:
@@ -322,21 +333,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _check_json_like(value: Any, name: str) -> None:
-    """Raise a ValueError unless ``value`` is made of None, bool, int, float, str, lists/tuples and str-keyed dicts."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check_json_like(item, name)
-        return
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        for item in value.values():
-            _check_json_like(item, name)
-        return
-    raise ValueError(
-        f"DensityEstimator: flow option {name}={value!r} is not a plain value (number, string, bool, list, dict); "
-        "it could not be saved"
-    )
+    if not saving.is_plain(value):
+        raise ValueError(
+            f"DensityEstimator: flow option {name}={value!r} is not a plain value (number, string, bool, list, "
+            "dict); it could not be saved"
+        )
 
 
 def _plain_history(history: Any) -> Any:

@@ -62,6 +62,16 @@ def load(path: PathLike, kind: str, map_location: Any = "cpu") -> dict[str, Any]
     return payload
 
 
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of None, bools, numbers, strings, lists, tuples and str-keyed dicts:
+    what a file can hold beside tensors and still load weights-only."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(item) for item in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+
+
 def header(payload: Any) -> tuple[Any, Any]:
     """``(kind, version)`` of a loaded file; ``(None, None)`` for anything without a pyro_flows header."""
     if not isinstance(payload, dict):

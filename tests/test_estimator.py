@@ -362,7 +362,7 @@ def test_using_an_unfitted_estimator_is_a_runtime_error(call):
 
 
 def test_constructor_checks():
-    with pytest.raises(ValueError, match="flow must be one of nice, realnvp, maf, iaf, nsf, got 'glow'"):
+    with pytest.raises(ValueError, match="flow must be one of nice, realnvp, maf, iaf, nsf, cnf, ffjord, got 'glow'"):
         pf.DensityEstimator("glow")
     with pytest.raises(ValueError, match="flow option activation=.* is not a plain value"):
         pf.DensityEstimator("maf", activation=torch.nn.ReLU())

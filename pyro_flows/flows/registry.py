@@ -23,11 +23,15 @@ CONTINUOUS = frozenset({"cnf", "ffjord"})
 """The names whose flow is one continuous (ODE) layer: they take no ``transforms``."""
 
 
-def check_flow_name(name: Any, caller: str = "") -> str:
-    """``name`` if :data:`FLOWS` has it, else a ValueError listing the known names (prefixed by ``caller``)."""
+def check_flow_name(name: Any, caller: str = "", or_callable: bool = False) -> str:
+    """``name`` if :data:`FLOWS` has it, else a ValueError listing the known names.
+
+    ``caller`` prefixes the message; ``or_callable`` adds that the caller also takes a callable.
+    """
     if not isinstance(name, str) or name not in FLOWS:
         prefix = f"{caller}: " if caller else ""
-        raise ValueError(f"{prefix}flow must be one of {', '.join(FLOWS)}, got {name!r}")
+        alternative = " or a callable" if or_callable else ""
+        raise ValueError(f"{prefix}flow must be one of {', '.join(FLOWS)}{alternative}, got {name!r}")
     return name
 
 

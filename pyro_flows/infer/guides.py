@@ -26,21 +26,18 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from .. import transforms as T
-from ..flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, RealNVP
+from ..flows import Flow, build_flow
+from ..flows.registry import FLOWS, check_flow_name
 from ..nn import MLP
-
-FLOWS = {"nsf": NSF, "maf": MAF, "iaf": IAF, "realnvp": RealNVP, "nice": NICE, "cnf": CNF, "ffjord": FFJORD}
-_CONTINUOUS = ("cnf", "ffjord")
 
 FlowSpec = Union[str, Callable[..., nn.Module]]
 
 
 def _check_flow_spec(flow: FlowSpec, transforms: int, init_scale: float) -> None:
     if isinstance(flow, str):
-        if flow not in FLOWS:
-            raise ValueError(f"flow must be one of {sorted(FLOWS)} or a callable, got {flow!r}")
+        check_flow_name(flow, or_callable=True)
     elif not callable(flow):
-        raise TypeError(f"flow must be a name in {sorted(FLOWS)} or a callable, got {type(flow).__name__}")
+        raise TypeError(f"flow must be a name in {', '.join(FLOWS)} or a callable, got {type(flow).__name__}")
     if int(transforms) < 1:
         raise ValueError(f"transforms must be >= 1, got {transforms}")
     if not (isinstance(init_scale, (int, float)) and 0 < init_scale < float("inf")):
@@ -66,10 +63,7 @@ def named_flow(
     used as built. ``hidden=None`` picks two layers of ``max(64, 2 features)``.
     """
     hidden = _default_hidden(features) if hidden is None else tuple(hidden)
-    if name in _CONTINUOUS:
-        flow = FLOWS[name](features, context, hidden=hidden, **kwargs)
-    else:
-        flow = FLOWS[name](features, context, transforms=transforms, hidden=hidden, **kwargs)
+    flow = build_flow(name, features, context, transforms=transforms, hidden=hidden, **kwargs)
     layers = [t.layer if isinstance(t, T.Inverse) else t for t in flow.transforms]
     return Flow(flow.base, layers, context)
 

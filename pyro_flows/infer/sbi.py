@@ -15,25 +15,22 @@ The flow lives in the unconstrained, standardised parameter space; the posterior
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Transform, biject_to, constraints
 
+from .. import saving
 from .. import transforms as T
-from ..flows import CNF, MAF, NSF, Flow, FlowDistribution, RealNVP
+from ..flows import Flow, FlowDistribution, build_flow
+from ..flows.registry import check_flow_name
 from ..objectives import FlowMatching, continuous_flow_of
-from ..train import FitHistory, fit
-from ..saving import atomic_save, safe_load
-from ..utils import PathLike
+from ..train import FitHistory, FitOptions, fit
+from ..utils import PathLike, check_finite_rows
 from .simulation import check_prior
 
 FlowBuilder = Callable[[int, int], Flow]
-
-FLOWS = {"nsf": NSF, "maf": MAF, "realnvp": RealNVP, "cnf": CNF}
-FORMAT = "pyro_flows.NPE/1"
-PLAIN = (bool, int, float, str, type(None))
 
 
 # --------------------------------------------------------------------------- checks
@@ -44,7 +41,7 @@ def _check_theta(theta: Tensor, prior: Distribution, name: str) -> None:
     if not isinstance(theta, Tensor) or theta.dim() != 2 or theta.shape[1:] != prior.event_shape:
         shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
         raise ValueError(f"{name}: θ must have shape (N, {prior.event_shape[0]}), got {shape}")
-    _check_finite(theta, f"{name}: θ")
+    check_finite_rows(theta, f"{name}: θ")
     outside = ~prior.support.check(theta)
     if bool(outside.any()):
         rows = torch.nonzero(outside).flatten()
@@ -52,13 +49,6 @@ def _check_theta(theta: Tensor, prior: Distribution, name: str) -> None:
             f"{name}: {len(rows)} θ rows lie outside the prior's support {prior.support} "
             f"(rows {rows[:10].tolist()}, e.g. {theta[rows[0]].tolist()})"
         )
-
-
-def _check_finite(t: Tensor, what: str) -> None:
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
-        raise ValueError(f"{what} has NaN or inf values in {len(rows)} rows (rows {rows[:10].tolist()})")
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -227,23 +217,12 @@ class PosteriorFlowMatching:
 # --------------------------------------------------------------------------- NPE
 
 
-def _is_plain(value) -> bool:
-    """Whether ``value`` loads with ``weights_only=True``: a number, string, bool, None or a tuple of them."""
-    return isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(e, PLAIN) for e in value))
-
-
 def _is_continuous(flow: Flow) -> bool:
     try:
         continuous_flow_of(flow)
     except ValueError:
         return False
     return True
-
-
-def _zscore(x: Tensor, min_scale: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-element means and standard deviations over rows, floored as in ``Standardize.from_data``."""
-    std, mean = torch.std_mean(x, dim=0)
-    return mean, torch.maximum(std, min_scale * mean.abs().clamp(min=1.0))
 
 
 class NPE:
@@ -268,11 +247,12 @@ class NPE:
 
     Args:
         prior: :math:`p(\theta)`, batch shape ``()`` and event shape ``(D,)``.
-        flow: ``"nsf"``, ``"maf"``, ``"realnvp"``, ``"cnf"`` or a callable
-            ``(theta_features, context_features) -> Flow`` (a conditional flow on the unconstrained space).
+        flow: a name of :data:`pyro_flows.flows.FLOWS` (``"nsf"``, ``"maf"``, ``"realnvp"``, ``"cnf"``, ...) or
+            a callable ``(theta_features, context_features) -> Flow`` (a conditional flow on the unconstrained
+            space).
         embedding: ``nn.Module`` mapping standardised ``x (B, *x_shape)`` to ``(B, C)``, trained
             jointly; default ``nn.Flatten()``.
-        transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``).
+        transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``, ``"ffjord"``).
         num_atoms: atoms of the APT loss.
         flow_kwargs: more arguments of the flow factory (e.g. ``bins``, ``mixing``).
 
@@ -289,6 +269,14 @@ class NPE:
         >>> samples = npe.posterior(x_obs).sample((1000,))
     """
 
+    fit_options: ClassVar[FitOptions] = FitOptions().replace(
+        max_epochs=1000, batch_size=200, lr=5e-4, validation_fraction=0.1, patience=20
+    )
+    """The defaults of :meth:`train`: :class:`~pyro_flows.FitOptions` with sbi's training defaults
+    (``training_batch_size=200``, ``learning_rate=5e-4``, ``validation_fraction=0.1``,
+    ``stop_after_epochs=20``), so results compare with the reference library. Simulations are few and
+    costly, so training runs until the validation loss stops improving: 1000 epochs is only a cap."""
+
     def __init__(
         self,
         prior: Distribution,
@@ -300,8 +288,8 @@ class NPE:
         **flow_kwargs,
     ) -> None:
         check_prior(prior, "NPE")
-        if not callable(flow) and flow not in FLOWS:
-            raise ValueError(f"NPE: flow must be one of {sorted(FLOWS)} or a callable, got {flow!r}")
+        if not callable(flow):
+            check_flow_name(flow, "NPE", or_callable=True)
         if embedding is not None and not isinstance(embedding, nn.Module):
             raise TypeError(f"NPE: the embedding must be an nn.Module, got {type(embedding).__name__}")
         self.prior, self.flow, self.transforms, self.hidden = prior, flow, transforms, tuple(hidden)
@@ -330,16 +318,17 @@ class NPE:
                     f"got {type(flow).__name__} with context_features={getattr(flow, 'context_features', None)}"
                 )
             return flow
-        if self.flow == "cnf":
-            return CNF(features, context, hidden=self.hidden, **self.flow_kwargs)
-        return FLOWS[self.flow](features, context, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
+        return build_flow(
+            self.flow, features, context, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs
+        )
 
     def _build_estimator(self, theta: Tensor, x: Tensor) -> PosteriorEstimator:
         if theta.shape[0] < 2:
             raise ValueError(f"NPE: the first round needs at least 2 simulations to z-score, got {theta.shape[0]}")
         u = self.bijection.inv(theta)
         standardize = T.Standardize.from_data(u)
-        x_loc, x_scale = _zscore(x)
+        x_zscore = T.Standardize.from_data(x.reshape(x.shape[0], -1))  # per element of x_shape
+        x_loc, x_scale = x_zscore.loc.reshape(x.shape[1:]), x_zscore.scale.reshape(x.shape[1:])
         self.embedding.eval()
         with torch.no_grad():
             context = self.embedding((x[:2] - x_loc) / x_scale)
@@ -374,7 +363,7 @@ class NPE:
                 f"got {shape}"
             )
         x = x.to(theta.dtype)  # e.g. integer counts
-        _check_finite(x, "NPE.append_simulations: x")
+        check_finite_rows(x, "NPE.append_simulations: x")
         if self.estimator is None:
             self.estimator = self._build_estimator(theta, x)
         elif x.shape[1:] != self.estimator.x_shape:
@@ -397,15 +386,11 @@ class NPE:
 
     def train(
         self,
-        max_epochs: int = 1000,
-        batch_size: int = 200,
-        lr: float = 5e-4,
-        validation_fraction: float = 0.1,
-        patience: Optional[int] = 20,
-        seed: Optional[int] = None,
-        progress: Optional[bool] = None,
+        *,
         proposal: Optional[Distribution] = None,
-        **fit_kwargs,
+        validation_data: Optional[tuple[Tensor, Tensor]] = None,
+        resume: Optional[PathLike] = None,
+        **options: Any,
     ) -> NPE:
         """Train the estimator on every round's pairs with :func:`~pyro_flows.fit` (validation split, early stopping).
 
@@ -417,8 +402,14 @@ class NPE:
         ``proposal``: the distribution the θ of the rounds appended since the last ``train`` were
         drawn from (e.g. the previous round's posterior), the same as passing it to
         :meth:`append_simulations`: ``npe.append_simulations(theta, x).train(proposal=posterior)``.
-        Other keyword arguments go to :func:`~pyro_flows.fit` (e.g. ``max_steps``, ``schedule``, ``device``).
+        ``options`` change :attr:`fit_options` for this call (``max_epochs``, ``batch_size``, ``lr``,
+        ``patience``, ``seed``, ``progress``, ``max_steps``, ``schedule``, ``device``, ...: any field of
+        :class:`~pyro_flows.FitOptions`); ``validation_data`` ``(theta, x)`` (in place of the default
+        ``validation_fraction``) and ``resume`` go to :func:`~pyro_flows.fit`.
         """
+        if validation_data is not None:
+            options.setdefault("validation_fraction", 0.0)
+        fit_options = self.fit_options.replace(**options)
         if self.estimator is None:
             raise ValueError("NPE.train: no simulations yet; call append_simulations(theta, x) first")
         if proposal is not None:
@@ -446,14 +437,9 @@ class NPE:
             theta,
             x,
             objective=objective,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            validation_fraction=validation_fraction,
-            patience=patience,
-            seed=seed,
-            progress=progress,
-            **fit_kwargs,
+            validation_data=validation_data,
+            resume=resume,
+            options=fit_options,
         )
         self._rounds_trained = len(self.rounds)
         return self
@@ -479,19 +465,20 @@ class NPE:
         return NPEPosterior(self.estimator, x_obs.to(self.estimator.x_loc.dtype), self.prior)
 
     def save(self, path: PathLike) -> Path:
-        """Write the configuration, weights and z-scorings to one file, atomically (the simulations are not saved).
+        """Write the configuration, weights and z-scorings to one file (:mod:`pyro_flows.saving`'s format, written
+        atomically; the simulations are not saved).
 
         A callable ``flow`` or an ``embedding`` is code, not data: pass them again to :meth:`load`.
         """
         if self.estimator is None:
             raise ValueError("NPE.save: nothing to save; append simulations and train first")
-        if not all(_is_plain(v) for v in self.flow_kwargs.values()):
+        if not saving.is_plain(self.flow_kwargs):
             raise ValueError(
-                f"NPE.save: flow_kwargs must be plain values (numbers, strings, tuples of them), got {self.flow_kwargs}"
+                "NPE.save: flow_kwargs must be plain values (numbers, strings, bools, lists, tuples, dicts of them), "
+                f"got {self.flow_kwargs}"
             )
-        return atomic_save(
+        return saving.save(
             {
-                "format": FORMAT,
                 "flow": self.flow if isinstance(self.flow, str) else None,
                 "transforms": self.transforms,
                 "hidden": list(self.hidden),
@@ -503,6 +490,7 @@ class NPE:
                 "state_dict": {k: v.detach().cpu() for k, v in self.estimator.state_dict().items()},
             },
             path,
+            "NPE",
         )
 
     @classmethod
@@ -518,9 +506,7 @@ class NPE:
         ``prior`` is the one it was trained with; ``flow`` the callable and ``embedding`` the module
         it was built with, if any (its weights come from the file).
         """
-        state = safe_load(path, map_location="cpu")
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"NPE.load: {path} is not a file written by NPE.save")
+        state = saving.load(path, "NPE")
         if state["flow"] is None and flow is None:
             raise ValueError(f"NPE.load: {path} was saved from a callable flow; pass it as flow=...")
         npe = cls(prior, state["flow"] if flow is None else flow, embedding, state["transforms"], state["hidden"],

@@ -19,17 +19,20 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..utils import show_progress
+from ..utils import draw_seed, seeded_rng, show_progress
 
 Simulator = Callable[[Tensor], Tensor]
 
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """torch's, NumPy's and ``random``'s global RNGs seeded inside the block, restored after it."""
+    """torch's (CPU), NumPy's and ``random``'s global RNGs seeded inside the block, the caller's states back after it.
+
+    For a simulator that draws from any of them: its draws depend on ``seed`` only, and the caller's random
+    streams are what they were before the block, even when it raises.
+    """
     numpy_state, python_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         np.random.seed(seed % 2**32)
         random.seed(seed)
         try:
@@ -92,7 +95,8 @@ def simulate(
 
     ``simulator`` maps a batch ``θ (B, D)`` to ``x (B, *x_shape)``. Batch ``b`` runs with torch's,
     NumPy's and ``random``'s global RNGs seeded by a per-batch seed derived from ``seed``, so the
-    output depends on ``seed`` and ``batch_size`` only, not on ``num_workers``. With
+    output depends on ``seed`` and ``batch_size`` only, not on ``num_workers``; the caller's random
+    streams are restored after each batch (None: the seed is one draw from torch's global generator). With
     ``num_workers > 1`` the batches run in ``spawn``-started worker processes (one torch thread
     each): the simulator must be picklable, and a script that calls this needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -123,7 +127,7 @@ def simulate(
     check_prior(prior, "simulate")
     if num_workers > 1:
         _check_picklable(simulator)
-    base_seed = seed if seed is not None else int(torch.randint(2**62, ()))
+    base_seed = seed if seed is not None else draw_seed()
     with seeded(base_seed):
         theta = prior.sample((num_simulations,))
         batch_seeds = torch.randint(2**62, (len(range(0, num_simulations, batch_size)),)).tolist()
