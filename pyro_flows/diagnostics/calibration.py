@@ -21,6 +21,7 @@ from torch.distributions import Distribution
 
 from ..infer.sbi import NPE
 from ..infer.simulation import Simulator, seeded, simulate
+from ..utils import draw_seed
 
 PosteriorFn = Callable[[Tensor], Distribution]
 REGIONS = ("hpd", "central")
@@ -228,7 +229,7 @@ def sbc(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"sbc: {name} must be an integer >= 1, got {value!r}")
     posterior_fn = _posterior_fn(posterior)
-    base_seed = seed if seed is not None else int(torch.randint(2**62, ()))
+    base_seed = seed if seed is not None else draw_seed()
     theta, x = simulate(simulator, prior, num_simulations, seed=base_seed, progress=False)
     if len(theta) < 2:
         raise ValueError(f"sbc: {len(theta)} valid simulations of {num_simulations}; need at least 2")
