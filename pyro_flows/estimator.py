@@ -264,7 +264,8 @@ class DensityEstimator:
             min_scale=config["min_scale"],
             **config["kwargs"],
         )
-        flow = estimator._build(features, Standardize(torch.zeros(features), torch.ones(features)))
+        with seeded_rng(0):  # the initial weights are overwritten below: no draw from the caller's stream
+            flow = estimator._build(features, Standardize(torch.zeros(features), torch.ones(features)))
         flow.load_state_dict(payload["state_dict"])
         estimator.flow_, estimator.features_, estimator.history_ = flow.eval(), features, _restore_history(payload)
         estimator._fitted_on = payload["fitted_on"]

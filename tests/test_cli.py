@@ -167,6 +167,27 @@ def test_usage_errors_and_help(capsys):
         assert info.value.code == 0 and option in capsys.readouterr().out
 
 
+def test_fit_defaults_are_the_estimators_and_every_registered_flow_is_a_choice():
+    """The command line keeps no defaults or flow list of its own: DensityEstimator's and the registry's."""
+    args = cli.parser().parse_args(["fit", "x.csv", "--out", "m.pt"])
+    options = DensityEstimator.fit_options
+    assert (args.epochs, args.batch_size, args.lr) == (options.max_epochs, options.batch_size, options.lr)
+    assert (args.validation_fraction, args.patience, args.seed) == (
+        options.validation_fraction,
+        options.patience,
+        options.seed,
+    )
+    assert cli.parser().parse_args(["fit", "x.csv", "--out", "m.pt", "--flow", "cnf"]).flow == "cnf"
+
+
+def test_fit_with_a_cnf(tmp_path):
+    write_table(moons(120), tmp_path / "x.csv")
+    code, out, err = run(["fit", str(tmp_path / "x.csv"), "--out", str(tmp_path / "m.pt"), "--flow", "cnf",
+                          "--hidden", "8", "--epochs", "1", "--no-progress"])  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("fitted cnf on 120 rows") and DensityEstimator.load(tmp_path / "m.pt").flow == "cnf"
+
+
 def test_gaussian_baseline_is_the_fitted_gaussian():
     rng = np.random.default_rng(0)
     train, test = (rng.normal([1.0, -1.0], [2.0, 0.5], size=(4000, 2)) for _ in range(2))

@@ -3,6 +3,7 @@ schedules, the progress bar, checkpoints and resume, and recovery from non-finit
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import pyro_flows as pf
 from pyro_flows import FitHistory, NegativeLogLikelihood
+from pyro_flows.train import FitOptions
 
 MIX = torch.tensor([[1.0, 0.9], [0.0, 0.4]])
 
@@ -415,3 +417,73 @@ def test_gives_up_after_max_recoveries():
                 objective=failing_at(set(range(3, 99))),
             )
     assert len(caught) == 3
+
+
+# --------------------------------------------------------------------------- one set of options
+
+
+def test_fit_options_hold_the_defaults_that_fit_reads():
+    defaults = FitOptions()
+    assert (defaults.max_epochs, defaults.batch_size, defaults.lr, defaults.validation_fraction) == (
+        100,
+        256,
+        1e-3,
+        0.0,
+    )
+    assert defaults.patience is None and defaults.seed is None and defaults.clip_grad == 5.0
+    history = quiet_fit(small_flow(), gaussian_rows(300), max_epochs=2)
+    assert history.steps == 2 * 2 and history.validation_loss == []  # 300 rows in batches of 256, nothing held out
+    # options given as an object, changed for one call by keyword
+    options = FitOptions(max_epochs=3, batch_size=100, validation_fraction=0.2, seed=0, progress=False)
+    history = pf.fit(small_flow(), gaussian_rows(300), options=options, max_epochs=1)
+    assert history.steps == 3 and len(history.validation_loss) == 1  # 240 training rows in batches of 100
+    with pytest.raises(TypeError, match="fit: options must be a FitOptions, got dict"):
+        pf.fit(small_flow(), gaussian_rows(300), options={"max_epochs": 1})
+
+
+def test_fit_options_are_frozen_checked_and_name_unknown_options():
+    options = FitOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.lr = 1.0
+    assert options.replace(lr=0.5).lr == 0.5 and options.lr == 1e-3
+    with pytest.raises(TypeError, match="unknown fit option max_epoch, patiense; the options are max_epochs, "):
+        options.replace(max_epoch=3, patiense=2)
+    with pytest.raises(TypeError, match="unknown fit option max_epoch"):
+        quiet_fit(small_flow(), gaussian_rows(64), max_epoch=3)
+    with pytest.raises(ValueError, match="patience must be an integer >= 1, got 0"):
+        FitOptions(patience=0)
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\), got -0.1"):
+        options.replace(validation_fraction=-0.1)
+
+
+def test_front_ends_derive_their_defaults_from_the_one_options_object():
+    """Each front end changes only the options its docstring gives a reason for, and reads nothing else."""
+    base = FitOptions()
+
+    def changes(options: FitOptions) -> dict:
+        values = {f.name: (getattr(options, f.name), getattr(base, f.name)) for f in dataclasses.fields(base)}
+        return {name: value for name, (value, default) in values.items() if value != default}
+
+    assert changes(pf.DensityEstimator.fit_options) == dict(
+        max_epochs=200, validation_fraction=0.1, patience=20, seed=0
+    )
+    assert changes(pf.infer.NPE.fit_options) == dict(
+        max_epochs=1000, batch_size=200, lr=5e-4, validation_fraction=0.1, patience=20
+    )
+
+    class ShortEstimator(pf.DensityEstimator):
+        fit_options = pf.DensityEstimator.fit_options.replace(max_epochs=2, batch_size=50, progress=False)
+
+    est = ShortEstimator("realnvp", transforms=1, hidden=(8,)).fit(gaussian_rows(200))
+    assert est.history_.steps == 2 * 4 and len(est.history_.validation_loss) == 2  # 180 rows, batches of 50
+    est = ShortEstimator("realnvp", transforms=1, hidden=(8,)).fit(gaussian_rows(200), max_epochs=1, batch_size=90)
+    assert est.history_.steps == 2  # keyword arguments change the defaults for one call
+
+    prior = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    theta = prior.sample((200,))
+
+    class ShortNPE(pf.infer.NPE):
+        fit_options = pf.infer.NPE.fit_options.replace(max_epochs=1, progress=False)
+
+    npe = ShortNPE(prior, "maf", transforms=1, hidden=(8,)).append_simulations(theta, theta + 0.1).train()
+    assert npe.history.steps == 1 and len(npe.history.validation_loss) == 1  # 180 rows in one batch of 200

@@ -27,7 +27,7 @@ from ..flows import Flow, FlowDistribution, build_flow
 from ..flows.registry import check_flow_name
 from ..objectives import FlowMatching, continuous_flow_of
 from ..train import FitHistory, FitOptions, fit
-from ..utils import PathLike, check_finite_rows
+from ..utils import PathLike, check_finite_rows, seeded_rng
 from .simulation import check_prior
 
 FlowBuilder = Callable[[int, int], Flow]
@@ -512,8 +512,10 @@ class NPE:
         npe = cls(prior, state["flow"] if flow is None else flow, embedding, state["transforms"], state["hidden"],
                   state["num_atoms"], **state["flow_kwargs"])  # fmt: skip
         features, x_shape = state["features"], tuple(state["x_shape"])
+        with seeded_rng(0):  # the initial weights are overwritten below: no draw from the caller's stream
+            flow_module = npe._build_flow(features, state["context_features"])
         npe.estimator = PosteriorEstimator(
-            npe._build_flow(features, state["context_features"]),
+            flow_module,
             npe.embedding,
             torch.zeros(x_shape),
             torch.ones(x_shape),

@@ -1,0 +1,119 @@
+"""The one file format (``pyro_flows.saving``): ``fit`` checkpoints, ``DensityEstimator.save`` and ``NPE.save``
+all write it, atomically, and read it weights-only; a file of another kind or version is refused by name."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_flows as pf
+from pyro_flows import saving
+from pyro_flows.infer import NPE
+
+PRIOR = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+TINY = dict(transforms=1, hidden=(8,))
+
+
+def data(rows: int = 64) -> torch.Tensor:
+    return torch.randn(rows, 2, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """One file of each kind, written by the public calls."""
+    folder = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    pf.fit(pf.RealNVP(2, **TINY), data(), max_epochs=1, seed=0, checkpoint=folder / "fit.pt", progress=False)
+    pf.DensityEstimator("realnvp", **TINY).fit(data(), max_epochs=1, progress=False).save(folder / "estimator.pt")
+    theta = PRIOR.sample((64,))
+    npe = NPE(PRIOR, "maf", **TINY).append_simulations(theta, theta + 0.1).train(max_epochs=1, progress=False)
+    npe.save(folder / "npe.pt")
+    return {"fit": folder / "fit.pt", "DensityEstimator": folder / "estimator.pt", "NPE": folder / "npe.pt"}
+
+
+def open_as(kind: str, path):
+    """The public reader of ``kind`` applied to ``path``."""
+    if kind == "fit":
+        return pf.fit(pf.RealNVP(2, **TINY), data(), max_epochs=2, resume=path, progress=False)
+    if kind == "DensityEstimator":
+        return pf.DensityEstimator.load(path)
+    return NPE.load(path, PRIOR)
+
+
+def test_every_kind_has_one_header_and_loads_weights_only(files):
+    for kind, path in files.items():
+        payload = torch.load(path, weights_only=True)  # tensors and plain containers only
+        assert (payload["format"], payload["version"]) == (f"pyro_flows.{kind}", saving.VERSIONS[kind])
+        assert saving.header(payload) == (kind, 1)
+        assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temporary files
+
+
+@pytest.mark.parametrize("kind", ["fit", "DensityEstimator", "NPE"])
+@pytest.mark.parametrize("other", ["fit", "DensityEstimator", "NPE"])
+def test_a_file_of_another_kind_is_refused_by_name(files, kind, other):
+    if kind == other:
+        open_as(kind, files[other])  # its own reader takes it
+        return
+    with pytest.raises(ValueError, match=rf"{files[other]} is not {saving.DESCRIPTIONS[kind]}: it is "):
+        open_as(kind, files[other])
+
+
+@pytest.mark.parametrize("kind", ["fit", "DensityEstimator", "NPE"])
+def test_a_file_of_another_version_is_refused_by_name(files, kind, tmp_path):
+    payload = torch.load(files[kind], weights_only=True)
+    payload["version"] = 2
+    saving.atomic_save(payload, tmp_path / "newer.pt")
+    with pytest.raises(
+        ValueError, match=rf"{tmp_path / 'newer.pt'}: unknown {kind} file version 2; .* reads version 1"
+    ):
+        open_as(kind, tmp_path / "newer.pt")
+
+
+@pytest.mark.parametrize("kind", ["fit", "DensityEstimator", "NPE"])
+def test_junk_and_code_are_refused(kind, tmp_path):
+    saving.atomic_save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"other.pt is not {saving.DESCRIPTIONS[kind]}$"):
+        open_as(kind, tmp_path / "other.pt")
+    torch.save({"format": f"pyro_flows.{kind}", "version": 1, "code": RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="code.pt is not a weights-only pyro_flows file"):
+        open_as(kind, tmp_path / "code.pt")
+    with pytest.raises(FileNotFoundError):
+        open_as(kind, tmp_path / "missing.pt")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("CODE FROM THE FILE RAN",))
+
+
+@pytest.mark.parametrize("kind, legacy", [("fit", "pyro_flows.fit/1"), ("NPE", "pyro_flows.NPE/1")])
+def test_files_with_the_old_one_string_headers_still_load(files, kind, legacy, tmp_path):
+    payload = torch.load(files[kind], weights_only=True)
+    del payload["version"]
+    payload["format"] = legacy
+    saving.atomic_save(payload, tmp_path / "old.pt")
+    assert saving.header(torch.load(tmp_path / "old.pt", weights_only=True)) == (kind, 1)
+    open_as(kind, tmp_path / "old.pt")
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
+    path = saving.save({"x": torch.ones(3)}, tmp_path / "f.pt", "fit")
+    with pytest.raises(Exception):  # noqa: B017 (torch.save of a lambda: a pickling error of some type)
+        saving.save({"x": lambda: None}, path, "fit")
+    assert torch.equal(saving.load(path, "fit")["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]
+
+
+def test_save_checks_its_kind_and_header():
+    with pytest.raises(ValueError, match="unknown kind 'Glow'; the kinds are fit, DensityEstimator, NPE"):
+        saving.save({}, "unused.pt", "Glow")
+    with pytest.raises(ValueError, match="header's entries"):
+        saving.save({"version": 3}, "unused.pt", "fit")
+
+
+def test_plain_values():
+    assert saving.is_plain({"bins": 8, "hidden": [16, 16], "bound": 3.0, "mixing": ("lu", None), "on": True})
+    assert not saving.is_plain({"activation": torch.nn.ReLU()})
+    assert not saving.is_plain({1: "a"})  # keys must be strings
+    assert not saving.is_plain([torch.zeros(1)])
