@@ -84,11 +84,18 @@ def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: f
     )
 
 
+def load_model(path: Path) -> tuple[DensityEstimator, int]:
+    """A saved estimator and its number of features (a loaded estimator is fitted)."""
+    estimator = DensityEstimator.load(path)
+    assert estimator.features_ is not None
+    return estimator, estimator.features_
+
+
 def score_command(args: argparse.Namespace) -> int:
     """One ``log_density`` per input row, in order; with ``--skip-nonfinite`` rows with NaN/inf score ``nan``."""
-    estimator = DensityEstimator.load(args.model)
+    estimator, features = load_model(args.model)
     table = read_table(args.data, keep_nonfinite=args.skip_nonfinite)
-    check_columns(table, estimator.feature_names_in_, estimator.features_, args.data)
+    check_columns(table, estimator.feature_names_in_, features, args.data)
     finite = np.isfinite(table.values).all(axis=1)
     if not finite.any():
         raise ValueError(f"{args.data}: every one of the {len(finite)} rows has NaN or inf values")
@@ -105,8 +112,8 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    estimator = DensityEstimator.load(args.model)
-    header = estimator.feature_names_in_ or [f"x{i}" for i in range(estimator.features_)]
+    estimator, features = load_model(args.model)
+    header = estimator.feature_names_in_ or [f"x{i}" for i in range(features)]
     write_table(estimator.sample(args.n, seed=args.seed), sys.stdout, header=header)
     return 0
 

@@ -109,7 +109,8 @@ class DensityEstimator:
         for name, value in flow_kwargs.items():
             _check_json_like(value, name)
         self.flow, self.transforms, self.hidden = flow, int(transforms), tuple(int(h) for h in hidden)
-        self.dtype, self.min_scale, self.flow_kwargs = dtype, float(min_scale), dict(flow_kwargs)
+        self.dtype, self.min_scale = dtype, float(min_scale)
+        self.flow_kwargs: dict[str, Any] = dict(flow_kwargs)
         self.flow_: Optional[Flow] = None
         self.features_: Optional[int] = None
         self.feature_names_in_: Optional[list[str]] = None
@@ -196,7 +197,9 @@ class DensityEstimator:
         """Negative mean log-likelihood per dimension in nats (:func:`pyro_flows.nats_per_dim`)."""
         from .diagnostics.density import nats_per_dim
 
-        return nats_per_dim(self.log_prob(X), self.features_)
+        log_prob = self.log_prob(X)
+        assert self.features_ is not None  # log_prob raised NotFittedError otherwise
+        return nats_per_dim(log_prob, self.features_)
 
     def bits_per_dim(self, X: ArrayLike, levels: Optional[int] = None) -> float:
         """Negative mean log-likelihood per dimension in bits (:func:`pyro_flows.bits_per_dim`).
@@ -206,7 +209,9 @@ class DensityEstimator:
         """
         from .diagnostics.density import bits_per_dim
 
-        return bits_per_dim(self.log_prob(X), self.features_, levels)
+        log_prob = self.log_prob(X)
+        assert self.features_ is not None  # log_prob raised NotFittedError otherwise
+        return bits_per_dim(log_prob, self.features_, levels)
 
     @torch.no_grad()
     def sample(self, n: int, seed: Optional[int] = None) -> ArrayLike:
@@ -289,7 +294,7 @@ class DensityEstimator:
 
     @property
     def _device(self) -> torch.device:
-        return self.flow_.transforms[-1].loc.device
+        return next(self._fitted_flow("device").buffers()).device
 
     @staticmethod
     def _check_rows(X: ArrayLike, method: str, features: Optional[int] = None) -> Tensor:
@@ -343,7 +348,7 @@ def _check_json_like(value: Any, name: str) -> None:
 
 def _plain_history(history: Any) -> Any:
     """The fit history as plain lists and numbers (what a weights-only file can hold)."""
-    if dataclasses.is_dataclass(history):
+    if dataclasses.is_dataclass(history) and not isinstance(history, type):
         return dataclasses.asdict(history)
     return history
 

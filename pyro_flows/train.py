@@ -219,7 +219,10 @@ class _TensorSource:
 
     def __init__(self, x: Tensor, context: Optional[Tensor], batch_size: int, seed: int, rank: int, world: int):
         self.x, self.context, self.batch_size = x, context, batch_size
-        self.sampler = DistributedSampler(range(x.shape[0]), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        rows: Any = range(x.shape[0])  # a sequence of row indices: all the sampler needs of a dataset
+        self.sampler: DistributedSampler = DistributedSampler(
+            rows, num_replicas=world, rank=rank, shuffle=True, seed=seed
+        )
         self.steps_per_epoch: Optional[int] = math.ceil(len(self.sampler) / batch_size)
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -239,8 +242,9 @@ class _LoaderSource:
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         for sampler in (self.loader.sampler, self.loader.batch_sampler):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(epoch)
         batches = iter(self.loader)  # created (and advanced) now: its shuffling draws from the current RNG state
         for _ in itertools.islice(batches, start):
             pass

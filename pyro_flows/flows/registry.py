@@ -14,7 +14,7 @@ from .base import Flow
 from .continuous import CNF, FFJORD
 from .tabular import IAF, MAF, NICE, NSF, RealNVP
 
-FLOWS: Mapping[str, Callable[..., Flow]] = MappingProxyType(
+FLOWS: Mapping[str, Callable[..., Any]] = MappingProxyType(
     {"nice": NICE, "realnvp": RealNVP, "maf": MAF, "iaf": IAF, "nsf": NSF, "cnf": CNF, "ffjord": FFJORD}
 )
 """Flow names → factories ``(features, context=0, ...) -> Flow``, in the order help texts list them."""
@@ -49,4 +49,9 @@ def build_flow(name: str, features: int, context: int = 0, *, transforms: Option
     factory = FLOWS[check_flow_name(name, "build_flow")]
     if transforms is not None and name not in CONTINUOUS:
         kwargs["transforms"] = transforms
-    return factory(features, context, **kwargs)
+    flow = factory(features, context, **kwargs)
+    if not isinstance(flow, Flow):  # e.g. RealNVP(shape=...), an image model
+        raise TypeError(
+            f"build_flow builds flows over vectors; {name} with {sorted(kwargs)} gave a {type(flow).__name__}"
+        )
+    return flow
