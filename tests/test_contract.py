@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import pickle
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -968,6 +971,14 @@ def test_cache_does_not_serve_no_grad_values_under_autograd(case, direction):
     assert out.requires_grad, "served a value without a graph"
     (out**2).mean().backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in layer.parameters())
+    # Pyro's entry points: the other direction of a pair stored under no_grad is recomputed with a graph
+    t = pyro_transform(layer, ctx)
+    there, back = (t, t.inv) if direction == "call_and_ladj" else (t.inv, t)
+    with torch.no_grad():
+        out = there(x)
+    assert back(out).requires_grad, "served a value without a graph"
+    if not case.volume_preserving:
+        assert t.log_abs_det_jacobian(*((x, out) if direction == "call_and_ladj" else (out, x))).requires_grad
 
 
 @all_cases
@@ -1030,6 +1041,95 @@ def test_batchnorm_cache_respects_train_eval_switch():
     close(x_train.mean(0), layer.beta.detach(), 1e-4)
 
 
+def test_train_eval_switch_is_not_served_a_stale_inverse():
+    """The inverse of a sample drawn in eval mode (running statistics) is recomputed in training mode."""
+    layer = make(Case("BatchNorm", lambda: T.BatchNorm(D), kind="batchnorm"))
+    x = randn((32, D), torch.float32, seed=31)
+    y = layer(x)  # eval mode: the pair (x, y) is stored
+    assert layer.inv(y) is x  # ... and served
+    layer.train()
+    expected = copy.deepcopy(layer).inverse_and_ladj(y.clone())[0]  # training mode: the batch's statistics
+    got = layer.inv(y)
+    close(got, expected, 0.0)
+    assert (got - x).abs().max() > 1e-3
+
+
+@all_cases
+def test_fused_directions_store_nothing(case):
+    """FlowDistribution's path: ``call_and_ladj`` / ``inverse_and_ladj`` keep no tensor alive on any layer."""
+    layer = make(case)
+    layer.clear_cache()  # make() warms data-dependent layers through Pyro's entry points
+    n = 4
+    ctx = context(case, (n,), torch.float32)
+    y, _ = layer.call_and_ladj(domain_input(case, (n,), torch.float32, seed=37), ctx)
+    layer.inverse_and_ladj(y, ctx)
+    layer.inverse_and_ladj(codomain_input(case, (n,), torch.float32, seed=38), ctx)
+    assert all(m._entry is None for m in layer.modules() if isinstance(m, T.FlowTransform))
+
+
+def _count_directions(layer, monkeypatch) -> list:
+    calls: list = []
+    for direction in ("_forward", "_backward"):
+        original = getattr(layer, direction)
+
+        def counted(*args, _original=original, _direction=direction):
+            calls.append(_direction)
+            return _original(*args)
+
+        monkeypatch.setattr(layer, direction, counted)
+    return calls
+
+
+@all_cases
+def test_pyro_scores_a_sample_without_the_inverse(case, monkeypatch):
+    """Pyro's TransformedDistribution: ``log_prob`` of its own sample is served by the layer's entry (no inverse,
+    sequential for an IAF layer) while nothing changed, and recomputed after an optimizer step."""
+    layer = make(case)
+    n = 6
+    base = base_distribution(case, torch.float32)
+    ctx = context(case, (n,), torch.float32)
+    d = (
+        dist.ConditionalTransformedDistribution(base, [layer]).condition(ctx)
+        if case.conditional
+        else dist.TransformedDistribution(base.expand((n,)), [layer])
+    )
+    inverted = isinstance(layer, T.Inverse)  # whose entry is its layer's
+    calls = _count_directions(layer.layer if inverted else layer, monkeypatch)
+    y = d.rsample()
+    log_prob = d.log_prob(y)
+    assert calls == ["_backward" if inverted else "_forward"], calls
+    monkeypatch.undo()
+    x, ladj = reference(layer, "inverse_and_ladj", y, ctx)
+    close(log_prob, base.log_prob(x) + ladj, 1e-4)
+    if case.kind != "fixed":
+        _step(layer, -log_prob.mean() + y.square().mean())
+        x, ladj = reference(layer, "inverse_and_ladj", y, ctx)
+        expected = base.log_prob(x) + ladj
+        assert (expected - log_prob).abs().max() > 1e-4, "the step did not change the density: vacuous"
+        close(d.log_prob(y), expected, 0.0)
+
+
+def test_import_registers_no_global_hooks_and_changes_no_global_state():
+    """Importing the package leaves torch's process-wide module hooks, RNG, validation flag and dtype alone."""
+    code = """if True:
+        import json, torch, pyro
+        from torch.nn.modules import module as m
+        def state():
+            hooks = {n: len(getattr(m, n)) for n in dir(m) if n.startswith("_global") and n.endswith("hooks")}
+            return hooks, torch.random.get_rng_state().tolist(), torch.distributions.Distribution._validate_args, str(
+                torch.get_default_dtype()
+            )
+        before = state()
+        import pyro_flows, pyro_flows.transforms
+        print(json.dumps([before, state(), sorted(before[0])]))
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, names = json.loads(result.stdout)
+    assert {"_global_parameter_registration_hooks", "_global_module_registration_hooks"} <= set(names)
+    assert "_global_buffer_registration_hooks" in names
+    assert after == before
+
+
 # -- copying and serialisation ----------------------------------------------------------------------------------------
 @all_cases
 def test_deepcopy_and_pickle_after_a_call(case):
@@ -1038,10 +1138,14 @@ def test_deepcopy_and_pickle_after_a_call(case):
     ctx = context(case, (n,), torch.float32)
     x = domain_input(case, (n,), torch.float32, seed=29)
     y_data = codomain_input(case, (n,), torch.float32, seed=29)
-    y, ladj = layer.call_and_ladj(x, ctx)  # fills the cache
+    y, ladj = layer.call_and_ladj(x, ctx)
     xi, ladj_inv = layer.inverse_and_ladj(y_data, ctx)
+    t = pyro_transform(layer, ctx)
+    t.inv(t(x.clone()))  # fills the cache of Pyro's entry points
+    assert any(m._entry is not None for m in layer.modules() if isinstance(m, T.FlowTransform))
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert type(clone) is type(layer)
+        assert all(m._entry is None for m in clone.modules() if isinstance(m, T.FlowTransform)), "cache copied"
         y2, ladj2 = clone.call_and_ladj(x, ctx)
         close(y2, y, 0.0)
         close(ladj2, ladj, 0.0)

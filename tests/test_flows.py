@@ -537,15 +537,80 @@ def test_deepcopy_and_pickle_after_use(name, context):
 
 
 # --------------------------------------------------------------------------- caches (pyro #2564)
+# FlowDistribution's own methods call each layer's fused direction once and store nothing on the layers; only
+# ``log_prob`` of the same distribution's last ``rsample`` is read from that sample's pass. Pyro's generic
+# TransformedDistribution over the same layers goes through each layer's one cache entry. Neither may serve a
+# value computed before the parameters changed: every check runs on both paths.
+
+
+def generic(flow: pf.Flow, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+    """Pyro's own TransformedDistribution over the flow's base and layers (the layers' cached entry points)."""
+    return dist.TransformedDistribution(*flow.base_and_transforms(context))
+
+
+PATHS = {"flow": distribution, "pyro": generic}
+paths = pytest.mark.parametrize("path", list(PATHS))
+
+
+def entries(flow: pf.Flow) -> list:
+    return [m._entry for m in flow.modules() if isinstance(m, pft.FlowTransform) and m._entry is not None]
 
 
 @pytest.mark.parametrize("context", [0, CONTEXT], ids=["unconditional", "conditional"])
 @pytest.mark.parametrize("name", NAMES)
-def test_no_stale_cache_after_optimizer_step(name, context):
+def test_flow_distribution_leaves_no_cache_entry(name, context):
+    """No layer keeps a tensor alive after a FlowDistribution call returns."""
+    flow = build(name, 3, context)
+    ctx = randn(4, context, seed=2) if context else None
+    d = distribution(flow, ctx)
+    y = randn(5, 4, 3)
+    calls = [
+        lambda: d.log_prob(y),
+        lambda: d.rsample_and_log_prob((2,)),
+        lambda: d.sample_and_log_prob((2,)),
+        lambda: d.log_prob(d.rsample((2,))),
+        lambda: d.sample((2,)),
+        lambda: d.from_base(d.to_base(y)),
+    ]
+    for call in calls:
+        call()
+        assert entries(flow) == []
+    generic(flow, ctx).log_prob(y)  # the generic path does keep one entry per layer it calls
+    assert entries(flow)
+    for layer in flow.layers:
+        if isinstance(layer, pft.FlowTransform):
+            layer.clear_cache()
+    assert entries(flow) == []
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ["IAF", "NSF-coupling"])
+def test_log_prob_of_the_own_sample_takes_no_inverse(name, path, monkeypatch):
+    """A guide scores its own sample: no layer runs its inverse (sequential for IAF) while nothing changed."""
+    flow = build(name, 3)
+    layers = [t for t in flow.transforms if isinstance(t, pft.FlowTransform)]
+    calls = []
+    for layer in layers:
+        for direction in ("_forward", "_backward"):
+            original = getattr(layer, direction)
+            monkeypatch.setattr(layer, direction, lambda *a, _o=original, _d=direction: calls.append(_d) or _o(*a))
+    d = PATHS[path](flow, None)
+    y = d.rsample((6,))
+    assert calls == ["_forward"] * len(layers)
+    log_prob = d.log_prob(y)
+    assert calls == ["_forward"] * len(layers), "log_prob of the own sample ran an inverse"
+    monkeypatch.undo()
+    torch.testing.assert_close(log_prob, copy.deepcopy(flow)().log_prob(y.detach().clone()))
+
+
+@paths
+@pytest.mark.parametrize("context", [0, CONTEXT], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("name", NAMES)
+def test_no_stale_cache_after_optimizer_step(name, context, path):
     flow = build(name, 3, context)
     ctx = randn(4, context, seed=2) if context else None
     optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
-    d = distribution(flow, ctx)
+    d = PATHS[path](flow, ctx)
     torch.manual_seed(0)
     y = d.rsample((8,))
     before = d.log_prob(y)
@@ -555,7 +620,7 @@ def test_no_stale_cache_after_optimizer_step(name, context):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    d2 = distribution(flow, ctx)
+    d2 = PATHS[path](flow, ctx)
     after = d2.log_prob(y)
     reference = distribution(copy.deepcopy(flow), ctx).log_prob(y.detach().clone())
     torch.testing.assert_close(after, reference)
@@ -564,37 +629,44 @@ def test_no_stale_cache_after_optimizer_step(name, context):
     torch.testing.assert_close(d.log_prob(y), reference)
 
 
+@paths
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
-def test_no_stale_cache_after_load_state_dict_with_assign(name):
+def test_no_stale_cache_after_load_state_dict_with_assign(name, path):
     """``load_state_dict(..., assign=True)`` swaps in new parameter tensors; their version counters
     may coincide with the old ones', so a cache keyed on versions alone serves the old density."""
     flow = build(name, 3, seed=0)
     other = build(name, 3, seed=1)  # same construction and perturbation: same version counters
-    y = flow().rsample((4,))
+    d = PATHS[path](flow, None)
+    y = d.rsample((4,))
     flow.load_state_dict(other.state_dict(), assign=True)
     reference = copy.deepcopy(other)().log_prob(y.detach().clone())
-    torch.testing.assert_close(flow().log_prob(y), reference)
+    torch.testing.assert_close(PATHS[path](flow, None).log_prob(y), reference)
+    torch.testing.assert_close(d.log_prob(y), reference)
 
 
+@paths
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
-def test_no_stale_cache_after_vector_to_parameters(name):
+def test_no_stale_cache_after_vector_to_parameters(name, path):
     """``torch.nn.utils.vector_to_parameters`` rebinds ``param.data``: the parameter objects and
     their version counters stay the same, only the storage (``data_ptr``) changes."""
     flow = build(name, 3)
-    y = flow().rsample((4,))
+    d = PATHS[path](flow, None)
+    y = d.rsample((4,))
     vector = torch.nn.utils.parameters_to_vector(flow.parameters()).detach()
     noise = torch.randn(vector.shape, generator=torch.Generator().manual_seed(3))
     torch.nn.utils.vector_to_parameters(vector + 0.3 * noise, flow.parameters())
     reference = copy.deepcopy(flow)().log_prob(y.detach().clone())
-    torch.testing.assert_close(flow().log_prob(y), reference)
+    torch.testing.assert_close(PATHS[path](flow, None).log_prob(y), reference)
+    torch.testing.assert_close(d.log_prob(y), reference)
 
 
+@paths
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
-def test_no_stale_cache_after_a_parameter_is_replaced_by_attribute(name):
-    """Assigning a new ``nn.Parameter`` to a layer deep inside the flow (the layers' lists of watched
-    tensors are kept between calls and must be rebuilt)."""
+def test_no_stale_cache_after_a_parameter_is_replaced_by_attribute(name, path):
+    """Assigning a new ``nn.Parameter`` to a layer deep inside the flow."""
     flow = build(name, 3)
-    y = flow().rsample((4,))
+    d = PATHS[path](flow, None)
+    y = d.rsample((4,))
     before = flow().log_prob(y.detach().clone())
     module, param_name = next(
         (m, n) for m in flow.modules() for n, p in m.named_parameters(recurse=False) if p.dim() == 1
@@ -602,53 +674,71 @@ def test_no_stale_cache_after_a_parameter_is_replaced_by_attribute(name):
     setattr(module, param_name, torch.nn.Parameter(getattr(module, param_name).detach() + 0.5))
     reference = copy.deepcopy(flow)().log_prob(y.detach().clone())
     assert (reference - before).abs().max() > 1e-3  # the new parameter does change the density
-    torch.testing.assert_close(flow().log_prob(y), reference)
+    torch.testing.assert_close(PATHS[path](flow, None).log_prob(y), reference)
+    torch.testing.assert_close(d.log_prob(y), reference)
 
 
 class _LogProb(torch.nn.Module):
-    def __init__(self, flow: torch.nn.Module) -> None:
+    def __init__(self, flow: torch.nn.Module, path: str = "flow") -> None:
         super().__init__()
-        self.flow = flow
+        self.flow, self.path = flow, path
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.flow().log_prob(y)
+        return PATHS[self.path](self.flow, None).log_prob(y)
 
 
+@paths
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
-def test_no_stale_cache_under_functional_call(name):
-    """``torch.func.functional_call`` swaps tensors into ``_parameters`` behind the registration hooks
-    that keep the layers' lists of watched tensors up to date: a lookup must walk the modules again."""
+def test_no_stale_cache_under_functional_call(name, path):
+    """``torch.func.functional_call`` swaps tensors into ``_parameters`` (no module is registered): the key of a
+    stored value must walk the modules again at every lookup."""
     flow = build(name, 3)
-    wrapper = _LogProb(flow)
+    wrapper = _LogProb(flow, path)
     shifted = {k: v.detach() + 0.3 for k, v in flow.named_parameters()}
     reference = copy.deepcopy(flow)
     reference.load_state_dict(shifted, strict=False)
-    y = flow().rsample((4,))  # fills the layers' caches (no module is registered from here on)
+    y = PATHS[path](flow, None).rsample((4,))  # fills the layers' entries on the generic path
     got = torch.func.functional_call(wrapper, {f"flow.{k}": v for k, v in shifted.items()}, (y,))
     expected = reference().log_prob(y.detach().clone())
     assert (expected - flow().log_prob(y.detach().clone())).abs().max() > 1e-3
     torch.testing.assert_close(got, expected)
 
 
+@paths
 @pytest.mark.parametrize("name", ["IAF", "RealNVP"])
-def test_no_stale_cache_after_in_place_context_change(name):
-    """The layer cache is keyed on the context's identity but not on its version counter."""
+def test_no_stale_cache_after_in_place_context_change(name, path):
+    """A stored value is keyed on the context's identity and on its version counter."""
     flow = build(name, 3, CONTEXT)
     ctx = randn(CONTEXT, seed=2)
-    y = flow(ctx).rsample((4,))
+    d = PATHS[path](flow, ctx)
+    y = d.rsample((4,))
     ctx.add_(3.0)
     reference = copy.deepcopy(flow)(ctx.clone()).log_prob(y.detach().clone())
-    torch.testing.assert_close(flow(ctx).log_prob(y), reference)
+    torch.testing.assert_close(PATHS[path](flow, ctx).log_prob(y), reference)
+    torch.testing.assert_close(d.log_prob(y), reference)
 
 
-def test_train_eval_switch_does_not_serve_stale_values():
+@paths
+def test_train_eval_switch_does_not_serve_stale_values(path):
     flow = build("MAF", 3)
     y = randn(5, 3)
-    lp = flow().log_prob(y)
+    lp = PATHS[path](flow, None).log_prob(y)
     flow.eval()
-    torch.testing.assert_close(flow().log_prob(y), lp)
+    torch.testing.assert_close(PATHS[path](flow, None).log_prob(y), lp)
     flow.train()
-    torch.testing.assert_close(flow().log_prob(y), lp)
+    torch.testing.assert_close(PATHS[path](flow, None).log_prob(y), lp)
+
+
+@paths
+def test_a_no_grad_sample_is_not_scored_without_a_graph(path):
+    """A value stored under ``torch.no_grad()`` must not be served to a pass that differentiates."""
+    flow = build("IAF", 3)
+    d = PATHS[path](flow, None)
+    with torch.no_grad():
+        y = d.rsample((4,))
+    log_prob = d.log_prob(y)
+    assert log_prob.requires_grad
+    torch.testing.assert_close(log_prob, copy.deepcopy(flow)().log_prob(y.clone()))
 
 
 # --------------------------------------------------------------------------- Pyro integration
