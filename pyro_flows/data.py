@@ -105,7 +105,7 @@ def mnist(root: str, fashion: bool = False, train: bool = True, download: bool =
     try:
         import torchvision
     except ImportError:
-        raise RuntimeError(f"mnist: loading {name} needs torchvision (pip install torchvision)") from None
+        raise RuntimeError(f"mnist: loading {name} needs torchvision (pip install 'pyro-flows[vision]')") from None
     try:
         dataset = getattr(torchvision.datasets, name)(root, train=train, download=download)
     except Exception as error:  # torchvision raises URLError, RuntimeError, ... depending on what failed

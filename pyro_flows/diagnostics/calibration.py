@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -86,6 +85,7 @@ class SBCResult:
 
 def _plot_ecdf(result: SBCResult, d: int, ax) -> None:
     import arviz as az
+    from scipy import stats
 
     levels = result.num_posterior_samples + 1
     normalised = (result.ranks[:, d].double().numpy() + 0.5) / levels
@@ -105,6 +105,8 @@ def _plot_ecdf(result: SBCResult, d: int, ax) -> None:
 
 
 def _plot_histogram(result: SBCResult, d: int, ax) -> None:
+    from scipy import stats
+
     observed, expected = _binned(result.ranks[:, d], result.num_posterior_samples, result.bins)
     fraction = expected / expected.sum()
     low = stats.binom.ppf(0.005, len(result.ranks), fraction)
@@ -136,6 +138,8 @@ def _binned(ranks: Tensor, num_samples: int, bins: int) -> tuple[np.ndarray, np.
 
 
 def _uniformity_pvalues(ranks: Tensor, num_samples: int, bins: int) -> Tensor:
+    from scipy import stats
+
     pvalues = [stats.chisquare(*_binned(ranks[:, d], num_samples, bins)).pvalue for d in range(ranks.shape[1])]
     return torch.tensor(pvalues, dtype=torch.float64)
 

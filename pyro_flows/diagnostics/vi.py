@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import arviz as az
 import numpy as np
 import pyro.distributions as dist
 import torch
@@ -23,6 +22,9 @@ from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+
+if TYPE_CHECKING:  # ArviZ (with xarray, pandas, SciPy) is imported where used, not at import pyro_flows
+    import arviz as az
 
 
 @dataclass
@@ -191,6 +193,8 @@ def to_inference_data(
         >>> idata = to_inference_data(model, guide, data, num_samples=2000)  # doctest: +SKIP
         >>> az.summary(idata)  # doctest: +SKIP
     """
+    import arviz as az
+
     draws = _draw(model, guide, args, kwargs, num_samples, vectorize)
     return az.from_dict(
         posterior={name: _numpy(value)[None] for name, value in draws.latents.items()},
@@ -246,6 +250,8 @@ def psis(
     if not bool(torch.isfinite(log_w).all()):
         bad = int((~torch.isfinite(log_w)).sum())
         raise ValueError(f"psis: {bad} of {num_samples} log-weights are not finite (draws outside the support?)")
+    import arviz as az
+
     smoothed, khat = az.psislw(log_w.cpu().numpy(), reff=1.0)
     smoothed = torch.as_tensor(np.asarray(smoothed), dtype=torch.float64)
     weights = smoothed.exp()
