@@ -20,8 +20,8 @@ import torch
 import pyro_flows as pf
 from pyro_flows.data import two_moons
 from pyro_flows.estimator import NotFittedError
-from pyro_flows.transforms import Standardize
 from pyro_flows.saving import atomic_save
+from pyro_flows.transforms import Standardize
 
 TINY = dict(transforms=2, hidden=(8,))
 QUICK = dict(max_epochs=2, batch_size=128, progress=False)
