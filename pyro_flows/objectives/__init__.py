@@ -5,13 +5,14 @@ An objective is a callable ``objective(model, x, context) -> loss`` (a scalar te
 :class:`FlowMatching`, which trains a continuous flow's vector field by regression.
 """
 
-from .flow_matching import FlowMatching, continuous_flow_of, ot_pairing
+from .flow_matching import FlowMatching, conditional_ot_pairing, continuous_flow_of, ot_pairing
 from .likelihood import CNFRegularizedNLL, NegativeLogLikelihood, continuous_layers
 
 __all__ = [
     "CNFRegularizedNLL",
     "FlowMatching",
     "NegativeLogLikelihood",
+    "conditional_ot_pairing",
     "continuous_flow_of",
     "continuous_layers",
     "ot_pairing",

@@ -41,6 +41,26 @@ def ot_pairing(z0: Tensor, x1: Tensor) -> Tensor:
     return torch.as_tensor(columns, device=x1.device)
 
 
+def conditional_ot_pairing(z0: Tensor, x1: Tensor, context: Tensor) -> Tensor:
+    r""":func:`ot_pairing` within each group of rows with equal ``context``: a permutation of the rows of ``x1``
+    that never pairs a base sample with a row of another context.
+
+    Pairing across contexts would make the base samples of a context depend on it (the lowest :math:`z_0`
+    would go to the context with the lowest data), while sampling draws :math:`z_0 \sim \mathcal N(0, I)`
+    for every context: the learnt conditionals would be wrong. Within a group, the base samples stay
+    independent draws of :math:`\mathcal N(0, I)`. Rows whose context no other row shares (a continuous
+    context) keep the independent pairing. Shapes: ``z0``, ``x1`` ``(N, D)``, ``context`` ``(N, ...)``;
+    returns indices ``(N,)``.
+    """
+    order = torch.arange(x1.shape[0], device=x1.device)
+    _, group = torch.unique(context.detach().reshape(x1.shape[0], -1), dim=0, return_inverse=True)
+    counts = torch.bincount(group)
+    for g in (counts > 1).nonzero().flatten().tolist():
+        rows = (group == g).nonzero().flatten()
+        order[rows] = rows[ot_pairing(z0[rows], x1[rows])]
+    return order
+
+
 def continuous_flow_of(model: nn.Module) -> ContinuousFlow:
     """The one :class:`~.transforms.ContinuousFlow` of a ``Flow`` (maybe DDP-wrapped) on a standard normal base."""
     flow = getattr(model, "module", model)
@@ -74,7 +94,9 @@ class FlowMatching:
     Args:
         sigma_min: :math:`\sigma_\min \ge 0`, the width of the paths at the data end.
         ot_pairing: pair base samples and data rows by exact minibatch optimal transport
-            (:func:`ot_pairing`), which straightens the learnt trajectories.
+            (:func:`ot_pairing`), which straightens the learnt trajectories; with a context, within
+            the rows of equal context only (:func:`conditional_ot_pairing`: pairing across contexts
+            would bias every conditional), so a continuous context gets the independent pairing.
 
     Shapes: ``x`` ``(N, D)``; ``context`` ``(N, ...)``, what the flow is called with (``(N, C)`` without an embedding).
 
@@ -96,10 +118,15 @@ class FlowMatching:
             raise ValueError(f"FlowMatching: x must be rows (N, D), got shape {tuple(x.shape)}")
         if model is not flow:
             model() if context is None else model(context)  # through the DDP wrapper, which then syncs the gradients
-        context = flow.embed(context)  # the context log_prob and sampling condition the field on: embedded
+        raw, context = context, flow.embed(context)  # the field sees what log_prob and sampling see: the embedding
+        if context is not None and (context.dim() != 2 or context.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"FlowMatching: the (embedded) context must have one row per row of x ({x.shape[0]}), "
+                f"got shape {tuple(context.shape)}"
+            )
         z0 = torch.randn_like(x)
         if self.ot_pairing:
-            order = ot_pairing(z0, x)
+            order = ot_pairing(z0, x) if raw is None else conditional_ot_pairing(z0, x, raw)
             x, context = x[order], None if context is None else context[order]
         t = torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device)
         x_t = (1 - (1 - self.sigma_min) * t) * z0 + t * x
