@@ -17,7 +17,7 @@ likelihood and sampling of the flow go through the ODE as for a flow trained by 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class FlowMatching:
 
     def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         layer = continuous_flow_of(model)
-        flow = getattr(model, "module", model)
+        flow = cast(Flow, getattr(model, "module", model))  # a Flow: continuous_flow_of checked it
         if x.dim() != 2:
             raise ValueError(f"FlowMatching: x must be rows (N, D), got shape {tuple(x.shape)}")
         if model is not flow:
