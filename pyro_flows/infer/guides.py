@@ -23,7 +23,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Transform
 
 from .. import transforms as T
 from ..flows import Flow, build_flow
@@ -93,7 +93,7 @@ def build_guide_flow(
     hidden: Optional[Sequence[int]],
     loc: Tensor,
     init_scale: float,
-    extra_layers: Sequence[nn.Module] = (),
+    extra_layers: Sequence[Transform] = (),
     **kwargs,
 ) -> nn.Module:
     """A flow over ``features`` dims that starts as the affine map ``loc + init_scale * z`` of its base.
@@ -103,6 +103,7 @@ def build_guide_flow(
     layers start at the identity); any other module a callable returns is
     used as it is.
     """
+    module: nn.Module
     if isinstance(flow, str):
         module = named_flow(flow, features, context, transforms, hidden, **kwargs)
     else:
@@ -112,7 +113,7 @@ def build_guide_flow(
         if not isinstance(module, nn.Module):
             raise TypeError(f"the flow callable must return an nn.Module, got {type(module).__name__}")
     if isinstance(module, Flow):
-        layers = [*module.transforms, *extra_layers, _affine_around(loc, init_scale)]
+        layers: list[Transform] = [*module.transforms, *extra_layers, _affine_around(loc, init_scale)]
         module = Flow(module.base, layers, module.context_features)
     _mark_initialized(module)
     return module.to(loc)
@@ -195,7 +196,7 @@ class AutoFlowGuide(AutoContinuous):
         self._hidden = hidden
         self._init_scale = float(init_scale)
         self._flow_kwargs = flow_kwargs
-        self.flow = None
+        self.flow: Optional[nn.Module] = None
 
     @_unbuilt_on_error
     def _setup_prototype(self, *args, **kwargs) -> None:
@@ -217,6 +218,7 @@ class AutoFlowGuide(AutoContinuous):
         """The flow distribution over the unconstrained latent vector ``(latent_dim,)``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        assert self.flow is not None, "built by _setup_prototype"
         pyro.module(self._pyro_get_fullname("flow"), self.flow, update_module_params=True)
         return self.flow()
 
@@ -399,9 +401,9 @@ class AmortizedFlowGuide(AutoGuide):
         self._flow_spec, self._global_flow_spec = flow, global_flow
         self._transforms, self._hidden, self._encoder_hidden = int(transforms), hidden, tuple(encoder_hidden)
         self._init_loc_fn, self._init_scale, self._flow_kwargs = init_loc_fn, float(init_scale), flow_kwargs
-        self.encoder = encoder
-        self.local_flow = None
-        self.global_guide = None
+        self.encoder: Optional[nn.Module] = encoder
+        self.local_flow: Optional[nn.Module] = None
+        self.global_guide: Optional[AutoFlowGuide] = None
 
     # -- observation and plate -------------------------------------------------
     def observation(self, *args, **kwargs) -> Tensor:
@@ -503,6 +505,7 @@ class AmortizedFlowGuide(AutoGuide):
 
     # -- the guide ----------------------------------------------------------------
     def _context(self, rows: Tensor) -> Tensor:
+        assert self.encoder is not None, "built by _setup_prototype"
         context = self.encoder(rows)
         if context.shape != (rows.shape[0], self._context_features):
             raise ValueError(
@@ -515,25 +518,28 @@ class AmortizedFlowGuide(AutoGuide):
         """The local flow for every datum of the observation: batch ``(N,)``, event ``(K,)``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        self._register()
-        return self.local_flow(self._context(self.observation(*args, **kwargs)))
+        local_flow = self._register()
+        return local_flow(self._context(self.observation(*args, **kwargs)))
 
-    def _register(self) -> None:
+    def _register(self) -> nn.Module:
+        """Register the encoder and the local flow with Pyro's param store; returns the local flow."""
+        assert self.encoder is not None and self.local_flow is not None, "built by _setup_prototype"
         pyro.module(self._pyro_get_fullname("encoder"), self.encoder, update_module_params=True)
         pyro.module(self._pyro_get_fullname("local_flow"), self.local_flow, update_module_params=True)
+        return self.local_flow
 
     def forward(self, *args, **kwargs) -> dict:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         result = self.global_guide(*args, **kwargs) if self.global_guide is not None else {}
-        self._register()
+        local_flow = self._register()
         frame = self._local_frame
         plate = plates[frame.name]
         with plate as index:
             context = self._context(self.observation(*args, **kwargs).index_select(0, index))
             context = context.reshape(context.shape[:1] + (1,) * (-frame.dim - 1) + context.shape[1:])
-            latent = pyro.sample(f"_{self._pyro_name}_local", self.local_flow(context), infer={"is_auxiliary": True})
+            latent = pyro.sample(f"_{self._pyro_name}_local", local_flow(context), infer={"is_auxiliary": True})
         result.update(self._unpack(latent, frame, plates))
         return result
 

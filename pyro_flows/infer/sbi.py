@@ -15,7 +15,7 @@ The flow lives in the unconstrained, standardised parameter space; the posterior
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from .. import transforms as T
 from ..flows import Flow, FlowDistribution, build_flow
 from ..flows.registry import check_flow_name
 from ..objectives import FlowMatching, continuous_flow_of
-from ..train import FitHistory, FitOptions, fit
+from ..train import FitHistory, FitOptions, Objective, fit
 from ..utils import PathLike, check_finite_rows, seeded_rng
 from .simulation import check_prior
 
@@ -36,13 +36,21 @@ FlowBuilder = Callable[[int, int], Flow]
 # --------------------------------------------------------------------------- checks
 
 
+def prior_support(prior: Distribution) -> constraints.Constraint:
+    """The prior's support (torch types it Optional; every distribution :func:`check_prior` accepts has one)."""
+    support = prior.support
+    if support is None:
+        raise ValueError(f"the prior {prior!r} declares no support")
+    return support
+
+
 def _check_theta(theta: Tensor, prior: Distribution, name: str) -> None:
     """Rows ``(N, D)`` of finite θ inside the prior's support."""
     if not isinstance(theta, Tensor) or theta.dim() != 2 or theta.shape[1:] != prior.event_shape:
         shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
         raise ValueError(f"{name}: θ must have shape (N, {prior.event_shape[0]}), got {shape}")
     check_finite_rows(theta, f"{name}: θ")
-    outside = ~prior.support.check(theta)
+    outside = ~prior_support(prior).check(theta)
     if bool(outside.any()):
         rows = torch.nonzero(outside).flatten()
         raise ValueError(
@@ -74,6 +82,9 @@ class PosteriorEstimator(nn.Module):
         theta_standardize: the z-scoring of the unconstrained θ.
         bijection: unconstrained → support.
     """
+
+    x_loc: Tensor
+    x_scale: Tensor
 
     def __init__(
         self,
@@ -131,7 +142,7 @@ class NPEPosterior(Distribution):
 
     @property
     def support(self) -> constraints.Constraint:
-        return self.prior.support
+        return prior_support(self.prior)
 
     def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
         return self.flow_distribution.rsample(torch.Size(sample_shape))
@@ -142,7 +153,7 @@ class NPEPosterior(Distribution):
 
     def log_prob(self, theta: Tensor) -> Tensor:
         self.flow_distribution._check_value(theta)
-        inside = self.prior.support.check(theta)
+        inside = prior_support(self.prior).check(theta)
         log_prob = self.flow_distribution.log_prob(torch.where(inside.unsqueeze(-1), theta, self._inside))
         return log_prob.masked_fill(~inside, -torch.inf)
 
@@ -207,7 +218,7 @@ class PosteriorFlowMatching:
         self.flow_matching = FlowMatching(**flow_matching_kwargs)
 
     def __call__(self, model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
-        estimator = getattr(model, "module", model)  # maybe DDP-wrapped
+        estimator = cast(PosteriorEstimator, getattr(model, "module", model))  # maybe DDP-wrapped
         return self.flow_matching(estimator.flow, estimator.unconstrained(theta), estimator.context(x))
 
     def __repr__(self) -> str:
@@ -426,6 +437,7 @@ class NPE:
             self.rounds[self._rounds_trained :] = [(t, o, True) for t, o, _ in self.rounds[self._rounds_trained :]]
         theta = torch.cat([r[0] for r in self.rounds])
         x = torch.cat([r[1] for r in self.rounds])
+        objective: Optional[Callable[..., Tensor]]  # (estimator, theta, x) -> loss
         if self.continuous:
             objective = PosteriorFlowMatching()
         elif any(r[2] for r in self.rounds):
@@ -436,7 +448,7 @@ class NPE:
             self.estimator,
             theta,
             x,
-            objective=objective,
+            objective=cast(Optional[Objective], objective),
             validation_data=validation_data,
             resume=resume,
             options=fit_options,
