@@ -225,6 +225,29 @@ def test_cnf_posterior_by_flow_matching():
         npe.append_simulations(theta[:10], x[:10], proposal=posterior)
 
 
+def test_posterior_flow_matching_goes_through_a_data_parallel_wrapper():
+    """Under torchrun, fit wraps the estimator (DDP): the loss must call the wrapper, whose forward prepares the
+    gradient all-reduce, or each rank keeps its own gradient and the ranks' weights drift apart."""
+    from pyro_flows.infer.sbi import PosteriorFlowMatching
+
+    theta, x = simulate(linear_gaussian, PRIOR, 64, seed=0, progress=False)
+    npe = NPE(PRIOR, "cnf", hidden=(8,)).append_simulations(theta, x)
+    npe.train(max_epochs=1, **FAST)
+
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like to an objective
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.module(*args)
+
+    wrapper = Wrapper(npe.estimator)
+    loss = PosteriorFlowMatching()(wrapper, theta, x)
+    assert wrapper.calls == 1 and loss.requires_grad
+
+
 # -- z-scoring ------------------------------------------------------------------------------------------------------
 def test_z_scorings_of_theta_and_x_are_learnt_from_the_first_round():
     prior = dist.LogNormal(torch.zeros(2), 1.0).to_event(1)  # unconstrained θ: log θ

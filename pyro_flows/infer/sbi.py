@@ -218,7 +218,9 @@ class PosteriorFlowMatching:
         self.flow_matching = FlowMatching(**flow_matching_kwargs)
 
     def __call__(self, model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
-        estimator = cast(PosteriorEstimator, getattr(model, "module", model))  # maybe DDP-wrapped
+        estimator = cast(PosteriorEstimator, getattr(model, "module", model))
+        if model is not estimator:
+            model(x)  # through the DDP wrapper, which then averages the gradients over the ranks
         return self.flow_matching(estimator.flow, estimator.unconstrained(theta), estimator.context(x))
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ import pickle
 import random
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union, overload
 
 import numpy as np
 import torch
@@ -79,6 +79,33 @@ def _check_picklable(simulator: Simulator) -> None:
             f"(a module-level function or a class instance, not a lambda or a local function); "
             f"pickling {simulator!r} failed: {error}"
         ) from None
+
+
+@overload
+def simulate(
+    simulator: Simulator,
+    prior: Distribution,
+    num_simulations: int,
+    batch_size: int = 1000,
+    num_workers: int = 1,
+    seed: Optional[int] = None,
+    progress: Optional[bool] = None,
+    return_invalid: Literal[False] = False,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def simulate(
+    simulator: Simulator,
+    prior: Distribution,
+    num_simulations: int,
+    batch_size: int = 1000,
+    num_workers: int = 1,
+    seed: Optional[int] = None,
+    progress: Optional[bool] = None,
+    *,
+    return_invalid: Literal[True],
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def simulate(
