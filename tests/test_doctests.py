@@ -20,15 +20,6 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # The package has this many examples at least: the runner cannot pass by finding none.
 MIN_EXAMPLES = 150
 
-# Docstrings whose examples fail today, in files whose owners convert them (temporary: strict xfails, so a
-# fixed example fails here until its entry is removed).
-CONVERTED_BY_OWNER: dict[str, str] = {
-    "pyro_flows.diagnostics.calibration.sbc": "pyro_flows/diagnostics/calibration.py",
-    "pyro_flows.infer.sbi.NPE": "pyro_flows/infer/sbi.py",
-    "pyro_flows.objectives.flow_matching.FlowMatching": "pyro_flows/objectives/flow_matching.py",
-    "pyro_flows.objectives.likelihood.CNFRegularizedNLL": "pyro_flows/objectives/likelihood.py",
-}
-
 
 def _modules() -> list[str]:
     names = [pyro_flows.__name__]
@@ -47,19 +38,12 @@ def _doctests() -> list[doctest.DocTest]:
 DOCTESTS = _doctests()
 
 
-def _case(test: doctest.DocTest):
-    owner = CONVERTED_BY_OWNER.get(test.name)
-    marks = [pytest.mark.xfail(strict=True, reason=f"converted by the owner of {owner}")] if owner else []
-    return pytest.param(test, id=test.name, marks=marks)
-
-
 def test_doctests_are_found():
     examples = sum(len(test.examples) for test in DOCTESTS)
     assert examples >= MIN_EXAMPLES, f"found only {examples} docstring examples in {len(DOCTESTS)} docstrings"
-    assert not set(CONVERTED_BY_OWNER) - {test.name for test in DOCTESTS}, "stale CONVERTED_BY_OWNER entries"
 
 
-@pytest.mark.parametrize("test", [_case(test) for test in DOCTESTS])
+@pytest.mark.parametrize("test", [pytest.param(test, id=test.name) for test in DOCTESTS])
 def test_docstring_examples(test: doctest.DocTest, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files
     pyro.clear_param_store()

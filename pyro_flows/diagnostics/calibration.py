@@ -226,8 +226,14 @@ def sbc(
         :class:`SBCResult` (ranks, p-values, ``plot``, ``coverage``).
 
     Example:
-        >>> result = sbc(npe, prior, simulator, num_simulations=500, seed=0)
-        >>> result.pvalues, result.plot("ecdf")
+        >>> prior = pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> simulator = lambda theta: theta + 0.1 * torch.randn_like(theta)
+        >>> theta, x = pf.infer.simulate(simulator, prior, 500, seed=0, progress=False)
+        >>> npe = pf.infer.NPE(prior, transforms=2, hidden=(16,)).append_simulations(theta, x)
+        >>> npe = npe.train(max_epochs=2, progress=False)
+        >>> result = sbc(npe, prior, simulator, num_simulations=50, num_posterior_samples=20, seed=0)
+        >>> result.ranks.shape, result.pvalues.shape  # result.plot("ecdf") draws the rank ECDFs
+        (torch.Size([50, 2]), torch.Size([2]))
     """
     for name, value in (("num_posterior_samples", num_posterior_samples), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:

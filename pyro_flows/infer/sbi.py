@@ -277,9 +277,12 @@ class NPE:
 
     Example:
         >>> prior = pyro.distributions.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
-        >>> theta, x = simulate(simulator, prior, 5000)
-        >>> npe = NPE(prior).append_simulations(theta, x).train()
-        >>> samples = npe.posterior(x_obs).sample((1000,))
+        >>> simulator = lambda theta: theta + 0.1 * torch.randn_like(theta)
+        >>> theta, x = pf.infer.simulate(simulator, prior, 500, seed=0, progress=False)
+        >>> npe = NPE(prior, transforms=2, hidden=(16,)).append_simulations(theta, x)
+        >>> npe = npe.train(max_epochs=2, progress=False)  # a real run trains to convergence (the default)
+        >>> npe.posterior(torch.tensor([0.2, -0.4])).sample((1000,)).shape
+        torch.Size([1000, 2])
     """
 
     fit_options: ClassVar[FitOptions] = FitOptions().replace(

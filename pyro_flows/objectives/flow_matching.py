@@ -101,9 +101,11 @@ class FlowMatching:
     Shapes: ``x`` ``(N, D)``; ``context`` ``(N, ...)``, what the flow is called with (``(N, C)`` without an embedding).
 
     Example:
-        >>> flow = pf.CNF(features=2)
-        >>> pf.fit(flow, X, objective=pf.FlowMatching(ot_pairing=True))
-        >>> flow().log_prob(X[:5])  # through the ODE
+        >>> X = pf.data.two_moons(256, generator=torch.Generator().manual_seed(0))
+        >>> flow = pf.CNF(features=2, hidden=(16, 16))
+        >>> history = pf.fit(flow, X, objective=pf.FlowMatching(ot_pairing=True), max_steps=5, progress=False)
+        >>> flow().log_prob(X[:5]).shape  # the likelihood through the ODE
+        torch.Size([5])
     """
 
     def __init__(self, sigma_min: float = 0.0, ot_pairing: bool = False) -> None:

@@ -42,8 +42,11 @@ class CNFRegularizedNLL:
         jacobian: :math:`\lambda_J`, weight of the Jacobian Frobenius norm.
 
     Example:
-        >>> flow = CNF(2)
-        >>> fit(flow, X, objective=CNFRegularizedNLL(kinetic=0.01, jacobian=0.01))
+        >>> X = pf.data.two_moons(128, generator=torch.Generator().manual_seed(0))
+        >>> flow = pf.CNF(features=2, hidden=(16, 16))
+        >>> objective = pf.CNFRegularizedNLL(kinetic=0.01, jacobian=0.01)
+        >>> len(pf.fit(flow, X, objective=objective, max_steps=2, progress=False))  # a loss per epoch of one batch
+        2
     """
 
     def __init__(self, kinetic: float = 0.01, jacobian: float = 0.01) -> None:
