@@ -68,10 +68,10 @@ class DensityEstimator:
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...);
             only JSON-like values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
-    Attributes (after ``fit``):
-        flow_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``).
-        features_: number of features :math:`D`.
-        history_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
+    Attributes:
+        flow\_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``); set by ``fit``.
+        features\_: number of features :math:`D`; set by ``fit``.
+        history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`; set by ``fit``.
 
     Example:
         >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
