@@ -7,7 +7,7 @@ take the fused path (each layer's log-det in the same pass as its output).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import pyro.distributions as dist
 import torch
@@ -77,9 +77,9 @@ class FlowDistribution(dist.TransformedDistribution):
     def _base_log_prob(self, z: Tensor) -> Tensor:
         return _sum_rightmost(self.base_dist.log_prob(z), len(self.event_shape) - len(self.base_dist.event_shape))
 
-    def _to_base(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_base(self, y: Tensor) -> tuple[Tensor, Union[Tensor, float]]:
         """``(f^{-1}(y), log|det J_{f^{-1}}(y)|)``, each layer's log-det summed over the flow's event dims."""
-        event_dim, ladj_sum = len(self.event_shape), 0.0
+        event_dim, ladj_sum = len(self.event_shape), cast(Union[Tensor, float], 0.0)
         for t in reversed(self.transforms):
             if _fused(t):
                 x, ladj = t.inverse_and_ladj(y)
@@ -90,9 +90,9 @@ class FlowDistribution(dist.TransformedDistribution):
             y = x
         return y, ladj_sum
 
-    def _from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _from_base(self, z: Tensor) -> tuple[Tensor, Union[Tensor, float]]:
         """``(f(z), log|det J_f(z)|)``, each layer's log-det summed over the flow's event dims."""
-        event_dim, ladj_sum = len(self.event_shape), 0.0
+        event_dim, ladj_sum = len(self.event_shape), cast(Union[Tensor, float], 0.0)
         for t in self.transforms:
             if _fused(t):
                 y, ladj = t.call_and_ladj(z)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -102,7 +102,13 @@ class FlowTransform(TransformModule):
 
     codomain = domain
 
-    # -- the fused, checked directions ------------------------------------------------------------------------
+    # -- the two directions: implemented by a subclass, called checked -----------------------------------------
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
     def call_and_ladj(self, x: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(f(x), log|det J_f(x)|)`` in one pass."""
         self._check(x, "input", context, self.event_shape)
@@ -199,10 +205,10 @@ class Conditional(ConditionalTransformModule):
     """Mixin of the conditional twins: ``layer.condition(context)`` is what Pyro's
     ``ConditionalTransformedDistribution`` applies; without a context the layer raises a ValueError."""
 
-    inv = FlowTransform.inv
+    inv = FlowTransform.inv  # type: ignore[assignment]  # a FlowTransform, not Pyro's generic inverse
 
     def condition(self, context: Tensor) -> ConditionedTransform:
-        return ConditionedTransform(self, context)
+        return ConditionedTransform(cast(FlowTransform, self), context)
 
     def _context_or_raise(self):
         raise ValueError(

@@ -26,7 +26,7 @@ TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 REGULARIZERS = ("kinetic", "jacobian")
 
-Divergence = Callable[[Tensor, Tensor, Optional[Tensor], bool], tuple[Tensor, Tensor]]
+Divergence = Callable[[Tensor, Tensor, Any, bool], tuple[Tensor, Tensor]]  # (f, z, probe, create_graph)
 
 
 def _vjp(f: Tensor, z: Tensor, v: Tensor, create_graph: bool, batched: bool = False) -> Tensor:
@@ -227,7 +227,7 @@ class ContinuousFlow(FlowTransform):
         )
         if not self.adjoint:
             return odeint(dynamics, state, times, **kwargs)
-        params = tuple(self.vector_field.parameters())
+        params: tuple[Tensor, ...] = tuple(self.vector_field.parameters())
         if context is not None and context.requires_grad:
             params += (context,)
         return odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs)

@@ -62,6 +62,11 @@ class Coupling(FlowTransform):
         - Durkan, Bekasov, Murray & Papamakarios (2019), *Neural spline flows*, arXiv:1906.04032.
     """
 
+    mask: Tensor  # buffers
+    identity_index: Tensor
+    transformed_index: Tensor
+    conditioner: nn.Module
+
     def __init__(
         self,
         features: Union[int, Sequence[int]],

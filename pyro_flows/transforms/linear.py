@@ -33,6 +33,9 @@ class Permute(FlowTransform):
           and learned mixing compared), arXiv:1807.03039.
     """
 
+    permutation: Tensor  # buffers
+    inverse_permutation: Tensor
+
     def __init__(self, features: int, permutation: Union[str, Sequence[int], Tensor] = "reverse") -> None:
         super().__init__((features,))
         if isinstance(permutation, str):
@@ -70,6 +73,11 @@ class LUWeight(nn.Module):
     References:
         - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
+
+    permutation: Tensor  # buffers
+    sign: Tensor
+    lower_mask: Tensor
+    eye: Tensor
 
     def __init__(self, features: int) -> None:
         super().__init__()

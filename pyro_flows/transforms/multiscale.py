@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -94,18 +94,21 @@ class Chain(FlowTransform):
         self.layers = torch.nn.ModuleList(layers)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        total = 0.0
-        for layer in self.layers:
+        ladjs = []
+        for layer in self._layers():
             x, ladj = layer.call_and_ladj(x, _context_for(layer, context))
-            total = total + ladj
-        return x, total
+            ladjs.append(ladj)
+        return x, sum(ladjs[1:], ladjs[0])
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        total = 0.0
-        for layer in reversed(self.layers):
+        ladjs = []
+        for layer in reversed(self._layers()):
             y, ladj = layer.inverse_and_ladj(y, _context_for(layer, context))
-            total = total + ladj
-        return y, total
+            ladjs.append(ladj)
+        return y, sum(ladjs[1:], ladjs[0])
+
+    def _layers(self) -> list[FlowTransform]:
+        return list(self.layers)  # type: ignore[arg-type]  # a ModuleList of FlowTransforms
 
     def extra_repr(self) -> str:
         return ""
@@ -179,7 +182,9 @@ class FactorOut(FlowTransform):
         if split_prior:
             conditional = {"context_features": context_features} if context_features else {}
             cls = ConditionalAffineCoupling if context_features else AffineCoupling
-            self.prior = cls(self.event_shape, mask=channel_mask(channels), hidden=hidden, **conditional)
+            self.prior: Optional[FlowTransform] = cls(
+                self.event_shape, mask=channel_mask(channels), hidden=hidden, **conditional
+            )
         else:
             self.prior = None
 
@@ -201,7 +206,7 @@ class FactorOut(FlowTransform):
         return y, ladj + prior_ladj
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        prior_ladj = 0.0
+        prior_ladj: Union[Tensor, float] = 0.0
         if self.prior is not None:
             y, prior_ladj = self.prior.inverse_and_ladj(y, context)
         kept, factored = self._split(y)

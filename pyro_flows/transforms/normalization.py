@@ -48,6 +48,8 @@ class ActNorm(FlowTransform):
         - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
     """
 
+    initialized: Tensor  # buffer
+
     def __init__(self, features: Union[int, Sequence[int]], eps: float = 1e-6) -> None:
         super().__init__((features,) if isinstance(features, int) else tuple(features))
         if len(self.event_shape) not in (1, 3):
@@ -122,6 +124,9 @@ class BatchNorm(FlowTransform):
         - Ioffe & Szegedy (2015), *Batch normalization*, arXiv:1502.03167.
     """
 
+    running_mean: Tensor  # buffers
+    running_var: Tensor
+
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__((features,))
         self.momentum, self.eps = momentum, eps
@@ -179,6 +184,9 @@ class Standardize(FlowTransform):
         - Papamakarios, Nalisnick, Rezende, Mohamed & Lakshminarayanan (2021), *Normalizing flows for probabilistic
           modeling and inference*, arXiv:1912.02762.
     """
+
+    loc: Tensor  # buffers
+    scale: Tensor
 
     def __init__(self, loc: Tensor, scale: Tensor) -> None:
         loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
