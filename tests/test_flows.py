@@ -741,6 +741,17 @@ def test_a_no_grad_sample_is_not_scored_without_a_graph(path):
     torch.testing.assert_close(log_prob, copy.deepcopy(flow)().log_prob(y.clone()))
 
 
+@paths
+def test_works_under_inference_mode(path):
+    """Inference tensors have no version counter: nothing is stored for them, and nothing fails (it raised before)."""
+    flow = build("IAF", 3)
+    with torch.inference_mode():
+        d = PATHS[path](flow, None)
+        y = d.rsample((4,))
+        log_prob = d.log_prob(y)
+    torch.testing.assert_close(log_prob, copy.deepcopy(flow)().log_prob(y.clone()))
+
+
 # --------------------------------------------------------------------------- Pyro integration
 
 
