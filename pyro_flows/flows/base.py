@@ -27,6 +27,9 @@ class StandardNormal(nn.Module):
     ``forward(batch_shape)`` returns the distribution with that batch shape.
     """
 
+    loc: Tensor
+    scale: Tensor
+
     def __init__(self, features: Union[int, Sequence[int]]) -> None:
         super().__init__()
         shape = (features,) if isinstance(features, int) else tuple(features)

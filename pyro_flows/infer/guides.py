@@ -152,8 +152,9 @@ class AutoFlowGuide(AutoContinuous):
     Kucukelbir et al. (2017), ADVI.
 
     Sampling uses the flow's one-pass direction (see :func:`named_flow`) and
-    ``log q`` of the sample is served by the layers' versioned caches: no
-    second pass and no sequential inverse. The flow is built on the first call
+    ``log q`` of the sample is served by the flow distribution's memo of its last
+    sample (never stale: keyed on the parameters' versions): no second pass and no sequential inverse.
+    The flow is built on the first call
     (when the latent dimension is known), in the dtype and device of the
     model's values, and registered with ``pyro.module`` (name
     ``"<guide name>.flow"``), so ``pyro.get_param_store().save/load`` round-trip:
