@@ -19,17 +19,7 @@ bits per dimension (an upper bound, in expectation).
 
 Dequantisation is not a bijection (it is a surjection from the continuous
 space onto the integers), so it lives here, around the flow, and not among
-the transforms.
-
-References
-----------
-- L. Theis, A. van den Oord and M. Bethge.
-  *A note on the evaluation of generative models*. ICLR 2016.
-  `arXiv:1511.01844 <https://arxiv.org/abs/1511.01844>`__
-- J. Ho, X. Chen, A. Srinivas, Y. Duan and P. Abbeel.
-  *Flow++: Improving Flow-Based Generative Models with Variational Dequantization and
-  Architecture Design*. ICML 2019.
-  `arXiv:1902.00275 <https://arxiv.org/abs/1902.00275>`__
+the transforms. The papers are cited in :class:`Dequantized`.
 """
 
 from __future__ import annotations
