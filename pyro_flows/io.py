@@ -9,10 +9,12 @@ with a header row, the column names); every malformed input is a
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, TextIO, Union
 
@@ -30,6 +32,8 @@ class Table:
     Attributes:
         values: float64 array of shape ``(rows, columns)``.
         columns: the names from the CSV header row, or ``None`` when the file has none (always for ``.npy``).
+        lines: for a CSV, the file's (1-based) line number of each row of ``values``, for messages that
+            name a row; ``None`` for ``.npy`` (rows are then named by their 0-based index).
 
     A table unpacks like a tuple: ``values, columns = read_table("data.csv")``.
 
@@ -42,9 +46,26 @@ class Table:
 
     values: np.ndarray
     columns: Optional[list[str]] = None
+    lines: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def __iter__(self) -> Iterator:
         return iter((self.values, self.columns))
+
+    def row_name(self, row: int) -> str:
+        """How messages name row ``row`` of ``values``: ``line N`` (CSV) or ``row N (0-based)``."""
+        return f"line {self.lines[row]}" if self.lines is not None else f"row {row} (0-based)"
+
+
+class NonFiniteRowsError(ValueError):
+    """Rows with NaN or inf values, named; ``summary`` is the message without the remedy.
+
+    The message ends with the Python remedy (``drop_nonfinite=True``); a front end with
+    its own spelling of it (the command line's ``--drop-nonfinite``) uses ``summary``.
+    """
+
+    def __init__(self, summary: str, remedy: str = "pass drop_nonfinite=True to drop them") -> None:
+        super().__init__(f"{summary}; {remedy}")
+        self.summary = summary
 
 
 def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: bool = False) -> Table:
@@ -53,8 +74,10 @@ def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: boo
     * ``.csv``: comma separated; blank lines are skipped. The first row is a
       header when none of its cells is a number (its cells become
       :attr:`Table.columns`); otherwise it is data. Every row must have as many
-      cells as the first one, and every data cell must parse as a number
-      (``nan`` and ``inf`` parse, and are then caught by the finiteness check).
+      cells as the first one, and every data cell must be a plain decimal number
+      such as ``-1.5e3`` (``nan`` and ``inf`` parse, and are then caught by the
+      finiteness check; Python-only spellings such as ``1_000`` and non-ASCII
+      digits are refused). The file must be UTF-8 (a byte order mark is allowed).
     * ``.npy``: a numeric array (no pickles); 1-D arrays are one column.
 
     Rows with NaN or inf values are an error naming them, unless
@@ -66,9 +89,10 @@ def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: boo
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an unknown extension, a ragged row (line number, expected and
-            actual cell counts), a non-numeric cell (line and column), NaN/inf rows,
-            an empty table, or an ``.npy`` array that is not 1-D/2-D numeric.
+        ValueError: an unknown extension, a CSV that is not UTF-8 (file, line and byte),
+            a ragged row (line number, expected and actual cell counts), a non-numeric
+            cell (line and column), NaN/inf rows (:class:`NonFiniteRowsError`), an empty
+            table, or an ``.npy`` array that is not 1-D/2-D numeric.
 
     Example:
         >>> write_table(np.array([[1.0, 2.0], [3.0, 4.0]]), "data.csv", header=["x", "y"])
@@ -86,8 +110,9 @@ def read_table(path: PathLike, drop_nonfinite: bool = False, keep_nonfinite: boo
         raise ValueError("read_table: drop_nonfinite and keep_nonfinite exclude each other")
     values, columns, row_names = _READERS[suffix](path)
     if keep_nonfinite:
-        return Table(np.ascontiguousarray(values, dtype=np.float64), columns)
-    return Table(_finite_rows(values, drop_nonfinite, path, row_names), columns)
+        return Table(np.ascontiguousarray(values, dtype=np.float64), columns, row_names)
+    values, row_names = _finite_rows(values, drop_nonfinite, path, row_names)
+    return Table(values, columns, row_names)
 
 
 def write_table(array: Union[np.ndarray, torch.Tensor, Sequence], file: Union[PathLike, TextIO], header=None) -> None:
@@ -117,6 +142,7 @@ def write_table(array: Union[np.ndarray, torch.Tensor, Sequence], file: Union[Pa
 
 
 def _is_number(cell: str) -> bool:
+    """Whether Python's ``float`` reads ``cell`` (lenient: decides only whether a first row is a header)."""
     try:
         float(cell)
     except ValueError:
@@ -124,20 +150,45 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+def _number(cell: str) -> float:
+    """``cell`` as a float if it is a plain decimal number (``float`` alone also reads ``1_000``, non-ASCII digits)."""
+    text = cell.strip()
+    if "_" in text or not text.isascii():
+        raise ValueError(cell)
+    return float(text)
+
+
+def _is_strict_number(cell: str) -> bool:
+    try:
+        _number(cell)
+    except ValueError:
+        return False
+    return True
+
+
 def _records(path: Path) -> list[tuple[int, list[str]]]:
     """The non-blank rows of a CSV file with their (1-based) line numbers."""
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.reader(file)
-        return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = bom + error.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}); save the file as UTF-8"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
 
 
 def _parse_row(row: list[str], width: int, line: int, path: Path) -> list[float]:
     if len(row) != width:
         raise ValueError(f"{path}, line {line}: expected {width} columns, got {len(row)}")
     try:
-        return [float(cell) for cell in row]
+        return [_number(cell) for cell in row]
     except ValueError:
-        column, cell = next((j, cell) for j, cell in enumerate(row, 1) if not _is_number(cell))
+        column, cell = next((j, cell) for j, cell in enumerate(row, 1) if not _is_strict_number(cell))
         raise ValueError(f"{path}, line {line}, column {column}: {cell.strip()!r} is not a number") from None
 
 
@@ -188,26 +239,27 @@ def _as_2d(array) -> np.ndarray:
     return values
 
 
-def _finite_rows(values: np.ndarray, drop: bool, path: Path, line_numbers: Optional[np.ndarray]) -> np.ndarray:
-    """``values`` as float64; rows with NaN/inf dropped with a warning (``drop``) or named in a ValueError.
+def _finite_rows(
+    values: np.ndarray, drop: bool, path: Path, line_numbers: Optional[np.ndarray]
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``values`` as float64 and their line numbers; rows with NaN/inf dropped with a warning (``drop``) or named
+    in a :class:`NonFiniteRowsError`.
 
     Rows are named by their file line numbers when known (CSV), else by 0-based row index.
     """
     values = np.ascontiguousarray(values, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
     if bad.size == 0:
-        return values
+        return values, line_numbers
     if drop:
         if bad.size == len(values):
             raise ValueError(f"{path}: every one of the {bad.size} rows has NaN or inf values")
         warnings.warn(f"{path}: dropped {bad.size} of {len(values)} rows with NaN or inf values", stacklevel=3)
-        return np.delete(values, bad, axis=0)
+        kept = None if line_numbers is None else np.delete(line_numbers, bad)
+        return np.delete(values, bad, axis=0), kept
     where, names = ("lines", line_numbers[bad]) if line_numbers is not None else ("rows (0-based)", bad)
     shown = ", ".join(map(str, names[:SHOWN_ROWS])) + (", ..." if bad.size > SHOWN_ROWS else "")
-    raise ValueError(
-        f"{path}: {bad.size} of {len(values)} rows have NaN or inf values ({where} {shown}); "
-        "pass drop_nonfinite=True to drop them"
-    )
+    raise NonFiniteRowsError(f"{path}: {bad.size} of {len(values)} rows have NaN or inf values ({where} {shown})")
 
 
 def _write_rows(values: np.ndarray, handle: TextIO, header: Optional[Sequence[str]]) -> None:

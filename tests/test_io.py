@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_flows.io import Table, read_table, write_table
+from pyro_flows.io import NonFiniteRowsError, Table, read_table, write_table
 
 
 def write(tmp_path, text: str, name: str = "data.csv"):
@@ -51,6 +51,43 @@ def test_non_numeric_cell_names_line_and_column(tmp_path):
         read_table(write(tmp_path, "1,2\n3,4\n5,oops\n"))
     with pytest.raises(ValueError, match=re.escape("line 1, column 1: '' is not a number")):
         read_table(write(tmp_path, ",2\n3,4\n"))  # a first row with numbers is data, not a header
+
+
+@pytest.mark.parametrize("cell", ["1_000", "1_0.5", "\u0661", "\uff12"])  # Python-only spellings, non-ASCII digits
+def test_python_only_number_spellings_are_not_numbers(tmp_path, cell):
+    assert float(cell)  # Python's float reads each of them
+    with pytest.raises(ValueError, match=re.escape(f"line 3, column 2: {cell!r} is not a number")):
+        read_table(write(tmp_path, f"a,b\n1,2\n3,{cell}\n"))
+    with pytest.raises(ValueError, match=re.escape(f"line 1, column 1: {cell!r} is not a number")):
+        read_table(write(tmp_path, f"{cell},2\n3,4\n"))  # still data, not a header named {cell}
+
+
+def test_a_csv_that_is_not_utf8_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("x,y\n1,2\n3,4 \u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: not UTF-8 text (byte 0xe9 at offset 12)")):
+        read_table(path)
+    path.write_bytes(b"\xef\xbb\xbf" + "x,caf\u00e9\n1,2\n".encode("latin-1"))  # offsets count the byte order mark
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 1: not UTF-8 text (byte 0xe9 at offset 8)")):
+        read_table(path)
+
+
+def test_nonfinite_rows_error_has_a_summary_without_the_python_remedy(tmp_path):
+    with pytest.raises(NonFiniteRowsError) as info:
+        read_table(write(tmp_path, "x,y\n1,2\nnan,3\n"))
+    assert str(info.value).endswith("(lines 3); pass drop_nonfinite=True to drop them")
+    assert info.value.summary == f"{tmp_path / 'data.csv'}: 1 of 2 rows have NaN or inf values (lines 3)"
+
+
+def test_tables_know_the_line_of_each_row(tmp_path):
+    path = write(tmp_path, "x,y\n1,2\n\nnan,3\n4,5\n")
+    assert read_table(path, keep_nonfinite=True).lines.tolist() == [2, 4, 5]
+    with pytest.warns(UserWarning, match="dropped 1 of 3"):
+        table = read_table(path, drop_nonfinite=True)
+    assert table.lines.tolist() == [2, 5] and table.row_name(1) == "line 5"
+    np.save(tmp_path / "a.npy", np.zeros((2, 2)))
+    table = read_table(tmp_path / "a.npy")
+    assert table.lines is None and table.row_name(1) == "row 1 (0-based)"
 
 
 def test_nonfinite_rows_are_named_by_line(tmp_path):
