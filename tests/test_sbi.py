@@ -353,3 +353,35 @@ def test_npe_bad_inputs(npe):
         NPE(PRIOR, flow=lambda features, context: pf.MAF(features)).append_simulations(theta, x)
     with pytest.raises(ValueError, match="shape"):
         npe.posterior(X_OBS).log_prob(torch.zeros(3))
+
+
+# -- dtypes and empty rounds (issue 16, items 4 and 8) ---------------------------------------------------------------
+@pytest.mark.parametrize("flow", ["nsf", "cnf"])
+def test_npe_follows_a_float64_prior_and_simulations(flow, tmp_path):
+    prior = dist.Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)).to_event(1)
+    torch.manual_seed(0)
+    theta = prior.sample((64,))
+    x = theta + 0.1 * torch.randn_like(theta)
+    npe = NPE(prior, flow, transforms=1, hidden=(8,)).append_simulations(theta, x)
+    npe.train(max_epochs=2, seed=0, **FAST)
+    assert all(p.dtype == torch.float64 for p in npe.estimator.parameters())
+    x_obs = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    samples = npe.posterior(x_obs).sample((50,))
+    assert samples.dtype == torch.float64 and samples.shape == (50, 2) and bool(torch.isfinite(samples).all())
+    if flow == "nsf":  # the file keeps the dtype; a later round of another dtype is refused by name
+        loaded = NPE.load(npe.save(tmp_path / "npe.pt"), prior)
+        assert loaded.posterior(x_obs).sample((5,)).dtype == torch.float64
+        with pytest.raises(ValueError, match="dtype torch.float32"):
+            npe.append_simulations(theta.float(), x)
+
+
+def test_npe_with_no_simulations_says_so():
+    theta = torch.zeros(0, 2)
+    with pytest.raises(ValueError, match=r"no simulations .*NaN or inf"):
+        NPE(PRIOR).append_simulations(theta, torch.zeros(0, 2))
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):  # what an all-NaN simulator leaves
+        theta, x = simulate(NaNAbove(-100.0), PRIOR, 20, seed=0, progress=False)
+    npe = NPE(PRIOR, transforms=1, hidden=(8,)).append_simulations(torch.randn(20, 2), torch.randn(20, 2))
+    with pytest.raises(ValueError, match="no simulations"):  # a later round too: not appended silently
+        npe.append_simulations(theta, x)
+    assert len(npe.rounds) == 1

@@ -345,6 +345,7 @@ class NPE:
         standardize = T.Standardize.from_data(u)
         x_zscore = T.Standardize.from_data(x.reshape(x.shape[0], -1))  # per element of x_shape
         x_loc, x_scale = x_zscore.loc.reshape(x.shape[1:]), x_zscore.scale.reshape(x.shape[1:])
+        self.embedding.to(theta.dtype)  # the estimator follows the data's dtype (float64 θ: a float64 flow)
         self.embedding.eval()
         with torch.no_grad():
             context = self.embedding((x[:2] - x_loc) / x_scale)
@@ -354,7 +355,7 @@ class NPE:
                 f"NPE: the embedding must map x of shape (B, *x_shape) to (B, C); for x of shape "
                 f"{tuple(x[:2].shape)} it returned {tuple(context.shape)}"
             )
-        flow = self._build_flow(u.shape[-1], context.shape[-1])
+        flow = self._build_flow(u.shape[-1], context.shape[-1]).to(theta.dtype)
         return PosteriorEstimator(flow, self.embedding, x_loc, x_scale, standardize, self.bijection)
 
     @property
@@ -365,13 +366,26 @@ class NPE:
     def append_simulations(self, theta: Tensor, x: Tensor, proposal: Optional[Distribution] = None) -> NPE:
         r"""Add a round of simulated pairs: ``theta (N, D)`` from ``proposal`` (None: the prior), ``x (N, *x_shape)``.
 
-        The first round builds the estimator and fixes the z-scorings. A round with a proposal
-        switches training to the APT loss (on all rounds' pairs). ``x`` is cast to θ's dtype
-        (integer counts are fine). Returns ``self``.
+        The first round builds the estimator and fixes the z-scorings. The estimator follows θ's dtype
+        (float64 θ: the flow, z-scorings and embedding are float64; later rounds must have the same dtype), and
+        ``x`` is cast to it (integer counts are fine). A round with a proposal switches training to the APT loss
+        (on all rounds' pairs). Returns ``self``.
         """
         if proposal is not None and not isinstance(proposal, Distribution):
             raise TypeError(f"NPE: the proposal must be a Distribution (a posterior), got {type(proposal).__name__}")
+        if isinstance(theta, Tensor) and theta.dim() > 0 and theta.shape[0] == 0:
+            raise ValueError(
+                "NPE.append_simulations: there are no simulations (θ has 0 rows); simulate drops the rows "
+                "whose x has NaN or inf entries, so every simulation may have failed: check the simulator on a few θ"
+            )
         _check_theta(theta, self.prior, "NPE.append_simulations")
+        if not theta.is_floating_point():
+            raise ValueError(f"NPE.append_simulations: θ must be a floating-point tensor, got {theta.dtype}")
+        if self.estimator is not None and theta.dtype != self.estimator.x_loc.dtype:
+            raise ValueError(
+                f"NPE.append_simulations: θ has dtype {theta.dtype}, but the estimator was built in "
+                f"{self.estimator.x_loc.dtype} from the first round's θ; pass θ of that dtype (theta.to(...))"
+            )
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != theta.shape[0]:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -529,6 +543,8 @@ class NPE:
         npe = cls(prior, state["flow"] if flow is None else flow, embedding, state["transforms"], state["hidden"],
                   state["num_atoms"], **state["flow_kwargs"])  # fmt: skip
         features, x_shape = state["features"], tuple(state["x_shape"])
+        x_loc = state["state_dict"].get("x_loc")
+        dtype = x_loc.dtype if isinstance(x_loc, Tensor) else torch.get_default_dtype()  # the dtype it was saved in
         with seeded_rng(0):  # the initial weights are overwritten below: no draw from the caller's stream
             flow_module = npe._build_flow(features, state["context_features"])
         npe.estimator = PosteriorEstimator(
@@ -538,7 +554,7 @@ class NPE:
             torch.ones(x_shape),
             T.Standardize(torch.zeros(features), torch.ones(features)),
             npe.bijection,
-        )
+        ).to(dtype)
         npe.estimator.load_state_dict(state["state_dict"])
         npe.estimator.eval()
         return npe
