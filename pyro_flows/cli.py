@@ -2,15 +2,21 @@
 
 ``fit`` a flow to a CSV/.npy table, ``score`` rows by log-density, ``sample``
 new rows, or run the self-contained ``demo``. Bad input (a missing file, a
-ragged or non-numeric table, a file that is not a saved estimator) ends with a
-one-line ``pyro-flows: error: ...`` on stderr and exit status 2.
+ragged or non-numeric table, a file that is not a saved estimator, a
+destination that cannot be written, checked before any work starts) ends with a
+one-line ``pyro-flows: error: ...`` on stderr and exit status 2. Output cut
+short by its reader (``pyro-flows sample ... | head``) ends quietly, as Unix
+tools do.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,9 +28,10 @@ from .demo import FULL, QUICK, REPORT_FILES
 from .demo import demo as run_demo
 from .estimator import DensityEstimator
 from .flows import FLOWS
-from .io import Table, read_table, write_table
+from .io import NonFiniteRowsError, Table, read_table, write_table
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool its reader stopped reading (SIGPIPE)
 
 
 def _defaults(function: Callable) -> dict[str, Any]:
@@ -47,11 +54,43 @@ def check_columns(table: Table, columns: Optional[list[str]], features: int, pat
         raise ValueError(f"{path} has columns {table.columns}; the model was fitted on {columns}")
 
 
+def check_destination(path: Path, option: str, folder: bool = False) -> None:
+    """Fail now, before any work, on a destination that cannot be written: the work would be lost at the end.
+
+    ``path`` is a file (or, with ``folder``, a folder) that will be written and whose missing parent folders
+    will be created; the nearest folder that exists must take a new file.
+    """
+    if path.is_dir() and not folder:
+        raise ValueError(f"{option} {path} is a directory; name a file in it, e.g. {path / 'model.pt'}")
+    if path.exists() and not path.is_dir() and folder:
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {option} {path}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"cannot write {option} {path}: cannot create a file in {parent} ({reason})") from None
+
+
+def _read(path: Path, remedy: str, **options: bool) -> Table:
+    """``read_table``, with the command line's flag (``remedy``) instead of the Python keyword in its NaN message."""
+    try:
+        return read_table(path, **options)
+    except NonFiniteRowsError as error:
+        raise ValueError(f"{error.summary}; {remedy}") from None
+
+
 # --- fit / score / sample ---------------------------------------------------------------------------------------
 
 
 def fit_command(args: argparse.Namespace) -> int:
-    table = read_table(args.data, drop_nonfinite=args.drop_nonfinite)
+    check_destination(args.out, "--out")
+    table = _read(args.data, "pass --drop-nonfinite to drop them", drop_nonfinite=args.drop_nonfinite)
     estimator = DensityEstimator(flow=args.flow, transforms=args.transforms, hidden=tuple(args.hidden))
     start = time.perf_counter()
     estimator.fit(
@@ -94,7 +133,7 @@ def load_model(path: Path) -> tuple[DensityEstimator, int]:
 def score_command(args: argparse.Namespace) -> int:
     """One ``log_density`` per input row, in order; with ``--skip-nonfinite`` rows with NaN/inf score ``nan``."""
     estimator, features = load_model(args.model)
-    table = read_table(args.data, keep_nonfinite=args.skip_nonfinite)
+    table = _read(args.data, "pass --skip-nonfinite to score them nan", keep_nonfinite=args.skip_nonfinite)
     check_columns(table, estimator.feature_names_in_, features, args.data)
     finite = np.isfinite(table.values).all(axis=1)
     if not finite.any():
@@ -122,6 +161,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    check_destination(Path(args.out), "--out", folder=True)
     metrics = run_demo(Path(args.out), QUICK if args.quick else FULL, args.seed)
     for name, m in (("two moons", metrics["two_moons"]), ("digits", metrics["digits"])):
         print(
@@ -239,10 +279,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return args.run(args)
+            status = args.run(args)
+            sys.stdout.flush()  # a reader that stopped early is seen here, not at exit
+            return status
+        except BrokenPipeError:  # the reader stopped reading (`| head`): not an error, nothing more to say
+            _discard_stdout()
+            return EXIT_BROKEN_PIPE
         except (OSError, ValueError, RuntimeError) as error:  # bad input, or a fit that diverged
             _report("error", error)
             return EXIT_ERROR
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured output): nothing will be flushed to it
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
 
 
 def _report(kind: str, message: object) -> None:

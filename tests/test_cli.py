@@ -122,9 +122,11 @@ def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
         "wide.csv": "1,2,3\n4,5,6\n",
         "renamed.csv": "b,a\n1,2\n",
         "notes.pt": "just text\n",
+        "underscore.csv": "a,b\n1,2\n1_000,3\n",
     }
     for name, text in files.items():
         (folder / name).write_text(text)
+    (folder / "latin1.csv").write_bytes("a,b\n1,2\n3,4\u00e9\n".encode("latin-1"))
     torch.save({"weights": torch.zeros(2)}, folder / "other.pt")
     torch.save(RunsCodeWhenUnpickled(), folder / "exploit.pt")
     return {
@@ -133,6 +135,11 @@ def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
         "ragged row": (["fit", str(folder / "ragged.csv"), "--out", str(folder / "m.pt")], "line 3: expected 2"),
         "non-numeric": (["score", str(model), str(folder / "text.csv")], "line 3, column 2: 'oops' is not a number"),
         "nan row": (["fit", str(folder / "nan.csv"), "--out", str(folder / "m.pt")], "NaN or inf values (lines 2)"),
+        "underscore": (["score", str(model), str(folder / "underscore.csv")], "line 3, column 1: '1_000' is not a"),
+        "latin-1": (
+            ["score", str(model), str(folder / "latin1.csv")],
+            f"{folder / 'latin1.csv'}, line 3: not UTF-8 text (byte 0xe9",
+        ),
         "wrong width": (["score", str(model), str(folder / "wide.csv")], "has 3 columns; the model was fitted on 2"),
         "wrong header": (["score", str(model), str(folder / "renamed.csv")], "fitted on ['a', 'b']"),
         "not a model": (["sample", str(folder / "notes.pt"), "-n", "3"], f"{folder / 'notes.pt'} is not a"),
@@ -152,6 +159,74 @@ def test_bad_input_is_one_error_line_and_exit_status_2(fitted, tmp_path, capsys)
         assert captured.out == "" and "CODE FROM THE MODEL FILE RAN" not in captured.out, case
         (line,) = captured.err.strip().splitlines()
         assert line.startswith("pyro-flows: error: ") and fragment in line, (case, line)
+
+
+def test_nan_rows_are_met_with_the_command_line_flags_not_the_python_keyword(fitted, tmp_path, capsys):
+    csv = tmp_path / "nan.csv"
+    csv.write_text("a,b\n1,2\nnan,4\n")
+    for argv, flag in (
+        (["fit", str(csv), "--out", str(tmp_path / "m.pt")], "pass --drop-nonfinite to drop them"),
+        (["score", str(fitted["model"]), str(csv)], "pass --skip-nonfinite to score them nan"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"pyro-flows: error: {csv}: 1 of 2 rows have NaN or inf values (lines 3); {flag}\n", err
+
+
+def unwritable_destinations(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Each ``--out`` that cannot be written, and a fragment its error must contain."""
+    (folder / "a_file.txt").write_text("x\n")
+    return {
+        "no such folder under /proc": (Path("/proc/forbidden/m.pt"), "cannot create a file in /proc"),
+        "an existing directory": (folder, f"--out {folder} is a directory; name a file in it"),
+        "a file as the folder": (folder / "a_file.txt" / "m.pt", f"{folder / 'a_file.txt'} is not a directory"),
+    }
+
+
+def test_fit_checks_the_destination_before_training(fitted, tmp_path, monkeypatch, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("fit trained before checking --out")
+
+    monkeypatch.setattr(DensityEstimator, "fit", no_training)
+    for case, (out, fragment) in unwritable_destinations(tmp_path).items():
+        assert cli.main(["fit", str(fitted["csv"]), "--out", str(out), *FIT]) == 2, case
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert captured.out == "" and line.startswith("pyro-flows: error: ") and fragment in line, (case, line)
+    assert (tmp_path / "a_file.txt").read_text() == "x\n"
+    # a destination whose folders do not exist yet is fine (save creates them), and checking it creates nothing
+    cli.check_destination(tmp_path / "new" / "deeper" / "m.pt", "--out")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt"]
+
+
+def test_demo_checks_its_report_folder_before_fitting(tmp_path, monkeypatch, capsys):
+    def no_demo(*args, **kwargs):
+        raise AssertionError("the demo ran before checking --out")
+
+    monkeypatch.setattr(cli, "run_demo", no_demo)
+    (tmp_path / "a_file.txt").write_text("x\n")
+    for out, fragment in (
+        (tmp_path / "a_file.txt", "is a file, not a folder"),
+        (Path("/proc/forbidden/report"), "cannot create a file in /proc"),
+    ):
+        assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+        assert fragment in capsys.readouterr().err
+
+
+def test_sample_into_a_reader_that_stops_early_exits_quietly(fitted):
+    """``pyro-flows sample ... | head -2``: no error message; the status a shell gives a tool killed by SIGPIPE."""
+    process = subprocess.Popen(
+        [str(SCRIPT), "sample", str(fitted["model"]), "-n", "20000", "--seed", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    head = [process.stdout.readline() for _ in range(2)]
+    process.stdout.close()  # 20000 rows are far more than a pipe buffers: the writer meets the closed pipe
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE == 141
+    assert head[0] == b"a,b\n" and len(head[1].split(b",")) == 2
+    assert stderr == b""
 
 
 def test_usage_errors_and_help(capsys):
