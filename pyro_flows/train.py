@@ -94,7 +94,10 @@ class FitOptions:
         max_epochs, max_steps: stop after this many epochs / optimizer steps in total
             (counting those before a resume).
         steps_per_epoch: batches per epoch of a ``DataLoader`` (at most) or a callable (default 100).
-        batch_size: rows per step (per rank under ``torch.distributed``).
+        batch_size: rows per step (per rank under ``torch.distributed``). With tensor data, a last batch of
+            a single row (e.g. 257 rows, ``batch_size=256``) is merged into the batch before it, so every step
+            sees at least 2 rows (a ``BatchNorm`` layer's batch statistics need them); other short last batches
+            are kept as they are. A ``DataLoader`` batches as it was built (``drop_last=``).
         lr, weight_decay: Adam's.
         schedule: None, ``"cosine"`` (annealed to 0 over the run's steps) or ``optimizer -> LRScheduler``;
             stepped every step.
@@ -223,12 +226,18 @@ class _TensorSource:
         self.sampler: DistributedSampler = DistributedSampler(
             rows, num_replicas=world, rank=rank, shuffle=True, seed=seed
         )
-        self.steps_per_epoch: Optional[int] = math.ceil(len(self.sampler) / batch_size)
+        rows_here = len(self.sampler)
+        # a last batch of one row joins the batch before it (batch statistics need two rows)
+        self.merge_last = rows_here > batch_size and rows_here % batch_size == 1
+        self.steps_per_epoch: Optional[int] = math.ceil(rows_here / batch_size) - int(self.merge_last)
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.x.device)
-        for index in order.split(self.batch_size)[start:]:
+        chunks = list(order.split(self.batch_size))
+        if self.merge_last:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        for index in chunks[start:]:
             yield self.x[index], None if self.context is None else self.context[index]
 
 
@@ -685,10 +694,14 @@ class _Loop:
 
 
 def _resume_state(resume: Optional[PathLike], checkpoint: Optional[PathLike]) -> Optional[dict]:
-    """The checkpoint to resume from; None when ``resume`` is this run's own ``checkpoint``, not written yet."""
+    """The checkpoint to resume from; None when ``resume`` is this run's own ``checkpoint``, not written yet.
+
+    The two are compared as files (resolved absolute paths), not strings: ``"run.pt"`` and its absolute path
+    are the same checkpoint."""
     if resume is None:
         return None
-    if not Path(resume).exists() and checkpoint is not None and Path(resume) == Path(checkpoint):
+    same = checkpoint is not None and Path(resume).resolve() == Path(checkpoint).resolve()
+    if same and not Path(resume).exists():
         return None
     return saving.load(resume, "fit")
 

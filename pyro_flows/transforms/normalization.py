@@ -31,7 +31,10 @@ class ActNorm(FlowTransform):
     outputs have zero mean and unit variance per feature (channel): when the first
     call inverts data (density estimation) the data are standardised on
     their way to the base; when it is a forward call (a VI guide sampling)
-    the samples are. After that :math:`s, b` are ordinary parameters.
+    the samples are. After that :math:`s, b` are ordinary parameters. A call
+    with a single value per channel (one vector, e.g. ``flow().sample()``) has no
+    spread to initialise from: it leaves the layer as it is (the identity when fresh)
+    and uninitialised, so the next call with more values initialises it.
 
     Args:
         features: :math:`D` for vectors, or an image shape ``(C, H, W)``.
@@ -83,7 +86,9 @@ class ActNorm(FlowTransform):
 
     def _maybe_initialize(self, values: Tensor, inverse: bool) -> None:
         if self.training and not bool(self.initialized):
-            self._initialize(values, inverse)
+            per_channel = values.numel() // self.event_shape[0]
+            if per_channel >= 2:  # one value per channel has no spread: wait for a larger call
+                self._initialize(values, inverse)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._maybe_initialize(x, inverse=False)
@@ -106,8 +111,9 @@ class BatchNorm(FlowTransform):
         \log|\det J| = \sum_i \big(\gamma_i - \tfrac12 \log(\sigma_i^2 + \epsilon)\big).
 
     In training mode the inverse uses the batch mean and variance of the data
-    and updates running averages (``momentum``); in eval mode, and in the
-    forward (sampling) direction, the running averages are used, so the layer
+    and updates running averages (``momentum``); in eval mode, in the
+    forward (sampling) direction, and for a batch of a single row (which has no
+    variance), the running averages are used, so the layer
     is an exact bijection with an exact log-det there.
 
     Example:
@@ -136,7 +142,7 @@ class BatchNorm(FlowTransform):
         self.register_buffer("running_var", torch.ones(features))
 
     def _statistics(self, y: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        if y is None or not self.training:
+        if y is None or not self.training or y.reshape(-1, y.shape[-1]).shape[0] < 2:
             return self.running_mean, self.running_var + self.eps
         mean, var = _batch_statistics(y, self.eps)
         with torch.no_grad():

