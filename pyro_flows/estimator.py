@@ -252,11 +252,23 @@ class DensityEstimator:
         Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version
         (:mod:`pyro_flows.saving`'s format).
         """
-        payload = saving.load(path, "DensityEstimator")
+        payload = saving.load(path, "DensityEstimator")  # refuses NaN/inf tensors, naming the file
         try:
-            return cls._from_payload(payload)
+            estimator = cls._from_payload(payload)
         except (KeyError, TypeError, RuntimeError) as error:
             raise ValueError(f"{path} is a damaged DensityEstimator file: {error}") from None
+        names = estimator.feature_names_in_
+        if names is not None and (
+            not isinstance(names, (list, tuple))
+            or len(names) != estimator.features_
+            or not all(isinstance(name, str) for name in names)
+        ):
+            shown = f"{len(names)} names" if isinstance(names, (list, tuple)) else type(names).__name__
+            raise ValueError(
+                f"{path} is a damaged DensityEstimator file: its feature names ({shown}) do not match its "
+                f"{estimator.features_} features"
+            )
+        return estimator
 
     @classmethod
     def _from_payload(cls, payload: dict) -> DensityEstimator:
