@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .demo import FULL, QUICK, REPORT_FILES
 from .demo import demo as run_demo
 from .estimator import DensityEstimator
 from .flows import FLOWS
-from .io import NonFiniteRowsError, Table, read_table, write_table
+from .io import SHOWN_ROWS, NonFiniteRowsError, Table, read_table, write_table
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool its reader stopped reading (SIGPIPE)
@@ -85,6 +86,28 @@ def _read(path: Path, remedy: str, **options: bool) -> Table:
         raise ValueError(f"{error.summary}; {remedy}") from None
 
 
+def overflowing_rows(table: Table, dtype: torch.dtype) -> tuple[np.ndarray, str]:
+    """Rows with a finite value that ``dtype`` cannot hold (1e39 in float32), and a message naming them.
+
+    Such a value becomes inf when cast to the model's dtype; the flow could not compute its density.
+    """
+    values = table.values
+    cast = torch.from_numpy(values).to(dtype)
+    cells = np.isfinite(values) & ~torch.isfinite(cast).numpy()
+    rows = np.flatnonzero(cells.any(axis=1))
+    if rows.size == 0:
+        return rows, ""
+    row = int(rows[0])
+    column = int(np.flatnonzero(cells[row])[0])
+    name = f" ({table.columns[column]!r})" if table.columns is not None else ""
+    names = ", ".join(table.row_name(int(r)) for r in rows[:SHOWN_ROWS]) + (", ..." if rows.size > SHOWN_ROWS else "")
+    return rows, (
+        f"{table.row_name(row)}, column {column + 1}{name}: {float(values[row, column])!r} overflows "
+        f"{str(dtype).removeprefix('torch.')}, the model's dtype (largest finite value {torch.finfo(dtype).max:.7g}); "
+        f"{rows.size} of {len(values)} rows have such values ({names})"
+    )
+
+
 # --- fit / score / sample ---------------------------------------------------------------------------------------
 
 
@@ -92,6 +115,9 @@ def fit_command(args: argparse.Namespace) -> int:
     check_destination(args.out, "--out")
     table = _read(args.data, "pass --drop-nonfinite to drop them", drop_nonfinite=args.drop_nonfinite)
     estimator = DensityEstimator(flow=args.flow, transforms=args.transforms, hidden=tuple(args.hidden))
+    overflow, description = overflowing_rows(table, estimator.dtype)
+    if overflow.size:
+        raise ValueError(f"{args.data}, {description}")
     start = time.perf_counter()
     estimator.fit(
         table.values,
@@ -131,21 +157,34 @@ def load_model(path: Path) -> tuple[DensityEstimator, int]:
 
 
 def score_command(args: argparse.Namespace) -> int:
-    """One ``log_density`` per input row, in order; with ``--skip-nonfinite`` rows with NaN/inf score ``nan``."""
+    """One ``log_density`` per input row, in order.
+
+    With ``--skip-nonfinite``, rows with NaN/inf, or with a value too large for the model's dtype, score ``nan``
+    (a warning says how many); without it they are an error naming them.
+    """
+    skip = "pass --skip-nonfinite to score them nan"
     estimator, features = load_model(args.model)
-    table = _read(args.data, "pass --skip-nonfinite to score them nan", keep_nonfinite=args.skip_nonfinite)
+    table = _read(args.data, skip, keep_nonfinite=args.skip_nonfinite)
     check_columns(table, estimator.feature_names_in_, features, args.data)
+    overflow, description = overflowing_rows(table, estimator.dtype)
+    if overflow.size and not args.skip_nonfinite:
+        raise ValueError(f"{args.data}, {description}; {skip}")
     finite = np.isfinite(table.values).all(axis=1)
-    if not finite.any():
-        raise ValueError(f"{args.data}: every one of the {len(finite)} rows has NaN or inf values")
-    scores = np.full(len(finite), np.nan)
-    scores[finite] = np.asarray(estimator.score_samples(table.values[finite]))
+    scored = finite.copy()
+    scored[overflow] = False
+    if not scored.any():
+        reason = "NaN or inf values" if not overflow.size else "NaN, inf or values too large for the model's dtype"
+        raise ValueError(f"{args.data}: every one of the {len(scored)} rows has {reason}")
+    scores = np.full(len(scored), np.nan)
+    scores[scored] = np.asarray(estimator.score_samples(table.values[scored]))
     if not finite.all():
         warnings.warn(
             f"{args.data}: {int((~finite).sum())} of {len(finite)} rows have NaN or inf values; "
             "their log_density is nan",
             stacklevel=2,
         )
+    if overflow.size:
+        warnings.warn(f"{args.data}, {description}; their log_density is nan", stacklevel=2)
     write_table(scores, sys.stdout, header=["log_density"])
     return 0
 
@@ -246,7 +285,8 @@ def _score_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip-nonfinite",
         action="store_true",
-        help="score rows with NaN or inf as nan (one output row per input row) instead of failing",
+        help="score rows with NaN, inf or a value too large for the model's dtype as nan "
+        "(one output row per input row) instead of failing",
     )
 
 

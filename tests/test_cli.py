@@ -113,6 +113,38 @@ def test_skip_nonfinite_scores_bad_rows_as_nan_keeping_row_order(fitted, tmp_pat
     )
 
 
+def test_a_value_too_large_for_the_models_dtype_is_named_or_scored_nan(fitted, tmp_path, capsys):
+    """1e39 is finite in the file but inf in float32: not "NaN or inf", and --skip-nonfinite scores the row nan."""
+    csv = tmp_path / "big.csv"
+    csv.write_text("a,b\n0.5,0.25\n1e39,1.0\n0.0,0.5\nnan,1\n")
+    overflow = (
+        f"{csv}, line 3, column 1 ('a'): 1e+39 overflows float32, the model's dtype "
+        "(largest finite value 3.402823e+38); 1 of 4 rows have such values (line 3)"
+    )
+    csv_finite = tmp_path / "big_finite.csv"
+    csv_finite.write_text("a,b\n0.5,0.25\n1e39,1.0\n")
+    assert cli.main(["score", str(fitted["model"]), str(csv_finite)]) == 2
+    assert capsys.readouterr().err == (
+        f"pyro-flows: error: {csv_finite}, line 3, column 1 ('a'): 1e+39 overflows float32, the model's dtype "
+        "(largest finite value 3.402823e+38); 1 of 2 rows have such values (line 3); "
+        "pass --skip-nonfinite to score them nan\n"
+    )
+    assert cli.main(["score", str(fitted["model"]), str(csv), "--skip-nonfinite"]) == 0
+    captured = capsys.readouterr()
+    scores = read_csv(captured.out)[1][:, 0]
+    assert scores.shape == (4,) and np.isnan(scores[[1, 3]]).all()
+    good = DensityEstimator.load(fitted["model"]).score_samples(np.array([[0.5, 0.25], [0.0, 0.5]]))
+    np.testing.assert_allclose(scores[[0, 2]], good, rtol=1e-6)
+    assert captured.err.splitlines() == [
+        f"pyro-flows: warning: {csv}: 1 of 4 rows have NaN or inf values; their log_density is nan",
+        f"pyro-flows: warning: {overflow}; their log_density is nan",
+    ]
+    np.save(tmp_path / "big.npy", np.array([[0.0, 1.0], [0.0, -1e39]]))
+    assert cli.main(["fit", str(tmp_path / "big.npy"), "--out", str(tmp_path / "m.pt"), *FIT]) == 2
+    assert "big.npy, row 1 (0-based), column 2: -1e+39 overflows float32" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def bad_input(folder: Path, model: Path) -> dict[str, tuple[list[str], str]]:
     """Each bad input's argv and a fragment its error message must contain."""
     files = {
