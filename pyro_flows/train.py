@@ -179,7 +179,8 @@ def _describe(value: Any) -> str:
 
 
 def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
-    """Tensors of rows: ``x`` at least 2-D, the same rows in ``x`` and ``context``, finite values.
+    """Tensors of rows: ``x`` at least 2-D with at least one row, the same rows in ``x`` and ``context``, finite
+    values.
 
     A context may be 1-D: one class label per row.
     """
@@ -194,6 +195,8 @@ def _check_rows(x: Tensor, context: Optional[Tensor], name: str) -> None:
             f"fit: {name} and its context must have the same number of rows; got shapes "
             f"{_shape(x)} and {_shape(context)}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"fit: {name} has no rows (shape {_shape(x)}); there is nothing to fit")
     for tensor, what in ((x, name), (context, f"{name} context")):
         if tensor is not None:
             check_finite_rows(tensor, f"fit: {what}")

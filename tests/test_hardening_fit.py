@@ -3,6 +3,9 @@ inputs, validation of arguments, non-finite data from loaders, and data far from
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 import pyro_flows as pf
@@ -58,3 +61,33 @@ def test_batchnorm_in_training_mode_takes_one_row_with_its_running_statistics():
     assert torch.allclose(z, (y - layer.running_mean) / (layer.running_var + layer.eps).sqrt())
     assert torch.equal(layer.running_mean, torch.zeros(3))  # not updated from one row
     assert torch.isfinite(batchnorm_flow()().log_prob(torch.randn(1, 3))).all()
+
+
+# --------------------------------------------------------------------------- item 8: empty inputs
+
+
+def test_fit_refuses_data_without_rows():
+    with pytest.raises(ValueError, match=re.escape("fit: data has no rows (shape (0, 2))")):
+        pf.fit(pf.RealNVP(2), torch.randn(0, 2), progress=False)
+    with pytest.raises(ValueError, match=re.escape("fit: validation_data has no rows (shape (0, 2))")):
+        pf.fit(pf.RealNVP(2), torch.randn(10, 2), validation_data=torch.randn(0, 2), progress=False)
+
+
+@pytest.mark.parametrize("factory", [pf.RealNVP, pf.NSF, pf.MAF, pf.NICE])
+def test_log_prob_of_an_empty_batch_is_empty(factory):
+    torch.manual_seed(0)
+    flow = factory(2)
+    assert flow().log_prob(torch.randn(0, 2)).shape == (0,)
+    assert flow().log_prob(torch.randn(3, 0, 2)).shape == (3, 0)
+    assert flow().sample((0,)).shape == (0, 2)
+
+
+def test_a_continuous_flow_on_an_empty_batch_gives_an_empty_result():
+    torch.manual_seed(0)
+    flow = pf.CNF(2)
+    assert flow().log_prob(torch.randn(0, 2)).shape == (0,)
+    assert flow().sample((0,)).shape == (0, 2)
+    layer = flow.transforms[0]
+    y, ladj = layer.call_and_ladj(torch.randn(0, 2))  # the layer itself, on the generic path too
+    assert y.shape == (0, 2) and ladj.shape == (0,) and layer.nfe == 0
+    assert flow(None).log_prob(torch.randn(1, 2)).shape == (1,)  # and a real batch still integrates

@@ -114,6 +114,9 @@ class FlowDistribution(dist.TransformedDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._check_value(value)
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        if batch.numel() == 0:  # no rows: an empty result (torch's reductions cannot reshape 0 elements)
+            return value.new_zeros(torch.broadcast_shapes(batch, self.batch_shape))
         last = self._last_sample
         if last is not None and last[0] is value and same_state(last[3], self._state_key(*last[:2])):
             return self._base_log_prob(last[1]) - last[2]

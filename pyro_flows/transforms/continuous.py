@@ -201,6 +201,10 @@ class ContinuousFlow(FlowTransform):
         """Solve from ``start`` to ``end``: ``(z(end), ∫ tr J dt)``; records ``nfe`` and ``regularization``."""
         z, context = broadcast_context(z, context, 1)
         batch, d = z.shape[:-1], z.shape[-1]
+        if batch.numel() == 0:  # nothing to integrate (an adaptive solver would fail on a step of 0)
+            self.nfe, empty = 0, z.new_zeros(batch)
+            self.regularization = {"kinetic": empty, "jacobian": empty}
+            return z.clone(), empty
         z = z.reshape(-1, d)
         context = None if context is None else context.reshape(-1, self.context_features)
         divergence = exact_divergence if self.trace == "exact" else hutchinson_divergence
