@@ -20,7 +20,6 @@ import abc
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -126,8 +125,15 @@ class RationalQuadraticSpline(ElementwiseMap):
     :math:`[0, 1]` of the quadratic :math:`a\xi^2 + b\xi + c = 0`, taken as
     :math:`2c / (-b - \sqrt{b^2 - 4ac})` when :math:`b \ge 0` and as
     :math:`(\sqrt{b^2 - 4ac} - b) / 2a` otherwise, so neither form cancels. Parameters per coordinate:
-    :math:`K` widths, :math:`K` heights (softmax-normalised) and :math:`K - 1`
-    interior derivatives (softplus), :math:`3K - 1` in all.
+    :math:`K` widths, :math:`K` heights and :math:`K - 1` interior derivatives, :math:`3K - 1` in all.
+
+    The raw parameters are soft-clamped as in :class:`Affine`, :math:`r \mapsto r / (1 + |r| / c)` with
+    :math:`c = \log(1/\delta_{\min})`: widths and heights are the softmax of raw values clamped to
+    :math:`(-c/2, c/2)` (floored by ``min_bin_size``), the derivatives :math:`\delta = e^{r/(1 + |r|/c)}` lie in
+    :math:`(\delta_{\min}, 1/\delta_{\min})`. This bounds how flat the spline can get, which is what bounds the
+    float32 round-trip error (an error of one ulp in :math:`y` is one of :math:`\text{ulp}/f'` in :math:`x`):
+    unclamped logits and derivatives made derivatives of 1e-5 from raw parameters of unit scale and round-trip
+    errors of 1e-3.
 
     Branch-free: every coordinate goes through the same kernels (clamped into
     the interval, then selected by ``torch.where``), so there is no boolean
@@ -137,7 +143,8 @@ class RationalQuadraticSpline(ElementwiseMap):
         bins: :math:`K`.
         bound: :math:`B`.
         min_bin_size: floor of every bin's width and height, as a fraction of :math:`2B`.
-        min_derivative: floor of the knot derivatives.
+        min_derivative: :math:`\delta_{\min}` in :math:`(0, 1)`, floor of the knot derivatives (and
+            :math:`1/\delta_{\min}` their ceiling).
 
     Example:
         >>> spline = RationalQuadraticSpline(bins=8, bound=5.0)
@@ -160,22 +167,25 @@ class RationalQuadraticSpline(ElementwiseMap):
             raise ValueError(
                 f"RationalQuadraticSpline: min_bin_size * bins must be in [0, 1), got {min_bin_size * bins}"
             )
+        if not 0 < min_derivative < 1:
+            raise ValueError(f"RationalQuadraticSpline: min_derivative must be in (0, 1), got {min_derivative}")
         self.bins, self.bound = int(bins), float(bound)
         self.min_bin_size, self.min_derivative = min_bin_size, min_derivative
-        # softplus(0 + offset) + min_derivative == 1: zero parameters give the identity
-        self._derivative_offset = math.log(math.expm1(1.0 - min_derivative))
+        self._clamp = -math.log(min_derivative)  # c: derivatives in (e^-c, e^c), size logits in (-c/2, c/2)
         self.num_params = 3 * self.bins - 1
 
     def _knot_table(self, params: Tensor) -> Tensor:
         """``(3, K + 1, ...)``: x-knots, y-knots and knot derivatives, bins on axis 1."""
         K, B = self.bins, self.bound
+        c = self._clamp
         raw_sizes, raw_derivatives = params.split((2 * K, K - 1), dim=0)
-        sizes = torch.softmax(raw_sizes.unflatten(0, (2, K)), dim=1)  # bin widths and heights
+        raw_sizes = raw_sizes.unflatten(0, (2, K))
+        sizes = torch.softmax(raw_sizes / (1 + raw_sizes.abs() * (2 / c)), dim=1)  # bin widths and heights
         sizes = sizes.mul(2 * B * (1 - self.min_bin_size * K)).add(2 * B * self.min_bin_size)
         edge = torch.full_like(sizes[:, :1], B)
         knots = torch.cat((-edge, torch.cumsum(sizes[:, :-1], dim=1).sub(B), edge), dim=1)  # ends exactly at +-B
         one = torch.ones_like(knots[:1, :1])
-        interior = F.softplus(raw_derivatives + self._derivative_offset).add(self.min_derivative)
+        interior = torch.exp(raw_derivatives / (1 + raw_derivatives.abs() / c))  # zero parameters: 1, the identity
         derivatives = torch.cat((one, interior.unsqueeze(0), one), dim=1)
         return torch.cat((knots, derivatives), dim=0)
 
@@ -221,6 +231,7 @@ class RationalQuadraticSpline(ElementwiseMap):
         numerator = torch.where(positive, 2 * c, root - b)
         denominator = torch.where(positive, -b - root, 2 * a)
         xi = (numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)).clamp(0, 1)
+        xi = torch.where(dy >= h, torch.ones_like(xi), xi)  # the top knot exactly (the root is a few ulp off there)
         x = x0 + xi * w
         log_derivative = -self._log_derivative(xi, slope, d0, d1)
         return torch.where(inside, x, y), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
