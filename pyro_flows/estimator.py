@@ -17,6 +17,7 @@ from torch import Tensor
 from . import saving
 from .flows import Flow, build_flow
 from .flows.registry import FLOWS, check_flow_name
+from .nn.mlp import check_hidden
 from .train import FitHistory, FitOptions
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
@@ -108,14 +109,37 @@ class DensityEstimator:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         for name, value in flow_kwargs.items():
             _check_json_like(value, name)
-        self.flow, self.transforms, self.hidden = flow, int(transforms), tuple(int(h) for h in hidden)
+        self.flow, self.transforms, self.hidden = flow, int(transforms), check_hidden(hidden, "DensityEstimator")
         self.dtype, self.min_scale = dtype, float(min_scale)
         self.flow_kwargs: dict[str, Any] = dict(flow_kwargs)
+        self._check_flow_kwargs()
         self.flow_: Optional[Flow] = None
         self.features_: Optional[int] = None
         self.feature_names_in_: Optional[list[str]] = None
         self.history_: Any = None
         self._fitted_on = "numpy"
+
+    def _check_flow_kwargs(self) -> None:
+        """A TypeError now, not at ``fit``, for a keyword argument the factory does not take (a typo).
+
+        A two-feature, one-layer flow is built on a random stream of its own and thrown away; only an
+        unexpected keyword argument is reported here (a value may depend on the data's feature count).
+        """
+        if not self.flow_kwargs:
+            return
+        try:
+            with seeded_rng(0):
+                build_flow(self.flow, 2, transforms=1, hidden=self.hidden, **self.flow_kwargs)
+        except TypeError as error:
+            if "unexpected keyword argument" not in str(error):
+                raise
+            unexpected = str(error).rsplit("unexpected keyword argument", 1)[1].strip()
+            raise TypeError(
+                f"DensityEstimator: flow {self.flow!r} takes no keyword argument {unexpected}; "
+                f"given {sorted(self.flow_kwargs)} (see the factory's documentation for its options)"
+            ) from None
+        except Exception:  # noqa: BLE001 - other values are checked by fit, against the data
+            pass
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.flow_kwargs.items())

@@ -91,3 +91,42 @@ def test_a_continuous_flow_on_an_empty_batch_gives_an_empty_result():
     y, ladj = layer.call_and_ladj(torch.randn(0, 2))  # the layer itself, on the generic path too
     assert y.shape == (0, 2) and ladj.shape == (0,) and layer.nfe == 0
     assert flow(None).log_prob(torch.randn(1, 2)).shape == (1,)  # and a real batch still integrates
+
+
+# --------------------------------------------------------------------------- item 11: validation gaps
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda hidden: pf.nn.MLP(2, 2, hidden=hidden),
+        lambda hidden: pf.nn.MADE(2, hidden=hidden),
+        lambda hidden: pf.nn.CNN(2, 2, hidden=hidden),
+        lambda hidden: pf.nn.VectorField(2, hidden=hidden),
+        lambda hidden: pf.RealNVP(2, hidden=hidden),
+        lambda hidden: pf.DensityEstimator("maf", hidden=hidden),
+    ],
+)
+@pytest.mark.parametrize("hidden", [(0,), (16, -1), (2.5,)])
+def test_a_network_refuses_hidden_widths_that_are_not_positive_integers(build, hidden):
+    with pytest.raises(ValueError, match=r"hidden must be a sequence of layer widths, each an integer >= 1"):
+        build(hidden)
+    with pytest.raises(ValueError, match=r"MLP: hidden must be a sequence of layer widths"):
+        pf.nn.MLP(2, 2, hidden=64)  # type: ignore[arg-type]
+
+
+def test_a_column_whose_spread_overflows_is_named():
+    X = torch.randn(50, 3, dtype=torch.float64)
+    X[4, 1] = 1e300
+    with pytest.raises(ValueError, match=re.escape("column(s) [1] overflows torch.float64")):
+        pf.DensityEstimator("maf", transforms=1, hidden=(8,)).fit(X, max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize(("flow", "kwargs"), [("nsf", {"binz": 4}), ("maf", {"bins": 4}), ("cnf", {"trce": "exact"})])
+def test_the_estimator_reports_an_unknown_keyword_argument_at_construction(flow, kwargs):
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=f"flow '{flow}' takes no keyword argument '{name}'"):
+        pf.DensityEstimator(flow, **kwargs)
+    state = torch.random.get_rng_state()
+    pf.DensityEstimator("nsf", bins=4, bound=3.0)  # known ones are accepted, and the caller's RNG is untouched
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .mlp import check_hidden
+
 
 class CNN(nn.Module):
     r"""Glow's coupling network (Kingma & Dhariwal 2018): 3×3 conv, 1×1 convs, 3×3 conv, shapes preserved.
@@ -40,6 +42,7 @@ class CNN(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
+        hidden = check_hidden(hidden, "CNN")
         if not hidden:
             raise ValueError("CNN: needs at least one hidden width")
         self.in_channels, self.out_channels, self.context_features = in_channels, out_channels, context_features

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import broadcast_cat
+from .mlp import broadcast_cat, check_hidden
 
 
 class MaskedLinear(nn.Linear):
@@ -78,6 +78,7 @@ class MADE(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
+        hidden = check_hidden(hidden, "MADE")
         if features < 1 or not hidden:
             raise ValueError(f"MADE needs features >= 1 and at least one hidden layer, got {features}, {hidden}")
         D, P, C = features, params_per_feature, context_features

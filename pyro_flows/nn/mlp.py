@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,18 @@ def broadcast_cat(x: Tensor, context: Optional[Tensor]) -> Tensor:
         return x
     batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
     return torch.cat((x.expand(batch + x.shape[-1:]), context.expand(batch + context.shape[-1:])), dim=-1)
+
+
+def check_hidden(hidden: Sequence[int], name: str) -> tuple[int, ...]:
+    """``hidden`` as a tuple of widths; a ValueError naming ``hidden`` unless each is an integer >= 1."""
+    try:
+        widths = tuple(operator.index(h) for h in hidden)
+        valid = all(w >= 1 and not isinstance(h, bool) for w, h in zip(widths, hidden, strict=True))
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{name}: hidden must be a sequence of layer widths, each an integer >= 1; got {hidden!r}")
+    return widths
 
 
 class MLP(nn.Module):
@@ -44,7 +57,7 @@ class MLP(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.context_features = in_features, out_features, context_features
         self.residual = residual
-        widths = [in_features + context_features, *hidden]
+        widths = [in_features + context_features, *check_hidden(hidden, "MLP")]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.activation = activation()
         self.output = nn.Linear(widths[-1], out_features)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .mlp import broadcast_cat
+from .mlp import broadcast_cat, check_hidden
 
 
 def time_column(t: Tensor | float, like: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ class VectorField(nn.Module):
     ) -> None:
         super().__init__()
         self.features, self.context_features = int(features), int(context_features)
-        widths = [features + context_features, *hidden, features]
+        widths = [features + context_features, *check_hidden(hidden, "VectorField"), features]
         layers = [ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
         layers[-1].zero_()
         self.layers = nn.ModuleList(layers)

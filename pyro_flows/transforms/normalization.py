@@ -217,6 +217,14 @@ class Standardize(FlowTransform):
         if data.dim() != 2 or data.shape[0] < 2:
             raise ValueError(f"Standardize.from_data: need data of shape (N >= 2, D), got {tuple(data.shape)}")
         std, mean = torch.std_mean(data, dim=0)
+        overflow = ~(torch.isfinite(std) & torch.isfinite(mean))
+        if bool(overflow.any()):
+            columns = torch.nonzero(overflow).flatten().tolist()
+            largest = data[:, overflow].abs().max().item()
+            raise ValueError(
+                f"Standardize.from_data: the mean or standard deviation of column(s) {columns[:10]} overflows "
+                f"{data.dtype} (largest |value| {largest:.3g}); rescale those columns"
+            )
         floor = min_scale * mean.abs().clamp(min=1.0)
         return cls(mean, torch.maximum(std, floor))
 
