@@ -554,7 +554,10 @@ class _Loop:
         x = x.to(self.device, non_blocking=True)
         context = None if context is None else context.to(self.device, non_blocking=True)
         self.pending.take(self.model, self.optimizer)
-        total, rows, norm = self.backward(x, context)
+        total, rows, norm, bad_rows = self.backward(x, context)
+        if bad_rows:  # a data error, not a divergence: nothing to recover from
+            self.optimizer.zero_grad(set_to_none=True)
+            self.data_error(x, context, bad_rows)
         if not (math.isfinite(total) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return self.recover(f"loss ({total / rows:.4g})" if not math.isfinite(total) else f"gradient norm ({norm})")
@@ -571,24 +574,43 @@ class _Loop:
         if self.options.checkpoint is not None and p.history.steps % self.options.checkpoint_every == 0:
             self.save()
 
-    def backward(self, x: Tensor, context: Optional[Tensor]) -> tuple[float, float, float]:
-        """Gradients of the objective (averaged over ranks), clipped; the loss x rows and the rows summed
-        over ranks, and the gradient norm, read in one device-to-host transfer.
+    def data_error(self, x: Tensor, context: Optional[Tensor], bad_rows: float) -> None:
+        """Raise a ValueError naming the batch and its rows with NaN or inf values (``bad_rows`` over all ranks)."""
+        p = self.position
+        where = f"fit: batch {p.batch} of epoch {p.epoch + 1} (counting from 1) from the data source"
+        for tensor, what in ((x, ""), (context, " (its context)")):
+            if tensor is not None and tensor.is_floating_point():
+                check_finite_rows(tensor, where + what)
+        raise ValueError(f"{where} has {int(bad_rows)} rows with NaN or inf values on another rank")
+
+    def backward(self, x: Tensor, context: Optional[Tensor]) -> tuple[float, float, float, float]:
+        """Gradients of the objective (averaged over ranks), clipped; the loss x rows, the rows and the rows
+        with a NaN or inf (in ``x`` or a floating ``context``) summed over ranks, and the gradient norm, read in
+        one device-to-host transfer.
 
         ``torch.distributions`` argument validation stays as the caller set it. A NaN inside one of the
         library's flows (an overflowing layer) still makes a non-finite loss that the loop recovers from,
         not a ValueError: their base distributions do not validate the values the layers compute.
         """
-        loss = self.objective(self.trained, x, context)
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if context is not None and context.is_floating_point():
+            finite = finite & torch.isfinite(context.reshape(context.shape[0], -1)).all(1)
+        bad = (~finite).sum().double().reshape(1)
+        try:
+            loss = self.objective(self.trained, x, context)
+        except Exception:
+            if bool(bad):  # the objective refused bad data (e.g. a validating log_prob): name the data error
+                self.data_error(x, context, bad.item())
+            raise
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"fit: the objective must return a scalar tensor, got {_describe(loss)}")
         loss.backward()
         clip = math.inf if self.options.clip_grad is None else self.options.clip_grad
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double().reshape(1)
         rows = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=loss.device)
-        sums = _all_sum(torch.cat([loss.detach().double().reshape(1) * rows, rows]))
-        total, rows_, norm_ = torch.cat([sums, norm.to(loss.device)]).tolist()
-        return total, rows_, norm_
+        sums = _all_sum(torch.cat([loss.detach().double().reshape(1) * rows, rows, bad.to(loss.device)]))
+        total, rows_, bad_, norm_ = torch.cat([sums, norm.to(loss.device)]).tolist()
+        return total, rows_, norm_, bad_
 
     def recover(self, what: str) -> None:
         """Roll back to the state before the last good update and halve the learning rate."""

@@ -4,6 +4,7 @@ inputs, validation of arguments, non-finite data from loaders, and data far from
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -130,3 +131,33 @@ def test_the_estimator_reports_an_unknown_keyword_argument_at_construction(flow,
     state = torch.random.get_rng_state()
     pf.DensityEstimator("nsf", bins=4, bound=3.0)  # known ones are accepted, and the caller's RNG is untouched
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# --------------------------------------------------------------------------- item 7: NaN rows from a data source
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_nan_row_from_a_loader_or_a_callable_is_a_data_error_not_a_divergence(validate):
+    from torch.utils.data import DataLoader
+
+    x = torch.randn(64, 2)
+    x[37] = float("nan")
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(validate)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "non-finite loss" recovery warning
+            message = re.escape(
+                "fit: batch 3 of epoch 1 (counting from 1) from the data source has NaN or inf values in row 5"
+            )
+            with pytest.raises(ValueError, match=message):
+                pf.fit(pf.RealNVP(2, transforms=1, hidden=(8,)), DataLoader(x, batch_size=16), max_epochs=2,
+                       progress=False)  # fmt: skip
+            message = re.escape(
+                "fit: batch 1 of epoch 1 (counting from 1) from the data source has NaN or inf values in row 7"
+            )
+            with pytest.raises(ValueError, match=message):
+                pf.fit(pf.RealNVP(2, transforms=1, hidden=(8,)), lambda: x[30:40], max_epochs=1, steps_per_epoch=2,
+                       progress=False)  # fmt: skip
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
