@@ -1175,3 +1175,77 @@ def test_state_dict_round_trip(case):
         out2, ladj2 = getattr(fresh, direction)(x.clone(), ctx)
         close(out2, out, 0.0)
         close(ladj2, ladj, 0.0)
+
+
+# -- sign of the determinant (issue 16 item 12) -----------------------------------------------------------------------
+def _autograd_det_sign(fn, x: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per sample, the sign of ``torch.linalg.det`` of the autograd Jacobian of ``fn(v, c)`` (events flattened)."""
+    signs = []
+    for i in range(x.shape[0]):
+        c = None if ctx is None else ctx[i : i + 1]
+        jacobian = torch.autograd.functional.jacobian(lambda v, c=c: fn(v, c).flatten(), x[i : i + 1])
+        det = torch.linalg.det(jacobian.reshape(jacobian.shape[0], -1))
+        assert det != 0
+        signs.append(det.sign())
+    return torch.stack(signs)
+
+
+@all_cases
+def test_sign_matches_the_autograd_jacobian(case):
+    """``sign`` is what torch's Transform promises (the sign of the Jacobian's determinant), for both directions and
+    for the transform Pyro's conditional distributions use."""
+    layer = make(case, torch.float64)
+    ctx = context(case, (3,), torch.float64)
+    x = domain_input(case, (3,), torch.float64, seed=3)
+    y = codomain_input(case, (3,), torch.float64, seed=4)
+    for transform, fn, value in (
+        (layer, lambda v, c: layer.call_and_ladj(v, c)[0], x),
+        (layer.inv, lambda v, c: layer.inverse_and_ladj(v, c)[0], y),
+    ):
+        expected = _autograd_det_sign(fn, value, ctx)
+        assert (expected == transform.sign).all(), (transform.sign, expected)
+        assert pyro_transform(transform, ctx).sign == transform.sign
+
+
+def _negative_lu(layer):
+    with torch.no_grad():
+        if layer.lu.det_sign() > 0:
+            layer.lu.sign[0] = -layer.lu.sign[0]
+    return layer
+
+
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (lambda: T.Permute(3), -1),  # reversing 3 is one transposition
+        (lambda: T.Permute(5, [1, 0, 2, 3, 4]), -1),
+        (lambda: T.Permute(5, [1, 2, 0, 4, 3]), -1),  # a 3-cycle and a transposition
+        (lambda: T.Permute(4), 1),
+        (lambda: _negative_lu(T.LULinear(4)), -1),
+        (lambda: _negative_lu(T.InvertibleConv1x1((3, 3, 3))), -1),  # (det W)^9
+        (lambda: _negative_lu(T.InvertibleConv1x1((3, 2, 2))), 1),  # (det W)^4
+        (lambda: T.Chain([T.Permute(3), T.AffineCoupling(3, hidden=(8,))]), -1),
+        (lambda: T.Chain([T.Permute(3), T.Permute(3, [1, 0, 2])]), 1),
+        (lambda: T.Squeeze((2, 4, 6)), 1),
+    ],
+    ids=[
+        "Permute3",
+        "transposition",
+        "cycles",
+        "Permute4",
+        "LULinear",
+        "Conv1x1-odd",
+        "Conv1x1-even",
+        "Chain",
+        "Chain2",
+        "Squeeze",
+    ],
+)
+def test_sign_of_layers_with_negative_determinants(build, expected):
+    """Layers whose determinant can be negative say so (they all claimed +1): the sign is the permutation's parity,
+    the LU weight's determinant sign (to the power H W for the 1x1 convolution), a chain's product."""
+    torch.manual_seed(0)
+    layer = build().double()
+    x = torch.randn((2,) + tuple(layer.event_shape), dtype=torch.float64)
+    assert (_autograd_det_sign(lambda v, c: layer.call_and_ladj(v)[0], x) == expected).all()
+    assert layer.sign == expected and layer.inv.sign == expected

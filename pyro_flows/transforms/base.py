@@ -77,7 +77,6 @@ class FlowTransform(TransformModule):
     """
 
     bijective = True
-    sign = +1
 
     def __init__(self, event_shape: tuple, context_features: int = 0, codomain_shape: Optional[tuple] = None) -> None:
         super().__init__(cache_size=0)  # Pyro's entry points use the entry below, torch's cache never
@@ -99,6 +98,19 @@ class FlowTransform(TransformModule):
     @property
     def domain(self):
         return _real_events(len(self.event_shape))
+
+    @property
+    def sign(self) -> int:
+        r"""The sign of :math:`\det J_f` over the whole event (torch defines ``sign`` for univariate transforms;
+        a layer's is that of its event Jacobian, so that signs multiply along a chain). By default the product of
+        the signs of the layers inside it (:class:`~.multiscale.Chain`, :class:`Inverse`, ...), +1 for a layer
+        with none: right for every layer whose Jacobian is triangular with a positive diagonal (couplings and
+        autoregressive layers with monotone maps, ActNorm, BatchNorm, Logit, ...) or is the flow map of an ODE. A
+        layer whose determinant can be negative (permutations, learned linear maps) computes its own."""
+        sign = 1
+        for layer in _inner_layers(self):
+            sign *= layer.sign
+        return sign
 
     codomain = domain
 
@@ -194,6 +206,15 @@ class FlowTransform(TransformModule):
         return f"event_shape={tuple(self.event_shape)}{codomain}{context}"
 
 
+def _inner_layers(module: torch.nn.Module):
+    """The outermost layers inside ``module`` (not those inside them)."""
+    for child in module.children():
+        if isinstance(child, FlowTransform):
+            yield child
+        else:
+            yield from _inner_layers(child)
+
+
 def _replace_event(shape, event_shape: torch.Size, new_event_shape: torch.Size) -> torch.Size:
     n = len(event_shape)
     if tuple(shape[len(shape) - n :]) != tuple(event_shape):
@@ -221,7 +242,6 @@ class ConditionedTransform(Transform):
     """A conditional layer with its context fixed (not a module: the layer owns the parameters and the entry)."""
 
     bijective = True
-    sign = +1
 
     def __init__(self, layer: FlowTransform, context: Tensor) -> None:
         super().__init__(cache_size=0)
@@ -231,6 +251,7 @@ class ConditionedTransform(Transform):
     domain = property(lambda self: self.layer.domain)
     codomain = property(lambda self: self.layer.codomain)
     inv = property(lambda self: ConditionedTransform(self.layer.inv, self.context))
+    sign = property(lambda self: self.layer.sign)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.layer.call_and_ladj(x, self.context)

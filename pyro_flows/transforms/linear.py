@@ -14,6 +14,18 @@ def _batch_zeros(x: Tensor, event_dims: int = 1) -> Tensor:
     return x.new_zeros(x.shape[: x.dim() - event_dims])
 
 
+def _parity(permutation: Tensor) -> int:
+    """+1 for an even permutation of ``range(n)``, -1 for an odd one (by its cycles: a k-cycle has parity k - 1)."""
+    indices, seen, sign = permutation.tolist(), [False] * permutation.numel(), 1
+    for start in range(len(indices)):
+        length, i = 0, start
+        while not seen[i]:
+            seen[i], i, length = True, indices[i], length + 1
+        if length and length % 2 == 0:
+            sign = -sign
+    return sign
+
+
 class Permute(FlowTransform):
     r"""Fixed permutation of the features, :math:`y_i = x_{\pi(i)}`; :math:`\log|\det J| = 0`.
 
@@ -47,6 +59,11 @@ class Permute(FlowTransform):
             raise ValueError(f"Permute: not a permutation of 0..{features - 1}: {permutation.tolist()}")
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    @property
+    def sign(self) -> int:
+        r"""The permutation's parity: :math:`\det J = \pm 1`."""
+        return _parity(self.permutation)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return x.index_select(-1, self.permutation), _batch_zeros(x)
@@ -106,6 +123,11 @@ class LUWeight(nn.Module):
     def log_abs_det(self) -> Tensor:
         return self.log_diagonal.sum()
 
+    def det_sign(self) -> int:
+        r"""The sign of :math:`\det W = \det P \prod_i \sigma_i e^{s_i}`: the parity of :math:`P` times
+        :math:`\prod_i \sigma_i`."""
+        return _parity(self.permutation.argmax(dim=1)) * (1 if bool((self.sign < 0).sum() % 2 == 0) else -1)
+
     def inverse_weight(self) -> Tensor:
         r""":math:`W^{-1}` by triangular solves of the LU factors (for many right-hand sides, e.g. every pixel)."""
         return self.solve_rows(self.eye).T
@@ -137,6 +159,11 @@ class LULinear(FlowTransform):
         super().__init__((features,))
         self.lu = LUWeight(features)
         self.bias = nn.Parameter(torch.zeros(features))
+
+    @property
+    def sign(self) -> int:
+        r"""The sign of :math:`\det W` (:meth:`LUWeight.det_sign`): -1 for about half of the random initialisations."""
+        return self.lu.det_sign()
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y = torch.nn.functional.linear(x, self.lu.weight(), self.bias)
@@ -177,6 +204,11 @@ class InvertibleConv1x1(FlowTransform):
         if len(self.event_shape) != 3:
             raise ValueError(f"InvertibleConv1x1: shape must be (C, H, W), got {tuple(shape)}")
         self.lu = LUWeight(self.event_shape[0])
+
+    @property
+    def sign(self) -> int:
+        r"""The sign of :math:`(\det W)^{HW}`: :math:`\det W`'s when :math:`HW` is odd, +1 otherwise."""
+        return self.lu.det_sign() if self.event_shape[1:].numel() % 2 else 1
 
     def _log_det(self, batch_shape: torch.Size) -> Tensor:
         return (self.event_shape[1:].numel() * self.lu.log_abs_det()).expand(batch_shape)
