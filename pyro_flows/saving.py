@@ -27,13 +27,21 @@ except ImportError:  # Windows: no flock; stale temporaries are told by their ag
     fcntl = None  # type: ignore[assignment]
 
 PREFIX = "pyro_flows."
-VERSIONS = {"fit": 1, "DensityEstimator": 1, "NPE": 1}  # the version of each kind this code writes (and reads)
+# the version of each kind this code writes (and reads). Version 2: the rational-quadratic spline maps its raw
+# parameters to bins and derivatives through a soft clamp (exact float32 round trips where bins are nearly
+# flat), so the same weights define another function than in a version-1 file, which is refused rather than
+# loaded into a different model.
+VERSIONS = {"fit": 2, "DensityEstimator": 2, "NPE": 2}
+EARLIER = (
+    "was written by pyro_flows 0.1.0 (file version 1), whose spline layers read their parameters differently: "
+    "loaded now, the same weights would be another model. Refit it (or load it with pyro_flows 0.1.0)"
+)
 DESCRIPTIONS = {
     "fit": "a checkpoint written by pyro_flows.fit",
     "DensityEstimator": "a saved pyro_flows DensityEstimator",
     "NPE": "a file written by NPE.save",
 }
-# the one-string headers that fit checkpoints and NPE files had before this module: read as version 1
+# the one-string headers that fit checkpoints and NPE files had before this module: version 1
 LEGACY = {"pyro_flows.fit/1": ("fit", 1), "pyro_flows.NPE/1": ("NPE", 1)}
 # the kinds made only of pyro_flows' own modules, where ±inf makes no sense either (a fit checkpoint or an NPE
 # holds the user's modules, whose buffers may hold ±inf on purpose, e.g. an attention mask): NaN is refused in all
@@ -64,6 +72,8 @@ def load(path: PathLike, kind: str, map_location: Any = "cpu") -> dict[str, Any]
     if found != kind:
         what = f": it is {DESCRIPTIONS[found]}" if found in DESCRIPTIONS else ""
         raise ValueError(f"{path} is not {DESCRIPTIONS[kind]}{what}")
+    if version == 1:
+        raise ValueError(f"{path} {EARLIER}")
     if version != VERSIONS[kind]:
         raise ValueError(
             f"{path}: unknown {kind} file version {version!r}; this pyro_flows reads version {VERSIONS[kind]} "

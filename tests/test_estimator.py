@@ -218,7 +218,7 @@ def test_loaded_torch_estimator_keeps_its_output_type(tmp_path):
 def test_saved_file_is_plain(tmp_path, fitted):
     fitted.save(tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert payload["format"] == "pyro_flows.DensityEstimator" and payload["version"] == 1
+    assert payload["format"] == "pyro_flows.DensityEstimator" and payload["version"] == 2
     assert payload["config"] == {"flow": "maf", "transforms": 2, "hidden": [8], "min_scale": 1e-6, "kwargs": {}}
     assert payload["features"] == 3 and payload["dtype"] == "float32" and payload["fitted_on"] == "numpy"
     assert isinstance(payload["history"]["train_loss"], list)

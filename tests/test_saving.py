@@ -57,7 +57,7 @@ def test_every_kind_has_one_header_and_loads_weights_only(files):
     for kind, path in files.items():
         payload = torch.load(path, weights_only=True)  # tensors and plain containers only
         assert (payload["format"], payload["version"]) == (f"pyro_flows.{kind}", saving.VERSIONS[kind])
-        assert saving.header(payload) == (kind, 1)
+        assert saving.header(payload) == (kind, 2)
         assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temporary files
 
 
@@ -74,10 +74,10 @@ def test_a_file_of_another_kind_is_refused_by_name(files, kind, other):
 @pytest.mark.parametrize("kind", ["fit", "DensityEstimator", "NPE"])
 def test_a_file_of_another_version_is_refused_by_name(files, kind, tmp_path):
     payload = torch.load(files[kind], weights_only=True)
-    payload["version"] = 2
+    payload["version"] = 3
     saving.atomic_save(payload, tmp_path / "newer.pt")
     with pytest.raises(
-        ValueError, match=rf"{tmp_path / 'newer.pt'}: unknown {kind} file version 2; .* reads version 1"
+        ValueError, match=rf"{tmp_path / 'newer.pt'}: unknown {kind} file version 3; .* reads version 2"
     ):
         open_as(kind, tmp_path / "newer.pt")
 
@@ -99,14 +99,20 @@ class RunsCode:
         return (print, ("CODE FROM THE FILE RAN",))
 
 
-@pytest.mark.parametrize("kind, legacy", [("fit", "pyro_flows.fit/1"), ("NPE", "pyro_flows.NPE/1")])
-def test_files_with_the_old_one_string_headers_still_load(files, kind, legacy, tmp_path):
+@pytest.mark.parametrize("kind, legacy", [("fit", "pyro_flows.fit/1"), ("NPE", "pyro_flows.NPE/1"), ("fit", None)])
+def test_files_of_version_1_are_refused_with_the_reason(files, kind, legacy, tmp_path):
+    """0.1.0 files (the one-string headers, or version 1) hold spline weights that meant another function:
+    loading them would silently give another model."""
     payload = torch.load(files[kind], weights_only=True)
-    del payload["version"]
-    payload["format"] = legacy
+    if legacy is None:
+        payload["version"] = 1
+    else:
+        del payload["version"]
+        payload["format"] = legacy
     saving.atomic_save(payload, tmp_path / "old.pt")
     assert saving.header(torch.load(tmp_path / "old.pt", weights_only=True)) == (kind, 1)
-    open_as(kind, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'old.pt'} was written by pyro_flows 0.1.0 .* Refit it"):
+        open_as(kind, tmp_path / "old.pt")
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):

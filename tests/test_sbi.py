@@ -105,7 +105,7 @@ def test_save_and_load_round_trip(npe, tmp_path):
     reference = analytic_posterior(X_OBS).sample((10,))
     torch.testing.assert_close(loaded.posterior(X_OBS).log_prob(reference), npe.posterior(X_OBS).log_prob(reference))
     header = torch.load(path, weights_only=True)
-    assert (header["format"], header["version"]) == ("pyro_flows.NPE", 1)  # pyro_flows.saving's one format
+    assert (header["format"], header["version"]) == ("pyro_flows.NPE", 2)  # pyro_flows.saving's one format
     with pytest.raises(ValueError, match="not a file written by NPE.save"):
         NPE.load(pf.saving.atomic_save({"weights": torch.zeros(1)}, tmp_path / "other.pt"), PRIOR)
     theta, x = npe.rounds[0][:2]
