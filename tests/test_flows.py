@@ -614,8 +614,11 @@ def test_no_stale_cache_after_optimizer_step(name, context, path):
     torch.manual_seed(0)
     y = d.rsample((8,))
     before = d.log_prob(y)
-    # the cached value right after sampling is the true one
-    torch.testing.assert_close(before, distribution(copy.deepcopy(flow), ctx).log_prob(y.detach().clone()))
+    # the cached value right after sampling is the true one, up to float32 rounding: it comes from the sampling
+    # direction's log-det, the reference from the inverse's (a spline's steepest bins differ by ~1e-5 there);
+    # a stale value is off by more than 1e-3 (asserted below)
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-4)
+    close(before, distribution(copy.deepcopy(flow), ctx).log_prob(y.detach().clone()))
     loss = -before.mean() + y.square().mean()
     optimizer.zero_grad()
     loss.backward()
@@ -623,10 +626,10 @@ def test_no_stale_cache_after_optimizer_step(name, context, path):
     d2 = PATHS[path](flow, ctx)
     after = d2.log_prob(y)
     reference = distribution(copy.deepcopy(flow), ctx).log_prob(y.detach().clone())
-    torch.testing.assert_close(after, reference)
+    close(after, reference)
     assert (after - before).abs().max() > 1e-3  # the step did change the density
     # and the old distribution object sees the new parameters as well
-    torch.testing.assert_close(d.log_prob(y), reference)
+    close(d.log_prob(y), reference)
 
 
 @paths
