@@ -162,3 +162,90 @@ def test_subsampled_model_is_rejected():
     # the same model and guide without subsampling: every datum at every draw
     idata = pf.diagnostics.to_inference_data(model, guide, x, num_samples=20)
     assert idata.log_likelihood["x"].shape == (1, 20, 40)
+
+
+# Issue 16 item 13: PSIS k-hat cannot see a mode the guide misses; mode_coverage can.
+MODES = torch.tensor([-3.0, 3.0])
+
+
+def mixture_model() -> None:
+    """Two equal, well separated modes at -3 and 3 (sd 0.5); no data."""
+    pyro.sample("z", dist.MixtureSameFamily(dist.Categorical(torch.tensor([0.5, 0.5])), dist.Normal(MODES, 0.5)))
+
+
+def mixture_draws(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    component = torch.randint(2, (n,), generator=generator)
+    return MODES[component] + 0.5 * torch.randn(n, generator=generator)
+
+
+def test_guide_on_one_of_two_modes_has_small_khat_but_mode_coverage_flags_the_missed_mode():
+    def one_mode_guide() -> None:
+        pyro.sample("z", dist.Normal(3.0, 0.5))
+
+    torch.manual_seed(0)
+    report = pf.diagnostics.psis(mixture_model, one_mode_guide, num_samples=2000)
+    assert report.khat < 0.5  # "good": the weights are near-constant where the guide puts mass
+    guide_draws = pf.diagnostics.to_inference_data(mixture_model, one_mode_guide, num_samples=1000).posterior["z"]
+    guide_draws = torch.as_tensor(guide_draws.values.reshape(-1))
+    assert bool((guide_draws > 0).all())  # no draw near -3
+    reference = mixture_draws(2000, seed=1)  # exact posterior draws, as from MCMC
+    coverage = pf.diagnostics.mode_coverage(guide_draws, reference)
+    assert not coverage.ok
+    assert coverage.centers.shape == (4, 1) and coverage.reference_mass.shape == coverage.guide_mass.shape == (4,)
+    missed = coverage.centers[coverage.missed, 0]
+    assert len(missed) >= 1 and bool((missed < 0).all())  # what is flagged is the mode at -3, only
+    assert float(coverage.reference_mass[coverage.centers[:, 0] < 0].sum()) == pytest.approx(0.5, abs=0.05)
+    assert float(coverage.guide_mass[coverage.centers[:, 0] < 0].sum()) == 0.0
+    assert float(coverage.reference_mass.sum()) == pytest.approx(1.0) and float(coverage.guide_mass.sum()) == 1.0
+
+
+@pytest.mark.parametrize("clusters", [1, 2, 4, 8])
+def test_draws_covering_both_modes_pass_mode_coverage(clusters):
+    coverage = pf.diagnostics.mode_coverage(mixture_draws(1000, seed=2), mixture_draws(2000, seed=1), clusters=clusters)
+    assert coverage.ok, (coverage.reference_mass, coverage.guide_mass)
+    if clusters == 2:  # the two clusters are the two modes
+        torch.testing.assert_close(coverage.centers[:, 0].sort().values, MODES.double(), atol=0.1, rtol=0)
+        torch.testing.assert_close(
+            coverage.reference_mass, torch.full((2,), 0.5, dtype=torch.float64), atol=0.05, rtol=0
+        )
+    one_mode = pf.diagnostics.mode_coverage(mixture_draws(1000, seed=2).abs(), mixture_draws(2000, seed=1), clusters=2)
+    assert not one_mode.ok
+
+
+def test_mode_coverage_takes_dicts_of_sites_and_standardises_columns():
+    generator = torch.Generator().manual_seed(3)
+    # two modes separated along "b" only, whose scale is 1000 times that of "a"
+    sign = torch.where(torch.rand(1500, generator=generator) < 0.5, -1.0, 1.0)
+    reference = {
+        "a": torch.randn(1500, generator=generator),
+        "b": 1000.0 * (3 * sign + 0.5 * torch.randn(1500, generator=generator))[:, None],
+    }
+    both = {"b": reference["b"].flip(0), "a": torch.randn(1500, generator=generator)}  # key order does not matter
+    one = {"a": both["a"], "b": reference["b"].abs()}
+    assert pf.diagnostics.mode_coverage(both, reference, clusters=2).ok
+    coverage = pf.diagnostics.mode_coverage(one, reference, clusters=2)
+    assert coverage.missed.tolist().count(True) == 1 and float(coverage.centers[coverage.missed, 1]) < 0
+    assert coverage.centers.shape == (2, 2)
+
+
+def test_mode_coverage_thresholds_and_bad_input():
+    reference = mixture_draws(1000, seed=1)
+    lopsided = torch.cat([mixture_draws(1000, seed=2).abs()[:950], -mixture_draws(1000, seed=2).abs()[:50]])
+    assert not pf.diagnostics.mode_coverage(lopsided, reference, clusters=2).ok  # 5% where the reference has 50%
+    assert pf.diagnostics.mode_coverage(lopsided, reference, clusters=2, min_fraction=0.05).ok
+    assert pf.diagnostics.mode_coverage(lopsided, reference, clusters=2, min_mass=0.6).ok
+    with pytest.raises(ValueError, match="values per draw"):
+        pf.diagnostics.mode_coverage(torch.zeros(10, 2), torch.zeros(10, 3))
+    with pytest.raises(ValueError, match="clusters"):
+        pf.diagnostics.mode_coverage(reference, reference, clusters=0)
+    with pytest.raises(ValueError, match="clusters"):
+        pf.diagnostics.mode_coverage(reference, reference[:3], clusters=4)
+    with pytest.raises(ValueError, match="finite"):
+        pf.diagnostics.mode_coverage(torch.tensor([float("nan"), 1.0]), reference)
+    with pytest.raises(ValueError, match="both"):
+        pf.diagnostics.mode_coverage({"z": reference}, reference)
+    with pytest.raises(ValueError, match="lack the sites"):
+        pf.diagnostics.mode_coverage({"y": reference}, {"z": reference})
+    with pytest.raises(ValueError, match="no guide draws"):
+        pf.diagnostics.mode_coverage(torch.zeros(0), reference)

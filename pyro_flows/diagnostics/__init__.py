@@ -1,8 +1,8 @@
-"""Diagnostics: likelihoods per dimension, ArviZ conversion and PSIS for VI guides, calibration for SBI."""
+"""Diagnostics: likelihoods per dimension, ArviZ conversion, PSIS and mode coverage for VI guides, SBI calibration."""
 
 from .calibration import SBCResult, c2st, expected_coverage, sbc
 from .density import bits_per_dim, nats_per_dim
-from .vi import PSISReport, psis, to_inference_data
+from .vi import ModeCoverage, PSISReport, mode_coverage, psis, to_inference_data
 
 __all__ = [
     "bits_per_dim",
@@ -11,6 +11,8 @@ __all__ = [
     "nats_per_dim",
     "SBCResult",
     "sbc",
+    "ModeCoverage",
+    "mode_coverage",
     "PSISReport",
     "psis",
     "to_inference_data",

@@ -241,6 +241,14 @@ def psis(
     ``resample=True``, ``num_samples`` draws are resampled (with replacement)
     in proportion to the smoothed weights. ``args``/``kwargs`` are the model's.
 
+    A small :math:`\\hat k` says the importance weights are reliable *where the
+    guide puts mass*; it cannot detect a mode the guide misses. The weights are
+    computed only at draws of the guide, so a posterior mode where the guide has
+    (almost) no mass is never visited: a guide covering one of two well separated,
+    equal modes gets near-constant weights and a small :math:`\\hat k`. Check
+    mode coverage separately, with :func:`mode_coverage` against reference draws
+    (MCMC, or the prior) or by comparing fits from several initialisations.
+
     Example:
         >>> report = psis(model, guide, data, num_samples=5000)  # doctest: +SKIP
         >>> report.khat < 0.7  # doctest: +SKIP
@@ -269,4 +277,149 @@ def psis(
     )
 
 
-__all__ = ["PSISReport", "psis", "to_inference_data"]
+def _draw_matrix(draws, keys: Optional[list], what: str) -> Tensor:
+    """Draws as an ``(S, D)`` float64 matrix: a tensor ``(S,)`` or ``(S, ...)``, or a dict of such (``keys`` order)."""
+
+    def matrix(value) -> Tensor:
+        value = torch.as_tensor(value)
+        if value.dim() == 0:
+            raise ValueError(f"mode_coverage: {what} must have a leading draw dimension, got a scalar")
+        return (value.flatten(1) if value.dim() > 1 else value[:, None]).to(torch.float64)
+
+    if not isinstance(draws, dict):
+        return matrix(draws)
+    keys = list(draws) if keys is None else keys
+    missing = [key for key in keys if key not in draws]
+    if missing or not keys:
+        raise ValueError(f"mode_coverage: {what} lack the sites {missing}" if missing else f"mode_coverage: no {what}")
+    parts = [matrix(draws[key]) for key in keys]
+    if len({part.shape[0] for part in parts}) != 1:
+        raise ValueError(f"mode_coverage: the sites of the {what} have different numbers of draws")
+    return torch.cat(parts, dim=1)
+
+
+@dataclass
+class ModeCoverage:
+    """Result of :func:`mode_coverage`: per reference cluster ``j`` of ``k``.
+
+    * ``centers``: ``(k, D)`` cluster centres, in the draws' units;
+    * ``reference_mass``: ``(k,)`` fraction of reference draws nearest centre ``j``;
+    * ``guide_mass``: ``(k,)`` fraction of guide draws nearest centre ``j``;
+    * ``missed``: ``(k,)`` bool, ``reference_mass >= min_mass`` and
+      ``guide_mass < min_fraction * reference_mass``;
+    * ``ok``: no cluster missed.
+    """
+
+    centers: Tensor
+    reference_mass: Tensor
+    guide_mass: Tensor
+    missed: Tensor
+
+    @property
+    def ok(self) -> bool:
+        return not bool(self.missed.any())
+
+
+@torch.no_grad()
+def mode_coverage(
+    guide_draws,
+    reference_draws,
+    clusters: int = 4,
+    min_mass: float = 0.05,
+    min_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> ModeCoverage:
+    r"""Does the guide put mass on every region the reference draws occupy? A check that PSIS cannot make.
+
+    :math:`\hat k` of :func:`psis` sees only the importance weights at draws of
+    the guide :math:`q`; a mode of the posterior where :math:`q` has (almost) no
+    mass is never visited, so a guide that misses a mode can have a small
+    :math:`\hat k`. This check compares the guide's draws with reference draws
+    (MCMC, or the prior for a coarse check) instead.
+
+    Each column is divided by the reference draws' standard deviation (columns
+    with zero spread by 1). The reference draws are clustered into ``clusters``
+    groups by k-means (k-means++ start from a generator seeded with ``seed``,
+    then Lloyd's iterations until no assignment changes or ``max_iter``). With
+    centres :math:`c_1..c_k`, a draw belongs to its nearest centre (Euclidean,
+    standardised units), and for each cluster :math:`j`
+
+    .. math:: m^{\mathrm{ref}}_j = \frac1R \#\{r: \text{ref}_r \to j\},\qquad
+              m^{q}_j = \frac1S \#\{s: z_s \to j\}.
+
+    Cluster :math:`j` is *missed* when :math:`m^{\mathrm{ref}}_j \ge` ``min_mass``
+    and :math:`m^q_j <` ``min_fraction`` :math:`\cdot m^{\mathrm{ref}}_j`. More
+    clusters than modes is harmless for a guide that matches the reference (it
+    splits the same way); a flagged cluster that is not a separate mode means the
+    guide leaves out a region of non-negligible reference mass (a tail, for a
+    guide much narrower than the posterior). Two draw sets from the same
+    distribution pass unless too few draws land in a cluster by chance: use
+    hundreds of draws of each.
+
+    Args:
+        guide_draws: ``(S,)`` or ``(S, ...)`` tensor, or a dict site -> ``(S, ...)``
+            (e.g. ``Predictive(model, guide=guide, num_samples=S)`` restricted to the
+            latent sites); each draw is flattened (dict: sites concatenated).
+        reference_draws: ``(R,)`` or ``(R, ...)`` tensor, or a dict with the
+            same sites (e.g. ``MCMC.get_samples()``); its keys fix the order.
+        clusters: ``k``, at most ``R``.
+        min_mass: reference clusters lighter than this are never flagged.
+        min_fraction: flag when the guide's share is below this fraction of the reference's.
+
+    Example:
+        >>> mixture = dist.MixtureSameFamily(
+        ...     dist.Categorical(torch.tensor([0.5, 0.5])), dist.Normal(torch.tensor([-3.0, 3.0]), 0.5))
+        >>> reference = mixture.sample((1000,))
+        >>> one_mode = dist.Normal(3.0, 0.5).sample((1000,))
+        >>> coverage = pf.diagnostics.mode_coverage(one_mode, reference, clusters=2)
+        >>> coverage.ok, coverage.missed.sum().item()
+        (False, 1)
+        >>> pf.diagnostics.mode_coverage(mixture.sample((1000,)), reference, clusters=2).ok
+        True
+    """
+    if isinstance(guide_draws, dict) != isinstance(reference_draws, dict):
+        raise ValueError("mode_coverage: pass both draw sets as tensors or both as dicts of sites")
+    reference = _draw_matrix(reference_draws, None, "reference draws")
+    keys = list(reference_draws) if isinstance(reference_draws, dict) else None
+    guide = _draw_matrix(guide_draws, keys, "guide draws")
+    if guide.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"mode_coverage: guide draws have {guide.shape[1]} values per draw, reference draws {reference.shape[1]}"
+        )
+    if not isinstance(clusters, int) or isinstance(clusters, bool) or not 1 <= clusters <= reference.shape[0]:
+        raise ValueError(f"mode_coverage: clusters must be an integer in [1, {reference.shape[0]}], got {clusters!r}")
+    if guide.shape[0] < 1:
+        raise ValueError("mode_coverage: no guide draws")
+    if not (bool(torch.isfinite(guide).all()) and bool(torch.isfinite(reference).all())):
+        raise ValueError("mode_coverage: the draws must be finite")
+    if not 0.0 <= min_mass <= 1.0 or not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"mode_coverage: min_mass and min_fraction must be in [0, 1], got {min_mass}, {min_fraction}")
+    guide, reference = guide.cpu(), reference.cpu()
+    loc = reference.mean(0)
+    scale = reference.std(0, unbiased=False) if reference.shape[0] > 1 else torch.ones_like(loc)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    ref, q = (reference - loc) / scale, (guide - loc) / scale
+    generator = torch.Generator().manual_seed(seed)
+    # k-means++: each next centre drawn with probability proportional to the squared distance to the nearest one
+    centers = ref[torch.randint(ref.shape[0], (1,), generator=generator)]
+    for _ in range(1, clusters):
+        d2 = torch.cdist(ref, centers).square().min(1).values
+        probs = d2 if bool((d2 > 0).any()) else torch.ones_like(d2)
+        centers = torch.cat([centers, ref[torch.multinomial(probs, 1, generator=generator)]])
+    assign = torch.cdist(ref, centers).argmin(1)
+    for _ in range(max_iter):
+        counts = torch.bincount(assign, minlength=clusters).to(ref.dtype)
+        sums = torch.zeros_like(centers).index_add_(0, assign, ref)
+        centers = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)
+        new = torch.cdist(ref, centers).argmin(1)
+        if bool((new == assign).all()):
+            break
+        assign = new
+    reference_mass = torch.bincount(assign, minlength=clusters).to(torch.float64) / ref.shape[0]
+    guide_mass = torch.bincount(torch.cdist(q, centers).argmin(1), minlength=clusters).to(torch.float64) / q.shape[0]
+    missed = (reference_mass >= min_mass) & (guide_mass < min_fraction * reference_mass)
+    return ModeCoverage(centers * scale + loc, reference_mass, guide_mass, missed)
+
+
+__all__ = ["ModeCoverage", "PSISReport", "mode_coverage", "psis", "to_inference_data"]
