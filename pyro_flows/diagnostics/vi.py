@@ -247,7 +247,7 @@ def psis(
     (almost) no mass is never visited: a guide covering one of two well separated,
     equal modes gets near-constant weights and a small :math:`\\hat k`. Check
     mode coverage separately, with :func:`mode_coverage` against reference draws
-    (MCMC, or the prior) or by comparing fits from several initialisations.
+    of the posterior (e.g. MCMC) or by comparing fits from several initialisations.
 
     Example:
         >>> report = psis(model, guide, data, num_samples=5000)  # doctest: +SKIP
@@ -336,7 +336,8 @@ def mode_coverage(
     the guide :math:`q`; a mode of the posterior where :math:`q` has (almost) no
     mass is never visited, so a guide that misses a mode can have a small
     :math:`\hat k`. This check compares the guide's draws with reference draws
-    (MCMC, or the prior for a coarse check) instead.
+    of the posterior (e.g. MCMC) instead. Prior draws are no reference: a
+    posterior narrower than its prior leaves prior regions empty and is flagged.
 
     Each column is divided by the reference draws' standard deviation (columns
     with zero spread by 1). The reference draws are clustered into ``clusters``
