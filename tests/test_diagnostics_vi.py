@@ -181,7 +181,7 @@ def mixture_draws(n: int, seed: int) -> torch.Tensor:
 
 def test_guide_on_one_of_two_modes_has_small_khat_but_mode_coverage_flags_the_missed_mode():
     def one_mode_guide() -> None:
-        pyro.sample("z", dist.Normal(3.0, 0.5))
+        pyro.sample("z", dist.Normal(3.0, 0.6))  # a little wider than the mode: bounded weights there
 
     torch.manual_seed(0)
     report = pf.diagnostics.psis(mixture_model, one_mode_guide, num_samples=2000)
