@@ -26,6 +26,10 @@ from .utils import PathLike, draw_seed, seeded_rng
 __all__ = ["FLOWS", "DensityEstimator", "NotFittedError"]
 
 SHOWN_ROWS = 10  # how many offending rows an error message names
+CHUNK_ROWS = 2048
+"""Rows per pass of :meth:`DensityEstimator.log_prob` and :meth:`DensityEstimator.sample`: each pass's
+working memory (the layers' activations, a few KiB a row for the default NSF) is freed before the next, so
+scoring or drawing a million rows costs little more than the result itself."""
 JSONLike = Union[None, bool, int, float, str, list, dict]
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -206,10 +210,16 @@ class DensityEstimator:
     def log_prob(self, X: ArrayLike) -> ArrayLike:
         """Log-density of each row of ``X`` in the data's units: shape ``(rows,)``, the type of ``X``."""
         flow = self._fitted_flow("log_prob")
-        data = self._check_rows(X, "log_prob", self.features_).to(self._device, self.dtype)
+        data = self._check_rows(X, "log_prob", self.features_)
+        numpy = not isinstance(X, Tensor)
+        # written chunk by chunk into the result: no copy of all of X in the model's dtype, no list of chunks
+        out = np.empty(len(data)) if numpy else torch.empty(len(data), dtype=self.dtype, device=self._device)
         distribution = flow()
-        log_prob = torch.cat([distribution.log_prob(chunk) for chunk in data.split(65536)])
-        return _like(log_prob, numpy=not isinstance(X, Tensor))
+        for start in range(0, len(data), CHUNK_ROWS):
+            chunk = data[start : start + CHUNK_ROWS].to(self._device, self.dtype)
+            log_prob = distribution.log_prob(chunk)
+            _put(out, start, log_prob)
+        return out
 
     score_samples = log_prob
 
@@ -247,9 +257,16 @@ class DensityEstimator:
         flow = self._fitted_flow("sample")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
+        n, features, numpy = int(n), self.features_, self._fitted_on == "numpy"
+        assert features is not None  # _fitted_flow raised NotFittedError otherwise
+        # CHUNK_ROWS rows at a time, written into the result; each chunk's distribution (and the memo of its
+        # last sample, see FlowDistribution.log_prob) is dropped with the chunk, so nothing large outlives the call
+        out = np.empty((n, features)) if numpy else torch.empty(n, features, dtype=self.dtype, device=self._device)
         with seeded_rng(draw_seed() if seed is None else seed, self._device):
-            samples, _ = flow().sample_and_log_prob((int(n),))
-        return _like(samples, numpy=self._fitted_on == "numpy")
+            for start in range(0, n, CHUNK_ROWS):
+                rows = min(CHUNK_ROWS, n - start)
+                _put(out, start, flow().sample((rows,)))
+        return out
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -345,7 +362,12 @@ class DensityEstimator:
             raise ValueError(f"{method}: expected {features} features, got {data.shape[1]}")
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise ValueError(f"{method}: X has no {'rows' if data.shape[0] == 0 else 'features'}")
-        bad = torch.nonzero(~torch.isfinite(data).all(dim=1)).flatten().tolist()
+        # by chunks: torch's isfinite makes temporaries the size of its input (|x| among them)
+        bad = [
+            start + row
+            for start in range(0, len(data), CHUNK_ROWS)
+            for row in torch.nonzero(~torch.isfinite(data[start : start + CHUNK_ROWS]).all(dim=1)).flatten().tolist()
+        ]
         if bad:
             shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
             raise ValueError(f"{method}: {len(bad)} rows of X have NaN or inf values (rows {shown})")
@@ -365,6 +387,14 @@ def _as_tensor(X: ArrayLike, method: str) -> Tensor:
 
 def _like(values: Tensor, numpy: bool) -> ArrayLike:
     return values.cpu().double().numpy() if numpy else values
+
+
+def _put(out: ArrayLike, start: int, values: Tensor) -> None:
+    """Write ``values`` into the rows of ``out`` from ``start`` on (NumPy float64 or a tensor of their dtype)."""
+    if isinstance(out, np.ndarray):
+        out[start : start + len(values)] = values.cpu().double().numpy()
+    else:
+        out[start : start + len(values)] = values
 
 
 def _dtype(name: str) -> torch.dtype:
