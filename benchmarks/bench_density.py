@@ -186,8 +186,11 @@ def fit_pyro_flows(train: Tensor, test: Tensor, cfg: Config, steps: int, seed: i
         raise RuntimeError(f"pyro_flows took {est.history_.steps} steps, not {steps}")
     # the estimator's own standardisation is the one the peers get
     loc, scale = standardization(train)
-    standardize = est.flow_.transforms[-1]
-    if not (torch.allclose(standardize.loc.double(), loc) and torch.allclose(standardize.scale.double(), scale)):
+    standardize = est.flow_.transforms[-1]  # of the data centred on est.offset_ (in float64)
+    if not (
+        torch.allclose(standardize.loc.double() + est.offset_, loc)
+        and torch.allclose(standardize.scale.double(), scale)
+    ):
         raise RuntimeError("pyro_flows' standardisation differs from the one given to the peers")
     ll = float(np.mean(est.score_samples(test.numpy()))) / train.shape[1]
     return seconds, ll, sum(p.numel() for p in est.flow_.parameters())

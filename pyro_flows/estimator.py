@@ -8,6 +8,7 @@ raises :class:`NotFittedError`, a ``RuntimeError``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
@@ -45,12 +46,20 @@ class DensityEstimator:
     (:func:`~pyro_flows.NSF`, ...) gets a fixed :class:`~pyro_flows.transforms.Standardize`
     layer as its last base→data layer, :math:`y = \mu + \sigma \odot x`, with the column means
     and standard deviations :math:`\mu, \sigma` of the rows passed to ``fit``
-    (floored at ``min_scale`` times :math:`\max(1, |\mu|)`). Its log-det is part of every
-    density, so
+    (each floored at ``min_scale`` times the largest column's: see :meth:`Standardize.from_data
+    <pyro_flows.transforms.Standardize.from_data>`). Its log-det is part of every density, so
 
     .. math:: \log p(y) = \log p_{\text{flow}}\big((y - \mu) / \sigma\big) - \sum_i \log \sigma_i
 
     is in the data's own units, and samples come out in the data's units.
+
+    Data far from zero: the column means are taken in float64 from the data as given and kept as
+    ``offset_`` (float64, saved with the model); every input has them subtracted in float64 before it is cast
+    to the model's dtype, and samples get them added back in float64, so that a column such as
+    ``1.7e9 + N(0, 1)`` is not coarsened by a float32 cast (the flow's ``Standardize`` then has
+    :math:`\mu \approx 0`). ``fit`` warns (``UserWarning``) about a column whose standard deviation spans
+    fewer than 16 representable steps at its magnitude, in the data's dtype (e.g. a float32 tensor of values
+    near 1.7e9, whose steps are 128) or, after centring, in the model's: such a column is modelled coarsely.
 
     Inputs ``X`` are NumPy arrays or torch tensors of shape ``(rows, features)``;
     outputs have the input's type (NumPy float64 for NumPy input, a tensor of the
@@ -69,12 +78,14 @@ class DensityEstimator:
         transforms: number of flow layers (not for the continuous flows).
         hidden: hidden layer sizes of each layer's conditioner network (of the vector field, for CNFs).
         dtype: floating dtype of the model.
-        min_scale: relative floor of the standardisation's standard deviations.
+        min_scale: relative floor of the standardisation's standard deviations (relative to the largest).
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...);
             only JSON-like values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
     Attributes:
         flow\_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``); set by ``fit``.
+            It models the centred data ``X - offset_``.
+        offset\_: the column means of the data passed to ``fit``, a float64 tensor ``(features,)``; set by ``fit``.
         features\_: number of features :math:`D`; set by ``fit``.
         history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`; set by ``fit``.
 
@@ -119,6 +130,7 @@ class DensityEstimator:
         self._check_flow_kwargs()
         self.flow_: Optional[Flow] = None
         self.features_: Optional[int] = None
+        self.offset_: Optional[Tensor] = None
         self.feature_names_in_: Optional[list[str]] = None
         self.history_: Any = None
         self._fitted_on = "numpy"
@@ -180,22 +192,28 @@ class DensityEstimator:
         if len(data) < 2:
             raise ValueError(f"fit: need at least 2 rows of X to standardise them, got {len(data)}")
         features = data.shape[1]
+        offset = data.double().mean(0)  # in float64, from the data as given: the cast comes after centring
+        if not bool(torch.isfinite(offset).all()):
+            Standardize.from_data(data.double(), self.min_scale)  # raises, naming the overflowing columns
+        centred = data.double() - offset
+        _warn_coarse_columns(data, centred, self.dtype)
         seed = draw_seed() if fit_options.seed is None else fit_options.seed
         with seeded_rng(seed):
-            model = self._build(features, Standardize.from_data(data.double(), self.min_scale))
+            model = self._build(features, Standardize.from_data(centred, self.min_scale))
         if validation_data is not None:
-            validation_data = self._check_rows(validation_data, "fit", features).to(self.dtype)
+            validation_data = (self._check_rows(validation_data, "fit", features).double() - offset).to(self.dtype)
         elif not fit_options.validation_fraction:
             fit_options = fit_options.replace(patience=None)
         history = fit_flow(
             model,
-            data.to(self.dtype),
+            centred.to(self.dtype),
             objective=objective,
             validation_data=validation_data,
             resume=resume,
             options=fit_options.replace(seed=seed),
         )
         self.flow_, self.features_, self.history_ = model.eval(), features, history
+        self.offset_ = offset.cpu()
         self.feature_names_in_ = None if feature_names is None else [str(name) for name in feature_names]
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
@@ -216,7 +234,7 @@ class DensityEstimator:
         out = np.empty(len(data)) if numpy else torch.empty(len(data), dtype=self.dtype, device=self._device)
         distribution = flow()
         for start in range(0, len(data), CHUNK_ROWS):
-            chunk = data[start : start + CHUNK_ROWS].to(self._device, self.dtype)
+            chunk = self._centre(data[start : start + CHUNK_ROWS])
             log_prob = distribution.log_prob(chunk)
             _put(out, start, log_prob)
         return out
@@ -265,8 +283,21 @@ class DensityEstimator:
         with seeded_rng(draw_seed() if seed is None else seed, self._device):
             for start in range(0, n, CHUNK_ROWS):
                 rows = min(CHUNK_ROWS, n - start)
-                _put(out, start, flow().sample((rows,)))
+                _put(out, start, self._uncentre(flow().sample((rows,))))
         return out
+
+    def _offset(self, device: torch.device) -> Tensor:
+        assert self.features_ is not None  # called after _fitted_flow
+        offset = self.offset_ if self.offset_ is not None else torch.zeros(self.features_, dtype=torch.float64)
+        return offset.to(device)
+
+    def _centre(self, rows: Tensor) -> Tensor:
+        """Rows of the data as the flow sees them: ``offset_`` subtracted in float64, then cast to the model."""
+        return (rows.double() - self._offset(rows.device)).to(self._device, self.dtype)
+
+    def _uncentre(self, samples: Tensor) -> Tensor:
+        """The flow's samples in the data's units: ``offset_`` added back in float64."""
+        return samples.double() + self._offset(samples.device)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -279,6 +310,7 @@ class DensityEstimator:
                 "feature_names": self.feature_names_in_,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+                "offset": self._offset(torch.device("cpu")),
                 "fitted_on": self._fitted_on,
                 "history": _plain_history(self.history_),
             },
@@ -325,6 +357,11 @@ class DensityEstimator:
         with seeded_rng(0):  # the initial weights are overwritten below: no draw from the caller's stream
             flow = estimator._build(features, Standardize(torch.zeros(features), torch.ones(features)))
         flow.load_state_dict(payload["state_dict"])
+        offset = payload.get("offset")  # absent from files saved before the offset existed: no offset
+        if offset is not None:
+            if not isinstance(offset, Tensor) or offset.shape != (features,):
+                raise TypeError(f"its offset is not a tensor of shape ({features},)")
+            estimator.offset_ = offset.double()
         estimator.flow_, estimator.features_, estimator.history_ = flow.eval(), features, _restore_history(payload)
         estimator._fitted_on = payload["fitted_on"]
         estimator.feature_names_in_ = payload.get("feature_names")
@@ -395,6 +432,26 @@ def _put(out: ArrayLike, start: int, values: Tensor) -> None:
         out[start : start + len(values)] = values.cpu().double().numpy()
     else:
         out[start : start + len(values)] = values
+
+
+def _warn_coarse_columns(data: Tensor, centred: Tensor, dtype: torch.dtype) -> None:
+    """Warn about columns whose standard deviation spans fewer than 16 representable steps at their magnitude:
+    in the data's own dtype, or (after centring) in the model's ``dtype``."""
+    std = centred.std(0)
+    step = torch.maximum(
+        torch.finfo(data.dtype).eps * data.abs().amax(0).double(),
+        torch.finfo(dtype).eps * centred.abs().amax(0),
+    )
+    coarse = torch.nonzero((std > 0) & (std < 16 * step)).flatten().tolist()
+    if coarse:
+        shown = ", ".join(f"{c} (sd {std[c].item():.3g}, step {step[c].item():.3g})" for c in coarse[:SHOWN_ROWS])
+        warnings.warn(
+            f"DensityEstimator.fit: column(s) {shown} vary by fewer than 16 steps of the floating-point resolution "
+            f"at their magnitude ({data.dtype} data, {dtype} model): they are modelled coarsely; pass float64 data "
+            "centred nearer zero",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -72,7 +72,8 @@ def test_standardize_from_data_uses_column_mean_and_std_with_a_floor():
     layer = Standardize.from_data(torch.from_numpy(data), min_scale=1e-6)
     np.testing.assert_allclose(layer.loc.numpy(), data.mean(0), rtol=1e-12)
     np.testing.assert_allclose(layer.scale.numpy()[[0, 2]], data.std(0, ddof=1)[[0, 2]], rtol=1e-12)
-    assert layer.scale[1].item() == pytest.approx(7e-6)  # floored at min_scale * |mean|
+    # floored at min_scale * the largest column's spread (issue 16.1: not * |mean|, which inflated far-off columns)
+    assert layer.scale[1].item() == pytest.approx(1e-6 * data.std(0, ddof=1).max(), rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 import weakref
 
 import numpy as np
@@ -103,3 +104,58 @@ def test_peak_memory_of_sample_and_score_is_a_small_multiple_of_the_result():
     # unchunked (before issue 16.5): +94 MB for the 12.8 MB sample, +106 MB to score X (12.8 MB; 1.6 MB of scores)
     assert figures["sample"] <= 3 * figures["sample_result"], figures  # now ~1x
     assert figures["score"] <= figures["X"] / 2, figures  # now ~3.7 MB: no copy of X, one chunk's activations
+
+
+# -- item 1: data far from zero -------------------------------------------------------------------------------------
+
+FAR = 1.7e9
+
+
+def _gaussian_log_likelihood(X: np.ndarray) -> float:
+    """Mean log-density of the rows of ``X`` under N(0, I), per row."""
+    return float(np.mean(-0.5 * (X**2).sum(1) - 0.5 * X.shape[1] * np.log(2 * np.pi)))
+
+
+def test_standardize_floors_the_spread_on_the_spreads_not_the_mean():
+    data = torch.from_numpy(np.random.default_rng(0).normal(size=(500, 2)) + [FAR, 0.0])
+    layer = pf.transforms.Standardize.from_data(data)
+    np.testing.assert_allclose(layer.scale.numpy(), data.std(0).numpy(), rtol=1e-12)  # was 1700 for column 0
+    constant = pf.transforms.Standardize.from_data(torch.full((10, 2), 7.0, dtype=torch.float64))
+    assert constant.scale.tolist() == pytest.approx([7e-6, 7e-6])  # every column constant: min_scale * |mean|
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_data_far_from_zero_is_fitted_as_the_same_data_near_zero(dtype, tmp_path):
+    X = np.random.default_rng(0).normal(size=(1000, 2))
+    options = dict(max_epochs=3, batch_size=250, progress=False, validation_fraction=0)
+    near = pf.DensityEstimator("realnvp", dtype=dtype, **TINY).fit(X, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float64 data at 1.7e9 with sd 1 is representable: no warning
+        far = pf.DensityEstimator("realnvp", dtype=dtype, **TINY).fit(X + FAR, **options)
+    score_near, score_far = near.score(X), far.score(X + FAR)
+    assert score_far == pytest.approx(score_near, abs=0.3)  # before issue 16.1: -9.39 against -2.84
+    assert score_far == pytest.approx(_gaussian_log_likelihood(X), abs=0.15)  # about -2.84 for N(0, I)
+    np.testing.assert_allclose(far.offset_.numpy(), X.mean(0) + FAR, rtol=0, atol=1e-5)
+    assert far.offset_.dtype == torch.float64
+    # the rows are not coarsened to float32's steps of 128 at 1.7e9: nearby rows get different scores
+    nearby = X[:5] + FAR
+    assert len(np.unique(far.score_samples(nearby))) == 5
+    # samples come back in the data's units, at full float64 resolution
+    samples = far.sample(4000, seed=0)
+    assert samples.dtype == np.float64
+    np.testing.assert_allclose(samples.mean(0), FAR, rtol=0, atol=0.2)
+    np.testing.assert_allclose(samples.std(0), 1.0, rtol=0.2)
+    assert len(np.unique(samples[:, 0])) > 3990  # not float32's steps of 128 (a few float32 draws may coincide)
+    # save / load keeps the offset
+    far.save(tmp_path / "far.pt")
+    loaded = pf.DensityEstimator.load(tmp_path / "far.pt")
+    assert torch.equal(loaded.offset_, far.offset_) and loaded.offset_.dtype == torch.float64
+    np.testing.assert_array_equal(loaded.score_samples(nearby), far.score_samples(nearby))
+    np.testing.assert_array_equal(loaded.sample(10, seed=1), far.sample(10, seed=1))
+
+
+def test_a_column_coarsened_by_its_dtype_is_warned_about():
+    X = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    X[:, 0] = X[:, 0] * 100 + FAR  # float32 steps of 128 at 1.7e9: an sd of 100 is a few steps
+    with pytest.warns(UserWarning, match=r"column\(s\) 0 .*fewer than 16 steps"):
+        pf.DensityEstimator("realnvp", **TINY).fit(X, **QUICK)

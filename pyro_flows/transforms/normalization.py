@@ -210,9 +210,10 @@ class Standardize(FlowTransform):
     def from_data(cls, data: Tensor, min_scale: float = 1e-6) -> Standardize:
         r"""The map whose inverse standardises ``data`` ``(N, D)``: column means and standard deviations.
 
-        The standard deviation (``N - 1`` denominator) is floored at
-        ``min_scale`` times the largest of 1 and the column's absolute mean, so
-        constant columns give a finite, invertible map.
+        The standard deviation (``N - 1`` denominator) of each column is floored at ``min_scale`` times the
+        largest column's, so constant columns give a finite, invertible map; when every column is constant, at
+        ``min_scale`` times the largest of 1 and the columns' absolute means. The floor depends on the spreads
+        only: a column far from zero (a mean over ``1 / min_scale`` times its spread) keeps its own spread.
         """
         if data.dim() != 2 or data.shape[0] < 2:
             raise ValueError(f"Standardize.from_data: need data of shape (N >= 2, D), got {tuple(data.shape)}")
@@ -225,7 +226,10 @@ class Standardize(FlowTransform):
                 f"Standardize.from_data: the mean or standard deviation of column(s) {columns[:10]} overflows "
                 f"{data.dtype} (largest |value| {largest:.3g}); rescale those columns"
             )
-        floor = min_scale * mean.abs().clamp(min=1.0)
+        reference = torch.amax(std)
+        if not bool(reference > 0):  # every column constant
+            reference = torch.amax(mean.abs()).clamp(min=1.0)
+        floor = (min_scale * reference).clamp(min=torch.finfo(std.dtype).tiny)
         return cls(mean, torch.maximum(std, floor))
 
     def _log_det(self, batch_shape: torch.Size) -> Tensor:
