@@ -22,7 +22,7 @@ from .nn.mlp import check_hidden
 from .train import FitHistory, FitOptions
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
-from .utils import PathLike, draw_seed, seeded_rng
+from .utils import PathLike, draw_seed, nonfinite_rows, seeded_rng
 
 __all__ = ["FLOWS", "DensityEstimator", "NotFittedError"]
 
@@ -399,12 +399,7 @@ class DensityEstimator:
             raise ValueError(f"{method}: expected {features} features, got {data.shape[1]}")
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise ValueError(f"{method}: X has no {'rows' if data.shape[0] == 0 else 'features'}")
-        # by chunks: torch's isfinite makes temporaries the size of its input (|x| among them)
-        bad = [
-            start + row
-            for start in range(0, len(data), CHUNK_ROWS)
-            for row in torch.nonzero(~torch.isfinite(data[start : start + CHUNK_ROWS]).all(dim=1)).flatten().tolist()
-        ]
+        bad = nonfinite_rows(data, CHUNK_ROWS)
         if bad:
             shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
             raise ValueError(f"{method}: {len(bad)} rows of X have NaN or inf values (rows {shown})")

@@ -158,14 +158,6 @@ def _number(cell: str) -> float:
     return float(text)
 
 
-def _is_strict_number(cell: str) -> bool:
-    try:
-        _number(cell)
-    except ValueError:
-        return False
-    return True
-
-
 def _records(path: Path) -> list[tuple[int, list[str]]]:
     """The non-blank rows of a CSV file with their (1-based) line numbers."""
     raw = path.read_bytes()
@@ -185,11 +177,13 @@ def _records(path: Path) -> list[tuple[int, list[str]]]:
 def _parse_row(row: list[str], width: int, line: int, path: Path) -> list[float]:
     if len(row) != width:
         raise ValueError(f"{path}, line {line}: expected {width} columns, got {len(row)}")
-    try:
-        return [_number(cell) for cell in row]
-    except ValueError:
-        column, cell = next((j, cell) for j, cell in enumerate(row, 1) if not _is_strict_number(cell))
-        raise ValueError(f"{path}, line {line}, column {column}: {cell.strip()!r} is not a number") from None
+    values = []
+    for column, cell in enumerate(row, 1):
+        try:
+            values.append(_number(cell))
+        except ValueError:
+            raise ValueError(f"{path}, line {line}, column {column}: {cell.strip()!r} is not a number") from None
+    return values
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, Optional[list[str]], np.ndarray]:

@@ -41,14 +41,23 @@ def seeded_rng(seed: int, device: Device = None) -> Iterator[None]:
         yield
 
 
+def nonfinite_rows(t: Tensor, chunk_rows: int = 2048) -> list[int]:
+    """The indices of the rows (first dim) of ``t`` with a NaN or inf entry, checked ``chunk_rows`` at a time
+    (``isfinite`` makes temporaries the size of its input)."""
+    rows: list[int] = []
+    for start in range(0, t.shape[0], chunk_rows):
+        chunk = t[start : start + chunk_rows].reshape(-1, t.shape[1:].numel())
+        rows += (torch.nonzero(~torch.isfinite(chunk).all(1)).flatten() + start).tolist()
+    return rows
+
+
 def check_finite_rows(t: Tensor, what: str) -> None:
     """A ValueError naming the first bad row and their count unless every row of ``t`` is finite."""
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()
+    rows = nonfinite_rows(t)
+    if rows:
         raise ValueError(
-            f"{what} has NaN or inf values in row {int(rows[0])} ({len(rows)} bad rows of {t.shape[0]}: "
-            f"rows {rows[:10].tolist()}); drop or impute them first"
+            f"{what} has NaN or inf values in row {rows[0]} ({len(rows)} bad rows of {t.shape[0]}: "
+            f"rows {rows[:10]}); drop or impute them first"
         )
 
 

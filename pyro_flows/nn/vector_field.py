@@ -72,9 +72,6 @@ class VectorField(nn.Module):
 
     References
     ----------
-    - R. T. Q. Chen, Y. Rubanova, J. Bettencourt and D. Duvenaud.
-      *Neural Ordinary Differential Equations*. NeurIPS 2018.
-      `arXiv:1806.07366 <https://arxiv.org/abs/1806.07366>`__
     - W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever and D. Duvenaud.
       *FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models*. ICLR 2019.
       `arXiv:1810.01367 <https://arxiv.org/abs/1810.01367>`__
