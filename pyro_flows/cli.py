@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -114,26 +121,32 @@ def overflowing_rows(table: Table, dtype: torch.dtype) -> tuple[np.ndarray, str]
 def fit_command(args: argparse.Namespace) -> int:
     check_destination(args.out, "--out")
     table = _read(args.data, "pass --drop-nonfinite to drop them", drop_nonfinite=args.drop_nonfinite)
-    estimator = DensityEstimator(flow=args.flow, transforms=args.transforms, hidden=tuple(args.hidden))
-    overflow, description = overflowing_rows(table, estimator.dtype)
-    if overflow.size:
-        raise ValueError(f"{args.data}, {description}")
-    start = time.perf_counter()
-    estimator.fit(
-        table.values,
+    estimator = DensityEstimator(
+        flow=args.flow,
+        transforms=args.transforms,
+        hidden=None if args.hidden is None else tuple(args.hidden),
+        context=None if args.context is None else [_column(name) for name in args.context],
         max_epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         validation_fraction=args.validation_fraction,
         patience=args.patience,
         seed=args.seed,
-        progress=False if args.no_progress else None,
-        feature_names=table.columns,
     )
+    overflow, description = overflowing_rows(table, estimator.torch_dtype)
+    if overflow.size:
+        raise ValueError(f"{args.data}, {description}")
+    start = time.perf_counter()
+    estimator.fit(table.values, progress=False if args.no_progress else None, feature_names=table.columns)
     seconds = time.perf_counter() - start
     estimator.save(args.out)
     print(_fit_summary(estimator, table.values.shape, seconds, args.out))
     return 0
+
+
+def _column(name: str) -> Union[int, str]:
+    """A ``--context`` column: a 0-based index when it is a whole number, else a name from the header."""
+    return int(name) if name.lstrip("-").isdigit() else name
 
 
 def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: float, out: Path) -> str:
@@ -143,17 +156,18 @@ def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: f
         best = history.best_epoch
         losses += f", validation loss {history.validation_loss[best]:.4f} (best epoch {best + 1})"
     stopped = ", stopped early" if history.stopped_early else ""
+    context = estimator.context_columns_
+    given = f" given {len(context)} context columns {estimator._column_labels(context)}" if context else ""
     return (
-        f"fitted {estimator.flow} on {shape[0]} rows x {shape[1]} columns: {losses}, "
+        f"fitted {estimator.flow} on {shape[0]} rows x {shape[1]} columns{given}: {losses}, "
         f"{len(history.train_loss)} epochs{stopped} in {seconds:.1f} s -> {out}"
     )
 
 
 def load_model(path: Path) -> tuple[DensityEstimator, int]:
-    """A saved estimator and its number of features (a loaded estimator is fitted)."""
+    """A saved estimator and its number of columns, context columns included (a loaded estimator is fitted)."""
     estimator = DensityEstimator.load(path)
-    assert estimator.features_ is not None
-    return estimator, estimator.features_
+    return estimator, estimator.n_features_in_
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -165,8 +179,8 @@ def score_command(args: argparse.Namespace) -> int:
     skip = "pass --skip-nonfinite to score them nan"
     estimator, features = load_model(args.model)
     table = _read(args.data, skip, keep_nonfinite=args.skip_nonfinite)
-    check_columns(table, estimator.feature_names_in_, features, args.data)
-    overflow, description = overflowing_rows(table, estimator.dtype)
+    check_columns(table, getattr(estimator, "feature_names_in_", None), features, args.data)
+    overflow, description = overflowing_rows(table, estimator.torch_dtype)
     if overflow.size and not args.skip_nonfinite:
         raise ValueError(f"{args.data}, {description}; {skip}")
     finite = np.isfinite(table.values).all(axis=1)
@@ -190,9 +204,30 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    estimator, features = load_model(args.model)
-    header = estimator.feature_names_in_ or [f"x{i}" for i in range(features)]
-    write_table(estimator.sample(args.n, seed=args.seed), sys.stdout, header=header)
+    """``-n`` rows of samples; for a conditional model, ``-n`` rows for each row of ``--context``, in order, with
+    the context values in their columns (the training table's column order)."""
+    estimator, columns = load_model(args.model)
+    names = getattr(estimator, "feature_names_in_", None) or [f"x{i}" for i in range(columns)]
+    context_columns, target_columns = estimator.context_columns_, estimator.target_columns_
+    if not context_columns:
+        if args.context is not None:
+            raise ValueError(f"--context: {args.model} was fitted without context columns")
+        samples = estimator.sample(args.n, seed=args.seed, temperature=args.temperature)
+        write_table(np.asarray(samples), sys.stdout, header=[names[c] for c in target_columns])
+        return 0
+    context_names = [names[c] for c in context_columns]
+    if args.context is None:
+        raise ValueError(
+            f"{args.model} models its targets given context columns {context_names}: pass --context FILE, "
+            "a table of those columns (one sample set per row)"
+        )
+    table = _read(args.context, "drop or impute them")
+    check_columns(table, context_names, len(context_columns), args.context)
+    samples = np.asarray(estimator.sample(args.n, seed=args.seed, context=table.values, temperature=args.temperature))
+    rows = np.empty((len(table.values) * args.n, columns))
+    rows[:, context_columns] = np.repeat(table.values, args.n, axis=0)
+    rows[:, target_columns] = samples.reshape(-1, len(target_columns))
+    write_table(rows, sys.stdout, header=names)
     return 0
 
 
@@ -247,7 +282,8 @@ def _add_model_argument(command: argparse.ArgumentParser) -> None:
 
 
 def _fit_parser(commands: argparse._SubParsersAction) -> None:
-    model, train = _defaults(DensityEstimator.__init__), DensityEstimator.fit_options
+    model = _defaults(DensityEstimator.__init__)
+    chosen = "default: chosen from the table's rows and columns"
     p = _command(commands, "fit", "fit a flow to a table of numbers and save it", fit_command)
     _add_data_argument(p, "one row per sample")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop rows with NaN or inf instead of failing")
@@ -256,25 +292,24 @@ def _fit_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="where to save the fitted model, e.g. model.pt")
     p.add_argument(
-        "--transforms", type=_positive_int, default=model["transforms"], metavar="N", help="flow layers (not for CNFs)"
+        "--context",
+        nargs="+",
+        metavar="COLUMN",
+        help="model the other columns given these (header names or 0-based indices): p(targets | context)",
     )
-    p.add_argument(
-        "--hidden", type=_positive_int, nargs="+", default=list(model["hidden"]), metavar="W", help="hidden widths"
-    )
-    p.add_argument("--epochs", type=_positive_int, default=train.max_epochs, metavar="N", help="maximum epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=train.batch_size, metavar="N", help="rows per step")
-    p.add_argument("--lr", type=float, default=train.lr, help="Adam learning rate")
+    p.add_argument("--transforms", type=_positive_int, metavar="N", help=f"flow layers (not for CNFs); {chosen}")
+    p.add_argument("--hidden", type=_positive_int, nargs="+", metavar="W", help=f"hidden widths; {chosen}")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help=f"maximum epochs; {chosen}")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help=f"rows per step; {chosen}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate; {chosen}")
     p.add_argument(
         "--validation-fraction",
         type=float,
-        default=train.validation_fraction,
         metavar="F",
-        help="fraction of rows held out for early stopping (0: none)",
+        help=f"fraction of rows held out for early stopping (0: none); {chosen}",
     )
-    p.add_argument(
-        "--patience", type=_positive_int, default=train.patience, metavar="N", help="epochs without improvement"
-    )
-    p.add_argument("--seed", type=int, default=train.seed, help="random seed")
+    p.add_argument("--patience", type=_positive_int, metavar="N", help=f"epochs without improvement; {chosen}")
+    p.add_argument("--seed", type=int, default=model["seed"], help="random seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -293,8 +328,21 @@ def _score_parser(commands: argparse._SubParsersAction) -> None:
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
     p = _command(commands, "sample", "write samples from a fitted model as CSV to stdout", sample_command)
     _add_model_argument(p)
-    p.add_argument("-n", type=_positive_int, required=True, help="number of samples")
+    p.add_argument("-n", type=_positive_int, required=True, help="number of samples (per --context row)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=_defaults(DensityEstimator.sample)["temperature"],
+        metavar="T",
+        help="scale of the base draws (below 1: more typical samples)",
+    )
+    p.add_argument(
+        "--context",
+        type=Path,
+        metavar="FILE",
+        help="for a model fitted with --context: a table of the context columns; -n samples for each row",
+    )
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> None:

@@ -1,8 +1,7 @@
-"""``DensityEstimator``: a normalizing flow as a scikit-learn-like density estimator.
+"""``DensityEstimator``: a normalizing flow as a scikit-learn density estimator, unconditional or conditional.
 
-Errors follow one convention: bad data or arguments raise ``ValueError``
-naming the problem (rows, shapes, names); using an estimator before ``fit``
-raises :class:`NotFittedError`, a ``RuntimeError``.
+Errors follow one convention: bad data or arguments raise ``ValueError`` naming the problem (rows, shapes,
+names); using an estimator before ``fit`` raises :class:`NotFittedError`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import saving
 from .flows import Flow, build_flow
@@ -28,138 +27,238 @@ __all__ = ["FLOWS", "DensityEstimator", "NotFittedError"]
 
 SHOWN_ROWS = 10  # how many offending rows an error message names
 CHUNK_ROWS = 2048
-"""Rows per pass of :meth:`DensityEstimator.log_prob` and :meth:`DensityEstimator.sample`: each pass's
-working memory (the layers' activations, a few KiB a row for the default NSF) is freed before the next, so
-scoring or drawing a million rows costs little more than the result itself."""
+"""Rows per pass of :meth:`DensityEstimator.log_prob`, :meth:`~DensityEstimator.sample`,
+:meth:`~DensityEstimator.encode` and :meth:`~DensityEstimator.decode`: each pass's working memory (the layers'
+activations, a few KiB a row for the default NSF) is freed before the next, so scoring or drawing a million rows
+costs little more than the result itself."""
+TRAINING_PARAMETERS = ("max_epochs", "batch_size", "lr", "weight_decay", "validation_fraction", "patience", "seed")
+"""The constructor's parameters that are :class:`~pyro_flows.FitOptions` fields (None: the default)."""
 JSONLike = Union[None, bool, int, float, str, list, dict]
 ArrayLike = Union[np.ndarray, Tensor]
+Columns = Sequence[Union[int, str]]
 
 
-class NotFittedError(RuntimeError):
-    """The estimator is used (``log_prob``, ``sample``, ``save``, ...) before ``fit``."""
+class NotFittedError(RuntimeError, ValueError, AttributeError):
+    """The estimator is used (``log_prob``, ``sample``, ``save``, ...) before ``fit``.
+
+    A ``ValueError`` and an ``AttributeError`` too, as scikit-learn's own ``NotFittedError`` is.
+    """
+
+
+class _ContextScale(nn.Module):
+    """Divides a (centred) context by its columns' standard deviations: the conditioner sees unit-scale inputs."""
+
+    scale: Tensor
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.clone())
+
+    def forward(self, context: Tensor) -> Tensor:
+        return context / self.scale
 
 
 class DensityEstimator:
-    r"""A normalizing flow fitted by maximum likelihood, with a scikit-learn-like interface.
+    r"""A normalizing flow fitted by maximum likelihood: a scikit-learn density estimator of :math:`p(y)` or
+    :math:`p(y \mid x)`.
 
-    ``fit`` standardises the data: the flow built by the factory ``flow``
-    (:func:`~pyro_flows.NSF`, ...) gets a fixed :class:`~pyro_flows.transforms.Standardize`
-    layer as its last base→data layer, :math:`y = \mu + \sigma \odot x`, with the column means
-    and standard deviations :math:`\mu, \sigma` of the rows passed to ``fit``
-    (each floored at ``min_scale`` times the largest column's: see :meth:`Standardize.from_data
-    <pyro_flows.transforms.Standardize.from_data>`). Its log-det is part of every density, so
+    ``fit`` standardises the data: the flow built by the factory ``flow`` (:func:`~pyro_flows.NSF`, ...) gets a
+    fixed :class:`~pyro_flows.transforms.Standardize` layer as its last base→data layer,
+    :math:`y = \mu + \sigma \odot u`, with the column means and standard deviations :math:`\mu, \sigma` of the
+    rows passed to ``fit`` (each floored at ``min_scale`` times the largest column's: see
+    :meth:`Standardize.from_data <pyro_flows.transforms.Standardize.from_data>`). Its log-det is part of every
+    density, so
 
     .. math:: \log p(y) = \log p_{\text{flow}}\big((y - \mu) / \sigma\big) - \sum_i \log \sigma_i
 
     is in the data's own units, and samples come out in the data's units.
 
-    Data far from zero: the column means are taken in float64 from the data as given and kept as
-    ``offset_`` (float64, saved with the model); every input has them subtracted in float64 before it is cast
-    to the model's dtype, and samples get them added back in float64, so that a column such as
-    ``1.7e9 + N(0, 1)`` is not coarsened by a float32 cast (the flow's ``Standardize`` then has
-    :math:`\mu \approx 0`). ``fit`` warns (``UserWarning``) about a column whose standard deviation spans
-    fewer than 16 representable steps at its magnitude, in the data's dtype (e.g. a float32 tensor of values
-    near 1.7e9, whose steps are 128) or, after centring, in the model's: such a column is modelled coarsely.
+    **Conditional density estimation.** ``context`` names columns of ``X`` (names of a DataFrame's columns or of
+    ``feature_names``, or indices): the other columns are the targets :math:`y`, and the flow models
+    :math:`p(y \mid x)` with the context columns :math:`x` (centred and scaled to unit standard deviation) as
+    every layer's context. ``log_prob(X)`` scores each row's targets given its context, ``sample(n, context=C)``
+    draws ``n`` targets for each row of context values ``C``.
 
-    Inputs ``X`` are NumPy arrays or torch tensors of shape ``(rows, features)``;
-    outputs have the input's type (NumPy float64 for NumPy input, a tensor of the
-    model's dtype for tensor input; ``sample`` follows the type ``fit`` saw). The
-    model computes in ``dtype`` (float32 by default, also for float64 NumPy data:
-    pass ``dtype=torch.float64`` for double precision).
+    **scikit-learn.** The constructor only stores its arguments (checked by ``fit``); ``get_params`` /
+    ``set_params`` (the factory's options such as ``bins`` included), ``clone``, ``Pipeline`` (``score_samples``
+    too), ``GridSearchCV`` and ``cross_val_score`` (``score`` is the mean log-likelihood: higher is better),
+    ``check_is_fitted`` work; ``fit`` sets ``n_features_in_`` and, for a DataFrame with string column names,
+    ``feature_names_in_``. scikit-learn itself is not needed.
 
-    Errors: ``ValueError`` for bad data or arguments (NaN/inf rows, wrong shapes or
-    feature counts, too few rows, a file that is not a saved estimator);
-    :class:`NotFittedError` (a ``RuntimeError``) before ``fit``.
+    **Defaults from the data.** Parameters left at None (``transforms``, ``hidden`` and the training options
+    ``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``validation_fraction``, ``patience``) are chosen
+    by ``fit`` from the table's rows and dimension (:meth:`_data_defaults`), then from :attr:`fit_options`.
+    A keyword given to ``fit`` overrides both for that call.
+
+    Data far from zero: the column means are taken in float64 from the data as given and kept as ``offset_``
+    (float64, saved with the model); every input has them subtracted in float64 before it is cast to the model's
+    dtype, and samples get them added back in float64, so that a column such as ``1.7e9 + N(0, 1)`` is not
+    coarsened by a float32 cast. ``fit`` warns (``UserWarning``) about a column whose standard deviation spans
+    fewer than 16 representable steps at its magnitude, in the data's dtype or, after centring, in the model's.
+
+    Inputs ``X`` are NumPy arrays, torch tensors or DataFrames of shape ``(rows, columns)``; outputs have the
+    input's type (NumPy float64 for NumPy input, a tensor of the model's dtype for tensor input; ``sample``
+    follows the type ``fit`` saw). The model computes in ``dtype`` (``"float32"`` by default, also for float64
+    NumPy data: pass ``dtype="float64"`` or ``torch.float64`` for double precision).
 
     Args:
         flow: a name of :data:`pyro_flows.flows.FLOWS`: ``"nice"``, ``"realnvp"``, ``"maf"``, ``"iaf"``,
             ``"nsf"``, ``"cnf"`` or ``"ffjord"`` (the continuous flows are one ODE layer, trained by maximum
             likelihood through the ODE: exact but slower).
-        transforms: number of flow layers (not for the continuous flows).
-        hidden: hidden layer sizes of each layer's conditioner network (of the vector field, for CNFs).
-        dtype: floating dtype of the model.
+        transforms: number of flow layers (not for the continuous flows); None: from the data.
+        hidden: hidden layer sizes of each layer's conditioner network (of the vector field, for CNFs); None:
+            from the data.
+        context: the columns of ``X`` that condition the density (names or indices); None: none (:math:`p(y)`).
+        max_epochs, batch_size, lr, weight_decay, validation_fraction, patience: training options
+            (:class:`~pyro_flows.FitOptions`); None: from the data and :attr:`fit_options`.
+        seed: fixes the initialisation and the training run (None: one draw from torch's global generator).
+        dtype: floating dtype of the model (``"float32"``, ``"float64"`` or a torch dtype).
         min_scale: relative floor of the standardisation's standard deviations (relative to the largest).
-        **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...);
-            only JSON-like values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
+        **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...); only JSON-like
+            values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
     Attributes:
-        flow\_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``); set by ``fit``.
-            It models the centred data ``X - offset_``.
-        offset\_: the column means of the data passed to ``fit``, a float64 tensor ``(features,)``; set by ``fit``.
-        features\_: number of features :math:`D`; set by ``fit``.
-        history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`; set by ``fit``.
+        flow\_: the fitted :class:`~pyro_flows.Flow` (its last layer is the ``Standardize``); it models the
+            centred targets given the centred context.
+        offset\_: the column means of the data passed to ``fit``, a float64 tensor ``(n_features_in_,)``.
+        n_features_in\_: number of columns of ``X``, context columns included.
+        feature_names_in\_: the column names seen by ``fit`` (a DataFrame's string names or ``feature_names``);
+            only set when there were names.
+        features\_: number of target columns :math:`D` (the flow's event size).
+        context_columns\_, target_columns\_: the indices of the context and target columns of ``X``.
+        history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
 
     Example:
         >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
-        >>> est = DensityEstimator("realnvp", transforms=2, hidden=(16,)).fit(
-        ...     X, max_epochs=2, validation_fraction=0.2, progress=False)
+        >>> est = DensityEstimator("realnvp", transforms=2, hidden=(16,), max_epochs=2).fit(X, progress=False)
         >>> est.score_samples(X[:3]).shape
         (3,)
         >>> est.sample(4, seed=0).shape
         (4, 2)
+        >>> cond = DensityEstimator("nsf", transforms=2, hidden=(16,), context=[0], max_epochs=2).fit(X, progress=False)
+        >>> cond.sample(5, context=X[:3, :1], seed=0).shape  # 5 draws of column 1 for each of 3 values of column 0
+        (3, 5, 1)
     """
+
+    # the fitted attributes, set by fit and load only (declared here for type checkers; not set by __init__)
+    flow_: Flow
+    features_: int
+    n_features_in_: int
+    offset_: Tensor
+    context_columns_: list[int]
+    target_columns_: list[int]
+    history_: Any
+    architecture_: dict[str, Any]
+    feature_names_in_: list[str]
 
     fit_options: ClassVar[FitOptions] = FitOptions().replace(
         max_epochs=200, validation_fraction=0.1, patience=20, seed=0
     )
-    """The defaults of :meth:`fit`: :class:`~pyro_flows.FitOptions` with four changes. ``est.fit(X)`` with no
-    budget should hand back a finished model, as a scikit-learn ``fit`` does, so 10% of the rows are held out
-    and training stops 20 epochs after the validation loss last improved (at 200 epochs at most), keeping the
-    best epoch's weights; plain :func:`~pyro_flows.fit` trains exactly as asked and holds nothing back
-    unasked. ``seed=0``: the same rows give the same model (the command line's ``fit`` relies on it), on a
-    random stream of its own (the caller's is left as it was)."""
+    """The defaults of :meth:`fit` that the data do not choose: :class:`~pyro_flows.FitOptions` with four changes.
+    ``est.fit(X)`` with no budget should hand back a finished model, as a scikit-learn ``fit`` does, so 10% of
+    the rows are held out and training stops 20 epochs after the validation loss last improved (at 200 epochs at
+    most), keeping the best epoch's weights; plain :func:`~pyro_flows.fit` trains exactly as asked and holds
+    nothing back unasked. ``seed=0``: the same rows give the same model (the command line's ``fit`` relies on
+    it), on a random stream of its own (the caller's is left as it was)."""
 
     def __init__(
         self,
         flow: str = "nsf",
-        transforms: int = 5,
-        hidden: Sequence[int] = (128, 128),
+        transforms: Optional[int] = None,
+        hidden: Optional[Sequence[int]] = None,
         *,
-        dtype: torch.dtype = torch.float32,
+        context: Optional[Columns] = None,
+        max_epochs: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        lr: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        validation_fraction: Optional[float] = None,
+        patience: Optional[int] = None,
+        seed: Optional[int] = 0,
+        dtype: Union[str, torch.dtype] = "float32",
         min_scale: float = 1e-6,
         **flow_kwargs: JSONLike,
     ) -> None:
-        check_flow_name(flow, "DensityEstimator")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        for name, value in flow_kwargs.items():
-            _check_json_like(value, name)
-        self.flow, self.transforms, self.hidden = flow, int(transforms), check_hidden(hidden, "DensityEstimator")
-        self.dtype, self.min_scale = dtype, float(min_scale)
-        self.flow_kwargs: dict[str, Any] = dict(flow_kwargs)
-        self._check_flow_kwargs()
-        self.flow_: Optional[Flow] = None
-        self.features_: Optional[int] = None
-        self.offset_: Optional[Tensor] = None
-        self.feature_names_in_: Optional[list[str]] = None
-        self.history_: Any = None
+        # stored as given (scikit-learn's convention: fit checks them, clone and set_params rely on it)
+        self.flow, self.transforms, self.hidden, self.context = flow, transforms, hidden, context
+        self.max_epochs, self.batch_size, self.lr, self.weight_decay = max_epochs, batch_size, lr, weight_decay
+        self.validation_fraction, self.patience, self.seed = validation_fraction, patience, seed
+        self.dtype, self.min_scale = dtype, min_scale
+        self._flow_kwargs: dict[str, Any] = {}
+        self._set_flow_kwargs(flow_kwargs)
         self._fitted_on = "numpy"
 
-    def _check_flow_kwargs(self) -> None:
-        """A TypeError now, not at ``fit``, for a keyword argument the factory does not take (a typo).
+    # -- scikit-learn's estimator protocol ---------------------------------------------
+    @classmethod
+    def _parameter_names(cls) -> list[str]:
+        import inspect
 
-        A two-feature, one-layer flow is built on a random stream of its own and thrown away; only an
-        unexpected keyword argument is reported here (a value may depend on the data's feature count).
-        """
-        if not self.flow_kwargs:
-            return
-        try:
-            with seeded_rng(0):
-                build_flow(self.flow, 2, transforms=1, hidden=self.hidden, **self.flow_kwargs)
-        except TypeError as error:
-            if "unexpected keyword argument" not in str(error):
-                raise
-            unexpected = str(error).rsplit("unexpected keyword argument", 1)[1].strip()
-            raise TypeError(
-                f"DensityEstimator: flow {self.flow!r} takes no keyword argument {unexpected}; "
-                f"given {sorted(self.flow_kwargs)} (see the factory's documentation for its options)"
-            ) from None
-        except Exception:  # noqa: BLE001 - other values are checked by fit, against the data
-            pass
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments by name, the factory's options (``bins``, ...) included."""
+        return {**{name: getattr(self, name) for name in self._parameter_names()}, **self._flow_kwargs}
+
+    def set_params(self, **params: Any) -> DensityEstimator:
+        """Change constructor arguments; a name that is not a parameter is an option of the flow's factory."""
+        names = set(self._parameter_names())
+        for name in names & params.keys():
+            setattr(self, name, params[name])
+        self._set_flow_kwargs({k: v for k, v in params.items() if k not in names})
+        return self
+
+    @property
+    def flow_kwargs(self) -> dict[str, Any]:
+        """The factory's options given to the constructor or ``set_params`` (a copy)."""
+        return dict(self._flow_kwargs)
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(
+            estimator_type="density_estimator",
+            target_tags=TargetTags(required=False),
+            transformer_tags=None,
+            regressor_tags=None,
+            classifier_tags=None,
+        )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return getattr(self, "flow_", None) is not None
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in self.flow_kwargs.items())
-        return f"{type(self).__name__}(flow={self.flow!r}, transforms={self.transforms}, hidden={self.hidden}{extra})"
+        import inspect
+
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
+        unchanged = lambda k, v: (
+            k in defaults and (defaults[k] is v or (type(defaults[k]) is type(v) and defaults[k] == v))
+        )
+        shown = {k: v for k, v in self.get_params().items() if not unchanged(k, v)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def _set_flow_kwargs(self, flow_kwargs: dict[str, Any]) -> None:
+        """Add factory options, refusing a value a file cannot hold and a name the factory does not take (a typo)
+        now rather than at ``fit``."""
+        for name, value in flow_kwargs.items():
+            _check_json_like(value, name)
+        kwargs = {**self._flow_kwargs, **flow_kwargs}
+        if flow_kwargs and isinstance(self.flow, str) and self.flow in FLOWS:
+            _check_factory_takes(self.flow, kwargs)
+        self._flow_kwargs = kwargs
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a floating torch dtype (a ValueError for anything else)."""
+        dtype = getattr(torch, self.dtype, None) if isinstance(self.dtype, str) else self.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"DensityEstimator: dtype must be a floating torch dtype or its name, got {self.dtype!r}")
+        return dtype
+
+    def _data_defaults(self, rows: int, features: int) -> dict[str, Any]:
+        """The values of the parameters left at None for a table of ``rows`` rows and ``features`` targets:
+        ``transforms``, ``hidden``, fields of :class:`~pyro_flows.FitOptions`, or options of the factory."""
+        return {"transforms": 5, "hidden": (128, 128)}
 
     # -- fitting ----------------------------------------------------------------
     def fit(
@@ -173,88 +272,135 @@ class DensityEstimator:
         resume: Optional[PathLike] = None,
         **options: Any,
     ) -> DensityEstimator:
-        """Build a fresh flow for ``X`` ``(rows, features)`` and fit it by maximum likelihood; returns ``self``.
+        """Build a fresh flow for ``X`` ``(rows, columns)`` and fit it by maximum likelihood; returns ``self``.
 
-        ``options`` change :attr:`fit_options` for this call: any field of :class:`~pyro_flows.FitOptions`
+        ``options`` override the training parameters for this call: any field of :class:`~pyro_flows.FitOptions`
         (``max_epochs``, ``batch_size``, ``lr``, ``validation_fraction``, ``patience``, ``seed``, ``progress``,
-        ``weight_decay``, ``schedule``, ``checkpoint``, ``device``, ...); ``validation_data``, ``objective`` and
-        ``resume`` go to :func:`pyro_flows.fit` as they are. A ``validation_fraction`` of the rows is held out for
-        early stopping with ``patience`` epochs (the best weights are kept; ``patience`` is ignored without
-        validation data). ``seed`` fixes the initialisation and the training run (None: one draw from torch's
-        global generator). The standardisation uses the mean and standard deviation of all rows of ``X``
-        (validation rows included). ``feature_names`` (e.g. a CSV header) are kept as ``feature_names_in_`` and
-        saved. ``y`` is ignored (scikit-learn's ``fit(X, y=None)``). A failed ``fit`` leaves the estimator as it was.
+        ``weight_decay``, ``schedule``, ``checkpoint``, ``device``, ...); ``validation_data`` (rows with the
+        columns of ``X``), ``objective`` and ``resume`` go to :func:`pyro_flows.fit` as they are. A
+        ``validation_fraction`` of the rows is held out for early stopping with ``patience`` epochs (the best
+        weights are kept). The standardisation uses the mean and standard deviation of all rows of ``X``
+        (validation rows included). ``feature_names`` (e.g. a CSV header; a DataFrame's column names are taken
+        by themselves) are kept as ``feature_names_in_`` and saved. ``y`` is ignored (scikit-learn's
+        ``fit(X, y=None)``). A failed ``fit`` leaves the estimator as it was.
         """
-        fit_options = self.fit_options.replace(**options)
+        flow_name = check_flow_name(self.flow, "DensityEstimator")
+        dtype = self.torch_dtype
+        names = _column_names(X, feature_names)
         data = self._check_rows(X, "fit")
-        if feature_names is not None and len(feature_names) != data.shape[1]:
-            raise ValueError(f"fit: {len(feature_names)} feature names for {data.shape[1]} features")
+        if names is not None and len(names) != data.shape[1]:
+            raise ValueError(f"fit: {len(names)} feature names for {data.shape[1]} columns of X")
         if len(data) < 2:
-            raise ValueError(f"fit: need at least 2 rows of X to standardise them, got {len(data)}")
-        features = data.shape[1]
+            raise ValueError(f"fit: got {len(data)} sample (row) of X; need at least 2 rows to standardise them")
+        context_columns = _resolve_columns(self.context, names, data.shape[1])
+        target_columns = [c for c in range(data.shape[1]) if c not in set(context_columns)]
+        features = len(target_columns)
+        defaults = self._data_defaults(len(data), features)
+        fit_options = self._fit_options(defaults, options)
+        if validation_data is None and fit_options.validation_fraction:
+            _check_validation_split(len(data), fit_options.validation_fraction)
         offset = data.double().mean(0)  # in float64, from the data as given: the cast comes after centring
         if not bool(torch.isfinite(offset).all()):
-            Standardize.from_data(data.double(), self.min_scale)  # raises, naming the overflowing columns
+            Standardize.from_data(data.double(), float(self.min_scale))  # raises, naming the overflowing columns
         centred = data.double() - offset
-        _warn_coarse_columns(data, centred, self.dtype)
+        _warn_coarse_columns(data, centred, dtype)
+        architecture = self._architecture(defaults)
         seed = draw_seed() if fit_options.seed is None else fit_options.seed
         with seeded_rng(seed):
-            model = self._build(features, Standardize.from_data(centred, self.min_scale))
+            model = _build(
+                flow_name,
+                architecture,
+                Standardize.from_data(centred[:, target_columns], float(self.min_scale)),
+                Standardize.from_data(centred[:, context_columns], float(self.min_scale)).scale
+                if context_columns
+                else None,
+                dtype,
+            )
+        held_out: Union[None, Tensor, tuple[Tensor, Tensor]] = None
         if validation_data is not None:
-            validation_data = (self._check_rows(validation_data, "fit", features).double() - offset).to(self.dtype)
+            rows = (self._check_rows(validation_data, "fit", data.shape[1]).double() - offset).to(dtype)
+            held_out = (rows[:, target_columns], rows[:, context_columns]) if context_columns else rows
         elif not fit_options.validation_fraction:
             fit_options = fit_options.replace(patience=None)
+        inputs = centred.to(dtype)
         history = fit_flow(
             model,
-            centred.to(self.dtype),
+            inputs[:, target_columns],
+            context=inputs[:, context_columns] if context_columns else None,
             objective=objective,
-            validation_data=validation_data,
+            validation_data=held_out,
             resume=resume,
             options=fit_options.replace(seed=seed),
         )
-        self.flow_, self.features_, self.history_ = model.eval(), features, history
-        self.offset_ = offset.cpu()
-        self.feature_names_in_ = None if feature_names is None else [str(name) for name in feature_names]
+        self._set_fitted(
+            flow_=model.eval(),
+            features_=features,
+            n_features_in_=data.shape[1],
+            offset_=offset.cpu(),
+            context_columns_=context_columns,
+            target_columns_=target_columns,
+            history_=history,
+            architecture_=architecture,
+            feature_names_in_=names,
+        )
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
 
-    def _build(self, features: int, standardize: Standardize) -> Flow:
-        """The factory's flow for ``features`` with ``standardize`` appended, in ``self.dtype``."""
-        model = build_flow(self.flow, features, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs)
-        return Flow(model.base, [*model.transforms, standardize], model.context_features).to(self.dtype)
+    def _fit_options(self, defaults: dict[str, Any], options: dict[str, Any]) -> FitOptions:
+        """:attr:`fit_options`, then the data's defaults, then the constructor's parameters, then ``options``."""
+        fields = {f.name for f in dataclasses.fields(FitOptions)}
+        given = {name: getattr(self, name) for name in TRAINING_PARAMETERS if getattr(self, name) is not None}
+        if self.seed is None:
+            given["seed"] = None
+        chosen = {k: v for k, v in defaults.items() if k in fields}
+        return self.fit_options.replace(**chosen).replace(**given).replace(**options)
+
+    def _architecture(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """``transforms``, ``hidden`` and the factory's options, given or from the data: what ``save`` keeps."""
+        fields = {f.name for f in dataclasses.fields(FitOptions)}
+        transforms = defaults["transforms"] if self.transforms is None else self.transforms
+        if isinstance(transforms, bool) or not isinstance(transforms, (int, np.integer)) or transforms < 1:
+            raise ValueError(f"DensityEstimator: transforms must be a positive integer, got {transforms!r}")
+        hidden = check_hidden(defaults["hidden"] if self.hidden is None else self.hidden, "DensityEstimator")
+        chosen = {k: v for k, v in defaults.items() if k not in fields and k not in ("transforms", "hidden")}
+        return {"transforms": int(transforms), "hidden": list(hidden), "kwargs": {**chosen, **self._flow_kwargs}}
+
+    def _set_fitted(self, **attributes: Any) -> None:
+        """Replace every fitted attribute at once (``feature_names_in_`` exists only when there were names)."""
+        for name in FITTED_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+        self.__dict__.update({k: v for k, v in attributes.items() if v is not None})
 
     # -- evaluation -------------------------------------------------------------
     @torch.no_grad()
     def log_prob(self, X: ArrayLike) -> ArrayLike:
-        """Log-density of each row of ``X`` in the data's units: shape ``(rows,)``, the type of ``X``."""
-        flow = self._fitted_flow("log_prob")
-        data = self._check_rows(X, "log_prob", self.features_)
+        r"""Log-density of each row of ``X`` in the data's units, :math:`\log p(y)` or :math:`\log p(y \mid x)`:
+        shape ``(rows,)``, the type of ``X``."""
+        data = self._fitted_rows(X, "log_prob")
         numpy = not isinstance(X, Tensor)
         # written chunk by chunk into the result: no copy of all of X in the model's dtype, no list of chunks
-        out = np.empty(len(data)) if numpy else torch.empty(len(data), dtype=self.dtype, device=self._device)
-        distribution = flow()
-        for start in range(0, len(data), CHUNK_ROWS):
-            chunk = self._centre(data[start : start + CHUNK_ROWS])
-            log_prob = distribution.log_prob(chunk)
-            _put(out, start, log_prob)
+        out = np.empty(len(data)) if numpy else torch.empty(len(data), dtype=self._dtype, device=self._device)
+        for start, distribution, targets in self._chunks(data):
+            _put(out, start, distribution.log_prob(targets))
         return out
 
-    score_samples = log_prob
+    def score_samples(self, X: ArrayLike) -> ArrayLike:
+        """:meth:`log_prob` (scikit-learn's name: higher is more typical, an anomaly score's opposite)."""
+        return self.log_prob(X)
 
     def score(self, X: ArrayLike, y: None = None) -> float:
         """Mean log-likelihood of the rows of ``X`` (nats; ``y`` is ignored, as in scikit-learn)."""
         return float(self.log_prob(X).mean())
 
     def nats_per_dim(self, X: ArrayLike) -> float:
-        """Negative mean log-likelihood per dimension in nats (:func:`pyro_flows.nats_per_dim`)."""
+        """Negative mean log-likelihood per target dimension in nats (:func:`pyro_flows.nats_per_dim`)."""
         from .diagnostics.density import nats_per_dim
 
         log_prob = self.log_prob(X)
-        assert self.features_ is not None  # log_prob raised NotFittedError otherwise
         return nats_per_dim(log_prob, self.features_)
 
     def bits_per_dim(self, X: ArrayLike, levels: Optional[int] = None) -> float:
-        """Negative mean log-likelihood per dimension in bits (:func:`pyro_flows.bits_per_dim`).
+        """Negative mean log-likelihood per target dimension in bits (:func:`pyro_flows.bits_per_dim`).
 
         With ``levels``, ``X`` must be data dequantised into ``[0, 1)`` as ``(x + u) / levels``
         and the result bounds the discrete data's bits/dim (see :func:`~pyro_flows.bits_per_dim`).
@@ -262,42 +408,115 @@ class DensityEstimator:
         from .diagnostics.density import bits_per_dim
 
         log_prob = self.log_prob(X)
-        assert self.features_ is not None  # log_prob raised NotFittedError otherwise
         return bits_per_dim(log_prob, self.features_, levels)
 
     @torch.no_grad()
-    def sample(self, n: int, seed: Optional[int] = None) -> ArrayLike:
-        """``n`` samples ``(n, features)`` in the data's units (NumPy if fitted on NumPy, else a tensor).
-
-        ``seed`` makes them repeat, on a random stream of their own (the caller's is left as it was); None draws
-        the seed from torch's global generator (so ``torch.manual_seed`` makes unseeded samples repeat).
-        """
-        flow = self._fitted_flow("sample")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"sample: n must be a positive integer, got {n!r}")
-        n, features, numpy = int(n), self.features_, self._fitted_on == "numpy"
-        assert features is not None  # _fitted_flow raised NotFittedError otherwise
-        # CHUNK_ROWS rows at a time, written into the result; each chunk's distribution (and the memo of its
-        # last sample, see FlowDistribution.log_prob) is dropped with the chunk, so nothing large outlives the call
-        out = np.empty((n, features)) if numpy else torch.empty(n, features, dtype=self.dtype, device=self._device)
-        with seeded_rng(draw_seed() if seed is None else seed, self._device):
-            for start in range(0, n, CHUNK_ROWS):
-                rows = min(CHUNK_ROWS, n - start)
-                _put(out, start, self._uncentre(flow().sample((rows,))))
+    def encode(self, X: ArrayLike) -> ArrayLike:
+        """The base-space point :math:`z = f^{-1}(y)` (given the row's context) of each row of ``X``:
+        ``(rows, features_)``, the type of ``X``. Standard normal for data from the model."""
+        data = self._fitted_rows(X, "encode")
+        out = self._empty((len(data), self.features_), numpy=not isinstance(X, Tensor))
+        for start, distribution, targets in self._chunks(data):
+            _put(out, start, distribution.to_base(targets))
         return out
 
-    def _offset(self, device: torch.device) -> Tensor:
-        assert self.features_ is not None  # called after _fitted_flow
-        offset = self.offset_ if self.offset_ is not None else torch.zeros(self.features_, dtype=torch.float64)
-        return offset.to(device)
+    @torch.no_grad()
+    def decode(self, Z: ArrayLike, context: Optional[ArrayLike] = None) -> ArrayLike:
+        """The targets :math:`y = f(z)` in the data's units of base-space points ``Z`` ``(rows, features_)``
+        (the inverse of :meth:`encode`), given ``context`` values ``(rows, len(context_columns_))`` for a
+        conditional model: the type of ``Z``."""
+        self._fitted_flow("decode")
+        z = self._check_rows(Z, "decode", self.features_, "base points")
+        contexts = self._context_rows(context, "decode", len(z))
+        out = self._empty((len(z), self.features_), numpy=not isinstance(Z, Tensor))
+        for start in range(0, len(z), CHUNK_ROWS):
+            chunk = z[start : start + CHUNK_ROWS].to(self._device, self._dtype)
+            distribution = self._distribution(None if contexts is None else contexts[start : start + CHUNK_ROWS])
+            _put(out, start, self._uncentre(distribution.from_base(chunk)))
+        return out
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, seed: Optional[int] = None, *, context: Optional[ArrayLike] = None, temperature: float = 1.0
+    ) -> ArrayLike:
+        """``n`` samples ``(n, features_)`` in the data's units (NumPy if fitted on NumPy, else a tensor).
+
+        A conditional model takes ``context``: values of the context columns, ``(rows, len(context_columns_))``,
+        and returns ``n`` draws of the targets for each row, ``(rows, n, features_)`` (a 1-D ``context``, one
+        row: ``(n, features_)``). ``temperature`` :math:`T` scales the base draws, :math:`z \\sim N(0, T^2 I)`
+        (Glow's reduced-temperature sampling: below 1, more typical samples; 1 samples the model). ``seed``
+        makes them repeat, on a random stream of their own (the caller's is left as it was); None draws the
+        seed from torch's global generator (so ``torch.manual_seed`` makes unseeded samples repeat).
+        """
+        self._fitted_flow("sample")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"sample: n must be a positive integer, got {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"sample: temperature must be a number >= 0, got {temperature!r}")
+        one_row = context is not None and np.ndim(context) == 1
+        contexts = self._context_rows(_one_row(context) if one_row else context, "sample")
+        rows = 1 if contexts is None else len(contexts)
+        total, numpy = int(n) * rows, self._fitted_on == "numpy"
+        # CHUNK_ROWS draws at a time, written into the result; each chunk's distribution (and the memo of its
+        # last sample, see FlowDistribution.log_prob) is dropped with the chunk, so nothing large outlives the call
+        out = self._empty((total, self.features_), numpy=numpy)
+        with seeded_rng(draw_seed() if seed is None else seed, self._device):
+            for start in range(0, total, CHUNK_ROWS):
+                stop = min(start + CHUNK_ROWS, total)
+                chunk_context = None if contexts is None else contexts[torch.arange(start, stop) // int(n)]
+                distribution = self._distribution(chunk_context)
+                z = distribution.base_dist.sample(() if contexts is not None else (stop - start,)) * temperature
+                _put(out, start, self._uncentre(distribution.from_base(z)))
+        return out if contexts is None or one_row else out.reshape(rows, int(n), self.features_)
+
+    # -- the model's view of the data -------------------------------------------------
+    def _chunks(self, data: Tensor):
+        """``(start, distribution, targets)`` for each ``CHUNK_ROWS`` rows of ``data`` (all of ``X``'s columns):
+        the targets centred and cast, the distribution conditioned on the rows' context."""
+        context_columns, target_columns = self.context_columns_, self.target_columns_
+        for start in range(0, len(data), CHUNK_ROWS):
+            rows = self._centre(data[start : start + CHUNK_ROWS])
+            context = rows[:, context_columns] if context_columns else None
+            yield start, self._distribution(context), rows[:, target_columns]
+
+    def _distribution(self, context: Optional[Tensor]) -> Any:
+        """The flow's distribution given centred ``context`` rows (batch shape ``(rows,)``), or unconditional."""
+        flow = self._fitted_flow("sample")
+        return flow() if context is None else flow(context)
+
+    def _context_rows(self, context: Optional[ArrayLike], method: str, rows: Optional[int] = None) -> Optional[Tensor]:
+        """Context values ``(rows, len(context_columns_))``, centred and cast, or None for an unconditional model
+        (which refuses a context)."""
+        columns = self.context_columns_
+        if not columns:
+            if context is not None:
+                raise ValueError(f"{method}: the estimator was fitted without context columns; pass no context")
+            return None
+        if context is None:
+            raise ValueError(
+                f"{method}: the estimator models p(targets | context): pass context=, the values of its context "
+                f"columns {self._column_labels(columns)}"
+            )
+        values = self._check_rows(context, method, len(columns), "context")
+        if rows is not None and len(values) != rows:
+            raise ValueError(f"{method}: context has {len(values)} rows for {rows} rows of base points")
+        offset = self.offset_[columns].to(values.device)
+        return (values.double() - offset).to(self._device, self._dtype)
+
+    def _column_labels(self, columns: list[int]) -> list:
+        names = getattr(self, "feature_names_in_", None)
+        return [names[c] for c in columns] if names is not None else list(columns)
+
+    def _empty(self, shape: tuple, numpy: bool) -> ArrayLike:
+        return np.empty(shape) if numpy else torch.empty(shape, dtype=self._dtype, device=self._device)
 
     def _centre(self, rows: Tensor) -> Tensor:
-        """Rows of the data as the flow sees them: ``offset_`` subtracted in float64, then cast to the model."""
-        return (rows.double() - self._offset(rows.device)).to(self._device, self.dtype)
+        """Rows of ``X`` as the flow sees them: ``offset_`` subtracted in float64, then cast to the model."""
+        return (rows.double() - self.offset_.to(rows.device)).to(self._device, self._dtype)
 
     def _uncentre(self, samples: Tensor) -> Tensor:
-        """The flow's samples in the data's units: ``offset_`` added back in float64."""
-        return samples.double() + self._offset(samples.device)
+        """The flow's target samples in the data's units: the targets' ``offset_`` added back in float64."""
+        return samples.double() + self.offset_[self.target_columns_].to(samples.device)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -305,12 +524,17 @@ class DensityEstimator:
         flow = self._fitted_flow("save")
         saving.save(
             {
-                "config": self._config(),
+                "config": {
+                    "flow": self.flow,
+                    **self.architecture_,
+                    "min_scale": float(self.min_scale),
+                    "context": self.context_columns_,
+                },
                 "features": self.features_,
-                "feature_names": self.feature_names_in_,
-                "dtype": str(self.dtype).removeprefix("torch."),
+                "feature_names": getattr(self, "feature_names_in_", None),
+                "dtype": str(self._dtype).removeprefix("torch."),
                 "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
-                "offset": self._offset(torch.device("cpu")),
+                "offset": self.offset_,
                 "fitted_on": self._fitted_on,
                 "history": _plain_history(self.history_),
             },
@@ -323,102 +547,275 @@ class DensityEstimator:
         """Rebuild an estimator written by :meth:`save` (weights-only loading: a file that would run code is refused).
 
         Raises ``ValueError`` for a file that is not a saved ``DensityEstimator`` of a known version
-        (:mod:`pyro_flows.saving`'s format).
+        (:mod:`pyro_flows.saving`'s format). The loaded estimator's parameters are the fitted architecture
+        (``transforms``, ``hidden`` and options as chosen at ``fit``) and ``context`` the context columns' indices.
         """
         payload = saving.load(path, "DensityEstimator")  # refuses NaN/inf tensors, naming the file
         try:
             estimator = cls._from_payload(payload)
-        except (KeyError, TypeError, RuntimeError) as error:
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
             raise ValueError(f"{path} is a damaged DensityEstimator file: {error}") from None
-        names = estimator.feature_names_in_
+        names = getattr(estimator, "feature_names_in_", None)
         if names is not None and (
             not isinstance(names, (list, tuple))
-            or len(names) != estimator.features_
+            or len(names) != estimator.n_features_in_
             or not all(isinstance(name, str) for name in names)
         ):
             shown = f"{len(names)} names" if isinstance(names, (list, tuple)) else type(names).__name__
             raise ValueError(
                 f"{path} is a damaged DensityEstimator file: its feature names ({shown}) do not match its "
-                f"{estimator.features_} features"
+                f"{estimator.n_features_in_} columns"
             )
         return estimator
 
     @classmethod
     def _from_payload(cls, payload: dict) -> DensityEstimator:
         config, features = payload["config"], payload["features"]
+        context_columns = list(config.get("context") or [])  # absent from files saved before conditional models
+        columns = features + len(context_columns)
         estimator = cls(
             config["flow"],
             config["transforms"],
-            config["hidden"],
+            tuple(config["hidden"]),
+            context=context_columns or None,
             dtype=_dtype(payload["dtype"]),
             min_scale=config["min_scale"],
             **config["kwargs"],
         )
+        architecture = estimator._architecture({})
         with seeded_rng(0):  # the initial weights are overwritten below: no draw from the caller's stream
-            flow = estimator._build(features, Standardize(torch.zeros(features), torch.ones(features)))
+            flow = _build(
+                check_flow_name(config["flow"], "DensityEstimator.load"),
+                architecture,
+                Standardize(torch.zeros(features), torch.ones(features)),
+                torch.ones(len(context_columns)) if context_columns else None,
+                estimator.torch_dtype,
+            )
         flow.load_state_dict(payload["state_dict"])
         offset = payload.get("offset")  # absent from files saved before the offset existed: no offset
-        if offset is not None:
-            if not isinstance(offset, Tensor) or offset.shape != (features,):
-                raise TypeError(f"its offset is not a tensor of shape ({features},)")
-            estimator.offset_ = offset.double()
-        estimator.flow_, estimator.features_, estimator.history_ = flow.eval(), features, _restore_history(payload)
+        if offset is None:
+            offset = torch.zeros(columns, dtype=torch.float64)
+        if not isinstance(offset, Tensor) or offset.shape != (columns,):
+            raise TypeError(f"its offset is not a tensor of shape ({columns},)")
+        context_set = set(context_columns)
+        estimator._set_fitted(
+            flow_=flow.eval(),
+            features_=features,
+            n_features_in_=columns,
+            offset_=offset.double(),
+            context_columns_=context_columns,
+            target_columns_=[c for c in range(columns) if c not in context_set],
+            history_=_restore_history(payload),
+            architecture_=architecture,
+            feature_names_in_=payload.get("feature_names"),
+        )
         estimator._fitted_on = payload["fitted_on"]
-        estimator.feature_names_in_ = payload.get("feature_names")
         return estimator
-
-    def _config(self) -> dict:
-        return {
-            "flow": self.flow,
-            "transforms": self.transforms,
-            "hidden": list(self.hidden),
-            "min_scale": self.min_scale,
-            "kwargs": self.flow_kwargs,
-        }
 
     # -- checks -------------------------------------------------------------------------
     def _fitted_flow(self, method: str) -> Flow:
-        if self.flow_ is None:
+        flow = getattr(self, "flow_", None)
+        if flow is None:
             raise NotFittedError(f"DensityEstimator.{method}: the estimator is not fitted yet; call fit(X) first")
-        return self.flow_
+        return flow
 
     @property
     def _device(self) -> torch.device:
         return next(self._fitted_flow("device").buffers()).device
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self._fitted_flow("dtype").buffers()).dtype
+
+    def _fitted_rows(self, X: ArrayLike, method: str) -> Tensor:
+        """``X`` checked against the fitted model: its columns (and their names, for a DataFrame)."""
+        self._fitted_flow(method)
+        names = getattr(self, "feature_names_in_", None)
+        given = _column_names(X, None)
+        if names is not None and given is not None and list(given) != list(names):
+            raise ValueError(f"{method}: X has columns {list(given)}; the estimator was fitted on {list(names)}")
+        return self._check_rows(X, method, self.n_features_in_)
+
     @staticmethod
-    def _check_rows(X: ArrayLike, method: str, features: Optional[int] = None) -> Tensor:
+    def _check_rows(X: ArrayLike, method: str, features: Optional[int] = None, what: str = "X") -> Tensor:
         """``X`` as a float64 tensor ``(rows, features)`` (floating tensors keep their dtype) after the checks."""
-        data = _as_tensor(X, method)
+        data = _as_tensor(X, method, what)
         if data.dim() != 2:
             raise ValueError(
-                f"{method}: X must be 2-D (rows, features), got shape {tuple(data.shape)}"
+                f"{method}: {what} must be 2-D (rows, features), got shape {tuple(data.shape)}"
                 + (" (use X.reshape(-1, 1) for one feature)" if data.dim() == 1 else "")
             )
         if features is not None and data.shape[1] != features:
-            raise ValueError(f"{method}: expected {features} features, got {data.shape[1]}")
+            raise ValueError(
+                f"{method}: {what} has {data.shape[1]} features, but DensityEstimator is expecting {features} "
+                "features as input"
+            )
         if data.shape[0] == 0 or data.shape[1] == 0:
-            raise ValueError(f"{method}: X has no {'rows' if data.shape[0] == 0 else 'features'}")
+            raise ValueError(
+                f"{method}: {what} has no {'rows' if data.shape[0] == 0 else 'features'} (shape {tuple(data.shape)})"
+            )
         bad = nonfinite_rows(data, CHUNK_ROWS)
         if bad:
             shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
-            raise ValueError(f"{method}: {len(bad)} rows of X have NaN or inf values (rows {shown})")
+            raise ValueError(f"{method}: {len(bad)} rows of {what} have NaN or inf values (rows {shown})")
         return data
 
 
-def _as_tensor(X: ArrayLike, method: str) -> Tensor:
+FITTED_ATTRIBUTES = (
+    "flow_",
+    "features_",
+    "n_features_in_",
+    "offset_",
+    "context_columns_",
+    "target_columns_",
+    "history_",
+    "architecture_",
+    "feature_names_in_",
+)
+
+
+def _build(
+    name: str,
+    architecture: dict[str, Any],
+    standardize: Standardize,
+    context_scale: Optional[Tensor],
+    dtype: torch.dtype,
+) -> Flow:
+    """The factory's flow with ``standardize`` appended and, for a conditional model, the context scaled by
+    ``context_scale`` before the layers see it; in ``dtype``."""
+    context = 0 if context_scale is None else len(context_scale)
+    model = build_flow(
+        name,
+        standardize.loc.shape[-1],
+        context,
+        transforms=architecture["transforms"],
+        hidden=tuple(architecture["hidden"]),
+        **architecture["kwargs"],
+    )
+    embedding = None if context_scale is None else _ContextScale(context_scale)
+    return Flow(model.base, [*model.transforms, standardize], context, embedding).to(dtype)
+
+
+def _check_factory_takes(flow: str, kwargs: dict[str, Any]) -> None:
+    """A TypeError for a keyword argument the factory of ``flow`` does not take (a typo).
+
+    A two-feature, one-layer flow is built on a random stream of its own and thrown away; only an unexpected
+    keyword argument is reported here (a value may depend on the data's feature count).
+    """
+    try:
+        with seeded_rng(0):
+            build_flow(flow, 2, transforms=1, hidden=(8,), **kwargs)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        unexpected = str(error).rsplit("unexpected keyword argument", 1)[1].strip()
+        raise TypeError(
+            f"DensityEstimator: flow {flow!r} takes no keyword argument {unexpected}; "
+            f"given {sorted(kwargs)} (see the factory's documentation for its options)"
+        ) from None
+    except Exception:  # noqa: BLE001 - other values are checked by fit, against the data
+        pass
+
+
+def _column_names(X: Any, feature_names: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """``feature_names``, else a DataFrame's column names when they are all strings (scikit-learn's rule)."""
+    if feature_names is not None:
+        return [str(name) for name in feature_names]
+    columns = getattr(X, "columns", None)
+    if columns is not None and not isinstance(X, (np.ndarray, Tensor)) and all(isinstance(c, str) for c in columns):
+        return list(columns)
+    return None
+
+
+def _resolve_columns(context: Any, names: Optional[list[str]], columns: int) -> list[int]:
+    """The indices of the ``context`` columns (names or indices) among ``columns``; at least one column is left."""
+    if context is None:
+        return []
+    if isinstance(context, (str, int, np.integer)) or not isinstance(context, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"DensityEstimator: context must be a list of column names or indices (e.g. context=[{context!r}]), "
+            f"got {context!r}"
+        )
+    indices = []
+    for column in context:
+        if isinstance(column, str):
+            if names is None:
+                raise ValueError(
+                    f"DensityEstimator: context column {column!r} is named, but X has no column names "
+                    "(pass a DataFrame, feature_names=, or column indices)"
+                )
+            if column not in names:
+                raise ValueError(f"DensityEstimator: context column {column!r} is not a column of X; X has {names}")
+            indices.append(names.index(column))
+        elif isinstance(column, (int, np.integer)) and not isinstance(column, bool) and -columns <= column < columns:
+            indices.append(int(column) % columns)
+        else:
+            raise ValueError(
+                f"DensityEstimator: context column {column!r} is neither a column name nor an index in [0, {columns})"
+            )
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"DensityEstimator: context names a column twice: {list(context)}")
+    if len(indices) >= columns:
+        raise ValueError(f"DensityEstimator: context takes all {columns} columns of X; no column is left to model")
+    return sorted(indices)
+
+
+def _check_validation_split(rows: int, fraction: float) -> None:
+    """A ValueError, saying how many rows are needed, when ``fraction`` of ``rows`` leaves no validation row or
+    no training row (:func:`pyro_flows.fit` holds out ``round(fraction * rows)``)."""
+    held_out = round(fraction * rows)
+    if 1 <= held_out < rows:
+        return
+    needed = next(r for r in range(2, 10**9) if 1 <= round(fraction * r) < r)
+    raise ValueError(
+        f"fit: validation_fraction={fraction} of {rows} rows holds out {held_out} rows; a validation split "
+        f"needs at least {needed} rows at this fraction (or pass validation_fraction=0 to train without one)"
+    )
+
+
+def _one_row(context: Any) -> ArrayLike:
+    return context.reshape(1, -1) if isinstance(context, (np.ndarray, Tensor)) else np.asarray(context).reshape(1, -1)
+
+
+def _as_tensor(X: ArrayLike, method: str, what: str = "X") -> Tensor:
     if isinstance(X, Tensor):
         if X.is_complex() or X.dtype == torch.bool:
-            raise ValueError(f"{method}: X must be real numbers, got a tensor of dtype {X.dtype}")
+            raise ValueError(f"{method}: {what} must be real numbers, got a tensor of dtype {X.dtype}")
         return X.detach() if X.is_floating_point() else X.detach().double()
+    names = _column_names(X, None)
     array = np.asarray(X)
+    if array.dtype.kind == "c":
+        raise ValueError(f"{method}: {what} must be real numbers; complex data is not supported (dtype {array.dtype})")
     if array.dtype.kind not in "biuf":
-        raise ValueError(f"{method}: X must be an array of real numbers, got dtype {array.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+        array = _numeric(array, method, what, names)
+    # a copy when the array cannot be shared (read-only, or another dtype/layout): torch needs a writable buffer
+    return torch.from_numpy(np.array(array, dtype=np.float64, order="C", copy=not array.flags.writeable or None))
 
 
-def _like(values: Tensor, numpy: bool) -> ArrayLike:
-    return values.cpu().double().numpy() if numpy else values
+def _numeric(array: np.ndarray, method: str, what: str, names: Optional[list[str]]) -> np.ndarray:
+    """An object or string array as float64, or a ValueError naming the first column that is not numeric."""
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        pass
+    for column in range(array.shape[-1] if array.ndim == 2 else 0):
+        try:
+            array[:, column].astype(np.float64)
+        except (TypeError, ValueError):
+            label = repr(names[column]) if names is not None else str(column)
+            example = next(v for v in array[:, column] if not _is_number(v))
+            raise ValueError(
+                f"{method}: column {label} of {what} is not numeric (e.g. {example!r}); encode it as numbers"
+            ) from None
+    raise ValueError(f"{method}: {what} must be an array of real numbers, got dtype {array.dtype}")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _put(out: ArrayLike, start: int, values: Tensor) -> None:

@@ -277,13 +277,10 @@ def test_usage_errors_and_help(capsys):
 def test_fit_defaults_are_the_estimators_and_every_registered_flow_is_a_choice():
     """The command line keeps no defaults or flow list of its own: DensityEstimator's and the registry's."""
     args = cli.parser().parse_args(["fit", "x.csv", "--out", "m.pt"])
-    options = DensityEstimator.fit_options
-    assert (args.epochs, args.batch_size, args.lr) == (options.max_epochs, options.batch_size, options.lr)
-    assert (args.validation_fraction, args.patience, args.seed) == (
-        options.validation_fraction,
-        options.patience,
-        options.seed,
-    )
+    # None: the estimator chooses from the table (DensityEstimator's None); the seed is the estimator's
+    assert (args.epochs, args.batch_size, args.lr, args.validation_fraction, args.patience) == (None,) * 5
+    assert (args.transforms, args.hidden, args.context) == (None, None, None)
+    assert args.seed == DensityEstimator().seed == 0
     assert cli.parser().parse_args(["fit", "x.csv", "--out", "m.pt", "--flow", "cnf"]).flow == "cnf"
 
 

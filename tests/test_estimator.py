@@ -220,7 +220,14 @@ def test_saved_file_is_plain(tmp_path, fitted):
     fitted.save(tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     assert payload["format"] == "pyro_flows.DensityEstimator" and payload["version"] == 2
-    assert payload["config"] == {"flow": "maf", "transforms": 2, "hidden": [8], "min_scale": 1e-6, "kwargs": {}}
+    assert payload["config"] == {
+        "flow": "maf",
+        "transforms": 2,
+        "hidden": [8],
+        "min_scale": 1e-6,
+        "kwargs": {},
+        "context": [],
+    }
     assert payload["features"] == 3 and payload["dtype"] == "float32" and payload["fitted_on"] == "numpy"
     assert isinstance(payload["history"]["train_loss"], list)
 
@@ -300,11 +307,12 @@ def test_nonfinite_rows_at_log_prob_are_named(fitted):
 
 
 def test_wrong_feature_count(fitted):
-    with pytest.raises(ValueError, match="expected 3 features, got 2"):
+    # scikit-learn's wording (check_n_features_in_after_fitting)
+    with pytest.raises(ValueError, match="X has 2 features, but DensityEstimator is expecting 3 features as input"):
         fitted.score_samples(np.zeros((4, 2)))
-    with pytest.raises(ValueError, match="expected 3 features, got 5"):
+    with pytest.raises(ValueError, match="X has 5 features, but DensityEstimator is expecting 3"):
         fitted.log_prob(torch.zeros(4, 5))
-    with pytest.raises(ValueError, match="expected 3 features, got 1"):
+    with pytest.raises(ValueError, match="X has 1 features, but DensityEstimator is expecting 3"):
         fitted.score(np.zeros((4, 1)))
 
 
@@ -313,7 +321,7 @@ def test_wrong_feature_count(fitted):
     [
         (np.zeros(10), re.escape("X must be 2-D (rows, features), got shape (10,) (use X.reshape(-1, 1)")),
         (np.zeros((4, 2, 2)), re.escape("X must be 2-D (rows, features), got shape (4, 2, 2)")),
-        (np.array([["a", "b"]]), "must be an array of real numbers"),
+        (np.array([["a", "b"]]), re.escape("column 0 of X is not numeric (e.g. np.str_('a'))")),
         (torch.zeros(3, 2, dtype=torch.complex64), "must be real numbers"),
         (np.zeros((10, 0)), "X has no features"),
     ],
@@ -329,7 +337,7 @@ def test_too_few_rows_for_the_validation_split():
         pf.DensityEstimator("maf", **TINY).fit(X, validation_fraction=0.9)
     with pytest.raises(ValueError, match=re.escape("validation_fraction=0.1 of 3 rows")):
         pf.DensityEstimator("maf", **TINY).fit(X, validation_fraction=0.1)
-    with pytest.raises(ValueError, match=re.escape("need at least 2 rows of X to standardise them, got 1")):
+    with pytest.raises(ValueError, match=re.escape("got 1 sample (row) of X; need at least 2 rows")):
         pf.DensityEstimator("maf", **TINY).fit(np.zeros((1, 2)), validation_fraction=0.0)
     with pytest.raises(ValueError, match=re.escape("validation_fraction must be in [0, 1)")):
         pf.DensityEstimator("maf", **TINY).fit(np.zeros((10, 2)), validation_fraction=1.0)
@@ -362,13 +370,20 @@ def test_using_an_unfitted_estimator_is_a_runtime_error(call):
     assert issubclass(NotFittedError, RuntimeError)
 
 
-def test_constructor_checks():
+def test_parameters_are_checked_by_fit():
+    # scikit-learn's convention: the constructor stores, fit checks (a value that cannot be saved is refused at once)
+    X = gaussian_data(20)
     with pytest.raises(ValueError, match="flow must be one of nice, realnvp, maf, iaf, nsf, cnf, ffjord, got 'glow'"):
-        pf.DensityEstimator("glow")
+        pf.DensityEstimator("glow").fit(X)
     with pytest.raises(ValueError, match="flow option activation=.* is not a plain value"):
         pf.DensityEstimator("maf", activation=torch.nn.ReLU())
-    with pytest.raises(ValueError, match="dtype must be a floating"):
-        pf.DensityEstimator("maf", dtype=torch.int64)
+    for dtype in (torch.int64, "int64", "float128"):
+        with pytest.raises(ValueError, match="dtype must be a floating"):
+            pf.DensityEstimator("maf", dtype=dtype).fit(X)
+    with pytest.raises(ValueError, match="transforms must be a positive integer, got 0"):
+        pf.DensityEstimator("maf", transforms=0).fit(X)
+    with pytest.raises(ValueError, match="hidden must be a sequence of layer widths"):
+        pf.DensityEstimator("maf", hidden=64).fit(X)
 
 
 def test_sample_checks_n(fitted):
@@ -385,5 +400,5 @@ def test_feature_names_are_kept_and_saved(tmp_path):
     assert estimator.feature_names_in_ == ["a", "b"]
     estimator.save(tmp_path / "model.pt")
     assert pf.DensityEstimator.load(tmp_path / "model.pt").feature_names_in_ == ["a", "b"]
-    with pytest.raises(ValueError, match="2 features"):
+    with pytest.raises(ValueError, match="1 feature names for 2 columns"):
         estimator.fit(X, max_epochs=1, validation_fraction=0.0, progress=False, feature_names=["a"])

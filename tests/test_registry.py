@@ -36,7 +36,7 @@ def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match=f"build_flow: flow must be one of {known}, got 'glow'"):
         build_flow("glow", 2)
     with pytest.raises(ValueError, match=f"DensityEstimator: flow must be one of {known}, got 'glow'"):
-        pf.DensityEstimator("glow")
+        pf.DensityEstimator("glow").fit(np.zeros((4, 2)))  # checked by fit (scikit-learn's convention)
     with pytest.raises(ValueError, match=f"NPE: flow must be one of {known} or a callable, got 'glow'"):
         NPE(PRIOR, flow="glow")
     with pytest.raises(ValueError, match=f"flow must be one of {known} or a callable, got 'glow'"):
