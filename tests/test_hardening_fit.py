@@ -105,7 +105,7 @@ def test_a_continuous_flow_on_an_empty_batch_gives_an_empty_result():
         lambda hidden: pf.nn.CNN(2, 2, hidden=hidden),
         lambda hidden: pf.nn.VectorField(2, hidden=hidden),
         lambda hidden: pf.RealNVP(2, hidden=hidden),
-        lambda hidden: pf.DensityEstimator("maf", hidden=hidden).fit(np.zeros((8, 2))),  # fit checks parameters
+        lambda hidden: pf.DensityEstimator("maf", hidden=hidden).fit(torch.zeros(8, 2)),  # fit checks parameters
     ],
 )
 @pytest.mark.parametrize("hidden", [(0,), (16, -1), (2.5,)])
