@@ -21,6 +21,7 @@ from .nn.mlp import check_hidden
 from .train import FitHistory, FitOptions
 from .train import fit as fit_flow
 from .transforms.normalization import Standardize
+from .transforms.preprocessing import Whiten
 from .utils import PathLike, draw_seed, nonfinite_rows, seeded_rng
 
 __all__ = ["FLOWS", "DensityEstimator", "NotFittedError"]
@@ -258,7 +259,9 @@ class DensityEstimator:
     def _data_defaults(self, rows: int, features: int) -> dict[str, Any]:
         """The values of the parameters left at None for a table of ``rows`` rows and ``features`` targets:
         ``transforms``, ``hidden``, fields of :class:`~pyro_flows.FitOptions`, or options of the factory."""
-        return {"transforms": 5, "hidden": (128, 128)}
+        from .tabular_defaults import tabular_defaults
+
+        return tabular_defaults(self.flow, rows, features)
 
     # -- fitting ----------------------------------------------------------------
     def fit(
@@ -307,14 +310,16 @@ class DensityEstimator:
         architecture = self._architecture(defaults)
         seed = draw_seed() if fit_options.seed is None else fit_options.seed
         with seeded_rng(seed):
+            standardize = Standardize.from_data(centred[:, target_columns], float(self.min_scale))
             model = _build(
                 flow_name,
                 architecture,
-                Standardize.from_data(centred[:, target_columns], float(self.min_scale)),
+                standardize,
                 Standardize.from_data(centred[:, context_columns], float(self.min_scale)).scale
                 if context_columns
                 else None,
                 dtype,
+                Whiten.from_data(standardize.inv(centred[:, target_columns])),
             )
         held_out: Union[None, Tensor, tuple[Tensor, Tensor]] = None
         if validation_data is not None:
@@ -590,6 +595,8 @@ class DensityEstimator:
                 Standardize(torch.zeros(features), torch.ones(features)),
                 torch.ones(len(context_columns)) if context_columns else None,
                 estimator.torch_dtype,
+                # files written before the whitening layer have none: they load as they were saved
+                Whiten(torch.eye(features)) if any(k.endswith("scale_tril") for k in payload["state_dict"]) else None,
             )
         flow.load_state_dict(payload["state_dict"])
         offset = payload.get("offset")  # absent from files saved before the offset existed: no offset
@@ -651,8 +658,9 @@ class DensityEstimator:
                 "features as input"
             )
         if data.shape[0] == 0 or data.shape[1] == 0:
+            empty = "sample(s)" if data.shape[0] == 0 else "feature(s)"
             raise ValueError(
-                f"{method}: {what} has no {'rows' if data.shape[0] == 0 else 'features'} (shape {tuple(data.shape)})"
+                f"{method}: {what} has 0 {empty} (shape={tuple(data.shape)}) while a minimum of 1 is required."
             )
         bad = nonfinite_rows(data, CHUNK_ROWS)
         if bad:
@@ -680,9 +688,10 @@ def _build(
     standardize: Standardize,
     context_scale: Optional[Tensor],
     dtype: torch.dtype,
+    whiten: Optional[Whiten] = None,
 ) -> Flow:
-    """The factory's flow with ``standardize`` appended and, for a conditional model, the context scaled by
-    ``context_scale`` before the layers see it; in ``dtype``."""
+    """The factory's flow with ``whiten`` (if any) and ``standardize`` appended and, for a conditional model, the
+    context scaled by ``context_scale`` before the layers see it; in ``dtype``."""
     context = 0 if context_scale is None else len(context_scale)
     model = build_flow(
         name,
@@ -693,7 +702,8 @@ def _build(
         **architecture["kwargs"],
     )
     embedding = None if context_scale is None else _ContextScale(context_scale)
-    return Flow(model.base, [*model.transforms, standardize], context, embedding).to(dtype)
+    preprocessing = [standardize] if whiten is None else [whiten, standardize]
+    return Flow(model.base, [*model.transforms, *preprocessing], context, embedding).to(dtype)
 
 
 def _check_factory_takes(flow: str, kwargs: dict[str, Any]) -> None:
@@ -782,10 +792,12 @@ def _as_tensor(X: ArrayLike, method: str, what: str = "X") -> Tensor:
         if X.is_complex() or X.dtype == torch.bool:
             raise ValueError(f"{method}: {what} must be real numbers, got a tensor of dtype {X.dtype}")
         return X.detach() if X.is_floating_point() else X.detach().double()
+    if hasattr(X, "toarray") or hasattr(X, "tocsr"):  # a SciPy sparse matrix or array
+        raise ValueError(f"{method}: {what} is a sparse matrix; sparse input is not supported (pass X.toarray())")
     names = _column_names(X, None)
     array = np.asarray(X)
     if array.dtype.kind == "c":
-        raise ValueError(f"{method}: {what} must be real numbers; complex data is not supported (dtype {array.dtype})")
+        raise ValueError(f"{method}: {what} must be real numbers: Complex data not supported (dtype {array.dtype})")
     if array.dtype.kind not in "biuf":
         array = _numeric(array, method, what, names)
     # a copy when the array cannot be shared (read-only, or another dtype/layout): torch needs a writable buffer
@@ -801,11 +813,12 @@ def _numeric(array: np.ndarray, method: str, what: str, names: Optional[list[str
     for column in range(array.shape[-1] if array.ndim == 2 else 0):
         try:
             array[:, column].astype(np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as error:
             label = repr(names[column]) if names is not None else str(column)
             example = next(v for v in array[:, column] if not _is_number(v))
-            raise ValueError(
-                f"{method}: column {label} of {what} is not numeric (e.g. {example!r}); encode it as numbers"
+            # Python's own distinction: a ValueError for a string that is not a number, a TypeError for another type
+            raise type(error)(
+                f"{method}: column {label} of {what} is not numeric (e.g. {example!r}: {error}); encode it as numbers"
             ) from None
     raise ValueError(f"{method}: {what} must be an array of real numbers, got dtype {array.dtype}")
 

@@ -323,7 +323,7 @@ def test_wrong_feature_count(fitted):
         (np.zeros((4, 2, 2)), re.escape("X must be 2-D (rows, features), got shape (4, 2, 2)")),
         (np.array([["a", "b"]]), re.escape("column 0 of X is not numeric (e.g. np.str_('a'))")),
         (torch.zeros(3, 2, dtype=torch.complex64), "must be real numbers"),
-        (np.zeros((10, 0)), "X has no features"),
+        (np.zeros((10, 0)), re.escape("X has 0 feature(s) (shape=(10, 0)) while a minimum of 1 is required.")),
     ],
 )
 def test_bad_shapes_and_types(X, message):
