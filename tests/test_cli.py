@@ -335,3 +335,43 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
     )
     assert result.returncode == 2 and result.stdout == "" and not (tmp_path / "m.pt").exists()
     assert result.stderr == f"pyro-flows: error: {tmp_path / 'ragged.csv'}, line 2: expected 2 columns, got 1\n"
+
+
+def test_conditional_fit_samples_per_context_row_and_scores_given_the_context(tmp_path):
+    """``fit --context`` models the other columns given these; ``sample --context FILE`` draws ``-n`` rows for
+    each context row, with the context in its column; ``score`` scores targets given the row's context."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 1.0, 600)
+    data = np.column_stack([x, 3.0 * x + 0.2 * rng.standard_normal(600)])  # columns (c, y): y | c ~ N(3c, 0.04)
+    write_table(data, tmp_path / "t.csv", header=["c", "y"])
+    model = tmp_path / "m.pt"
+    code, out, err = run(["fit", str(tmp_path / "t.csv"), "--out", str(model), "--context", "c", "--flow", "maf",
+                          "--transforms", "2", "--hidden", "16", "--epochs", "60", "--batch-size", "32",
+                          "--no-progress"])  # fmt: skip
+    assert code == 0, err
+    assert "given 1 context columns ['c']" in out
+    write_table(np.array([[-1.0], [1.0]]), tmp_path / "ctx.csv", header=["c"])
+    code, out, err = run(["sample", str(model), "-n", "500", "--seed", "0", "--context", str(tmp_path / "ctx.csv")])
+    assert code == 0, err
+    header, rows = read_csv(out)
+    assert header == ["c", "y"] and rows.shape == (1000, 2)
+    np.testing.assert_array_equal(rows[:500, 0], -1.0)
+    assert rows[:500, 1].mean() == pytest.approx(-3.0, abs=0.1) and rows[500:, 1].mean() == pytest.approx(3.0, abs=0.1)
+    code, out, _ = run(["sample", str(model), "-n", "500", "--seed", "0", "--context", str(tmp_path / "ctx.csv"),
+                        "--temperature", "0.5"])  # fmt: skip
+    assert code == 0 and read_csv(out)[1][:500, 1].std() == pytest.approx(0.5 * rows[:500, 1].std(), rel=0.15)
+    code, out, err = run(["score", str(model), str(tmp_path / "t.csv")])
+    scores = read_csv(out)[1][:, 0]
+    assert code == 0 and scores.mean() > 0.0  # best 0.69 (log N(0; 0, 0.2^2)); the marginal of y gets -2.5
+    code, _, err = run(["sample", str(model), "-n", "5"])
+    assert code == 2 and "pass --context FILE, a table of those columns" in err
+    code, _, err = run(["fit", str(tmp_path / "t.csv"), "--out", str(model), "--context", "z", "--epochs", "1"])
+    assert code == 2 and "context column 'z' is not a column of X; X has ['c', 'y']" in err
+
+
+def test_sample_temperature_must_be_a_non_negative_number(fitted, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["sample", str(fitted["model"]), "-n", "3", "--temperature", "-1"])
+    assert stop.value.code == 2 and "argument --temperature: must be a number >= 0, got -1" in capsys.readouterr().err
+    code, out, err = run(["sample", str(fitted["model"]), "-n", "3", "--temperature", "0"])
+    assert code == 0 and np.ptp(read_csv(out)[1], axis=0).max() == 0  # every draw is the image of z = 0
