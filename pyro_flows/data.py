@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .utils import require
+
 DIGITS_LEVELS = 17
 """Grey levels of scikit-learn's digits (integers ``0..16``): pass as ``levels`` to bits/dim of the discrete data."""
 
@@ -56,6 +58,7 @@ def ring_mixture(
 def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """scikit-learn's 8×8 handwritten digits: images ``X`` ``(1797, 64)`` and labels ``y`` ``(1797,)``.
 
+    Needs scikit-learn (``pip install "pyro-flows[sklearn]"``); without it, an ImportError says so.
     The pixels are integers in ``0..16`` (:data:`DIGITS_LEVELS` = 17 grey levels).
     With ``dequantize=True`` (default) they become ``(x + u) / 17`` with
     ``u ~ U[0, 1)``: continuous values in ``[0, 1)`` whose density bounds the
@@ -67,9 +70,7 @@ def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None)
         >>> X.shape, y.shape, bool((X >= 0).all() and (X < 1).all())
         (torch.Size([1797, 64]), torch.Size([1797]), True)
     """
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
+    images, labels = require("sklearn.datasets", "pf.data.digits").load_digits(return_X_y=True)
     dtype = torch.get_default_dtype()
     x = torch.as_tensor(images, dtype=torch.float64)
     if dequantize:

@@ -1,10 +1,13 @@
-"""Small shared helpers: seeds and private random streams, checks of rows, and when to show a progress bar."""
+"""Small shared helpers: seeds and private random streams, checks of rows, when to show a progress bar, and
+imports of optional packages."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
+from types import ModuleType
 from typing import Iterator, Optional, Union
 
 import torch
@@ -66,3 +69,24 @@ def show_progress(progress: Optional[bool]) -> bool:
     if progress is not None:
         return progress
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+# the pip package and the pyro-flows extra that install each optional top-level module
+OPTIONAL = {"sklearn": ("scikit-learn", "sklearn")}
+
+
+def require(module: str, needed_by: str) -> ModuleType:
+    """``importlib.import_module(module)`` for an optional dependency (a key of :data:`OPTIONAL`, or one of its
+    submodules); when it is missing, an ImportError that names the extra installing it.
+
+    Example: ``require("sklearn.datasets", "pf.data.digits")`` without scikit-learn raises
+    ``ImportError: pf.data.digits needs scikit-learn, which is not installed: pip install "pyro-flows[sklearn]"``.
+    """
+    package, extra = OPTIONAL[module.partition(".")[0]]
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f'{needed_by} needs {package}, which is not installed: pip install "pyro-flows[{extra}]"',
+            name=module,
+        ) from error

@@ -20,7 +20,7 @@ from torch.distributions import Distribution
 
 from ..infer.sbi import NPE
 from ..infer.simulation import Simulator, seeded, simulate
-from ..utils import draw_seed
+from ..utils import draw_seed, require
 
 PosteriorFn = Callable[[Tensor], Distribution]
 REGIONS = ("hpd", "central")
@@ -271,11 +271,12 @@ def c2st(a: Tensor, b: Tensor, seed: int = 0, folds: int = 5, classifier: str = 
     (``"logistic"``, which only sees differences in means); accuracy is the mean over ``folds``
     stratified, shuffled folds.
 
-    Shapes: ``a`` ``(N, D)``, ``b`` ``(M, D)``.
+    Needs scikit-learn (``pip install "pyro-flows[sklearn]"``). Shapes: ``a`` ``(N, D)``, ``b`` ``(M, D)``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neural_network import MLPClassifier
+    LogisticRegression = require("sklearn.linear_model", "pf.diagnostics.c2st").LogisticRegression
+    model_selection = require("sklearn.model_selection", "pf.diagnostics.c2st")
+    StratifiedKFold, cross_val_score = model_selection.StratifiedKFold, model_selection.cross_val_score
+    MLPClassifier = require("sklearn.neural_network", "pf.diagnostics.c2st").MLPClassifier
 
     if (
         not (isinstance(a, Tensor) and isinstance(b, Tensor))
