@@ -385,7 +385,7 @@ class DensityEstimator:
         numpy = not isinstance(X, Tensor)
         # written chunk by chunk into the result: no copy of all of X in the model's dtype, no list of chunks
         out = np.empty(len(data)) if numpy else torch.empty(len(data), dtype=self._dtype, device=self._device)
-        for start, distribution, targets in self._chunks(data):
+        for start, distribution, targets in self._chunks(data, "log_prob"):
             _put(out, start, distribution.log_prob(targets))
         return out
 
@@ -421,7 +421,7 @@ class DensityEstimator:
         ``(rows, features_)``, the type of ``X``. Standard normal for data from the model."""
         data = self._fitted_rows(X, "encode")
         out = self._empty((len(data), self.features_), numpy=not isinstance(X, Tensor))
-        for start, distribution, targets in self._chunks(data):
+        for start, distribution, targets in self._chunks(data, "encode"):
             _put(out, start, distribution.to_base(targets))
         return out
 
@@ -475,12 +475,12 @@ class DensityEstimator:
         return out if contexts is None or one_row else out.reshape(rows, int(n), self.features_)
 
     # -- the model's view of the data -------------------------------------------------
-    def _chunks(self, data: Tensor):
+    def _chunks(self, data: Tensor, method: str):
         """``(start, distribution, targets)`` for each ``CHUNK_ROWS`` rows of ``data`` (all of ``X``'s columns):
         the targets centred and cast, the distribution conditioned on the rows' context."""
         context_columns, target_columns = self.context_columns_, self.target_columns_
         for start in range(0, len(data), CHUNK_ROWS):
-            rows = self._centre(data[start : start + CHUNK_ROWS])
+            rows = self._centre(data[start : start + CHUNK_ROWS], method, start)
             context = rows[:, context_columns] if context_columns else None
             yield start, self._distribution(context), rows[:, target_columns]
 
@@ -505,8 +505,7 @@ class DensityEstimator:
         values = self._check_rows(context, method, len(columns), "context")
         if rows is not None and len(values) != rows:
             raise ValueError(f"{method}: context has {len(values)} rows for {rows} rows of base points")
-        offset = self.offset_[columns].to(values.device)
-        return (values.double() - offset).to(self._device, self._dtype)
+        return self._centre(values, method, columns=columns, what="context")
 
     def _column_labels(self, columns: list[int]) -> list:
         names = getattr(self, "feature_names_in_", None)
@@ -515,9 +514,23 @@ class DensityEstimator:
     def _empty(self, shape: tuple, numpy: bool) -> ArrayLike:
         return np.empty(shape) if numpy else torch.empty(shape, dtype=self._dtype, device=self._device)
 
-    def _centre(self, rows: Tensor) -> Tensor:
-        """Rows of ``X`` as the flow sees them: ``offset_`` subtracted in float64, then cast to the model."""
-        return (rows.double() - self.offset_.to(rows.device)).to(self._device, self._dtype)
+    def _centre(
+        self, rows: Tensor, method: str, start: int = 0, columns: Optional[list[int]] = None, what: str = "X"
+    ) -> Tensor:
+        """Rows of ``X`` (or of its ``columns``) as the flow sees them: ``offset_`` subtracted in float64, then cast
+        to the model's dtype; a ValueError naming the rows (``start`` is the first one's index) whose values the
+        dtype cannot hold (1e39 in float32), which the cast would turn into inf."""
+        offset = self.offset_ if columns is None else self.offset_[columns]
+        centred = (rows.double() - offset.to(rows.device)).to(self._device, self._dtype)
+        bad = nonfinite_rows(centred)
+        if bad:
+            shown = ", ".join(str(start + row) for row in bad[:SHOWN_ROWS]) + (", ..." if len(bad) > SHOWN_ROWS else "")
+            raise ValueError(
+                f"{method}: {len(bad)} rows of {what} (rows {shown}) have values too large for the model's dtype "
+                f"{str(self._dtype).removeprefix('torch.')} (largest finite {torch.finfo(self._dtype).max:.4g} after "
+                "subtracting the column means)"
+            )
+        return centred
 
     def _uncentre(self, samples: Tensor) -> Tensor:
         """The flow's target samples in the data's units: the targets' ``offset_`` added back in float64."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -159,3 +160,16 @@ def test_a_column_coarsened_by_its_dtype_is_warned_about():
     X[:, 0] = X[:, 0] * 100 + FAR  # float32 steps of 128 at 1.7e9: an sd of 100 is a few steps
     with pytest.warns(UserWarning, match=r"column\(s\) 0 .*fewer than 16 steps"):
         pf.DensityEstimator("realnvp", **TINY).fit(X, **QUICK)
+
+
+def test_a_finite_value_too_large_for_the_models_dtype_is_named_not_called_nan():
+    """Issue 16.6 through the Python API: 1e39 is finite in float64 but inf in a float32 model."""
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    est = pf.DensityEstimator("maf", transforms=1, hidden=(8,), max_epochs=1).fit(X, progress=False)
+    bad = X.copy()
+    bad[3, 1] = 1e39
+    message = re.escape("1 rows of X (rows 3) have values too large for the model's dtype float32")
+    for method in (est.score_samples, est.encode):
+        with pytest.raises(ValueError, match=message):
+            method(bad)
+    assert np.isfinite(est.score_samples(X)).all()
