@@ -321,7 +321,7 @@ def test_wrong_feature_count(fitted):
     [
         (np.zeros(10), re.escape("X must be 2-D (rows, features), got shape (10,) (use X.reshape(-1, 1)")),
         (np.zeros((4, 2, 2)), re.escape("X must be 2-D (rows, features), got shape (4, 2, 2)")),
-        (np.array([["a", "b"]]), re.escape("column 0 of X is not numeric (e.g. np.str_('a'))")),
+        (np.array([["a", "b"]]), re.escape("column 0 of X is not numeric (e.g. ")),
         (torch.zeros(3, 2, dtype=torch.complex64), "must be real numbers"),
         (np.zeros((10, 0)), re.escape("X has 0 feature(s) (shape=(10, 0)) while a minimum of 1 is required.")),
     ],
