@@ -20,7 +20,7 @@ from pyro_flows import transforms as T
 from pyro_flows.data import two_moons
 from pyro_flows.demo import gaussian_log_density
 from pyro_flows.nn import VectorField
-from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence
+from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence, record_regularization
 
 F64 = torch.float64
 TIGHT = dict(atol=1e-10, rtol=1e-10)
@@ -172,8 +172,9 @@ def test_adjoint_gradients_equal_direct_gradients(conditional, trace):
         x = x0.clone().requires_grad_(True)
         c = None if c0 is None else c0.clone().requires_grad_(True)
         torch.manual_seed(10)  # the same Hutchinson probes
-        y, ladj = layer.call_and_ladj(x, c)
-        loss = (w * y).sum() + ladj.sum() + layer.regularization["kinetic"].sum()
+        with record_regularization([layer]) as solves:
+            y, ladj = layer.call_and_ladj(x, c)
+        loss = (w * y).sum() + ladj.sum() + solves[0]["kinetic"].sum()
         leaves = [x, *layer.parameters()] + ([] if c is None else [c])
         return torch.autograd.grad(loss, leaves)
 
@@ -259,6 +260,23 @@ def test_regularized_nll_adds_the_weighted_integrals_of_the_same_solve():
     assert layer.regularization["kinetic"].min() > 0 and layer.regularization["jacobian"].min() > 0
     with pytest.raises(ValueError, match="no ContinuousFlow"):
         pf.CNFRegularizedNLL()(pf.RealNVP(2), x, None)
+
+
+def test_the_layer_keeps_no_graph_alive_after_a_solve():
+    """Issue 16 (noticed): the regularisers kept on the layer are detached; the objective's are attached."""
+    flow = pf.CNF(2, hidden=(8,))
+    perturb(flow, scale=0.3, seed=1)
+    (layer,) = flow.transforms
+    flow().log_prob(torch.randn(16, 2)).sum().backward()
+    assert all(not value.requires_grad for value in layer.regularization.values())
+    x, weight = torch.randn(16, 2), next(flow.parameters())
+    loss = pf.CNFRegularizedNLL(kinetic=1.0, jacobian=0.0)(flow, x, None)
+    assert all(not value.requires_grad for value in layer.regularization.values()) and layer._recorder is None
+    kinetic = layer.regularization["kinetic"].mean()
+    plain = pf.CNFRegularizedNLL(kinetic=0.0, jacobian=0.0)(flow, x, None)
+    torch.testing.assert_close(loss - plain, kinetic)  # the same solve's integral, added once
+    # the kinetic term reaches the parameters' gradient through the recorded, attached integral
+    assert not torch.allclose(torch.autograd.grad(loss, weight)[0], torch.autograd.grad(plain, weight)[0])
 
 
 def _held_out_gain(flow, train, test):

@@ -8,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..transforms import ContinuousFlow
+from ..transforms.continuous import record_regularization
 
 
 class NegativeLogLikelihood:
@@ -33,9 +34,9 @@ class CNFRegularizedNLL:
               + \frac{1}{N}\sum_n \sum_{\text{layers}} \Big(\lambda_K \int \|f\|^2 dt
               + \lambda_J \int \big\|\tfrac{\partial f}{\partial z}\big\|_F^2 dt\Big)
 
-    The integrals come from the same solve as the log-likelihood (each
-    :class:`~.transforms.ContinuousFlow` records them in ``regularization``); they favour
-    straight, smooth trajectories, which the solver integrates in fewer steps.
+    The integrals come from the same solve as the log-likelihood (each :class:`~.transforms.ContinuousFlow`
+    hands them to :func:`~.transforms.continuous.record_regularization`); they favour straight, smooth
+    trajectories, which the solver integrates in fewer steps.
 
     Args:
         kinetic: :math:`\lambda_K`, weight of the kinetic energy.
@@ -59,10 +60,11 @@ class CNFRegularizedNLL:
         if not layers:
             raise ValueError("CNFRegularizedNLL: the model has no ContinuousFlow layer to regularise")
         distribution = model() if context is None else model(context)
-        loss = -distribution.log_prob(x).mean()
-        for layer in layers:
+        with record_regularization(layers) as solves:
+            loss = -distribution.log_prob(x).mean()
+        for solve in solves:
             for name, weight in self.weights.items():
-                loss = loss + weight * layer.regularization[name].mean()
+                loss = loss + weight * solve[name].mean()
         return loss
 
     def __repr__(self) -> str:

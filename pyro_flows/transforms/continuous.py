@@ -14,7 +14,8 @@ The log-det is carried in the same ODE state as :math:`z` (one solve gives both)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -116,8 +117,10 @@ class ContinuousFlow(FlowTransform):
     (Grathwohl et al. 2019). :math:`E` (kinetic energy) and :math:`F` (Jacobian Frobenius
     norm; exact with the exact trace, Hutchinson's estimate otherwise) are the regularisers
     of Finlay et al. (2020): after every solve, ``regularization`` holds them as
-    ``{"kinetic": E, "jacobian": F}`` (per sample, integrated over :math:`|dt|`) for an
-    objective to add to the loss (see :class:`~pyro_flows.CNFRegularizedNLL`); ``nfe`` holds
+    ``{"kinetic": E, "jacobian": F}`` (per sample, integrated over :math:`|dt|`), detached from
+    the autograd graph so that the layer keeps no graph alive; an objective that adds them to
+    the loss takes them, attached, from :func:`record_regularization` (see
+    :class:`~pyro_flows.CNFRegularizedNLL`); ``nfe`` holds
     the number of evaluations of :math:`f` in the last solve (forward pass only). They do not
     enter the step-size control unless ``options["norm"]`` says otherwise.
 
@@ -190,6 +193,7 @@ class ContinuousFlow(FlowTransform):
         self.adjoint = bool(adjoint)
         self.nfe = 0
         self.regularization: dict[str, Tensor] = {}
+        self._recorder: Optional[list[dict[str, Tensor]]] = None
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._integrate(x, context, self.t0, self.t1)
@@ -203,7 +207,7 @@ class ContinuousFlow(FlowTransform):
         batch, d = z.shape[:-1], z.shape[-1]
         if batch.numel() == 0:  # nothing to integrate (an adaptive solver would fail on a step of 0)
             self.nfe, empty = 0, z.new_zeros(batch)
-            self.regularization = {"kinetic": empty, "jacobian": empty}
+            self._record({"kinetic": empty, "jacobian": empty})
             return z.clone(), empty
         z = z.reshape(-1, d)
         context = None if context is None else context.reshape(-1, self.context_features)
@@ -216,8 +220,14 @@ class ContinuousFlow(FlowTransform):
         z_end, ladj, kinetic, jacobian = (s[-1] for s in states)
         sign = 1.0 if end > start else -1.0
         self.nfe = dynamics.nfe
-        self.regularization = {"kinetic": sign * kinetic.reshape(batch), "jacobian": sign * jacobian.reshape(batch)}
+        self._record({"kinetic": sign * kinetic.reshape(batch), "jacobian": sign * jacobian.reshape(batch)})
         return z_end.reshape(batch + (d,)), ladj.reshape(batch)
+
+    def _record(self, regularization: dict[str, Tensor]) -> None:
+        """Keep the solve's regularisers detached; hand them, attached, to an active :func:`record_regularization`."""
+        self.regularization = {name: value.detach() for name, value in regularization.items()}
+        if self._recorder is not None:
+            self._recorder.append(regularization)
 
     def _solve(self, dynamics: _Dynamics, state: tuple, times: Tensor, context: Optional[Tensor]) -> tuple:
         from torchdiffeq import odeint, odeint_adjoint  # imports SciPy: here, not at import pyro_flows
@@ -238,7 +248,7 @@ class ContinuousFlow(FlowTransform):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["regularization"] = {}  # tensors of the last solve's graph: neither copied nor pickled
+        state["regularization"], state["_recorder"] = {}, None  # the last solve's values: neither copied nor pickled
         return state
 
     def extra_repr(self) -> str:
@@ -256,3 +266,25 @@ class ConditionalContinuousFlow(Conditional, ContinuousFlow):
         >>> layer.condition(torch.randn(5, 3))(torch.randn(2)).shape  # one point, five contexts
         torch.Size([5, 2])
     """
+
+
+@contextlib.contextmanager
+def record_regularization(layers: Sequence[ContinuousFlow]) -> Iterator[list[dict[str, Tensor]]]:
+    """Inside the block, every solve of ``layers`` appends its regularisers ``{"kinetic": E, "jacobian": F}``
+    (per sample, attached to the autograd graph) to the list it yields; after it, the layers record nothing.
+
+    Example:
+        >>> layer = ContinuousFlow(2, hidden=(8,))
+        >>> with record_regularization([layer]) as solves:
+        ...     y, ladj = layer.call_and_ladj(torch.randn(5, 2))
+        >>> len(solves), solves[0]["kinetic"].shape
+        (1, torch.Size([5]))
+    """
+    solves: list[dict[str, Tensor]] = []
+    for layer in layers:
+        layer._recorder = solves
+    try:
+        yield solves
+    finally:
+        for layer in layers:
+            layer._recorder = None
