@@ -31,6 +31,62 @@ def test_build_flow_builds_every_name(name):
     assert FLOWS[name] in (pf.NICE, pf.RealNVP, pf.MAF, pf.IAF, pf.NSF, pf.CNF, pf.FFJORD)
 
 
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_build_flow_passes_classes_through(name):
+    """``classes=K``: the flow embeds integer labels; its batch shape is theirs."""
+    torch.manual_seed(0)
+    flow = build_flow(name, 3, transforms=2, hidden=(8,), classes=5, embedding_features=4)
+    assert isinstance(flow.embedding, pf.nn.ClassEmbedding) and flow.embedding.classes == 5
+    assert flow.context_features == 4
+    assert flow(torch.tensor([0, 4])).log_prob(torch.randn(2, 3)).shape == (2,)
+    assert flow(torch.tensor(3)).sample((6,)).shape == (6, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        flow(torch.tensor([5]))
+
+
+@pytest.mark.parametrize("name", ["cnf", "ffjord"])
+def test_a_cnf_over_images_is_refused_naming_the_image_flows(name):
+    with pytest.raises(ValueError, match=r"over vectors.*\(1, 8, 8\).*Glow\(shape=\.\.\.\) or pf\.RealNVP\(shape"):
+        FLOWS[name](features=(1, 8, 8))
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_features_must_be_a_positive_integer(name):
+    for features in (0, -1, 2.0, True, (1, 8, 8)):
+        with pytest.raises(ValueError, match=f"{FLOWS[name].__name__}.*features must be an integer >= 1"):
+            FLOWS[name](features)
+
+
+IMAGE_FACTORIES = {
+    "glow": lambda hidden: pf.Glow(shape=(1, 8, 8), levels=2, steps=1, hidden_channels=hidden),
+    "realnvp-images": lambda hidden: pf.RealNVP(shape=(1, 8, 8), hidden=hidden),
+}
+
+
+@pytest.mark.parametrize("name", [*FLOWS, *IMAGE_FACTORIES])
+def test_every_factory_checks_hidden(name):
+    """``hidden`` is a sequence of widths (``nn.mlp.check_hidden``): an int, as ``hidden=64``, is refused by name.
+
+    Glow's ``hidden_channels`` is one int (the width of each conditioner layer), so Glow is checked with bad ints.
+    """
+    if name == "glow":
+        bad = [0, -3, 2.5, True]
+    else:
+        bad = [64, (0,), (8, -1), (8.0,), "64", (True,)] + ([()] if name == "realnvp-images" else [])
+    for hidden in bad:
+        with pytest.raises(ValueError, match="hidden"):
+            if name in IMAGE_FACTORIES:
+                IMAGE_FACTORIES[name](hidden)
+            else:
+                build_flow(name, 2, hidden=hidden)
+    built = (
+        IMAGE_FACTORIES[name](4 if name == "glow" else [4])
+        if name in IMAGE_FACTORIES
+        else build_flow(name, 2, hidden=[4])
+    )
+    assert sum(p.numel() for p in built.parameters()) > 0  # a list of widths is a sequence too
+
+
 def test_an_unknown_name_lists_the_known_ones():
     known = "nice, realnvp, maf, iaf, nsf, cnf, ffjord"
     with pytest.raises(ValueError, match=f"build_flow: flow must be one of {known}, got 'glow'"):

@@ -7,6 +7,8 @@ take the fused path (each layer's log-det in the same pass as its output).
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
+from numbers import Integral
 from typing import Optional, Sequence, Union, cast
 
 import pyro.distributions as dist
@@ -16,8 +18,60 @@ from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 
 from .. import transforms as T
+from ..nn import ClassEmbedding
 from ..transforms.base import check_shape
 from ..transforms.cache import same_state, state_key
+
+EMBEDDING_FEATURES = 16
+"""The default size of a class-conditional flow's label embedding (``embedding_features=``)."""
+
+
+def check_vector_features(name: str, features: int) -> int:
+    """``features`` as an int if it is an integer >= 1 (the dimension of a vector flow), else a ValueError.
+
+    An event shape such as ``(C, H, W)`` is refused with a pointer to the image flows.
+
+    Example:
+        >>> check_vector_features("NSF", 3)
+        3
+    """
+    if isinstance(features, SequenceABC) and not isinstance(features, str):
+        raise ValueError(
+            f"{name} is a flow over vectors: features must be an integer >= 1, got the shape {tuple(features)}; "
+            "for images use pf.Glow(shape=...) or pf.RealNVP(shape=...)"
+        )
+    if isinstance(features, bool) or not isinstance(features, Integral) or features < 1:
+        raise ValueError(f"{name}: features must be an integer >= 1, got {features!r}")
+    return int(features)
+
+
+def class_context(
+    name: str, classes: Optional[int], context: int, embedding_features: int
+) -> tuple[int, Optional[ClassEmbedding]]:
+    r"""The context size a flow's layers see and the embedding in front of them: one rule for every factory.
+
+    ``classes=K`` makes a class-conditional flow: the flow is called with integer labels of shape
+    ``(...)`` in :math:`\{0, \dots, K-1\}`, which a :class:`~.nn.ClassEmbedding` maps to learned vectors
+    :math:`e_y \in \mathbb{R}^{E}` (``E = embedding_features``), the layers' context; the distribution's batch
+    shape is the labels' shape. Otherwise the layers see ``context`` features as given (no embedding). A flow
+    takes one or the other: ``classes`` with ``context > 0`` raises a ValueError, as do ``classes < 2`` and
+    ``embedding_features < 1`` (checked by :class:`~.nn.ClassEmbedding`).
+
+    Returns ``(context_features, embedding)``, the last two arguments of :class:`Flow`.
+
+    Example:
+        >>> features, embedding = class_context("NSF", classes=10, context=0, embedding_features=4)
+        >>> features, embedding(torch.tensor([0, 3])).shape
+        (4, torch.Size([2, 4]))
+    """
+    if classes is None:
+        return context, None
+    if context:
+        raise ValueError(
+            f"{name}: a flow is conditioned on class labels (classes=) or a context vector (context=), not both; "
+            f"got classes={classes!r}, context={context!r}"
+        )
+    return embedding_features, ClassEmbedding(classes, embedding_features)
 
 
 class StandardNormal(nn.Module):

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .. import transforms as T
-from .base import Flow, StandardNormal
+from ..nn.mlp import check_hidden
+from .base import EMBEDDING_FEATURES, Flow, StandardNormal, check_vector_features, class_context
 
 
-def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace: str = "exact", **kwargs) -> Flow:
+def _continuous_flow(
+    name: str,
+    features: int,
+    context: int,
+    hidden: Sequence[int],
+    trace: str,
+    classes: Optional[int],
+    embedding_features: int,
+    **kwargs,
+) -> Flow:
+    """The one ODE layer (conditional twin if a context or labels) and its flow; errors name ``name``."""
+    features = check_vector_features(name, features)
+    hidden = check_hidden(hidden, name)
+    context, embedding = class_context(name, classes, context, embedding_features)
+    cls = T.ConditionalContinuousFlow if context else T.ContinuousFlow
+    extra: dict[str, Any] = {"context_features": context} if context else {}
+    layer = cls(features, hidden=hidden, trace=trace, **extra, **kwargs)
+    return Flow(StandardNormal(features), [layer], context, embedding)
+
+
+def CNF(
+    features: int,
+    context: int = 0,
+    hidden: Sequence[int] = (64, 64),
+    trace: str = "exact",
+    *,
+    classes: Optional[int] = None,
+    embedding_features: int = EMBEDDING_FEATURES,
+    **kwargs,
+) -> Flow:
     r"""A continuous normalizing flow (Chen et al. 2018; FFJORD, Grathwohl et al. 2019): one ODE layer.
 
     :math:`\frac{dz}{dt} = f(z, t[, c])` from the base :math:`\mathcal{N}(0, I_D)` at :math:`t_0`
@@ -18,6 +48,12 @@ def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace
     flow matching (``objective=pf.FlowMatching()``); likelihoods come from the ODE either way.
     ``kwargs`` go to the layer (``solver``, ``atol``, ``rtol``, ``t0``, ``t1``, ``options``,
     ``adjoint``, ``probe``, ``activation``, ``vector_field``).
+
+    A CNF is over vectors ``(..., D)`` (``features`` an integer; for images use :func:`Glow` or
+    ``RealNVP(shape=...)``). Conditioning as in every vector flow: ``context=F`` takes context
+    vectors ``(..., F)``; ``classes=K`` takes integer labels ``(...)`` in ``0 .. K-1``, embedded by a
+    learned :class:`~.nn.ClassEmbedding` of ``embedding_features`` (not both; see
+    :func:`~.base.class_context`); the vector field sees the context.
 
     References
     ----------
@@ -34,19 +70,25 @@ def CNF(features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace
         torch.Size([7])
         >>> CNF(features=2, context=3, trace="hutchinson")(torch.randn(3)).sample((4,)).shape
         torch.Size([4, 2])
+        >>> CNF(features=2, classes=3, hidden=(16, 16))(torch.tensor([0, 2])).log_prob(torch.randn(2)).shape
+        torch.Size([2])
     """
-    if features < 1:
-        raise ValueError(f"CNF: features must be >= 1, got {features}")
-    cls = T.ConditionalContinuousFlow if context else T.ContinuousFlow
-    extra: dict[str, Any] = {"context_features": context} if context else {}
-    layer = cls(features, hidden=tuple(hidden), trace=trace, **extra, **kwargs)
-    return Flow(StandardNormal(features), [layer], context)
+    return _continuous_flow("CNF", features, context, hidden, trace, classes, embedding_features, **kwargs)
 
 
 def FFJORD(
-    features: int, context: int = 0, hidden: Sequence[int] = (64, 64), trace: str = "hutchinson", **kwargs
+    features: int,
+    context: int = 0,
+    hidden: Sequence[int] = (64, 64),
+    trace: str = "hutchinson",
+    *,
+    classes: Optional[int] = None,
+    embedding_features: int = EMBEDDING_FEATURES,
+    **kwargs,
 ) -> Flow:
     """:func:`CNF` with Hutchinson's trace estimator by default, as in FFJORD (Grathwohl et al. 2019).
+
+    The other arguments (``classes``, ``embedding_features``, the solver's) are :func:`CNF`'s.
 
     References
     ----------
@@ -58,4 +100,4 @@ def FFJORD(
         >>> FFJORD(features=2, hidden=(16, 16))().log_prob(torch.randn(7, 2)).shape
         torch.Size([7])
     """
-    return CNF(features, context, hidden, trace, **kwargs)
+    return _continuous_flow("FFJORD", features, context, hidden, trace, classes, embedding_features, **kwargs)

@@ -10,7 +10,8 @@ from torch import nn
 from torch.distributions import Transform
 
 from .. import transforms as T
-from .base import Flow, StandardNormal
+from ..nn.mlp import check_hidden
+from .base import EMBEDDING_FEATURES, Flow, StandardNormal, class_context
 
 
 def _image_shape(shape: Sequence[int], levels: int, squeezes: int) -> torch.Size:
@@ -31,8 +32,12 @@ def _check_image_sizes(name: str, steps: int, hidden: Sequence[int]) -> None:
     """ValueErrors naming the problem for a flow without steps or a conditioner without channels."""
     if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
         raise ValueError(f"{name}: steps must be an integer >= 1, got {steps!r}")
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, Integral) or h < 1 for h in hidden):
-        raise ValueError(f"{name}: the conditioners' hidden channels must be integers >= 1, got {tuple(hidden)!r}")
+    try:
+        widths = check_hidden(hidden, name)
+    except ValueError:
+        widths = ()
+    if not widths:
+        raise ValueError(f"{name}: the conditioners' hidden channels must be integers >= 1, got {hidden!r}")
 
 
 def _conditional(cls, conditional_cls, context: int):
@@ -97,6 +102,7 @@ def _no_layers(shape: torch.Size) -> list[Transform]:
 
 
 def _image_model(
+    name: str,
     shape: torch.Size,
     level_chain,
     context: int,
@@ -108,14 +114,10 @@ def _image_model(
 ) -> nn.Module:
     """The flow around a multi-scale chain: base, logit, context embedding and dequantisation."""
     from ..dequantization import Dequantized, VariationalDequantizer
-    from ..nn import ClassEmbedding
 
-    if classes is not None and context:
-        raise ValueError("an image flow is conditioned on class labels (classes=) or a context vector (context=)")
+    features, embedding = class_context(name, classes, context, embedding_features)
     if dequantization not in ("uniform", "variational"):
         raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
-    features = embedding_features if classes is not None else context
-    embedding = ClassEmbedding(classes, embedding_features) if classes is not None else None
     transforms = [level_chain(features)]
     if pixel_levels is None:
         return Flow(StandardNormal(shape), transforms, features, embedding)
@@ -152,7 +154,7 @@ def Glow(
     dequantization: str = "uniform",
     split_prior: bool = True,
     alpha: float = 0.05,
-    embedding_features: int = 16,
+    embedding_features: int = EMBEDDING_FEATURES,
 ) -> nn.Module:
     r"""Glow (Kingma & Dhariwal 2018): a multi-scale flow of ActNorm, invertible 1×1 convolutions and affine couplings.
 
@@ -195,7 +197,9 @@ def Glow(
         at_scale = _steps(steps, hidden, features, _channels, conv=True)
         return _multiscale(shape, levels, features, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
 
-    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)
+    return _image_model(
+        "Glow", shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha
+    )
 
 
 def multiscale_realnvp(
@@ -208,7 +212,7 @@ def multiscale_realnvp(
     pixel_levels: Optional[int] = 256,
     dequantization: str = "uniform",
     alpha: float = 0.05,
-    embedding_features: int = 16,
+    embedding_features: int = EMBEDDING_FEATURES,
 ) -> nn.Module:
     """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`).
 
@@ -232,4 +236,6 @@ def multiscale_realnvp(
         final = _steps(steps + 1, hidden, features, _checkerboard, conv=False)
         return _multiscale(shape, levels, features, checkerboard, channelwise, final, False, hidden)
 
-    return _image_model(shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha)
+    return _image_model(
+        "RealNVP", shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha
+    )

@@ -17,7 +17,8 @@ from .tabular import IAF, MAF, NICE, NSF, RealNVP
 FLOWS: Mapping[str, Callable[..., Any]] = MappingProxyType(
     {"nice": NICE, "realnvp": RealNVP, "maf": MAF, "iaf": IAF, "nsf": NSF, "cnf": CNF, "ffjord": FFJORD}
 )
-"""Flow names → factories ``(features, context=0, ...) -> Flow``, in the order help texts list them."""
+"""Flow names → factories ``(features, context=0, ..., classes=None, embedding_features=16) -> Flow``, in the order
+help texts list them."""
 
 CONTINUOUS = frozenset({"cnf", "ffjord"})
 """The names whose flow is one continuous (ODE) layer: they take no ``transforms``."""
@@ -40,11 +41,14 @@ def build_flow(name: str, features: int, context: int = 0, *, transforms: Option
 
     ``transforms`` is the number of layers (None: the factory's default); a continuous flow
     (:data:`CONTINUOUS`) is one ODE layer and ignores it. Other keyword arguments go to the factory
-    (``hidden``, ``bins``, ``mixing``, ``trace``, ...).
+    (``hidden``, ``bins``, ``mixing``, ``trace``, ``classes``, ``embedding_features``, ...); with ``classes=K``
+    the flow is called with integer labels (:func:`~.base.class_context`).
 
     Example:
         >>> build_flow("nsf", features=3, transforms=2, hidden=(16,))().sample((5,)).shape
         torch.Size([5, 3])
+        >>> build_flow("maf", features=3, classes=4)(torch.tensor([0, 3])).sample((5,)).shape
+        torch.Size([5, 2, 3])
     """
     factory = FLOWS[check_flow_name(name, "build_flow")]
     if transforms is not None and name not in CONTINUOUS:

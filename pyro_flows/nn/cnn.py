@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Optional, Sequence
 
 import torch
@@ -87,8 +88,11 @@ class ClassEmbedding(nn.Module):
 
     def __init__(self, classes: int, features: int) -> None:
         super().__init__()
-        if classes < 2 or features < 1:
-            raise ValueError(f"ClassEmbedding: need classes >= 2 and features >= 1, got {classes}, {features}")
+        integers = all(isinstance(n, Integral) and not isinstance(n, bool) for n in (classes, features))
+        if not (integers and classes >= 2 and features >= 1):
+            raise ValueError(
+                f"ClassEmbedding: need integers classes >= 2 and features >= 1, got {classes!r}, {features!r}"
+            )
         self.classes, self.features = int(classes), int(features)
         self.embedding = nn.Embedding(classes, features)
 
