@@ -25,6 +25,7 @@ the transforms. The papers are cited in :class:`Dequantized`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -35,6 +36,47 @@ from .transforms.base import check_shape
 
 if TYPE_CHECKING:
     from .flows.base import Flow, FlowDistribution
+
+
+def check_pixels(pixels: Tensor, levels: int, where: str) -> Optional[float]:
+    """The largest pixel value (None without pixels), after a ValueError unless every pixel is an integer in
+    ``[0, levels - 1]``.
+
+    Pixels may have any dtype (``uint8`` as torchvision's ``PILToTensor`` gives, ``long``, or whole floats).
+    The message names what was found: NaN or inf pixels, floats in :math:`[0, 1]` (torchvision's ``ToTensor``,
+    with the conversion to integers), or the range of the values and ``pixel_levels``.
+
+    Example:
+        >>> check_pixels(torch.tensor([[0, 3], [16, 2]], dtype=torch.uint8), 17, "x")
+        16.0
+        >>> check_pixels(torch.tensor([0.0, 0.5, 1.0]), 256, "x")
+        Traceback (most recent call last):
+        ...
+        ValueError: x: pixels must be integers in [0, 255] (pixel_levels=256); these are floats in [0, 1] ...
+        convert them with (x * 255).round().to(torch.uint8), or load them with PILToTensor(); ...
+    """
+    head = f"{where}: pixels must be integers in [0, {levels - 1}] (pixel_levels={levels})"
+    if pixels.is_floating_point() and not bool(torch.isfinite(pixels).all()):
+        raise ValueError(f"{head}; {int((~torch.isfinite(pixels)).sum())} are NaN or inf")
+    if pixels.numel() == 0:
+        return None
+    low, high = (float(v) for v in pixels.aminmax())
+    fractions = pixels != pixels.round() if pixels.is_floating_point() else None
+    fractional = fractions is not None and bool(fractions.any())
+    if fractional and 0.0 <= low and high <= 1.0:
+        dtype = "torch.uint8" if levels <= 256 else "torch.long"
+        raise ValueError(
+            f"{head}; these are floats in [{low:g}, {high:g}] (torchvision's ToTensor() gives such): convert them "
+            f"with (x * {levels - 1}).round().to({dtype}), or load them with PILToTensor(); a model with "
+            "pixel_levels=None takes continuous images"
+        )
+    if fractions is not None and fractional:
+        example = float(pixels[fractions][0])
+        raise ValueError(f"{head}; {int(fractions.sum())} are not whole numbers, e.g. {example:g}")
+    if low < 0 or high > levels - 1:
+        hint = f"; for data in 0..{high:g} build the model with pixel_levels={int(high) + 1}" if low >= 0 else ""
+        raise ValueError(f"{head}; these range over [{low:g}, {high:g}]{hint}")
+    return high
 
 
 class VariationalDequantizer(nn.Module):
@@ -109,12 +151,7 @@ class DequantizedDistribution(Distribution):
 
     def _check_value(self, value: Tensor) -> Tensor:
         check_shape("Dequantized.log_prob", value, self.event_shape, "value")
-        bad = ~((value == value.round()) & (value >= 0) & (value <= self.levels - 1))
-        if bool(bad.any()):
-            raise ValueError(
-                f"Dequantized.log_prob: values must be integers in [0, {self.levels - 1}] (the data's "
-                f"{self.levels} levels); {int(bad.sum())} are not, e.g. {float(value[bad][0])}"
-            )
+        check_pixels(value, self.levels, "Dequantized.log_prob")
         return value.to(self.continuous.base_dist.mean.dtype)
 
     def log_prob(self, value: Tensor) -> Tensor:
@@ -169,6 +206,35 @@ class Dequantized(nn.Module):
     @property
     def context_features(self) -> int:
         return self.flow.context_features
+
+    def check_data(self, pixels: Tensor, where: str = "Dequantized") -> None:
+        """Check training images once (:func:`~pyro_flows.fit` calls it on the data or their first batch).
+
+        A ValueError unless every pixel is an integer in ``[0, levels - 1]`` (:func:`check_pixels`); a
+        ``UserWarning`` when the data use at most half the levels (their largest value + 1 <= ``levels / 2``,
+        e.g. scikit-learn's 0..16 digits under 256 levels): such a model spends most of its probability on
+        values that never occur, and its bits/dim are not the data's; it names the ``pixel_levels`` to use.
+
+        Example:
+            >>> model = pf.Glow(shape=(1, 4, 4), levels=1, steps=1, hidden_channels=4, pixel_levels=256)
+            >>> import warnings
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     model.check_data(torch.randint(0, 17, (8, 1, 4, 4)), "fit: data")
+            >>> print(caught[0].message)  # doctest: +ELLIPSIS
+            fit: data: the largest pixel value is 16, far below pixel_levels - 1 = 255; ...
+            build the model with pixel_levels=17
+        """
+        high = check_pixels(pixels, self.levels, where)
+        if high is not None and 2 * (high + 1) <= self.levels:
+            warnings.warn(
+                f"{where}: the largest pixel value is {high:g}, far below pixel_levels - 1 = {self.levels - 1}; the "
+                f"model spreads its probability over {self.levels} levels, most of which the data do not use (a "
+                f"worse fit, and bits/dim that are not the data's). If the data have {int(high) + 1} levels "
+                f"(0..{high:g}), build the model with pixel_levels={int(high) + 1}",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def forward(self, context: Optional[Tensor] = None) -> DequantizedDistribution:
         continuous = self.flow() if context is None else self.flow(context)

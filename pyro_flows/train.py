@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm import tqdm
 
 from . import saving
@@ -96,8 +96,9 @@ class FitOptions:
         steps_per_epoch: batches per epoch of a ``DataLoader`` (at most) or a callable (default 100).
         batch_size: rows per step (per rank under ``torch.distributed``). With tensor data, a last batch of
             a single row (e.g. 257 rows, ``batch_size=256``) is merged into the batch before it, so every step
-            sees at least 2 rows (a ``BatchNorm`` layer's batch statistics need them); other short last batches
-            are kept as they are. A ``DataLoader`` batches as it was built (``drop_last=``).
+            sees at least 2 rows (a ``BatchNorm`` layer's batch statistics need them); with a ``Dataset`` that
+            row is left out of the epoch (each epoch another one); other short last batches are kept as they
+            are. A ``DataLoader`` batches as it was built (``drop_last=``).
         lr, weight_decay: Adam's.
         schedule: None, ``"cosine"`` (annealed to 0 over the run's steps) or ``optimizer -> LRScheduler``;
             stepped every step.
@@ -170,6 +171,19 @@ def _as_batch(item: Any) -> Batch:
     raise TypeError(f"fit: a batch must be a tensor x or a pair (x, context) of tensors, got {type(item).__name__}")
 
 
+def _single_row_last(rows: int, batch_size: int) -> bool:
+    """Whether ``rows`` in batches of ``batch_size`` end in a batch of one row (which batch statistics cannot use)."""
+    return rows > batch_size and rows % batch_size == 1
+
+
+def _check_data(model: nn.Module, x: Tensor, what: str) -> None:
+    """``model.check_data(x, what)`` where the model checks its training data (an image model with
+    ``pixel_levels``: the pixels' range, :meth:`~pyro_flows.dequantization.Dequantized.check_data`)."""
+    check = getattr(model, "check_data", None)
+    if callable(check):
+        check(x, what)
+
+
 def _shape(t: Optional[Tensor]) -> Optional[tuple]:
     return None if t is None else tuple(t.shape)
 
@@ -231,7 +245,7 @@ class _TensorSource:
         )
         rows_here = len(self.sampler)
         # a last batch of one row joins the batch before it (batch statistics need two rows)
-        self.merge_last = rows_here > batch_size and rows_here % batch_size == 1
+        self.merge_last = _single_row_last(rows_here, batch_size)
         self.steps_per_epoch: Optional[int] = math.ceil(rows_here / batch_size) - int(self.merge_last)
 
     def epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -245,10 +259,11 @@ class _TensorSource:
 
 
 class _LoaderSource:
-    """The batches of a ``DataLoader`` (at most ``steps_per_epoch`` of them per epoch)."""
+    """The batches of a ``DataLoader`` (at most ``steps_per_epoch`` of them per epoch); a pair's second element is
+    left out when ``use_context`` is False (a model without context, fed a dataset of ``(image, label)`` pairs)."""
 
-    def __init__(self, loader: DataLoader, steps_per_epoch: Optional[int]):
-        self.loader = loader
+    def __init__(self, loader: DataLoader, steps_per_epoch: Optional[int], use_context: bool):
+        self.loader, self.use_context = loader, use_context
         length = len(loader) if hasattr(loader.dataset, "__len__") else None
         self.steps_per_epoch = length if steps_per_epoch is None else min(steps_per_epoch, length or steps_per_epoch)
 
@@ -261,7 +276,11 @@ class _LoaderSource:
         for _ in itertools.islice(batches, start):
             pass
         remaining = None if self.steps_per_epoch is None else max(0, self.steps_per_epoch - start)
-        return map(_as_batch, itertools.islice(batches, remaining))
+        return map(self.batch, itertools.islice(batches, remaining))
+
+    def batch(self, item: Any) -> Batch:
+        x, context = _as_batch(item)
+        return x, context if self.use_context else None
 
 
 class _CallableSource:
@@ -274,6 +293,29 @@ class _CallableSource:
         return (_as_batch(self.data()) for _ in range(start, self.steps_per_epoch))
 
 
+def _dataset_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
+    """A ``DataLoader`` of ``batch_size`` over a torch ``Dataset`` (as torchvision's: items ``image`` or
+    ``(image, label)``), reshuffled each epoch like tensor rows: a ``DistributedSampler`` seeded by ``seed``
+    (this rank's share under ``torch.distributed``), dropping a last batch of one row. An ``IterableDataset``
+    is batched in its own order."""
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size)
+    if not hasattr(dataset, "__len__"):
+        raise TypeError(f"fit: a map-style Dataset needs __len__ to be shuffled; {type(dataset).__name__} has none")
+    item = dataset[0]
+    first = item[0] if isinstance(item, (tuple, list)) and len(item) in (1, 2) else item
+    if not isinstance(first, Tensor):
+        parts = ", ".join(type(part).__name__ for part in item) if isinstance(item, (tuple, list)) else None
+        raise TypeError(
+            "fit: a Dataset's items must be an image tensor or an (image, label) or (image, condition) pair; "
+            f"item 0 is {f'({parts})' if parts else type(item).__name__}: give the dataset a transform that makes "
+            "tensors (e.g. torchvision's PILToTensor(), which keeps uint8 pixels)"
+        )
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    drop_last = _single_row_last(len(sampler), batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+
 def _sources(
     data: Any,
     context: Optional[Tensor],
@@ -284,8 +326,10 @@ def _sources(
     seed: int,
     rank: int,
     world: int,
+    use_context: bool,
 ) -> tuple[Any, Optional[Batch]]:
-    """The training source and this rank's share of the validation rows (or None)."""
+    """The training source and this rank's share of the validation rows (or None); ``use_context=False`` leaves
+    out the labels or conditions that a ``DataLoader`` or ``Dataset`` yields (for a model without context)."""
     if validation_fraction and validation_data is not None:
         raise ValueError("fit: pass validation_fraction or validation_data, not both")
     validation = None
@@ -302,15 +346,19 @@ def _sources(
         source: Any = _TensorSource(*train, batch_size, seed + 1, rank, world)
     elif context is not None or validation_fraction:
         raise ValueError(
-            "fit: context and validation_fraction go with tensor data; a DataLoader or a callable "
+            "fit: context and validation_fraction go with tensor data; a Dataset, a DataLoader or a callable "
             "yields (x, context) pairs, and validation_data gives it validation rows"
         )
     elif isinstance(data, DataLoader):
-        source = _LoaderSource(data, steps_per_epoch)
+        source = _LoaderSource(data, steps_per_epoch, use_context)
+    elif isinstance(data, Dataset):
+        source = _LoaderSource(_dataset_loader(data, batch_size, seed + 1, rank, world), steps_per_epoch, use_context)
     elif callable(data):
         source = _CallableSource(data, steps_per_epoch)
     else:
-        raise TypeError(f"fit: data must be a Tensor, a DataLoader or a callable, got {type(data).__name__}")
+        raise TypeError(
+            f"fit: data must be a Tensor, a DataLoader or a callable (or a torch Dataset), got {type(data).__name__}"
+        )
     if validation is not None:
         validation = (validation[0][rank::world], None if validation[1] is None else validation[1][rank::world])
     return source, validation
@@ -510,6 +558,7 @@ class _Loop:
         self.epoch_rng = _rng_state(device)
         self.last_good, self.pending = _Snapshot(), _Snapshot()
         self.first_step = True
+        self.unchecked = not isinstance(source, _TensorSource)  # tensor data are checked whole, before the run
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -551,6 +600,9 @@ class _Loop:
         """One minibatch: forward, backward, clip; then an optimizer step, or a rollback when not finite."""
         p = self.position
         p.batch += 1
+        if self.unchecked:
+            _check_data(self.model, x, "fit: the first batch of the data")
+            self.unchecked = False
         x = x.to(self.device, non_blocking=True)
         context = None if context is None else context.to(self.device, non_blocking=True)
         self.pending.take(self.model, self.optimizer)
@@ -733,7 +785,7 @@ def _resume_state(resume: Optional[PathLike], checkpoint: Optional[PathLike]) ->
 
 def fit(
     model: nn.Module,
-    data: Union[Tensor, DataLoader, Callable[[], Any]],
+    data: Union[Tensor, Dataset, DataLoader, Callable[[], Any]],
     context: Optional[Tensor] = None,
     *,
     objective: Optional[Objective] = None,
@@ -748,9 +800,15 @@ def fit(
         model: any ``nn.Module``; the default objective calls ``model(context)``
             (``model()`` without context) and takes the result's ``log_prob``.
         data: a tensor of rows ``(rows, *event_shape)`` (with ``context`` rows,
-            shuffled each epoch), a ``DataLoader`` yielding ``x`` or
-            ``(x, context)``, or a callable returning a fresh batch ``x`` or
-            ``(x, context)`` at each step (``steps_per_epoch`` steps an epoch, default 100).
+            shuffled each epoch), a torch ``Dataset`` of items ``x`` or ``(x, context)`` (as torchvision's
+            ``(image, label)``; batched by ``batch_size`` and shuffled each epoch by a sampler seeded like
+            tensor rows), a ``DataLoader`` yielding ``x`` or ``(x, context)``, or a callable returning a
+            fresh batch ``x`` or ``(x, context)`` at each step (``steps_per_epoch`` steps an epoch, default
+            100). The context is class labels for a model with ``classes=``, condition vectors otherwise;
+            a model without context (``context_features == 0``) ignores the labels a ``Dataset`` or
+            ``DataLoader`` yields. A model with a ``check_data(x, what)`` method (the image models with
+            ``pixel_levels``: pixels must be integers in ``0 .. pixel_levels - 1``) has it called on tensor
+            data, or the first batch of the others, before training.
         objective: ``objective(model, x, context) -> scalar``; default :class:`NegativeLogLikelihood`.
         validation_data: validation rows, a tensor or ``(x, context)`` (instead of ``validation_fraction``).
         resume: a checkpoint to continue from with the same optimizer state, schedule, step count, data
@@ -788,9 +846,21 @@ def fit(
     device = _device(model, o.device)
     state = _resume_state(resume, o.checkpoint)
     seed = state["position"]["seed"] if state is not None else _shared_seed(o.seed, device)
+    use_context = getattr(model, "context_features", None) != 0
     source, validation = _sources(
-        data, context, o.validation_fraction, validation_data, o.batch_size, o.steps_per_epoch, seed, rank, world
+        data,
+        context,
+        o.validation_fraction,
+        validation_data,
+        o.batch_size,
+        o.steps_per_epoch,
+        seed,
+        rank,
+        world,
+        use_context,
     )
+    if isinstance(data, Tensor):
+        _check_data(model, data, "fit: data")
     if o.patience is not None and validation is None:
         raise ValueError("fit: patience needs validation data (validation_fraction or validation_data)")
     total = _total_steps(o.max_epochs, o.max_steps, source.steps_per_epoch)

@@ -14,16 +14,27 @@ from ..nn.mlp import check_hidden
 from .base import EMBEDDING_FEATURES, Flow, StandardNormal, class_context
 
 
-def _image_shape(shape: Sequence[int], levels: int, squeezes: int) -> torch.Size:
+def _image_shape(name: str, shape: Sequence[int], levels: int, squeezes: int) -> torch.Size:
+    """``shape`` as a ``torch.Size`` after ValueErrors for a shape that is not ``(C, H, W)`` or that the levels'
+    ``squeezes`` cannot halve (each halves H and W); the message names the levels that do work at that size.
+
+    E.g. 28×28 halves twice (28 → 14 → 7): Glow (a squeeze per level) takes ``levels <= 2``, the multi-scale
+    RealNVP (no squeeze at its last level) ``levels <= 3``.
+    """
     shape = torch.Size(shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"an image flow needs shape (C, H, W), got {tuple(shape)}")
+        raise ValueError(f"{name}: an image flow needs shape (C, H, W), got {tuple(shape)}")
     if levels < 1:
-        raise ValueError(f"an image flow needs levels >= 1, got {levels}")
+        raise ValueError(f"{name}: an image flow needs levels >= 1, got {levels}")
     if shape[1] % 2**squeezes or shape[2] % 2**squeezes:
+        halvings = 0
+        while shape[1] % 2 ** (halvings + 1) == 0 and shape[2] % 2 ** (halvings + 1) == 0:
+            halvings += 1
+        most = halvings + levels - squeezes
+        works = f"levels 1..{most} work" if most >= 1 else "no levels work: H and W must be even"
         raise ValueError(
-            f"{levels} levels squeeze the image {squeezes} times: H and W must be divisible by {2**squeezes}, "
-            f"got shape {tuple(shape)}"
+            f"{name}: {levels} levels squeeze the image {squeezes} times, so H and W must be divisible by "
+            f"{2**squeezes}; got shape {tuple(shape)}, whose H and W halve {halvings} times: at this size {works}"
         )
     return shape
 
@@ -170,13 +181,18 @@ def Glow(
     :class:`~.dequantization.Dequantized` (``"uniform"`` or ``"variational"`` dequantisation) around a
     flow on :math:`[0, 1]` that ends with a :class:`~.transforms.Logit`; its ``log_prob`` is then the
     discrete data's (a bound, in nats) and ``pf.bits_per_dim(model, images)`` their bits per dimension.
-    ``pixel_levels=None`` models continuous images with the flow alone.
+    ``pixel_levels=None`` models continuous images with the flow alone. The pixels may be ``uint8`` (torchvision's
+    ``PILToTensor``), ``long`` or whole floats; anything else is a ValueError that names what it found: floats
+    in :math:`[0, 1]` (torchvision's ``ToTensor``) with the conversion ``(x * 255).round().to(torch.uint8)``,
+    NaNs, or values outside ``0 .. pixel_levels - 1`` with their range. :func:`~pyro_flows.fit` also warns when
+    the data use at most half the levels (e.g. 0..16 digits under the default 256: use ``pixel_levels=17``).
 
     Conditioning: ``classes=K`` embeds integer labels (a :class:`~.nn.ClassEmbedding` of
     ``embedding_features``) as the context of every coupling and split prior; ``context=F`` takes
     any context vector of ``F`` features instead.
 
-    Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels``; labels ``(...)``.
+    Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels`` (28×28 takes ``levels <= 2``:
+    28 → 14 → 7; a ValueError names the levels that work); labels ``(...)``.
 
     References
     ----------
@@ -189,7 +205,7 @@ def Glow(
         >>> model(torch.tensor([3, 7])).sample(temperature=0.7).shape
         torch.Size([2, 1, 8, 8])
     """
-    shape = _image_shape(shape, levels, levels)
+    shape = _image_shape("Glow", shape, levels, levels)
     hidden = (hidden_channels, hidden_channels)
     _check_image_sizes("Glow", steps, hidden)
 
@@ -216,6 +232,9 @@ def multiscale_realnvp(
 ) -> nn.Module:
     """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`).
 
+    Every level but the last squeezes, so H and W must be divisible by ``2**(levels - 1)`` (28×28 takes
+    ``levels <= 3``, its last level a checkerboard at 7×7); pixels as in :func:`Glow`.
+
     References
     ----------
     - L. Dinh, J. Sohl-Dickstein and S. Bengio.
@@ -227,7 +246,7 @@ def multiscale_realnvp(
         >>> model().log_prob(torch.randint(0, 17, (3, 1, 8, 8)).float()).shape
         torch.Size([3])
     """
-    shape = _image_shape(shape, levels, levels - 1)
+    shape = _image_shape("RealNVP", shape, levels, levels - 1)
     _check_image_sizes("RealNVP", steps, hidden)
 
     def level_chain(features: int) -> T.Chain:
