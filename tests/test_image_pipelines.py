@@ -23,7 +23,8 @@ CLASSES = 10
 
 
 class Images(Dataset):
-    """A torchvision-like dataset: ``(image, label)`` items (``image`` alone without ``labels``)."""
+    """A torchvision-like dataset: ``(image, label)`` items (an ``int`` label, as torchvision's), ``(image,
+    condition)`` items when ``labels`` are float rows, ``image`` alone without ``labels``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         self.images, self.labels = images, labels
@@ -34,6 +35,8 @@ class Images(Dataset):
     def __getitem__(self, index: int):
         if self.labels is None:
             return self.images[index]
+        if self.labels.is_floating_point():
+            return self.images[index], self.labels[index]
         return self.images[index], int(self.labels[index])
 
 
@@ -136,24 +139,32 @@ def test_levels_the_size_cannot_squeeze_name_the_levels_that_work(build, message
 
 
 # -- fit on a Dataset -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("items", ["labels-as-classes", "labels-ignored", "images-only"])
+# items -> (the model's conditioning, what the dataset yields besides the image, whether the model sees it)
+ITEMS = {
+    "labels-as-classes": (dict(classes=3), "labels", True),
+    "conditions-as-context": (dict(context=2), "conditions", True),
+    "labels-ignored": ({}, "labels", False),
+    "images-only": ({}, None, False),
+}
+
+
+@pytest.mark.parametrize("items", ITEMS)
 def test_a_dataset_trains_on_the_batches_of_the_same_rows_as_tensors(items):
     """The Dataset's sampler shuffles like tensor rows: with a model without randomness, the losses agree exactly;
     an unconditional model ignores the labels that the dataset yields."""
     torch.manual_seed(0)
     images = torch.rand(32, 1, 4, 4)
-    labels = torch.randint(0, 3, (32,))
-    conditional = items == "labels-as-classes"
-    dataset = Images(images, None if items == "images-only" else labels)
+    contexts = {"labels": torch.randint(0, 3, (32,)), "conditions": torch.randn(32, 2), None: None}
+    conditioning, yielded, seen = ITEMS[items]
+    dataset = Images(images, contexts[yielded])
 
     def model():
         torch.manual_seed(1)
-        return pf.RealNVP(
-            shape=(1, 4, 4), levels=2, steps=1, hidden=(4,), pixel_levels=None, classes=3 if conditional else None
-        )
+        return pf.RealNVP(shape=(1, 4, 4), levels=2, steps=1, hidden=(4,), pixel_levels=None, **conditioning)
 
     on_dataset = quiet_fit(model(), dataset, max_steps=None, max_epochs=3)
-    on_tensors = quiet_fit(model(), images, context=labels if conditional else None, max_steps=None, max_epochs=3)
+    context = contexts[yielded] if seen else None
+    on_tensors = quiet_fit(model(), images, context=context, max_steps=None, max_epochs=3)
     assert on_dataset.steps == on_tensors.steps == 12
     assert on_dataset.train_loss == on_tensors.train_loss
     other_seed = quiet_fit(model(), dataset, max_steps=None, max_epochs=3, seed=1)
