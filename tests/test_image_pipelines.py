@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from conftest import perturb
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 import pyro_flows as pf
 import pyro_flows.transforms as T
@@ -202,6 +202,14 @@ def test_glow_fits_a_dataset_of_uint8_digits_with_labels():
     assert bits_of(model, images, labels) < before - 0.05
 
 
+def test_a_model_without_context_ignores_the_labels_of_a_torchvision_style_loader():
+    images, labels = random_digits(16)
+    loader = DataLoader(Images(images, labels), batch_size=8)
+    assert quiet_fit(PRESETS["glow-2-levels"](), loader).steps == 2
+    with pytest.raises(ValueError, match="is unconditional"):  # tensor data with an explicit context stay an error
+        quiet_fit(PRESETS["glow-2-levels"](), images, context=labels)
+
+
 def bits_of(model, images, labels):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -232,7 +240,11 @@ def as_dataset(images, labels):
     return dict(data=Images(images, labels))
 
 
-SOURCES = {"tensor": as_tensor, "dataset": as_dataset}
+def as_loader(images, labels):
+    return dict(data=DataLoader(Images(images, labels), batch_size=8, shuffle=True))
+
+
+SOURCES = {"tensor": as_tensor, "dataset": as_dataset, "loader": as_loader}
 
 
 @pytest.mark.parametrize("source", SOURCES)
