@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import broadcast_cat, check_hidden
+from .mlp import broadcast_cat, check_hidden, check_input_bound, soft_clamp
 
 
 class MaskedLinear(nn.Linear):
@@ -53,6 +53,9 @@ class MADE(nn.Module):
     variable :math:`i` is known, only the units whose degree is :math:`o_i`
     are computed, instead of the whole network once per variable.
 
+    ``input_bound`` (None: off) squashes the variables before the first layer as :class:`~pyro_flows.nn.MLP`'s
+    does (:func:`~pyro_flows.nn.mlp.soft_clamp`), so the parameters become constant far outside the training data.
+
     References
     ----------
     - M. Germain, K. Gregor, I. Murray and H. Larochelle.
@@ -76,9 +79,11 @@ class MADE(nn.Module):
         context_features: int = 0,
         order: Optional[Sequence[int]] = None,
         activation: type[nn.Module] = nn.ReLU,
+        input_bound: Optional[float] = None,
     ) -> None:
         super().__init__()
         hidden = check_hidden(hidden, "MADE")
+        self.input_bound = check_input_bound(input_bound, "MADE")
         if features < 1 or not hidden:
             raise ValueError(f"MADE needs features >= 1 and at least one hidden layer, got {features}, {hidden}")
         D, P, C = features, params_per_feature, context_features
@@ -110,8 +115,11 @@ class MADE(nn.Module):
         # number of hidden units of degree <= r, for r = -1..D-1, per layer
         self._ends = [[int((d <= r).sum()) for r in range(-1, D)] for d in degrees_hidden]
 
+    def _squash(self, x: Tensor) -> Tensor:
+        return x if self.input_bound is None else soft_clamp(x, self.input_bound)
+
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        h = broadcast_cat(x, context)
+        h = broadcast_cat(self._squash(x), context)
         for layer in self.hidden:
             h = self.activation(layer(h))
         return self.output(h).unflatten(-1, (self.params_per_feature, self.features))
@@ -141,7 +149,7 @@ class MADE(nn.Module):
                 if start == end:
                     continue
                 if i == 0:
-                    pre = const[..., start:end] + F.linear(known, weight_x[start:end, :r])
+                    pre = const[..., start:end] + F.linear(self._squash(known), weight_x[start:end, :r])
                 else:
                     source = hidden[i - 1]
                     pre = F.linear(source, layer.weight[start:end, : source.shape[-1]], layer.bias[start:end])

@@ -17,6 +17,27 @@ def broadcast_cat(x: Tensor, context: Optional[Tensor]) -> Tensor:
     return torch.cat((x.expand(batch + x.shape[-1:]), context.expand(batch + context.shape[-1:])), dim=-1)
 
 
+def soft_clamp(x: Tensor, bound: float) -> Tensor:
+    r"""Squash ``x`` into :math:`(-b, b)` algebraically, :math:`x / (1 + |x| / b)`: the identity near 0 (slope 1),
+    smooth, monotone, with gradients that never vanish abruptly as a hard clamp's do, and a few cheap elementwise
+    ops (cheaper than ``tanh``).
+
+    Example:
+        >>> soft_clamp(torch.tensor([0.0, 1.0, 1e6]), 3.0)
+        tensor([0.0000, 0.7500, 3.0000])
+    """
+    return x / (1 + x.abs() / bound)
+
+
+def check_input_bound(input_bound: Optional[float], name: str) -> Optional[float]:
+    """``input_bound`` as a float (None: no bound); a ValueError naming it unless it is a number > 0."""
+    if input_bound is None:
+        return None
+    if isinstance(input_bound, bool) or not isinstance(input_bound, (int, float)) or not input_bound > 0:
+        raise ValueError(f"{name}: input_bound must be None or a number > 0, got {input_bound!r}")
+    return float(input_bound)
+
+
 def check_hidden(hidden: Sequence[int], name: str) -> tuple[int, ...]:
     """``hidden`` as a tuple of widths; a ValueError naming ``hidden`` unless each is an integer >= 1."""
     try:
@@ -38,6 +59,13 @@ class MLP(nn.Module):
     skip connection, :math:`h \leftarrow h + \sigma(W h + b)`. The last layer
     starts at zero, so a conditioner built from it outputs zeros until trained.
 
+    ``input_bound`` :math:`b` (None: off) squashes the inputs (not the context) first,
+    :math:`x \mapsto x / (1 + |x| / b)` (:func:`soft_clamp`): inside a few :math:`b` the network sees nearly
+    its inputs, far outside it sees :math:`\pm b`, so its outputs, a flow layer's shifts and scales, become
+    constant in the tails instead of extrapolating linearly as a ReLU network's do. A held-out point far outside
+    the training rows then gets a Gaussian tail, not a shift that grows with the distance (one breast-cancer row
+    was scored 190 nats below a Gaussian's value by a MAF without it).
+
     Example:
         >>> net = MLP(3, 8, hidden=(32, 32), context_features=2)
         >>> net(torch.randn(10, 3), torch.randn(2)).shape
@@ -53,10 +81,12 @@ class MLP(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
         residual: bool = False,
         zero_init: bool = True,
+        input_bound: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.context_features = in_features, out_features, context_features
         self.residual = residual
+        self.input_bound = check_input_bound(input_bound, "MLP")
         widths = [in_features + context_features, *check_hidden(hidden, "MLP")]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.activation = activation()
@@ -66,7 +96,7 @@ class MLP(nn.Module):
             nn.init.zeros_(self.output.bias)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        h = broadcast_cat(x, context)
+        h = broadcast_cat(x if self.input_bound is None else soft_clamp(x, self.input_bound), context)
         for i, layer in enumerate(self.hidden):
             z = self.activation(layer(h))
             h = h + z if self.residual and i > 0 and z.shape[-1] == h.shape[-1] else z

@@ -40,6 +40,8 @@ class Autoregressive(FlowTransform):
         context_features: context size (conditional twin only).
         order: the variable order (a permutation of ``range(D)``; default increasing).
         activation: hidden activation of the MADE.
+        input_bound: None, or the MADE squashes its inputs into this bound (:class:`~pyro_flows.nn.MADE`): the
+            map's parameters become constant far from the data.
 
     Example:
         >>> layer = Autoregressive(4, Affine())
@@ -64,10 +66,13 @@ class Autoregressive(FlowTransform):
         context_features: int = 0,
         order: Optional[Sequence[int]] = None,
         activation: type[nn.Module] = nn.ReLU,
+        input_bound: Optional[float] = None,
     ) -> None:
         super().__init__((features,), context_features)
         self.transform_map = transform_map
-        self.network = MADE(features, transform_map.num_params, hidden, context_features, order, activation)
+        self.network = MADE(
+            features, transform_map.num_params, hidden, context_features, order, activation, input_bound
+        )
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         params = self.network(x, context).movedim(-2, 0)

@@ -47,6 +47,8 @@ class Coupling(FlowTransform):
         context_features: context size (conditional twin only).
         activation: the conditioner's activation.
         residual: residual hidden layers (vector :class:`~pyro_flows.nn.MLP` only).
+        input_bound: None, or the conditioner squashes its inputs into this bound (vector
+            :class:`~pyro_flows.nn.MLP` only): the map's parameters become constant far from the data.
 
     Example:
         >>> layer = Coupling(4, Affine())
@@ -76,6 +78,7 @@ class Coupling(FlowTransform):
         context_features: int = 0,
         activation: type[nn.Module] = nn.ReLU,
         residual: bool = False,
+        input_bound: Optional[float] = None,
     ) -> None:
         super().__init__((features,) if isinstance(features, int) else tuple(features), context_features)
         shape = self.event_shape
@@ -101,7 +104,11 @@ class Coupling(FlowTransform):
         self.num_transformed = transformed
         out = transformed * transform_map.num_params
         if len(shape) == 1:
-            self.conditioner = MLP(conditioned, out, hidden, context_features, activation, residual)
+            self.conditioner = MLP(
+                conditioned, out, hidden, context_features, activation, residual, input_bound=input_bound
+            )
+        elif input_bound is not None:
+            raise ValueError(f"{type(self).__name__}: input_bound is for vectors; images have a CNN conditioner")
         else:
             self.conditioner = CNN(conditioned, out, hidden, context_features, activation)
 

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..nn.mlp import soft_clamp
+
 
 class ElementwiseMap(abc.ABC):
     """Interface of a monotone elementwise map (see the module docstring)."""
@@ -92,7 +94,7 @@ class Affine(ElementwiseMap):
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         c = self.log_scale_bound
         shift, raw_log_scale = params
-        return shift, raw_log_scale / (1 + raw_log_scale.abs() / c)
+        return shift, soft_clamp(raw_log_scale, c)
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(params)
@@ -180,12 +182,12 @@ class RationalQuadraticSpline(ElementwiseMap):
         c = self._clamp
         raw_sizes, raw_derivatives = params.split((2 * K, K - 1), dim=0)
         raw_sizes = raw_sizes.unflatten(0, (2, K))
-        sizes = torch.softmax(raw_sizes / (1 + raw_sizes.abs() * (2 / c)), dim=1)  # bin widths and heights
+        sizes = torch.softmax(soft_clamp(raw_sizes, c / 2), dim=1)  # bin widths and heights
         sizes = sizes.mul(2 * B * (1 - self.min_bin_size * K)).add(2 * B * self.min_bin_size)
         edge = torch.full_like(sizes[:, :1], B)
         knots = torch.cat((-edge, torch.cumsum(sizes[:, :-1], dim=1).sub(B), edge), dim=1)  # ends exactly at +-B
         one = torch.ones_like(knots[:1, :1])
-        interior = torch.exp(raw_derivatives / (1 + raw_derivatives.abs() / c))  # zero parameters: 1, the identity
+        interior = torch.exp(soft_clamp(raw_derivatives, c))  # zero parameters: 1, the identity
         derivatives = torch.cat((one, interior.unsqueeze(0), one), dim=1)
         return torch.cat((knots, derivatives), dim=0)
 

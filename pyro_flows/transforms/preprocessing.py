@@ -1,4 +1,5 @@
-"""Fixed preprocessing bijections between a flow and bounded data."""
+"""Fixed preprocessing bijections between a flow and its data: bounded data (:class:`Logit`), correlated
+columns (:class:`Whiten`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,82 @@ class Logit(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
+
+
+class Whiten(FlowTransform):
+    r"""A fixed (non-trainable) lower-triangular linear map, base→data: :math:`y = L x`, the Cholesky factor of a
+    correlation matrix.
+
+    .. math:: y = L x, \qquad \log|\det J| = \sum_{i=1}^{D} \log L_{ii}, \qquad L L^\top = \Sigma .
+
+    Put between a flow's layers and its :class:`~pyro_flows.transforms.Standardize`, the data→base direction
+    decorrelates the standardised data, :math:`x = L^{-1} y` (a triangular solve). A flow whose other layers are
+    the identity (every fresh coupling or autoregressive flow: their conditioners' last layers start at zero) is
+    then exactly the Gaussian :math:`N(0, \Sigma)`, so training, and early stopping on a validation split, start
+    from the fitted Gaussian rather than from independent columns: on tables with correlated columns (breast
+    cancer, 30 columns) a fresh RealNVP started 35 nats per row below the Gaussian and early stopping ended there.
+    :math:`L` is a buffer (saved, follows ``.to``, never trained).
+
+    Args:
+        scale_tril: :math:`L`, a ``(D, D)`` lower-triangular matrix with a positive diagonal.
+
+    Example:
+        >>> mixing = torch.tensor([[1.0, 0.9], [0.0, 0.4]], dtype=torch.float64)
+        >>> data = torch.randn(500, 2, dtype=torch.float64) @ mixing
+        >>> standardised = (data - data.mean(0)) / data.std(0)
+        >>> layer = Whiten.from_data(standardised)
+        >>> x = layer.inv(standardised)  # decorrelated
+        >>> bool(torch.allclose(torch.cov(x.T), torch.eye(2, dtype=torch.float64), atol=0.05))
+        True
+
+    References:
+        - Papamakarios, Nalisnick, Rezende, Mohamed & Lakshminarayanan (2021), *Normalizing flows for probabilistic
+          modeling and inference* (a fixed linear first layer; whitening the data), arXiv:1912.02762.
+    """
+
+    scale_tril: Tensor  # buffer
+
+    def __init__(self, scale_tril: Tensor) -> None:
+        scale_tril = torch.as_tensor(scale_tril)
+        if scale_tril.dim() != 2 or scale_tril.shape[0] != scale_tril.shape[1]:
+            raise ValueError(f"Whiten: scale_tril must be a square (D, D) matrix, got {tuple(scale_tril.shape)}")
+        diagonal = scale_tril.diagonal()
+        if not bool(torch.isfinite(scale_tril).all()) or not bool((diagonal > 0).all()):
+            raise ValueError("Whiten: scale_tril must be finite with a positive diagonal")
+        super().__init__((scale_tril.shape[0],))
+        self.register_buffer("scale_tril", scale_tril.tril().clone())
+
+    @classmethod
+    def from_data(cls, data: Tensor, shrinkage: float = 0.0) -> Whiten:
+        r"""The map whose inverse decorrelates standardised ``data`` ``(N, D)``: :math:`L` is the Cholesky factor
+        of :math:`(1 - \lambda) R + \lambda I`, :math:`R` the correlation matrix of ``data`` and :math:`\lambda` the
+        ``shrinkage`` in ``[0, 1]``. A singular :math:`R` (a column that is a combination of others, fewer rows
+        than columns) gets :math:`\lambda` raised tenfold (from ``1e-6`` at least) until the matrix is positive
+        definite."""
+        if data.dim() != 2 or data.shape[0] < 2:
+            raise ValueError(f"Whiten.from_data: need data of shape (N >= 2, D), got {tuple(data.shape)}")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"Whiten.from_data: shrinkage must be in [0, 1], got {shrinkage}")
+        correlation = torch.corrcoef(data.double().T).reshape(data.shape[1], data.shape[1])
+        correlation = torch.nan_to_num(correlation, nan=0.0).fill_diagonal_(1.0)  # a constant column: uncorrelated
+        identity = torch.eye(data.shape[1], dtype=torch.float64)
+        weight = shrinkage
+        while True:  # ends: at weight 1 the matrix is the identity
+            factor, info = torch.linalg.cholesky_ex((1 - weight) * correlation + weight * identity)
+            if int(info) == 0:
+                return cls(factor.to(data.dtype))
+            weight = min(1.0, max(10 * weight, 1e-6))
+
+    def _log_det(self, batch_shape: torch.Size) -> Tensor:
+        return self.scale_tril.diagonal().log().sum().expand(batch_shape)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return x @ self.scale_tril.T, self._log_det(x.shape[:-1])
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        rows = y.reshape(-1, y.shape[-1]).T  # (D, rows): one triangular solve for every row
+        x = torch.linalg.solve_triangular(self.scale_tril, rows, upper=False).T.reshape(y.shape)
+        return x, -self._log_det(y.shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"features={self.scale_tril.shape[0]}"
