@@ -20,7 +20,7 @@ from .flows.registry import FLOWS, check_flow_name
 from .nn.mlp import check_hidden
 from .train import FitHistory, FitOptions
 from .train import fit as fit_flow
-from .transforms.normalization import Standardize
+from .transforms.normalization import ActNorm, Standardize
 from .transforms.preprocessing import Whiten
 from .utils import PathLike, draw_seed, nonfinite_rows, seeded_rng
 
@@ -328,6 +328,10 @@ class DensityEstimator:
         elif not fit_options.validation_fraction:
             fit_options = fit_options.replace(patience=None)
         inputs = centred.to(dtype)
+        if any(isinstance(layer, ActNorm) for layer in model.transforms):  # (NICE's) data-dependent scaling:
+            with torch.no_grad():  # initialised from up to CHUNK_ROWS rows, not one batch, so that a fresh flow
+                first = inputs[:CHUNK_ROWS]  # is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
+                model.train()(first[:, context_columns] if context_columns else None).log_prob(first[:, target_columns])
         history = fit_flow(
             model,
             inputs[:, target_columns],
