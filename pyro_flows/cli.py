@@ -373,7 +373,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # the reader stopped reading (`| head`): not an error, nothing more to say
             _discard_stdout()
             return EXIT_BROKEN_PIPE
-        except (OSError, ValueError, RuntimeError) as error:  # bad input, or a fit that diverged
+        except (
+            OSError,
+            ValueError,
+            RuntimeError,
+            ImportError,
+        ) as error:  # bad input, a fit that diverged, a missing extra
             _report("error", error)
             return EXIT_ERROR
 

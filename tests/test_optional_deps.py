@@ -134,3 +134,16 @@ def test_tutorials_extra_installs_what_the_notebooks_import():
         if not {normalise(d) for d in providers.get(module, [])} & closure
     }
     assert not missing, f"tutorials import modules that neither the core nor the tutorials extra installs: {missing}"
+
+
+def test_the_demo_without_sklearn_is_one_error_line_naming_the_extra(tmp_path):
+    script = "import sys; sys.modules['sklearn'] = None\nfrom pyro_flows import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "demo", "--quick", "--out", str(tmp_path / "report")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"pyro-flows: error: pf.data.digits needs scikit-learn, which is not installed: {HINT}"
+    ]
