@@ -58,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -65,18 +66,21 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
+from pyro.distributions.transforms import biject_to
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 import pyro_flows as pf
 
 MODELS = ("funnel", "eight_schools", "logistic")
+REFERENCE_MODELS = ("eight_schools", "eight_schools_nc", "linreg", "funnel")
 GUIDES = ("AutoNormal", "AutoIAFNormal", "AutoNormalizingFlow", "pf-IAF", "pf-NSF", "pf-CNF")
 DEFAULT_GUIDES = GUIDES[:-1]
 PYRO_FLOWS = ("AutoIAFNormal", "AutoNormalizingFlow")
@@ -144,15 +148,55 @@ def logistic(x: Tensor, y: Optional[Tensor] = None) -> None:
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
+def funnel_nc(dim: int = 10) -> None:
+    """Neal's funnel, non-centred: v ~ N(0, 3^2), z_i ~ N(0, 1); the funnel's x_i = z_i exp(v / 2)."""
+    pyro.sample("v", dist.Normal(0.0, 3.0))
+    with pyro.plate("dim", dim - 1):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
+def eight_schools_nc(sigma: Tensor, y: Optional[Tensor] = None) -> None:
+    """Non-centred eight schools: theta_j = mu + tau * theta_tilde_j, theta_tilde_j ~ N(0, 1) (same posterior)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", len(sigma)):
+        theta_tilde = pyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+
+def linreg_data(rows: int = 30, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Three features (the first two correlated, rho = 0.9), y = x . (1, -1, 0.5) + 0.5 + N(0, 1) noise."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, 3, generator=generator)
+    x = torch.stack([z[:, 0], 0.9 * z[:, 0] + math.sqrt(1 - 0.81) * z[:, 1], z[:, 2]], dim=-1)
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.5 + torch.randn(rows, generator=generator)
+    return x, y
+
+
+def linreg(x: Tensor, y: Optional[Tensor] = None) -> None:
+    """Bayesian linear regression: w ~ N(0, I), b ~ N(0, 1), sigma ~ HalfNormal(2), y_n ~ N(x_n . w + b, sigma^2)."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(w @ x.T + b, sigma), obs=y)  # w: (3,), (S, 3) or (S, 1, 3) under particles
+
+
 def problem(name: str) -> tuple[Callable, tuple]:
     """``(model, args)`` of a benchmark model."""
     if name == "funnel":
         return funnel, ()
+    if name == "funnel_nc":
+        return funnel_nc, ()
     if name == "eight_schools":
         return eight_schools, (EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y)
+    if name == "eight_schools_nc":
+        return eight_schools_nc, (EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_Y)
     if name == "logistic":
         return logistic, logistic_data()
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    if name == "linreg":
+        return linreg, linreg_data()
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS + REFERENCE_MODELS}")
 
 
 # -- guides ---------------------------------------------------------------------------------------
@@ -359,14 +403,247 @@ def comparisons(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+# -- against reference draws: a fixed SVI schedule, moments and k̂ against NUTS -------------------
+
+REFERENCE_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "pf-NSF-diagonal", "pf-NSF")
+NON_CENTRED = {"eight_schools": "eight_schools_nc", "funnel": "funnel_nc"}
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The fixed schedule of ``--reference``: every guide gets ``steps`` SVI steps, in float64.
+
+    ``ClippedAdam`` with the step size decaying geometrically from ``lr`` to ``final_lr``
+    (``lrd = (final_lr / lr)^(1/steps)``), one-draw ``Trace_ELBO``; NUTS reference draws:
+    ``chains`` chains of ``warmup`` + ``draws`` iterations.
+    """
+
+    steps: int = 3000
+    lr: float = 1e-2
+    final_lr: float = 1e-3
+    repeats: int = 3
+    eval_samples: int = 4000
+    warmup: int = 1000
+    draws: int = 2000
+    chains: int = 2
+
+
+QUICK_REFERENCE = ReferenceConfig(steps=100, repeats=1, eval_samples=200, warmup=100, draws=200, chains=1)
+
+
+def make_reference_guide(name: str, model: Callable):
+    """``pf-NSF`` is today's default ``AutoFlowGuide(model)``; ``pf-NSF-diagonal`` the same without its
+    unit lower-triangular layer (``full_rank=False``, the default before issue 16.14)."""
+    if name == "AutoNormal":
+        return AutoNormal(model)
+    if name == "AutoMultivariateNormal":
+        return AutoMultivariateNormal(model)
+    if name == "pf-NSF-diagonal":
+        return pf.infer.AutoFlowGuide(model, full_rank=False)
+    if name == "pf-NSF":
+        return pf.infer.AutoFlowGuide(model)
+    raise ValueError(f"unknown guide {name!r}; choose from {REFERENCE_GUIDES}")
+
+
+def _float64(args: tuple) -> tuple:
+    return tuple(a.to(torch.float64) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+
+def unconstrained(model_name: str, samples: dict) -> Tensor:
+    """``(S, D)``: the latent sites of ``samples`` (model trace order), each mapped by ``biject_to(support).inv``."""
+    columns = []
+    for name, site in _latent_sites(model_name):
+        value = samples[name]
+        columns.append(biject_to(site["fn"].support).inv(value).reshape(value.shape[0], -1))
+    return torch.cat(columns, dim=-1).to(torch.float64)
+
+
+def _centred(model_name: str, samples: dict) -> dict:
+    """Draws of a non-centred twin mapped to the centred model's sites (the same posterior)."""
+    if model_name == "eight_schools":
+        mu, tau, tilde = samples["mu"], samples["tau"], samples["theta_tilde"]
+        return {"mu": mu, "tau": tau, "theta": mu[:, None] + tau[:, None] * tilde}
+    if model_name == "funnel":
+        v = samples["v"]
+        return {"v": v, "x": samples["z"] * torch.exp(v[:, None] / 2)}
+    return samples
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Torch's default dtype set to ``dtype`` inside the block, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@functools.cache
+def nuts_draws(model_name: str, rc: ReferenceConfig, seed: int = 0) -> dict:
+    """NUTS draws (Hoffman & Gelman 2014) of every latent site, ``(chains * draws, ...)``, cached for the process."""
+    model, args = problem(model_name)
+    chains = []
+    with _default_dtype(torch.float64):
+        for chain in range(rc.chains):
+            pyro.set_rng_seed(seed + chain)
+            mcmc = MCMC(NUTS(model), num_samples=rc.draws, warmup_steps=rc.warmup, disable_progbar=True)
+            mcmc.run(*_float64(args))
+            chains.append(mcmc.get_samples())
+    return {name: torch.cat([c[name] for c in chains]) for name in chains[0]}
+
+
+def reference_draws(model_name: str, samples: dict) -> Tensor:
+    """``(S, D)`` unconstrained reference draws of ``model_name`` from the NUTS draws of :func:`reference_model`."""
+    return unconstrained(model_name, _centred(model_name, samples))
+
+
+def reference_model(model_name: str) -> str:
+    """The model NUTS samples for ``model_name``: a centred model (eight schools, the funnel) is sampled through
+    its non-centred twin and mapped back by :func:`reference_draws`, the same posterior without the funnel
+    geometry that makes NUTS itself diverge in the neck."""
+    return NON_CENTRED.get(model_name, model_name)
+
+
+@dataclass
+class Fit:
+    """One guide after the fixed schedule: k̂ and ELBO (``psis``), and its unconstrained draws' moments."""
+
+    model: str
+    guide: str
+    seed: int
+    seconds: float
+    khat: float
+    elbo: float
+    mean: list[float]
+    sd: list[float]
+
+
+def fit_guide(model_name: str, guide_name: str, rc: ReferenceConfig, seed: int) -> Fit:
+    """Train a fresh guide for ``rc.steps`` steps (float64), then k̂ and the moments of ``rc.eval_samples`` draws."""
+    model, args = problem(model_name)
+    with _default_dtype(torch.float64):
+        args = _float64(args)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = make_reference_guide(guide_name, model)
+        optim = pyro.optim.ClippedAdam({"lr": rc.lr, "lrd": (rc.final_lr / rc.lr) ** (1 / rc.steps)})
+        svi = SVI(model, guide, optim, Trace_ELBO(max_plate_nesting=1))
+        start = time.perf_counter()
+        for _ in range(rc.steps):
+            svi.step(*args)
+        seconds = time.perf_counter() - start
+        elbo, khat, _ = evaluate(model, guide, args, rc.eval_samples, seed=10_000 + seed)
+        with torch.no_grad():
+            predictive = Predictive(model, guide=guide, num_samples=rc.eval_samples, parallel=True)
+            names = [name for name, _ in _latent_sites(model_name)]
+            latent = {k: v.reshape(rc.eval_samples, -1).squeeze(-1) for k, v in predictive(*args).items() if k in names}
+            draws = unconstrained(model_name, latent)
+    return Fit(model_name, guide_name, seed, seconds, khat, elbo, draws.mean(0).tolist(), draws.std(0).tolist())
+
+
+def _latent_sites(model_name: str) -> list:
+    """``(name, site)`` of the model's latent sample sites (plates' subsample sites left out), traced in float64."""
+    model, args = problem(model_name)
+    with _default_dtype(torch.float64):
+        trace = pyro.poutine.trace(model).get_trace(*_float64(args))
+    return [(name, site) for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)]
+
+
+def moment_errors(fit: Fit, reference: Tensor) -> tuple[float, float]:
+    """``(max_j |mean_q - mean_ref| / sd_ref, max_j |sd_q / sd_ref - 1|)`` over the unconstrained coordinates."""
+    mean, sd = torch.tensor(fit.mean, dtype=torch.float64), torch.tensor(fit.sd, dtype=torch.float64)
+    ref_mean, ref_sd = reference.mean(0), reference.std(0)
+    return float(((mean - ref_mean).abs() / ref_sd).max()), float((sd / ref_sd - 1).abs().max())
+
+
+def _task(task: tuple):
+    """One unit of :func:`run_reference`'s work (a pool worker's entry point): NUTS draws or a guide fit."""
+    torch.set_num_threads(1)
+    kind, model_name, rc, *rest = task
+    if kind == "nuts":
+        return nuts_draws(model_name, rc)
+    guide_name, seed = rest
+    try:
+        return fit_guide(model_name, guide_name, rc, seed)
+    except Exception as e:  # a guide that fails is reported n/a, the others go on
+        return f"{type(e).__name__}: {e}"
+
+
+def run_reference(
+    models: Sequence[str] = REFERENCE_MODELS,
+    guides: Sequence[str] = REFERENCE_GUIDES,
+    rc: ReferenceConfig = ReferenceConfig(),
+    jobs: int = 1,
+) -> tuple[dict, list]:
+    """NUTS reference draws per model (one run per :func:`reference_model`), and every (model, guide, seed) fit;
+    ``jobs`` > 1 runs them in processes.
+
+    Returns ``({model: reference draws}, [Fit or (model, guide, seed, error)])``.
+    """
+    previous = torch.get_num_threads()
+    fits_tasks = [("fit", m, rc, g, seed) for seed in range(rc.repeats) for m in models for g in guides]
+    twins = list(dict.fromkeys(reference_model(m) for m in models))
+    nuts_tasks = [("nuts", twin, rc) for twin in twins]
+    try:
+        if jobs > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                pending = pool.map_async(_task, nuts_tasks, chunksize=1)
+                fitted = pool.map(_task, fits_tasks, chunksize=1)
+                samples = pending.get()
+        else:
+            samples = [_task(t) for t in nuts_tasks]
+            fitted = [_task(t) for t in fits_tasks]
+    finally:
+        torch.set_num_threads(previous)
+    by_twin = dict(zip(twins, samples, strict=True))
+    fits = [f if isinstance(f, Fit) else (t[1], t[3], t[4], f) for t, f in zip(fits_tasks, fitted, strict=True)]
+    return {m: reference_draws(m, by_twin[reference_model(m)]) for m in models}, fits
+
+
+def reference_table(references: dict, fits: Sequence) -> str:
+    """Markdown: per (model, guide) the median over seeds of k̂, the moment errors and the ELBO, and k̂ per seed."""
+    lines = [
+        "| model | guide | k̂ median | k̂ per seed | max \\|Δmean\\|/sd | max \\|sd ratio − 1\\| | ELBO | s/fit |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    groups: dict = {}
+    for f in fits:
+        groups.setdefault((f.model, f.guide) if isinstance(f, Fit) else f[:2], []).append(f)
+    for (m, g), group in groups.items():
+        ok = [f for f in group if isinstance(f, Fit)]
+        if not ok:
+            lines.append(f"| {m} | {g} | n/a ({group[0][3]}) | | | | | |")
+            continue
+        errors = [moment_errors(f, references[m]) for f in ok]
+        khats = [f.khat for f in ok]
+        cells = [
+            _fmt(statistics.median(khats)),
+            " ".join(_fmt(k) for k in khats),
+            _fmt(statistics.median(e[0] for e in errors)),
+            _fmt(statistics.median(e[1] for e in errors)),
+            _fmt(statistics.median(f.elbo for f in ok), 3),
+            _fmt(statistics.median(f.seconds for f in ok), 0),
+        ]
+        lines.append(f"| {m} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _load() -> str:
     return f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load n/a"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--guides", nargs="+", default=list(DEFAULT_GUIDES), choices=GUIDES)
+    p.add_argument("--models", nargs="+", default=None, choices=sorted({*MODELS, *REFERENCE_MODELS, "funnel_nc"}))
+    p.add_argument("--guides", nargs="+", default=None, choices=[*GUIDES, *REFERENCE_GUIDES[1:]])
+    p.add_argument("--reference", action="store_true", help="fixed schedule, k̂ and moments against NUTS draws")
+    p.add_argument("--steps", type=int, default=None, help="--reference: SVI steps (default 3000, quick 100)")
+    p.add_argument("--jobs", type=int, default=1, help="--reference: worker processes")
+    p.add_argument("--nuts", type=int, nargs=3, metavar=("WARMUP", "DRAWS", "CHAINS"), help="--reference: NUTS run")
     p.add_argument("--seconds", type=float, default=None, help="training budget per run (default 20, quick 0.5)")
     p.add_argument("--checkpoints", type=int, default=None, help="evaluations at T/2^(c-1)..T (default 4, quick 2)")
     p.add_argument("--repeats", type=int, default=None, help="default 3, quick 1")
@@ -379,6 +656,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
     p.add_argument("--json", help="write every checkpoint of every repeat to this file")
     a = p.parse_args(argv)
+    if a.reference:
+        return main_reference(a)
+    guides = a.guides or list(DEFAULT_GUIDES)
+    if not set(guides) <= set(GUIDES):
+        p.error(f"guides {sorted(set(guides) - set(GUIDES))} are for --reference only")
     base = QUICK if a.quick else Config()
     overrides = {
         "seconds": a.seconds,
@@ -392,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     cfg = Config(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, {a.threads} thread(s), {_load()}; {cfg}")
-    results = run(a.models, a.guides, cfg, a.threads)
+    results = run(a.models or list(MODELS), guides, cfg, a.threads)
     print()
     print(table(results, cfg))
     print()
@@ -405,6 +687,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": asdict(cfg), "results": [asdict(r) for r in results]}, f, indent=1)
+    return 0
+
+
+def main_reference(a: argparse.Namespace) -> int:
+    """``--reference``: :func:`run_reference`, its table, and each pyro_flows guide against AutoMultivariateNormal."""
+    base = QUICK_REFERENCE if a.quick else ReferenceConfig()
+    overrides = {"steps": a.steps, "repeats": a.repeats, "lr": a.lr, "eval_samples": a.eval_samples}
+    if a.nuts:
+        overrides.update(zip(("warmup", "draws", "chains"), a.nuts, strict=True))
+    rc = ReferenceConfig(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+    models, guides = a.models or list(REFERENCE_MODELS), a.guides or list(REFERENCE_GUIDES)
+    unknown = sorted(set(guides) - set(REFERENCE_GUIDES))
+    if unknown:
+        raise SystemExit(f"--reference guides are {', '.join(REFERENCE_GUIDES)}; not {unknown}")
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, float64, {a.jobs} process(es), {_load()}; {rc}")
+    start = time.perf_counter()
+    references, fits = run_reference(models, guides, rc, a.jobs)
+    print(f"{time.perf_counter() - start:.0f} s")
+    print()
+    print(reference_table(references, fits))
+    if a.json:
+        with open(a.json, "w") as f:
+            rows = [asdict(x) if isinstance(x, Fit) else {"error": x} for x in fits]
+            json.dump({"config": asdict(rc), "fits": rows}, f, indent=1)
     return 0
 
 

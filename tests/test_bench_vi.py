@@ -24,13 +24,14 @@ def _param_count(bench, guide_name: str, model_name: str) -> tuple[int, int]:
 @pytest.mark.parametrize("model_name", ["funnel", "logistic"])
 def test_flows_are_like_for_like(model_name):
     # pyro_flows' guide is Pyro's architecture (same layers, MADE widths, spline parameters per dimension)
-    # plus the learnable affine start layer around the initial point: exactly 2 D more parameters.
+    # plus the learnable full-rank affine start around the initial point (AutoMultivariateNormal's loc, scale and
+    # unit lower-triangular factor): exactly 2 D + D (D - 1) / 2 more parameters.
     bench = load_benchmark("bench_vi")
     for ours, peer in [("pf-IAF", "AutoIAFNormal"), ("pf-NSF", "AutoNormalizingFlow")]:
         n_ours, dim = _param_count(bench, ours, model_name)
         n_peer, peer_dim = _param_count(bench, peer, model_name)
         assert dim == peer_dim == {"funnel": 10, "logistic": 5}[model_name]
-        assert n_ours == n_peer + 2 * dim, (ours, n_ours, peer, n_peer)
+        assert n_ours == n_peer + 2 * dim + dim * (dim - 1) // 2, (ours, n_ours, peer, n_peer)
     pyro.clear_param_store()
 
 
@@ -93,4 +94,37 @@ def test_models_vectorise_over_particles(model_name):
     guide(*args)
     report = pf.diagnostics.psis(model, guide, *args, num_samples=32, vectorize=True)
     assert report.log_weights.shape == (32,) and math.isfinite(report.elbo)
+    pyro.clear_param_store()
+
+
+def test_reference_draws_of_a_centred_model_come_from_its_non_centred_twin():
+    bench = load_benchmark("bench_vi")
+    generator = torch.Generator().manual_seed(0)
+    nc = {"mu": torch.randn(6, generator=generator), "tau": torch.rand(6, generator=generator) + 0.1}
+    nc["theta_tilde"] = torch.randn(6, 8, generator=generator)
+    centred = bench.reference_draws("eight_schools", nc)  # columns mu, log tau, theta_1..8
+    assert bench.reference_model("eight_schools") == "eight_schools_nc"
+    torch.testing.assert_close(centred[:, 0], nc["mu"].double())
+    torch.testing.assert_close(centred[:, 1], nc["tau"].log().double())
+    torch.testing.assert_close(centred[:, 2:], (nc["mu"][:, None] + nc["tau"][:, None] * nc["theta_tilde"]).double())
+    funnel = bench.reference_draws("funnel", {"v": nc["mu"], "z": nc["theta_tilde"][:, :-1]})
+    torch.testing.assert_close(funnel[:, 1:], (nc["theta_tilde"][:, :-1] * torch.exp(nc["mu"][:, None] / 2)).double())
+
+
+def test_reference_run_scores_guides_against_nuts():
+    bench = load_benchmark("bench_vi")
+    rc = bench.ReferenceConfig(steps=20, repeats=2, eval_samples=100, warmup=30, draws=60, chains=2)
+    references, fits = bench.run_reference(["linreg"], ["AutoMultivariateNormal", "pf-NSF"], rc)
+    assert references["linreg"].shape == (120, 5)  # w (3), b, log sigma
+    assert [(f.guide, f.seed) for f in fits] == [(g, s) for s in (0, 1) for g in ("AutoMultivariateNormal", "pf-NSF")]
+    for f in fits:
+        assert len(f.mean) == len(f.sd) == 5 and math.isfinite(f.khat) and f.seconds > 0
+        mean_error, sd_error = bench.moment_errors(f, references["linreg"])
+        assert mean_error > 0 and sd_error > 0
+    # the reference against itself: no error
+    ref = references["linreg"]
+    itself = bench.Fit("linreg", "x", 0, 1.0, 0.0, 0.0, ref.mean(0).tolist(), ref.std(0).tolist())
+    assert bench.moment_errors(itself, ref) == pytest.approx((0.0, 0.0), abs=1e-12)
+    text = bench.reference_table(references, fits)
+    assert "| linreg | AutoMultivariateNormal |" in text and "| linreg | pf-NSF |" in text and "n/a" not in text
     pyro.clear_param_store()

@@ -137,6 +137,54 @@ def test_flow_starts_as_the_affine_map_around_the_init_point():
         torch.testing.assert_close(posterior.log_prob(x), affine.log_prob(x))
 
 
+def test_unit_lower_triangular_layer():
+    layer = pf.infer.guides.UnitLowerTriangular(4).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    assert torch.equal(layer(x), x)  # the identity at the start
+    with torch.no_grad():
+        layer.weight.normal_()
+    y, ladj = layer.call_and_ladj(x)
+    matrix = layer.matrix()
+    assert torch.equal(matrix.triu(1), torch.zeros(4, 4, dtype=torch.float64)) and bool((matrix.diagonal() == 1).all())
+    assert torch.equal(matrix[1:, 0], layer.weight[[0, 1, 3]])  # row by row below the diagonal
+    torch.testing.assert_close(y, x @ matrix.T)
+    assert ladj.shape == (2, 5) and not bool(ladj.any())  # log|det L| = 0
+    back, inverse_ladj = layer.inverse_and_ladj(y)
+    torch.testing.assert_close(back, x)
+    assert inverse_ladj.shape == (2, 5)
+
+
+def test_default_guide_contains_auto_multivariate_normal():
+    # issue 16.14: with its flow layers at the identity (their start) the default guide is a full-rank
+    # Gaussian, u = loc + sigma * L eps, so set to the exact posterior N(m, C) of the conjugate regression
+    # (C = diag(sigma) L L^T diag(sigma)) it *is* the posterior: log w = log p(x, z) - log q(z) = log p(y) for
+    # every draw. The default before (no L) could only reach N(m, diag(sigma^2)) this way.
+    X, y = regression_data()
+    X, y = X.double(), y.double()
+    mean, cov = regression_posterior(X, y)
+    pyro.clear_param_store()
+    guide = pf.infer.AutoFlowGuide(regression)
+    guide(X, y)
+    *splines, lower, affine = guide.flow.transforms
+    assert isinstance(lower, pf.infer.guides.UnitLowerTriangular) and isinstance(affine, pft.ActNorm)
+    cholesky = torch.linalg.cholesky(cov)
+    with torch.no_grad():
+        affine.shift.copy_(mean)
+        affine.log_scale.copy_(cholesky.diagonal().log())
+        unit = cholesky / cholesky.diagonal()[:, None]
+        lower.weight.copy_(unit[tuple(torch.tril_indices(3, 3, -1))])
+    z = mean + torch.randn(5, 3, dtype=torch.float64) @ cholesky.T
+    with torch.no_grad():
+        torch.testing.assert_close(guide.get_posterior().log_prob(z), dist.MultivariateNormal(mean, cov).log_prob(z))
+    report = pf.diagnostics.psis(regression, guide, X, y, num_samples=200)
+    assert float(report.log_weights.std()) < 1e-8 and report.ess > 199
+
+    pyro.clear_param_store()
+    diagonal = pf.infer.AutoFlowGuide(regression, full_rank=False)
+    diagonal(X, y)
+    assert [type(t) for t in diagonal.flow.transforms] == [type(t) for t in [*splines, affine]]
+
+
 def test_param_store_save_load_round_trips(tmp_path):
     X, y = regression_data()
     pyro.clear_param_store()

@@ -78,6 +78,49 @@ def _affine_around(loc: Tensor, scale: float) -> T.ActNorm:
     return layer
 
 
+class UnitLowerTriangular(T.FlowTransform):
+    r"""The linear map :math:`y = L x` with :math:`L` unit lower-triangular (learned), starting at :math:`L = I`.
+
+    .. math:: L = I + \operatorname{tril}(W, -1), \qquad \log|\det J| = 0,
+
+    with the :math:`D(D-1)/2` entries of :math:`W` below the diagonal its parameters,
+
+    and :math:`L^{-1} y` by one triangular solve. Followed by an elementwise
+    affine layer :math:`u = \mu + \sigma \odot y` it is the full-rank Gaussian
+    map :math:`u = \mu + \operatorname{diag}(\sigma) L x` of Pyro's
+    ``AutoMultivariateNormal`` (whose ``scale_tril`` is
+    :math:`\operatorname{diag}(\sigma) L`, Kucukelbir et al. 2017), with the same
+    starting point.
+
+    Example:
+        >>> layer = UnitLowerTriangular(3)
+        >>> x = torch.randn(5, 3)
+        >>> bool(torch.equal(layer(x), x))  # the identity at the start
+        True
+    """
+
+    index: Tensor  # buffer
+
+    def __init__(self, features: int) -> None:
+        super().__init__((features,))
+        self.register_buffer("index", torch.tril_indices(features, features, -1))
+        self.weight = nn.Parameter(torch.zeros(self.index.shape[1]))  # the D (D - 1) / 2 entries below the diagonal
+
+    def matrix(self) -> Tensor:
+        r""":math:`L`: the identity with ``weight`` below the diagonal (row by row)."""
+        features = self.event_shape[0]
+        eye = torch.eye(features, dtype=self.weight.dtype, device=self.weight.device)
+        return eye.index_put((self.index[0], self.index[1]), self.weight)
+
+    def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return x @ self.matrix().T, x.new_zeros(x.shape[:-1])
+
+    def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        rows = y.reshape(-1, y.shape[-1])
+        x = torch.linalg.solve_triangular(self.matrix().T, rows, upper=True, left=False, unitriangular=True)
+        return x.reshape(y.shape), y.new_zeros(y.shape[:-1])
+
+
 def _mark_initialized(module: nn.Module) -> None:
     """Data-dependent initialisation means nothing for a guide's own samples (and would undo a loaded state)."""
     for layer in module.modules():
@@ -141,15 +184,23 @@ class AutoFlowGuide(AutoContinuous):
     :math:`u \in \mathbb{R}^D`; the guide is
 
     .. math::
-        u = \mu + \sigma \odot f_K \circ \dots \circ f_1(\varepsilon), \quad
+        u = \mu + \sigma \odot L\, f_K \circ \dots \circ f_1(\varepsilon), \quad
         \varepsilon \sim \mathcal{N}(0, I_D), \qquad
         \log q(u) = \log \mathcal{N}(\varepsilon) - \sum_k \log|\det J_{f_k}| - \sum_i \log \sigma_i,
 
     with :math:`\mu` the ``init_loc_fn`` point, :math:`\log \sigma` starting at
-    ``log(init_scale)`` (both learnable) and the flow layers starting at the
-    identity, so training starts from :math:`\mathcal{N}(\mu, \sigma^2 I)`.
-    Rezende & Mohamed (2015), *Variational inference with normalizing flows*;
-    Kucukelbir et al. (2017), ADVI.
+    ``log(init_scale)``, :math:`L` unit lower-triangular starting at :math:`I`
+    (:class:`UnitLowerTriangular`; ``full_rank=False`` leaves it out), all
+    learnable, and the flow layers starting at the identity, so training starts
+    from :math:`\mathcal{N}(\mu, \sigma^2 I)`. With the flow layers at the
+    identity the guide *is* Pyro's ``AutoMultivariateNormal``
+    (:math:`\operatorname{diag}(\sigma) L` its ``scale_tril``, same start), so
+    the flow is never restricted to less than the full-rank Gaussian: without
+    :math:`L` the autoregressive conditioners must learn the posterior's linear
+    correlations themselves, from noisy single-draw gradients, and leave heavier
+    importance-weight tails than the Gaussian (``benchmarks/README.md``, "VI
+    guides against AutoMultivariateNormal"). Rezende & Mohamed (2015),
+    *Variational inference with normalizing flows*; Kucukelbir et al. (2017), ADVI.
 
     Sampling uses the flow's one-pass direction (see :func:`named_flow`) and
     ``log q`` of the sample is served by the flow distribution's memo of its last
@@ -173,6 +224,9 @@ class AutoFlowGuide(AutoContinuous):
         hidden: hidden widths of the conditioners (default two of ``max(64, 2D)``).
         init_loc_fn: per-site initialisation (Pyro's ``init_to_*``).
         init_scale: initial scale :math:`\sigma` of the affine layer.
+        full_rank: put the unit lower-triangular :math:`L` (:math:`D(D-1)/2` parameters, :math:`O(D^2)`
+            per draw) before the affine layer; ``False`` for very large :math:`D`. Not for a module
+            that is no :class:`~pyro_flows.Flow` (used as is).
         flow_kwargs: passed to the flow factory (e.g. ``bins``, ``bound``, ``trace``).
 
     Example:
@@ -188,10 +242,12 @@ class AutoFlowGuide(AutoContinuous):
         hidden: Optional[Sequence[int]] = None,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        full_rank: bool = True,
         **flow_kwargs,
     ) -> None:
         _check_flow_spec(flow, transforms, init_scale)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._full_rank = bool(full_rank)
         self._flow_spec = flow
         self._transforms = int(transforms)
         self._hidden = hidden
@@ -212,6 +268,7 @@ class AutoFlowGuide(AutoContinuous):
             self._hidden,
             loc,
             self._init_scale,
+            extra_layers=[UnitLowerTriangular(self.latent_dim)] if self._full_rank else [],
             **self._flow_kwargs,
         )
 
