@@ -5,8 +5,9 @@ from .dequantization import Dequantized, DequantizedDistribution, VariationalDeq
 from .diagnostics import bits_per_dim, nats_per_dim
 from .estimator import DensityEstimator
 from .flows import CNF, FFJORD, IAF, MAF, NICE, NSF, Flow, FlowDistribution, Glow, RealNVP, StandardNormal
-from .objectives import CNFRegularizedNLL, FlowMatching, NegativeLogLikelihood
+from .objectives import CNFRegularizedNLL, FlowMatching, NegativeLogLikelihood, reflow_pairs
 from .train import FitHistory, fit
+from .transforms.continuous import fixed_steps
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "infer",
     "FFJORD",
     "fit",
+    "fixed_steps",
+    "reflow_pairs",
     "FlowMatching",
     "FitHistory",
     "NegativeLogLikelihood",
