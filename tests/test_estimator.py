@@ -202,7 +202,9 @@ def test_save_load_round_trip(tmp_path, flow, kwargs):
     est = pf.DensityEstimator(flow, **TINY, **kwargs).fit(X, validation_fraction=0.25, seed=1, **QUICK)
     est.save(tmp_path / "model.pt")
     loaded = pf.DensityEstimator.load(tmp_path / "model.pt")
-    assert (loaded.flow, loaded.transforms, loaded.hidden, loaded.flow_kwargs) == (flow, 2, (8,), kwargs)
+    assert (loaded.flow, loaded.transforms, loaded.hidden) == (flow, 2, (8,))
+    # the options given, and those fit chose from the data (pyro_flows.tabular_defaults)
+    assert loaded.flow_kwargs == {**est.architecture_["kwargs"], **kwargs} == est.architecture_["kwargs"]
     np.testing.assert_array_equal(loaded.log_prob(X), est.log_prob(X))
     np.testing.assert_array_equal(loaded.sample(5, seed=0), est.sample(5, seed=0))
     assert loaded.history_.train_loss == est.history_.train_loss
@@ -225,9 +227,10 @@ def test_saved_file_is_plain(tmp_path, fitted):
         "transforms": 2,
         "hidden": [8],
         "min_scale": 1e-6,
-        "kwargs": {},
+        "kwargs": fitted.architecture_["kwargs"],  # chosen from the data
         "context": [],
     }
+    assert fitted.architecture_["kwargs"] == {"input_bound": 3.0}
     assert payload["features"] == 3 and payload["dtype"] == "float32" and payload["fitted_on"] == "numpy"
     assert isinstance(payload["history"]["train_loss"], list)
 
