@@ -120,7 +120,10 @@ def test_density_estimator_fits_scores_samples_and_reloads_every_flow(name, tmp_
     assert scores.shape == (5,) and np.isfinite(scores).all() and samples.shape == (6, 2)
     est.save(tmp_path / "m.pt")
     loaded = pf.DensityEstimator.load(tmp_path / "m.pt")
-    assert loaded.flow == name and loaded.flow_kwargs == options
+    assert loaded.flow == name and loaded.flow_kwargs.items() >= options.items()  # and those chosen from the data
+    torch.manual_seed(0)  # the same Hutchinson probes for FFJORD's trace estimate
+    scores = est.score_samples(X[:5])
+    torch.manual_seed(0)
     np.testing.assert_allclose(loaded.score_samples(X[:5]), scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(loaded.sample(6, seed=0), samples)
 
@@ -130,6 +133,6 @@ def test_a_cnf_density_estimator_learns_more_than_a_gaussian():
     generator = torch.Generator().manual_seed(0)
     train, test = two_moons(1000, generator=generator).double(), two_moons(500, generator=generator).double()
     est = pf.DensityEstimator("cnf", hidden=(32, 32), atol=1e-4, rtol=1e-4)
-    est.fit(train, max_epochs=8, batch_size=128, lr=1e-2, validation_fraction=0.0, progress=False)
+    est.fit(train, max_epochs=16, batch_size=128, lr=1e-2, validation_fraction=0.0, progress=False)
     gaussian = dist.MultivariateNormal(train.mean(0), torch.cov(train.T)).log_prob(test).mean().item()
     assert est.score(test) > gaussian + 0.3

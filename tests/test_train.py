@@ -474,9 +474,11 @@ def test_front_ends_derive_their_defaults_from_the_one_options_object():
     class ShortEstimator(pf.DensityEstimator):
         fit_options = pf.DensityEstimator.fit_options.replace(max_epochs=2, batch_size=50, progress=False)
 
-    est = ShortEstimator("realnvp", transforms=1, hidden=(8,)).fit(gaussian_rows(200))
+    # batch_size and validation_fraction are chosen from the table unless given (pyro_flows.tabular_defaults)
+    short = dict(transforms=1, hidden=(8,), batch_size=50, validation_fraction=0.1)
+    est = ShortEstimator("realnvp", **short).fit(gaussian_rows(200))
     assert est.history_.steps == 2 * 4 and len(est.history_.validation_loss) == 2  # 180 rows, batches of 50
-    est = ShortEstimator("realnvp", transforms=1, hidden=(8,)).fit(gaussian_rows(200), max_epochs=1, batch_size=90)
+    est = ShortEstimator("realnvp", **short).fit(gaussian_rows(200), max_epochs=1, batch_size=90)
     assert est.history_.steps == 2  # keyword arguments change the defaults for one call
 
     prior = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
