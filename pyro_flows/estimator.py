@@ -115,6 +115,9 @@ class DensityEstimator:
         seed: fixes the initialisation and the training run (None: one draw from torch's global generator).
         dtype: floating dtype of the model (``"float32"``, ``"float64"`` or a torch dtype).
         min_scale: relative floor of the standardisation's standard deviations (relative to the largest).
+        whiten: put a fixed full-covariance whitening layer under the flow, so that a fresh flow is the fitted
+            Gaussian (:class:`~pyro_flows.transforms.preprocessing.Whiten`); False: the columns are only
+            standardised (better on 64-D dequantised digits: 2.33 against 2.78 bits/dim after 30 epochs).
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...); only JSON-like
             values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
@@ -178,13 +181,14 @@ class DensityEstimator:
         seed: Optional[int] = 0,
         dtype: Union[str, torch.dtype] = "float32",
         min_scale: float = 1e-6,
+        whiten: bool = True,
         **flow_kwargs: JSONLike,
     ) -> None:
         # stored as given (scikit-learn's convention: fit checks them, clone and set_params rely on it)
         self.flow, self.transforms, self.hidden, self.context = flow, transforms, hidden, context
         self.max_epochs, self.batch_size, self.lr, self.weight_decay = max_epochs, batch_size, lr, weight_decay
         self.validation_fraction, self.patience, self.seed = validation_fraction, patience, seed
-        self.dtype, self.min_scale = dtype, min_scale
+        self.dtype, self.min_scale, self.whiten = dtype, min_scale, whiten
         self._flow_kwargs: dict[str, Any] = {}
         self._set_flow_kwargs(flow_kwargs)
         self._fitted_on = "numpy"
@@ -319,7 +323,7 @@ class DensityEstimator:
                 if context_columns
                 else None,
                 dtype,
-                Whiten.from_data(standardize.inv(centred[:, target_columns])),
+                Whiten.from_data(standardize.inv(centred[:, target_columns])) if self.whiten else None,
             )
         held_out: Union[None, Tensor, tuple[Tensor, Tensor]] = None
         if validation_data is not None:

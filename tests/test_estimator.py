@@ -405,3 +405,13 @@ def test_feature_names_are_kept_and_saved(tmp_path):
     assert pf.DensityEstimator.load(tmp_path / "model.pt").feature_names_in_ == ["a", "b"]
     with pytest.raises(ValueError, match="1 feature names for 2 columns"):
         estimator.fit(X, max_epochs=1, validation_fraction=0.0, progress=False, feature_names=["a"])
+
+
+def test_whiten_false_only_standardises():
+    from pyro_flows.transforms.preprocessing import Whiten
+
+    X = gaussian_data(100)
+    whitened = pf.DensityEstimator("maf", **TINY).fit(X, **QUICK)
+    plain = pf.DensityEstimator("maf", **TINY, whiten=False).fit(X, **QUICK)
+    assert any(isinstance(t, Whiten) for t in whitened.flow_.transforms)
+    assert not any(isinstance(t, Whiten) for t in plain.flow_.transforms) and plain.get_params()["whiten"] is False
