@@ -2,6 +2,7 @@
 the whitening layer, conditioners that stop extrapolating, data-chosen defaults, and a fresh flow that is the
 fitted Gaussian."""
 
+import importlib.util
 import math
 
 import numpy as np
