@@ -34,6 +34,9 @@ activations, a few KiB a row for the default NSF) is freed before the next, so s
 costs little more than the result itself."""
 TRAINING_PARAMETERS = ("max_epochs", "batch_size", "lr", "weight_decay", "validation_fraction", "patience", "seed")
 """The constructor's parameters that are :class:`~pyro_flows.FitOptions` fields (None: the default)."""
+FIT_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(FitOptions))
+"""The names of :class:`~pyro_flows.FitOptions`' fields: a data default with such a name is a training option,
+any other (but ``transforms`` and ``hidden``) an option of the flow's factory."""
 JSONLike = Union[None, bool, int, float, str, list, dict]
 ArrayLike = Union[np.ndarray, Tensor]
 Columns = Sequence[Union[int, str]]
@@ -361,21 +364,19 @@ class DensityEstimator:
 
     def _fit_options(self, defaults: dict[str, Any], options: dict[str, Any]) -> FitOptions:
         """:attr:`fit_options`, then the data's defaults, then the constructor's parameters, then ``options``."""
-        fields = {f.name for f in dataclasses.fields(FitOptions)}
         given = {name: getattr(self, name) for name in TRAINING_PARAMETERS if getattr(self, name) is not None}
         if self.seed is None:
             given["seed"] = None
-        chosen = {k: v for k, v in defaults.items() if k in fields}
+        chosen = {k: v for k, v in defaults.items() if k in FIT_OPTION_FIELDS}
         return self.fit_options.replace(**chosen).replace(**given).replace(**options)
 
     def _architecture(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """``transforms``, ``hidden`` and the factory's options, given or from the data: what ``save`` keeps."""
-        fields = {f.name for f in dataclasses.fields(FitOptions)}
         transforms = defaults["transforms"] if self.transforms is None else self.transforms
         if isinstance(transforms, bool) or not isinstance(transforms, (int, np.integer)) or transforms < 1:
             raise ValueError(f"DensityEstimator: transforms must be a positive integer, got {transforms!r}")
         hidden = check_hidden(defaults["hidden"] if self.hidden is None else self.hidden, "DensityEstimator")
-        chosen = {k: v for k, v in defaults.items() if k not in fields and k not in ("transforms", "hidden")}
+        chosen = {k: v for k, v in defaults.items() if k not in FIT_OPTION_FIELDS and k not in ("transforms", "hidden")}
         return {"transforms": int(transforms), "hidden": list(hidden), "kwargs": {**chosen, **self._flow_kwargs}}
 
     def _set_fitted(self, **attributes: Any) -> None:
