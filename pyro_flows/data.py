@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .utils import require
+from .utils import PathLike, require
 
 DIGITS_LEVELS = 17
 """Grey levels of scikit-learn's digits (integers ``0..16``): pass as ``levels`` to bits/dim of the discrete data."""
@@ -95,14 +98,81 @@ def digit_images() -> tuple[Tensor, Tensor]:
     return images.reshape(-1, 1, 8, 8), labels
 
 
-def mnist(root: str, fashion: bool = False, train: bool = True, download: bool = True) -> tuple[Tensor, Tensor]:
-    """MNIST (or FashionMNIST) through torchvision: ``X`` ``(N, 1, 28, 28)`` with values ``0..255`` and labels ``(N,)``.
+def upscaled_digits(size: int = 28) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits resized to ``size×size`` with 256 grey levels: a built-in stand-in for MNIST-sized images.
 
-    Needs ``torchvision`` and, unless the files are already in ``root``, internet
-    access; either missing raises a RuntimeError that says so. Use with
-    ``pixel_levels=256``.
+    Each 8×8 image of :func:`digit_images` (levels 0..16) is resized bilinearly, scaled to 0..255 and rounded:
+    ``X`` ``(1797, 1, size, size)``, whole numbers in the default float dtype (for ``pixel_levels=256``), and the
+    labels ``(1797,)``. Not MNIST: 1,797 smooth, blurred digits, so bits/dim on them are not comparable with
+    published MNIST or FashionMNIST numbers; use it where no copy of those is at hand (tests, CI).
+    Needs scikit-learn, as :func:`digits` does.
+
+    Example:
+        >>> images, labels = upscaled_digits()
+        >>> images.shape, int(images.min()), int(images.max()), bool((images == images.round()).all())
+        (torch.Size([1797, 1, 28, 28]), 0, 255, True)
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"upscaled_digits: size must be an integer >= 8 (the digits are 8x8), got {size!r}")
+    images, labels = digit_images()
+    resized = torch.nn.functional.interpolate(images.double(), size=(size, size), mode="bilinear")
+    pixels = (resized * (255 / (DIGITS_LEVELS - 1))).round().clamp(0, 255)
+    return pixels.to(torch.get_default_dtype()), labels
+
+
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+"""The IDX files of (Fashion)MNIST's training (``True``) and test (``False``) images and labels."""
+
+
+def read_idx(path: PathLike) -> Tensor:
+    """An IDX file of unsigned bytes (LeCun's MNIST format; ``.gz`` files are decompressed) as a ``uint8`` tensor.
+
+    Raises a ValueError naming the file when it is not such a file or its size does not match its header.
+    """
+    path = Path(path)
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise ValueError(f"read_idx: {path} is not an IDX file of unsigned bytes (its header is {data[:4]!r})")
+    dims = data[3]
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    if len(data) != 4 + 4 * dims + math.prod(shape):
+        raise ValueError(f"read_idx: {path} has {len(data) - 4 - 4 * dims} bytes of data for the shape {shape}")
+    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+
+
+def _idx_file(root: PathLike, name: str, stem: str) -> Optional[Path]:
+    """``stem`` (or ``stem.gz``) in ``root`` or in torchvision's ``root/<name>/raw``, if there."""
+    for folder in (Path(root), Path(root) / name / "raw"):
+        for file in (folder / stem, folder / f"{stem}.gz"):
+            if file.is_file():
+                return file
+    return None
+
+
+def mnist(root: PathLike, fashion: bool = False, train: bool = True, download: bool = True) -> tuple[Tensor, Tensor]:
+    """MNIST (or FashionMNIST): ``X`` ``(N, 1, 28, 28)`` with values ``0..255`` and labels ``(N,)``.
+
+    A local copy of the IDX files (``train-images-idx3-ubyte`` ..., gzipped or not) in ``root`` itself (as
+    Zalando's repository or Debian's ``dataset-fashion-mnist`` package lays them out) or in ``root/MNIST/raw``
+    / ``root/FashionMNIST/raw`` (torchvision's layout) is read directly, with no torchvision and no download.
+    Otherwise the data come through torchvision, which needs ``torchvision`` and, unless ``download=False``
+    and the files are in ``root``, internet access; either missing raises a RuntimeError that says so.
+    Use with ``pixel_levels=256``.
     """
     name = "FashionMNIST" if fashion else "MNIST"
+    files = [_idx_file(root, name, stem) for stem in IDX_FILES[bool(train)]]
+    if files[0] is not None and files[1] is not None:
+        pixels, targets = read_idx(files[0]), read_idx(files[1])
+        if pixels.dim() != 3 or targets.shape != pixels.shape[:1]:
+            raise ValueError(
+                f"mnist: {files[0]} holds images of shape {tuple(pixels.shape)} and {files[1]} labels of shape "
+                f"{tuple(targets.shape)}: not one label per 2-D image"
+            )
+        return pixels.to(torch.get_default_dtype()).unsqueeze(1), targets.long()
     try:
         import torchvision
     except ImportError:

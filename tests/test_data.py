@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
 import sys
 import types
 import urllib.error
@@ -10,7 +12,17 @@ import urllib.error
 import pytest
 import torch
 
-from pyro_flows.data import DIGITS_LEVELS, digit_images, digits, mnist, ring_mixture, two_moons
+from pyro_flows.data import (
+    DIGITS_LEVELS,
+    IDX_FILES,
+    digit_images,
+    digits,
+    mnist,
+    read_idx,
+    ring_mixture,
+    two_moons,
+    upscaled_digits,
+)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -106,3 +118,61 @@ def test_mnist_images_are_one_channel_integer_pixels(monkeypatch, tmp_path):
     assert calls == [(str(tmp_path), False, False)]
     assert images.shape == (5, 1, 28, 28) and images.dtype == torch.get_default_dtype()
     assert torch.equal(images[:, 0], pixels.to(images.dtype)) and torch.equal(labels, targets)
+
+
+def test_upscaled_digits_are_the_digits_at_28x28_with_256_levels():
+    images, labels = upscaled_digits()
+    small, small_labels = digit_images()
+    assert images.shape == (1797, 1, 28, 28) and images.dtype == torch.get_default_dtype()
+    assert torch.equal(labels, small_labels)
+    assert torch.equal(images, images.round()) and images.min() == 0 and images.max() == 255
+    # bilinear resizing keeps each image's mean intensity (up to the borders and rounding), in 0..255 units
+    ratio = images.mean((1, 2, 3)) / (small.mean((1, 2, 3)) * 255 / (DIGITS_LEVELS - 1))
+    assert ((ratio - 1).abs() < 0.01).all()
+    assert upscaled_digits(16)[0].shape == (1797, 1, 16, 16)
+    with pytest.raises(ValueError, match="size must be an integer >= 8"):
+        upscaled_digits(4)
+
+
+def write_idx(path, values: torch.Tensor, compress: bool) -> None:
+    data = bytes([0, 0, 8, values.dim()]) + struct.pack(f">{values.dim()}I", *values.shape)
+    data += values.to(torch.uint8).numpy().tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_reads_a_local_copy_of_the_idx_files_without_torchvision(monkeypatch, tmp_path, layout, compress):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not needed
+    pixels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8, generator=seeded())
+    targets = torch.tensor([9, 0, 0, 3])
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    suffix = ".gz" if compress else ""
+    images_file, labels_file = IDX_FILES[False]
+    write_idx(folder / (images_file + suffix), pixels, compress)
+    write_idx(folder / (labels_file + suffix), targets, compress)
+    images, labels = mnist(tmp_path, fashion=True, train=False)
+    assert images.shape == (4, 1, 28, 28) and images.dtype == torch.get_default_dtype()
+    assert torch.equal(images[:, 0], pixels.to(images.dtype)) and torch.equal(labels, targets)
+    assert torch.equal(read_idx(folder / (labels_file + suffix)), targets.to(torch.uint8))
+    with pytest.raises(RuntimeError, match="needs torchvision"):  # the training files are not there
+        mnist(tmp_path, fashion=True, train=True)
+
+
+def test_read_idx_names_a_file_that_is_not_idx(tmp_path):
+    bad = tmp_path / "x-idx3-ubyte"
+    bad.write_bytes(b"\x89PNG....")
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        read_idx(bad)
+    short = tmp_path / "y-idx1-ubyte"
+    short.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + bytes(3))
+    with pytest.raises(ValueError, match=r"3 bytes of data for the shape \(5,\)"):
+        read_idx(short)
+
+
+def test_mnist_with_one_label_too_few_says_so(tmp_path):
+    write_idx(tmp_path / IDX_FILES[True][0], torch.zeros(3, 28, 28), False)
+    write_idx(tmp_path / IDX_FILES[True][1], torch.zeros(2), False)
+    with pytest.raises(ValueError, match="not one label per 2-D image"):
+        mnist(tmp_path)
