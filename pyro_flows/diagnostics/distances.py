@@ -20,12 +20,15 @@ def sliced_wasserstein(
     where the 1-D distance between projections is that of their quantile functions (sorted samples; with
     unequal sizes both at the levels :math:`(k + \frac12)/K`, :math:`K` the larger size, by linear
     interpolation). It is a metric on distributions, in the data's units; between two samples of the same
-    distribution it is of order :math:`N^{-1/2}`. Shapes: ``x`` ``(N, D)``, ``y`` ``(M, D)``; returns a scalar.
+    distribution it is of order :math:`N^{-1/2}`. For a shift, :math:`\nu = \mu(\cdot - s)`, every projection
+    is shifted by :math:`\theta^\top s` and the estimate is :math:`(\frac1K \sum_k (\theta_k^\top s)^2)^{1/2}`,
+    whose square has mean :math:`\|s\|^2 / D` over the directions.
+    Shapes: ``x`` ``(N, D)``, ``y`` ``(M, D)``; returns a scalar.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(2000, 2, generator=g)
-        >>> round(sliced_wasserstein(x, x + torch.tensor([1.0, 0.0]), generator=g).item(), 1)  # E|cos θ| shift
+        >>> round(sliced_wasserstein(x, x + torch.tensor([1.0, 0.0]), generator=g).item(), 1)  # |s| / sqrt(D)
         0.7
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or x.shape[0] == 0 or y.shape[0] == 0:
