@@ -40,6 +40,7 @@ BINS, BOUND = 5, 3.0
 IMAGE, IMAGE_HIDDEN = (2, 4, 4), (8, 8)
 SQUEEZED = (8, 2, 2)  # Squeeze(IMAGE).codomain_shape
 KEPT = (1, 4, 4)  # the channels a FactorOut(IMAGE) keeps
+ALIGNED = (1, 2, 2)  # an aligned context image of a lower resolution than IMAGE
 # Scale of the random perturbation of every parameter: far from the identity (outputs move by O(1)), yet the splines
 # keep moderate slopes. With much stronger perturbations (0.3) nearly flat spline bins appear and the float32 round
 # trip in x loses up to ulp(B) / min slope ~ 2e-2 (ill-conditioning; float64 stays below 1e-10).
@@ -122,6 +123,7 @@ class Case:
     volume_preserving: bool = False  # log|det J| = 0 everywhere
     shape: tuple = (D,)  # event shape of the forward direction's input
     out_shape: Optional[tuple] = None  # event shape of its output, where it differs
+    context_features: int = C  # size of the (flat) context of a conditional case
 
     def __repr__(self) -> str:
         return self.name
@@ -307,6 +309,33 @@ IMAGE_CASES = [
         ),
         conditional=True,
     ),
+    # aligned contexts (the flattened condition image leads the context): a 2x2 image upsampled to 4x4, an 8x8 one
+    # downsampled (antialiased) with 3 vector features after it, and a factor-out whose prior and inner layer see it
+    _image_case(
+        "ConditionalAffineCoupling-aligned",
+        lambda: T.ConditionalAffineCoupling(IMAGE, context_shape=ALIGNED, **_image()),
+        conditional=True,
+        context_features=4,
+    ),
+    _image_case(
+        "ConditionalSplineCoupling-aligned-vector",
+        lambda: T.ConditionalSplineCoupling(
+            IMAGE, mask=T.checkerboard_mask(IMAGE), context_shape=(1, 8, 8), context_features=64 + C, **_image_spline()
+        ),
+        conditional=True,
+        context_features=64 + C,
+    ),
+    _image_case(
+        "ConditionalFactorOut-aligned",
+        lambda: T.ConditionalFactorOut(
+            IMAGE,
+            T.ConditionalAffineCoupling(KEPT, mask=T.checkerboard_mask(KEPT), context_shape=ALIGNED, **_image()),
+            context_shape=ALIGNED,
+            **_image(),
+        ),
+        conditional=True,
+        context_features=4,
+    ),
 ]
 CASES = VECTOR_CASES + IMAGE_CASES
 PARAMETRIC = [c for c in CASES if c.kind != "fixed"]
@@ -389,7 +418,7 @@ def make(
 
 
 def context(case: Case, batch_shape, dtype, seed=7) -> Optional[torch.Tensor]:
-    return randn(tuple(batch_shape) + (C,), dtype, seed=seed, std=1.0) if case.conditional else None
+    return randn(tuple(batch_shape) + (case.context_features,), dtype, seed=seed, std=1.0) if case.conditional else None
 
 
 def pyro_transform(layer, ctx) -> Transform:
@@ -553,7 +582,7 @@ def test_batch_shapes(case, batch):
     assert xi.shape == batch + case.shape and ladj_inv.shape == batch
 
     # values equal a flat (N, *event) batch computation
-    flat_ctx = None if ctx is None else ctx.reshape(-1, C)
+    flat_ctx = None if ctx is None else ctx.reshape(-1, case.context_features)
     out_flat, ladj_flat = layer.call_and_ladj(x.reshape((-1,) + case.shape).clone(), flat_ctx)
     close(out, out_flat.reshape(batch + case.codomain_shape), 1e-12)
     close(ladj, ladj_flat.reshape(batch), 1e-12)
@@ -585,7 +614,7 @@ def test_context_broadcasting(case):
         ctx = context(case, (n,), dtype)
         out, ladj = apply(x, ctx)
         assert out.shape == (k, n) + out_event and ladj.shape == (k, n)
-        ref, ref_ladj = apply(x.clone(), ctx.expand(k, n, C).clone())
+        ref, ref_ladj = apply(x.clone(), ctx.expand(k, n, case.context_features).clone())
         close(out, ref, 1e-12)
         close(ladj, ref_ladj, 1e-12)
         # x (*event) with context (n, C)
@@ -602,7 +631,7 @@ def test_context_broadcasting(case):
         c1 = context(case, (), dtype)
         out, ladj = apply(xn, c1)
         assert out.shape == (n,) + out_event and ladj.shape == (n,)
-        ref, ref_ladj = apply(xn.clone(), c1.expand(n, C).clone())
+        ref, ref_ladj = apply(xn.clone(), c1.expand(n, case.context_features).clone())
         close(out, ref, 1e-12)
         close(ladj, ref_ladj, 1e-12)
 
@@ -733,7 +762,7 @@ def test_conditional_transformed_distribution_depends_on_context(case):
     assert lp1.shape == (4,) and (lp1 - lp2).abs().max() > 1e-6
     # a single context (C,) broadcasts against a batch of values
     c1 = context(case, (), dtype, seed=3)
-    close(cd.condition(c1).log_prob(y), cd.condition(c1.expand(4, C)).log_prob(y.clone()), 1e-12)
+    close(cd.condition(c1).log_prob(y), cd.condition(c1.expand(4, case.context_features)).log_prob(y.clone()), 1e-12)
 
 
 # -- dtype ------------------------------------------------------------------------------------------------------------
@@ -785,12 +814,13 @@ def test_conditional_layer_without_context_raises(case):
     with pytest.raises(ValueError):
         dist.TransformedDistribution(base_distribution(case, torch.float32), [layer]).log_prob(y)
     # a context of the wrong size or dtype is a ValueError too
-    with pytest.raises(ValueError, match=rf"\(\.\.\., {C}\)"):
-        layer.call_and_ladj(x, torch.zeros(4, C + 1))
-    with pytest.raises(ValueError, match=rf"\(\.\.\., {C}\)"):
-        layer.condition(torch.zeros(4, C + 1))
+    features = case.context_features
+    with pytest.raises(ValueError, match=rf"\(\.\.\., {features}\)"):
+        layer.call_and_ladj(x, torch.zeros(4, features + 1))
+    with pytest.raises(ValueError, match=rf"\(\.\.\., {features}\)"):
+        layer.condition(torch.zeros(4, features + 1))
     with pytest.raises(ValueError, match="dtype"):
-        layer.call_and_ladj(x, torch.zeros(4, C, dtype=torch.float64))
+        layer.call_and_ladj(x, torch.zeros(4, features, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("case", UNCONDITIONAL, ids=repr)

@@ -21,6 +21,7 @@ from torch.distributions import AffineTransform
 import pyro_flows as pf
 import pyro_flows.transforms as T
 from pyro_flows.data import DIGITS_LEVELS, digit_images
+from pyro_flows.nn.cnn import pack_context
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
@@ -35,6 +36,26 @@ MODELS = {
     "realnvp": dict(family=pf.RealNVP, levels=2, steps=1, hidden=(4,), pixel_levels=None),
     "realnvp-classes": dict(family=pf.RealNVP, levels=2, steps=1, hidden=(4,), classes=CLASSES, pixel_levels=None),
     "realnvp-context": dict(family=pf.RealNVP, levels=2, steps=1, hidden=(4,), context=CONTEXT, pixel_levels=7),
+    # aligned condition images: a coarser one through a conditioning network, a finer one with labels (packed)
+    "glow-aligned": dict(
+        family=pf.Glow,
+        levels=2,
+        steps=1,
+        hidden_channels=4,
+        context_shape=(1, 2, 2),
+        context_channels=2,
+        pixel_levels=None,
+    ),
+    "realnvp-aligned-classes": dict(
+        family=pf.RealNVP,
+        levels=2,
+        steps=1,
+        hidden=(4,),
+        context_shape=(2, 8, 8),
+        context_channels=0,
+        classes=CLASSES,
+        pixel_levels=5,
+    ),
 }
 
 
@@ -52,8 +73,14 @@ def continuous_flow(model: torch.nn.Module) -> pf.Flow:
 
 
 def contexts(name: str, batch: tuple) -> torch.Tensor | None:
-    """A context batch for the named model: class labels, context vectors or None."""
+    """A context batch for the named model: class labels, context vectors, condition images (packed with their
+    labels) or None."""
     generator = torch.Generator().manual_seed(1)
+    if "aligned" in name:
+        image = torch.randn(batch + MODELS[name]["context_shape"], generator=generator, dtype=torch.float64)
+        if "classes" not in name:
+            return image
+        return pack_context(image, labels=torch.randint(CLASSES, batch, generator=generator))
     if "classes" in name:
         return torch.randint(CLASSES, batch, generator=generator)
     if "context" in name:

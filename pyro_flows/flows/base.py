@@ -291,12 +291,15 @@ class Flow(nn.Module):
                 raise ValueError(f"{name} is unconditional: call it with no context")
             return None
         if context is None:
-            raise ValueError(f"{name} is conditional: call it with a context of shape (..., {self.context_features})")
+            expected = getattr(self.embedding, "expected_context", f"a context of shape (..., {self.context_features})")
+            raise ValueError(f"{name} is conditional: call it with {expected}")
+        # an embedding may take a tuple of tensors (an aligned condition image with its labels: nn.AlignedContext)
+        parts = context if isinstance(context, tuple) and self.embedding is not None else (context,)
         if self.embedding is None:
             check_shape(name, context, (self.context_features,), "context")
-        elif not isinstance(context, Tensor):
+        elif not all(isinstance(part, Tensor) for part in parts):
             raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
-        if not bool(torch.isfinite(context).all()):
+        if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise ValueError(f"{name}: the context has NaN or inf entries")
         if self.embedding is not None:
             context = self.embedding(context)

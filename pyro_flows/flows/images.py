@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributions import Transform
 
 from .. import transforms as T
+from ..nn.cnn import AlignedContext, check_context_shape
 from ..nn.mlp import check_hidden
 from .base import EMBEDDING_FEATURES, Flow, StandardNormal, class_context
 
@@ -51,12 +52,15 @@ def _check_image_sizes(name: str, steps: int, hidden: Sequence[int]) -> None:
         raise ValueError(f"{name}: the conditioners' hidden channels must be integers >= 1, got {hidden!r}")
 
 
-def _conditional(cls, conditional_cls, context: int):
-    """The class and the keyword arguments of a layer that sees the context when there is one."""
-    return (conditional_cls, {"context_features": context}) if context else (cls, {})
+def _conditional(cls, conditional_cls, context: dict):
+    """The class and the keyword arguments of a layer that sees the context when there is one.
+
+    ``context`` is the layers' context keywords (``context_features``, and ``context_shape`` for an aligned
+    condition image), empty for an unconditional flow."""
+    return (conditional_cls, context) if context else (cls, {})
 
 
-def _multiscale(shape: torch.Size, levels: int, context: int, before, at_scale, final, split_prior: bool, hidden):
+def _multiscale(shape: torch.Size, levels: int, context: dict, before, at_scale, final, split_prior: bool, hidden):
     r"""Base→data layers of a multi-scale image flow (Dinh et al. 2017), as one :class:`~.transforms.Chain`.
 
     Data→base at a level of shape ``(C, H, W)``: the last level is ``final(shape)``; any other
@@ -83,7 +87,7 @@ def _multiscale(shape: torch.Size, levels: int, context: int, before, at_scale, 
     )
 
 
-def _steps(steps: int, hidden: Sequence[int], context: int, mask, conv: bool):
+def _steps(steps: int, hidden: Sequence[int], context: dict, mask, conv: bool):
     """A builder of ``steps`` base→data flow steps at a shape; data→base each is ActNorm, (1×1 conv,) coupling."""
     coupling, kw = _conditional(T.AffineCoupling, T.ConditionalAffineCoupling, context)
 
@@ -112,13 +116,39 @@ def _no_layers(shape: torch.Size) -> list[Transform]:
     return []
 
 
+def image_context(
+    name: str,
+    classes: Optional[int],
+    context: int,
+    embedding_features: int,
+    context_shape: Optional[Sequence[int]] = None,
+    context_channels: int = 16,
+    spatial: int = 2,
+) -> tuple[dict, Optional[nn.Module], int]:
+    """The layers' context keywords, the flow's embedding and its ``context_features``: class labels or a vector
+    (:func:`~.base.class_context`), or an aligned condition ``context_shape`` (an :class:`~.nn.AlignedContext`,
+    with the labels or vector that may come with it), for the image and signal presets.
+
+    Example:
+        >>> kw, embedding, features = image_context("Glow", None, 0, 16, context_shape=(1, 4, 4), context_channels=2)
+        >>> kw["context_shape"], features
+        (torch.Size([3, 4, 4]), 48)
+    """
+    if context_shape is None:
+        features, embedding = class_context(name, classes, context, embedding_features)
+        return ({"context_features": features} if features else {}), embedding, features
+    check_context_shape(context_shape, spatial, name)
+    if isinstance(context, bool) or not isinstance(context, Integral) or context < 0:
+        raise ValueError(f"{name}: context must be an integer >= 0 (vector features), got {context!r}")
+    embedding = AlignedContext(context_shape, context_channels, 32, context, classes, embedding_features)
+    return {"context_features": embedding.features, "context_shape": embedding.out_shape}, embedding, embedding.features
+
+
 def _image_model(
     name: str,
     shape: torch.Size,
     level_chain,
-    context: int,
-    classes: Optional[int],
-    embedding_features: int,
+    conditioning: tuple[dict, Optional[nn.Module], int],
     pixel_levels: Optional[int],
     dequantization: str,
     alpha: float,
@@ -126,10 +156,10 @@ def _image_model(
     """The flow around a multi-scale chain: base, logit, context embedding and dequantisation."""
     from ..dequantization import Dequantized, VariationalDequantizer
 
-    features, embedding = class_context(name, classes, context, embedding_features)
+    layer_context, embedding, features = conditioning
     if dequantization not in ("uniform", "variational"):
         raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
-    transforms = [level_chain(features)]
+    transforms = [level_chain(layer_context)]
     if pixel_levels is None:
         return Flow(StandardNormal(shape), transforms, features, embedding)
     flow = Flow(StandardNormal(shape), [*transforms, T.Logit(shape, alpha)], features, embedding)
@@ -166,6 +196,8 @@ def Glow(
     split_prior: bool = True,
     alpha: float = 0.05,
     embedding_features: int = EMBEDDING_FEATURES,
+    context_shape: Optional[Sequence[int]] = None,
+    context_channels: int = 16,
 ) -> nn.Module:
     r"""Glow (Kingma & Dhariwal 2018): a multi-scale flow of ActNorm, invertible 1×1 convolutions and affine couplings.
 
@@ -191,6 +223,18 @@ def Glow(
     ``embedding_features``) as the context of every coupling and split prior; ``context=F`` takes
     any context vector of ``F`` features instead.
 
+    Aligned conditioning (super-resolution, inpainting, colourisation: conditional Glow, SRFlow):
+    ``context_shape=(C_c, H_c, W_c)`` conditions the flow on an image of any size, e.g. a 14×14 image for
+    28×28 data. ``model(cond)`` with ``cond`` ``(..., C_c, H_c, W_c)`` is the distribution of images given
+    each condition (batch shape ``cond.shape[:-3]``). A conditioning network (an :class:`~.nn.AlignedContext`
+    with ``context_channels`` learned channels; 0: none) encodes the condition once, at its own resolution;
+    every coupling and split prior of every level resizes the condition and its features bilinearly to its
+    own resolution and concatenates them on its CNN's input channels (Lugmayr et al. 2020; Ardizzone et al.
+    2019). With ``classes=K`` (or ``context=F``) too, the model takes the tuple ``(cond, labels)`` (or
+    ``(cond, vectors)``), or the one tensor ``pf.nn.pack_context(cond, labels=labels)`` (``vector=``) that
+    :func:`~pyro_flows.fit` batches as context rows; the labels' embedding (or the vector) then joins the
+    vector context of every layer.
+
     Shapes: images ``(..., C, H, W)``; H and W divisible by ``2**levels`` (28×28 takes ``levels <= 2``:
     28 → 14 → 7; a ValueError names the levels that work); labels ``(...)``.
 
@@ -199,23 +243,32 @@ def Glow(
     - D. P. Kingma and P. Dhariwal.
       *Glow: Generative Flow with Invertible 1x1 Convolutions*. NeurIPS 2018.
       `arXiv:1807.03039 <https://arxiv.org/abs/1807.03039>`__
+    - A. Lugmayr, M. Danelljan, L. Van Gool and R. Timofte.
+      *SRFlow: Learning the Super-Resolution Space with Normalizing Flow*. ECCV 2020.
+      `arXiv:2006.14200 <https://arxiv.org/abs/2006.14200>`__
+    - L. Ardizzone, C. Lüth, J. Kruse, C. Rother and U. Köthe.
+      *Guided Image Generation with Conditional Invertible Neural Networks*. 2019.
+      `arXiv:1907.02392 <https://arxiv.org/abs/1907.02392>`__
 
     Example:
         >>> model = Glow(shape=(1, 8, 8), levels=2, steps=4, hidden_channels=64, classes=10, pixel_levels=17)
         >>> model(torch.tensor([3, 7])).sample(temperature=0.7).shape
         torch.Size([2, 1, 8, 8])
+        >>> sr = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16, context_shape=(1, 4, 4), pixel_levels=17)
+        >>> sr(torch.rand(3, 1, 4, 4)).sample().shape  # one 8×8 image per 4×4 condition
+        torch.Size([3, 1, 8, 8])
     """
     shape = _image_shape("Glow", shape, levels, levels)
     hidden = (hidden_channels, hidden_channels)
     _check_image_sizes("Glow", steps, hidden)
 
-    def level_chain(features: int) -> T.Chain:
-        at_scale = _steps(steps, hidden, features, _channels, conv=True)
-        return _multiscale(shape, levels, features, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
+    conditioning = image_context("Glow", classes, context, embedding_features, context_shape, context_channels)
 
-    return _image_model(
-        "Glow", shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha
-    )
+    def level_chain(layer_context: dict) -> T.Chain:
+        at_scale = _steps(steps, hidden, layer_context, _channels, conv=True)
+        return _multiscale(shape, levels, layer_context, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
+
+    return _image_model("Glow", shape, level_chain, conditioning, pixel_levels, dequantization, alpha)
 
 
 def multiscale_realnvp(
@@ -229,11 +282,14 @@ def multiscale_realnvp(
     dequantization: str = "uniform",
     alpha: float = 0.05,
     embedding_features: int = EMBEDDING_FEATURES,
+    context_shape: Optional[Sequence[int]] = None,
+    context_channels: int = 16,
 ) -> nn.Module:
     """The multi-scale RealNVP of Dinh et al. (2017): what ``RealNVP(shape=...)`` builds (see :func:`RealNVP`).
 
     Every level but the last squeezes, so H and W must be divisible by ``2**(levels - 1)`` (28×28 takes
-    ``levels <= 3``, its last level a checkerboard at 7×7); pixels as in :func:`Glow`.
+    ``levels <= 3``, its last level a checkerboard at 7×7); pixels and conditioning (``classes``, ``context``,
+    and an aligned condition image ``context_shape`` with ``context_channels``) as in :func:`Glow`.
 
     References
     ----------
@@ -245,16 +301,19 @@ def multiscale_realnvp(
         >>> model = multiscale_realnvp((1, 8, 8), levels=2, steps=1, hidden=(16,), pixel_levels=17)
         >>> model().log_prob(torch.randint(0, 17, (3, 1, 8, 8)).float()).shape
         torch.Size([3])
+        >>> sr = multiscale_realnvp((1, 8, 8), steps=1, hidden=(16,), context_shape=(1, 4, 4), pixel_levels=None)
+        >>> sr(torch.randn(5, 1, 4, 4)).log_prob(torch.randn(5, 1, 8, 8)).shape
+        torch.Size([5])
     """
     shape = _image_shape("RealNVP", shape, levels, levels - 1)
     _check_image_sizes("RealNVP", steps, hidden)
 
-    def level_chain(features: int) -> T.Chain:
-        checkerboard = _steps(steps, hidden, features, _checkerboard, conv=False)
-        channelwise = _steps(steps, hidden, features, _channels, conv=False)
-        final = _steps(steps + 1, hidden, features, _checkerboard, conv=False)
-        return _multiscale(shape, levels, features, checkerboard, channelwise, final, False, hidden)
+    conditioning = image_context("RealNVP", classes, context, embedding_features, context_shape, context_channels)
 
-    return _image_model(
-        "RealNVP", shape, level_chain, context, classes, embedding_features, pixel_levels, dequantization, alpha
-    )
+    def level_chain(layer_context: dict) -> T.Chain:
+        checkerboard = _steps(steps, hidden, layer_context, _checkerboard, conv=False)
+        channelwise = _steps(steps, hidden, layer_context, _channels, conv=False)
+        final = _steps(steps + 1, hidden, layer_context, _checkerboard, conv=False)
+        return _multiscale(shape, levels, layer_context, checkerboard, channelwise, final, False, hidden)
+
+    return _image_model("RealNVP", shape, level_chain, conditioning, pixel_levels, dequantization, alpha)

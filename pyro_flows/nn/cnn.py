@@ -1,14 +1,102 @@
-"""Convolutional conditioners of image coupling layers, and a class-label embedding for conditional flows."""
+"""Convolutional conditioners of image coupling layers, a class-label embedding, and aligned contexts.
+
+An *aligned* context is an image ``(C_c, H_c, W_c)`` (or a signal ``(C_c, L_c)``) laid out like the data, e.g. the
+low-resolution image of super-resolution. Layers see every context as one vector ``(..., context_features)``; an
+aligned context is carried as its flattening, which leads that vector (any vector features follow it), and a
+conditioner unflattens it, resizes it to its own resolution (:func:`resize`) and concatenates it on the channels of
+its input. :class:`AlignedContext` makes that vector from a user's condition image (and labels or a vector).
+"""
 
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mlp import check_hidden
+
+_KIND = {1: "a feature sequence", 2: "an image"}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def check_context_shape(context_shape: Sequence[int], spatial: int, name: str) -> torch.Size:
+    """``context_shape`` as a ``torch.Size`` if it is ``(C_c, H_c, W_c)`` (``spatial=2``) or ``(C_c, L_c)``
+    (``spatial=1``) of integers >= 1; a ValueError naming it otherwise."""
+    form = "(C_c, H_c, W_c)" if spatial == 2 else "(C_c, L_c)"
+    try:
+        shape = torch.Size(int(n) for n in context_shape)
+        valid = len(shape) == spatial + 1 and min(shape) >= 1 and all(isinstance(n, Integral) for n in context_shape)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{name}: context_shape must be the shape {form} of {_KIND[spatial]}, got {context_shape!r}")
+    return shape
+
+
+def aligned_context_features(
+    context_features: int, context_shape: Optional[Sequence[int]], spatial: int, name: str
+) -> tuple[int, Optional[torch.Size]]:
+    """``(context_features, context_shape)`` of a conditioner or layer whose context may lead with an aligned one.
+
+    ``context_features`` counts the whole flat context: the flattened ``context_shape`` (if any) and the vector
+    features after it; 0 with a ``context_shape`` means the aligned context alone. A ValueError names a
+    ``context_features`` smaller than the flattened ``context_shape``.
+
+    Example:
+        >>> aligned_context_features(0, (1, 14, 14), 2, "CNN")
+        (196, torch.Size([1, 14, 14]))
+    """
+    if context_shape is None:
+        return int(context_features), None
+    shape = check_context_shape(context_shape, spatial, name)
+    if not context_features:
+        return shape.numel(), shape
+    if context_features < shape.numel():
+        raise ValueError(
+            f"{name}: context_features={context_features} counts the flattened context_shape {tuple(shape)} "
+            f"({shape.numel()} entries) and the vector features after it, so it must be >= {shape.numel()}"
+        )
+    return int(context_features), shape
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Signals ``(..., C, L)`` or images ``(..., C, H, W)`` resized to ``size`` (``(L',)`` or ``(H', W')``).
+
+    Shrinking averages the input over each output cell (``"area"``: halving takes the mean of each 2×2 block);
+    growing interpolates linearly (1-D) or bilinearly (2-D) between pixel centres (``align_corners=False``); the
+    same size returns ``x`` itself.
+
+    Example:
+        >>> resize(torch.tensor([[[0.0, 2.0]]]), (4,))
+        tensor([[[0.0000, 0.5000, 1.5000, 2.0000]]])
+    """
+    spatial = len(size)
+    old = tuple(x.shape[x.dim() - spatial :])
+    if old == tuple(size):
+        return x
+    flat = x.reshape((-1,) + x.shape[x.dim() - spatial - 1 :])
+    if all(new <= n for new, n in zip(size, old, strict=True)):
+        out = F.interpolate(flat, size=tuple(size), mode="area")
+    else:
+        out = F.interpolate(flat, size=tuple(size), mode="linear" if spatial == 1 else "bilinear", align_corners=False)
+    return out.reshape(x.shape[: x.dim() - spatial] + out.shape[-spatial:])
+
+
+def split_aligned(
+    context: Optional[Tensor], context_shape: Optional[torch.Size], size: Sequence[int]
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A flat context ``(N, F)`` split into its aligned part, unflattened to ``context_shape`` and resized to
+    ``size`` (``(N, C_c, *size)``; None without a ``context_shape``), and its vector part (None when empty)."""
+    if context is None:
+        return None, None
+    if context_shape is None:
+        return None, context
+    aligned = resize(context[:, : context_shape.numel()].unflatten(-1, context_shape), size)
+    vector = context[:, context_shape.numel() :]
+    return aligned, vector if vector.shape[-1] else None
 
 
 class CNN(nn.Module):
@@ -18,19 +106,30 @@ class CNN(nn.Module):
     optional context ``(..., context_features)``, broadcast against their batch
     dims) to ``(..., out_channels, H, W)``. Hidden layers: a 3×3 convolution to
     ``hidden[0]`` channels, then a 1×1 convolution per further width, each
-    followed by the activation; the context enters as a learned per-channel
+    followed by the activation; a vector context enters as a learned per-channel
     bias of the first hidden layer. The last (3×3) layer starts at zero, so a
     coupling conditioned by a fresh network is the identity.
+
+    Aligned context (``context_shape=(C_c, H_c, W_c)``): the first :math:`C_c H_c W_c` context features are
+    an image, resized to ``H × W`` (:func:`resize`) and concatenated on the channels of ``x`` before the first
+    convolution, :math:`h_1 = \sigma(W_1 * [x;\ \mathrm{resize}(c)] + b_1)` (the conditional coupling of
+    Ardizzone et al. 2019 and SRFlow, Lugmayr et al. 2020); any features after them are a vector context.
 
     References
     ----------
     - D. P. Kingma and P. Dhariwal.
       *Glow: Generative Flow with Invertible 1x1 Convolutions*. NeurIPS 2018.
       `arXiv:1807.03039 <https://arxiv.org/abs/1807.03039>`__
+    - L. Ardizzone, C. Lüth, J. Kruse, C. Rother and U. Köthe.
+      *Guided Image Generation with Conditional Invertible Neural Networks*. 2019.
+      `arXiv:1907.02392 <https://arxiv.org/abs/1907.02392>`__
 
     Example:
         >>> net = CNN(2, 4, hidden=(32, 32), context_features=3)
         >>> net(torch.randn(10, 2, 8, 8), torch.randn(3)).shape
+        torch.Size([10, 4, 8, 8])
+        >>> net = CNN(2, 4, hidden=(32,), context_shape=(1, 4, 4))  # a 4×4 image aligned with 8×8 inputs
+        >>> net(torch.randn(10, 2, 8, 8), torch.randn(10, 16)).shape
         torch.Size([10, 4, 8, 8])
     """
 
@@ -41,18 +140,22 @@ class CNN(nn.Module):
         hidden: Sequence[int] = (64, 64),
         context_features: int = 0,
         activation: type[nn.Module] = nn.ReLU,
+        context_shape: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         hidden = check_hidden(hidden, "CNN")
         if not hidden:
             raise ValueError("CNN: needs at least one hidden width")
+        context_features, self.context_shape = aligned_context_features(context_features, context_shape, 2, "CNN")
         self.in_channels, self.out_channels, self.context_features = in_channels, out_channels, context_features
-        widths = [in_channels, *hidden]
+        aligned = 0 if self.context_shape is None else self.context_shape.numel()
+        widths = [in_channels + (0 if self.context_shape is None else self.context_shape[0]), *hidden]
         kernels = [3] + [1] * (len(hidden) - 1)
         self.hidden = nn.ModuleList(
             nn.Conv2d(a, b, k, padding=k // 2) for a, b, k in zip(widths[:-1], widths[1:], kernels, strict=True)
         )
-        self.context_bias = nn.Linear(context_features, hidden[0]) if context_features else None
+        vector = context_features - aligned
+        self.context_bias = nn.Linear(vector, hidden[0]) if vector else None
         self.activation = activation()
         self.output = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
         nn.init.zeros_(self.output.weight)
@@ -65,10 +168,13 @@ class CNN(nn.Module):
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
             context = context.expand(batch + context.shape[-1:]).reshape(-1, context.shape[-1])
         h = x.expand(batch + x.shape[-3:]).reshape(-1, *x.shape[-3:])
+        aligned, vector = split_aligned(context, self.context_shape, x.shape[-2:])
+        if aligned is not None:
+            h = torch.cat((h, aligned), dim=1)
         for i, layer in enumerate(self.hidden):
             h = layer(h)
             if i == 0 and self.context_bias is not None:
-                h = h + self.context_bias(context)[:, :, None, None]
+                h = h + self.context_bias(vector)[:, :, None, None]
             h = self.activation(h)
         out = self.output(h)
         return out.reshape(batch + out.shape[1:])
@@ -114,3 +220,193 @@ class ClassEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"classes={self.classes}, features={self.features}"
+
+
+def pack_context(
+    condition: Tensor, labels: Optional[Tensor] = None, vector: Optional[Tensor] = None, event_dim: int = 3
+) -> Tensor:
+    """A condition image ``(..., C_c, H_c, W_c)`` (signal: ``event_dim=2``) and its class ``labels`` ``(...)`` or
+    ``vector`` ``(..., V)`` as one tensor ``(..., C_c H_c W_c + 1)`` or ``(..., C_c H_c W_c + V)``, batch dims
+    broadcast: the condition flattened, then the labels (as the condition's dtype) or the vector.
+
+    It is the context that a flow conditioned on both (:class:`AlignedContext`, e.g.
+    ``pf.Glow(shape, context_shape=..., classes=10)``) takes as one tensor of rows, e.g. in :func:`~pyro_flows.fit`.
+
+    Example:
+        >>> pack_context(torch.zeros(5, 1, 14, 14), labels=torch.arange(5)).shape
+        torch.Size([5, 197])
+    """
+    if (labels is None) == (vector is None):
+        raise ValueError("pack_context: give the condition's labels= or its vector=, exactly one of them")
+    extra = labels[..., None] if labels is not None else vector
+    assert extra is not None
+    if condition.dim() < event_dim or extra.dim() < 1:
+        raise ValueError(
+            f"pack_context: the condition needs {event_dim} event dims and the vector one, got shapes "
+            f"{tuple(condition.shape)} and {tuple(extra.shape)}"
+        )
+    flat = condition.flatten(-event_dim)
+    try:
+        batch = torch.broadcast_shapes(flat.shape[:-1], extra.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"pack_context: the condition's batch shape {tuple(flat.shape[:-1])} does not broadcast with the "
+            f"{'labels' if labels is not None else 'vectors'}' {tuple(extra.shape[:-1])}"
+        ) from None
+    extra = extra.to(flat.dtype).expand(batch + extra.shape[-1:])
+    return torch.cat((flat.expand(batch + flat.shape[-1:]), extra), -1)
+
+
+class AlignedContext(nn.Module):
+    r"""The context of a flow conditioned on an aligned image ``(C_c, H_c, W_c)`` or signal ``(C_c, L_c)``.
+
+    A small conditioning network encodes the condition :math:`c` at its own resolution, and the layers see
+    its output with the condition itself, flattened,
+
+    .. math:: u = \operatorname{flatten}\big([\,c;\ g(c)\,]\big) \in \mathbb{R}^{(C_c + K) H_c W_c},
+              \qquad g = \mathrm{conv}_{3} \circ \sigma \circ \mathrm{conv}_{3},
+
+    which every coupling (and split prior) of every level resizes to its own resolution and concatenates on the
+    channels of its network's input: the design of SRFlow (Lugmayr et al. 2020: a conditioning encoder whose
+    features are interpolated to each level) and of the conditional INN (Ardizzone et al. 2019: a shared
+    conditioning network, its features concatenated to every coupling's subnetwork). With ``channels=0``
+    (:math:`K = 0`) the layers see the condition as it is.
+
+    A vector context (``vector_features=V``) or class labels (``classes=K``, embedded by a
+    :class:`ClassEmbedding` of ``embedding_features``) may come with the condition: then ``forward`` takes the
+    tuple ``(condition, vector_or_labels)`` or the one tensor :func:`pack_context` makes of them (what
+    :func:`~pyro_flows.fit` batches as context rows), and their features follow :math:`u`.
+
+    Shapes: ``forward(condition)`` with ``condition`` ``(..., *context_shape)`` returns ``(..., features)``, the
+    batch shape that of the condition; a condition of another shape is a ValueError naming both shapes.
+    ``out_shape`` is ``(C_c + K, *spatial)``, the ``context_shape`` of the layers.
+
+    Args:
+        context_shape: ``(C_c, H_c, W_c)`` or ``(C_c, L_c)``.
+        channels: :math:`K`, the learned features' channels (0: no conditioning network).
+        hidden: channels of the conditioning network's hidden layer.
+        vector_features: size of a vector context that comes with the condition.
+        classes: number of classes of labels that come with the condition.
+        embedding_features: size of the labels' embedding.
+
+    References
+    ----------
+    - A. Lugmayr, M. Danelljan, L. Van Gool and R. Timofte.
+      *SRFlow: Learning the Super-Resolution Space with Normalizing Flow*. ECCV 2020.
+      `arXiv:2006.14200 <https://arxiv.org/abs/2006.14200>`__
+    - L. Ardizzone, C. Lüth, J. Kruse, C. Rother and U. Köthe.
+      *Guided Image Generation with Conditional Invertible Neural Networks*. 2019.
+      `arXiv:1907.02392 <https://arxiv.org/abs/1907.02392>`__
+
+    Example:
+        >>> embed = AlignedContext((1, 14, 14), channels=4, classes=10)
+        >>> embed.out_shape, embed.features
+        (torch.Size([5, 14, 14]), 996)
+        >>> embed((torch.rand(8, 1, 14, 14), torch.randint(0, 10, (8,)))).shape
+        torch.Size([8, 996])
+    """
+
+    def __init__(
+        self,
+        context_shape: Sequence[int],
+        channels: int = 16,
+        hidden: int = 32,
+        vector_features: int = 0,
+        classes: Optional[int] = None,
+        embedding_features: int = 16,
+    ) -> None:
+        super().__init__()
+        spatial = 1 if isinstance(context_shape, Sequence) and len(context_shape) == 2 else 2
+        self.context_shape = check_context_shape(context_shape, spatial, "AlignedContext")
+        for value, what in ((channels, "channels"), (vector_features, "vector_features")):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise ValueError(f"AlignedContext: {what} must be an integer >= 0, got {value!r}")
+        check_hidden((hidden,), "AlignedContext")
+        if classes is not None and vector_features:
+            raise ValueError(
+                "AlignedContext: the condition comes with class labels (classes=) or a vector (vector_features=), "
+                f"not both; got classes={classes!r}, vector_features={vector_features!r}"
+            )
+        conv = _CONV[spatial]
+        self.encoder = (
+            nn.Sequential(
+                conv(self.context_shape[0], hidden, 3, padding=1), nn.ReLU(), conv(hidden, channels, 3, padding=1)
+            )
+            if channels
+            else None
+        )
+        self.embedding = None if classes is None else ClassEmbedding(classes, embedding_features)
+        self.vector_features = int(vector_features)
+        self.extra = self.vector_features or (0 if classes is None else 1)  # entries after the flat condition
+        self.out_shape = torch.Size((self.context_shape[0] + channels, *self.context_shape[1:]))
+        tail = self.vector_features or (0 if self.embedding is None else self.embedding.features)
+        self.features = self.out_shape.numel() + tail
+        kind, shape = _KIND[spatial], ", ".join(map(str, self.context_shape))
+        with_extra = " and " + ("labels (...)" if classes is not None else f"a vector (..., {vector_features})")
+        self.expected_context = f"{kind} of shape (..., {shape})" + (with_extra if self.extra else "")
+
+    def pack(self, condition: Tensor, extra: Tensor) -> Tensor:
+        """The one tensor holding a condition and its labels or vector (see :func:`pack_context`), checked."""
+        if not self.extra:
+            raise ValueError("AlignedContext: this condition comes alone (no vector_features or classes) to pack with")
+        self._check_condition(condition)
+        if not isinstance(extra, Tensor):
+            raise TypeError(f"AlignedContext: expected a tensor of labels or vectors, got {type(extra).__name__}")
+        if self.embedding is not None:
+            return pack_context(condition, labels=extra, event_dim=len(self.context_shape))
+        if extra.dim() < 1 or extra.shape[-1] != self.vector_features:
+            raise ValueError(
+                f"AlignedContext: the vector must have shape (..., {self.vector_features}), got {tuple(extra.shape)}"
+            )
+        return pack_context(condition, vector=extra, event_dim=len(self.context_shape))
+
+    def forward(self, condition: Union[Tensor, tuple[Tensor, Tensor]]) -> Tensor:
+        images, extra = self._unpack(condition)
+        event = len(self.context_shape)
+        batch = images.shape[: images.dim() - event]
+        images = images.reshape((-1,) + self.context_shape)
+        if self.encoder is not None:
+            images = torch.cat((images, self.encoder(images)), 1)
+        flat = images.flatten(1).reshape(batch + (-1,))
+        if extra is None:
+            return flat
+        tail = extra if self.embedding is None else self.embedding(extra[..., 0]).to(flat.dtype)
+        return torch.cat((flat, tail), -1)
+
+    def _unpack(self, condition: Union[Tensor, tuple[Tensor, Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+        """The condition images ``(..., *context_shape)`` and the labels ``(..., 1)`` or vectors after them."""
+        if isinstance(condition, tuple):
+            if len(condition) != 2:
+                raise ValueError(
+                    f"AlignedContext: a tuple context is (condition, labels or vector), got {len(condition)} items"
+                )
+            condition = self.pack(*condition)
+        if not self.extra:
+            self._check_condition(condition)
+            return condition, None
+        n = self.context_shape.numel()
+        if not (isinstance(condition, Tensor) and condition.dim() >= 1 and condition.shape[-1] == n + self.extra):
+            raise ValueError(
+                f"AlignedContext: expected the tuple ({self.expected_context.replace(' and ', ', ')}) or its packed "
+                f"tensor (..., {n + self.extra}), got "
+                f"{tuple(condition.shape) if isinstance(condition, Tensor) else type(condition).__name__}"
+            )
+        return condition[..., :n].unflatten(-1, self.context_shape), condition[..., n:]
+
+    def _check_condition(self, condition: Tensor) -> None:
+        if not isinstance(condition, Tensor):
+            raise TypeError(f"AlignedContext: expected a tensor condition, got {type(condition).__name__}")
+        event = len(self.context_shape)
+        got = tuple(condition.shape)
+        if condition.dim() < event or got[len(got) - event :] != tuple(self.context_shape):
+            channels = (
+                f" ({got[-event]} channels where {self.context_shape[0]} are expected)"
+                if condition.dim() >= event and got[len(got) - event + 1 :] == tuple(self.context_shape[1:])
+                else ""
+            )
+            raise ValueError(
+                f"AlignedContext: expected {self.expected_context}, got a condition of shape {got}{channels}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"context_shape={tuple(self.context_shape)}, out_shape={tuple(self.out_shape)}, features={self.features}"

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CNN, MLP
+from ..nn.cnn import aligned_context_features
 from .base import Conditional, FlowTransform
 from .maps import Affine, ElementwiseMap, RationalQuadraticSpline, Shift
 
@@ -39,6 +40,11 @@ class Coupling(FlowTransform):
     Shapes: ``x`` is ``(..., *event_shape)``; the context ``(..., context_features)``
     broadcasts with its batch dims.
 
+    Aligned context (images, conditional twin): with ``context_shape=(C_c, H_c, W_c)`` the first
+    :math:`C_c H_c W_c` context features are an image (e.g. ``cond.flatten(-3)``), of any size: the CNN resizes
+    it to ``H × W`` and concatenates it on its input's channels (see :class:`~pyro_flows.nn.CNN`); features after
+    it are a vector context. ``context_features`` counts them all (0: the flattened image alone).
+
     Args:
         features: :math:`D`, or an image shape ``(C, H, W)``.
         transform_map: an :class:`~pyro_flows.transforms.maps.ElementwiseMap`.
@@ -49,6 +55,7 @@ class Coupling(FlowTransform):
         residual: residual hidden layers (vector :class:`~pyro_flows.nn.MLP` only).
         input_bound: None, or the conditioner squashes its inputs into this bound (vector
             :class:`~pyro_flows.nn.MLP` only): the map's parameters become constant far from the data.
+        context_shape: the aligned context image ``(C_c, H_c, W_c)`` that leads the context (images only).
 
     Example:
         >>> layer = Coupling(4, Affine())
@@ -79,11 +86,16 @@ class Coupling(FlowTransform):
         activation: type[nn.Module] = nn.ReLU,
         residual: bool = False,
         input_bound: Optional[float] = None,
+        context_shape: Optional[Sequence[int]] = None,
     ) -> None:
-        super().__init__((features,) if isinstance(features, int) else tuple(features), context_features)
-        shape = self.event_shape
+        shape = torch.Size((features,) if isinstance(features, int) else tuple(features))
+        name = type(self).__name__
         if len(shape) not in (1, 3):
-            raise ValueError(f"{type(self).__name__}: features must be D or an image shape (C, H, W), got {features!r}")
+            raise ValueError(f"{name}: features must be D or an image shape (C, H, W), got {features!r}")
+        if context_shape is not None and len(shape) != 3:
+            raise ValueError(f"{name}: context_shape (an aligned context image) is for image couplings, not vectors")
+        context_features, context_shape = aligned_context_features(context_features, context_shape, 2, name)
+        super().__init__(shape, context_features)
         mask = channel_mask(shape[0]) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
         self.transform_map = transform_map
         self.split_dim = -len(shape)  # the axis a (D,) or (C,) mask splits
@@ -110,7 +122,8 @@ class Coupling(FlowTransform):
         elif input_bound is not None:
             raise ValueError(f"{type(self).__name__}: input_bound is for vectors; images have a CNN conditioner")
         else:
-            self.conditioner = CNN(conditioned, out, hidden, context_features, activation)
+            self.conditioner = CNN(conditioned, out, hidden, context_features, activation, context_shape)
+        self.context_shape = context_shape
 
     def _couple(self, x: Tensor, context: Optional[Tensor], inverse: bool) -> tuple[Tensor, Tensor]:
         dim = self.split_dim
@@ -139,7 +152,8 @@ class Coupling(FlowTransform):
         return self._couple(y, context, inverse=True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, transform_map={self.transform_map!r}"
+        aligned = "" if self.context_shape is None else f", context_shape={tuple(self.context_shape)}"
+        return f"{super().extra_repr()}{aligned}, transform_map={self.transform_map!r}"
 
 
 def channel_mask(channels: int, parity: int = 0) -> Tensor:
@@ -208,12 +222,16 @@ class SplineCoupling(Coupling):
 
 
 class ConditionalCoupling(Conditional, Coupling):
-    """:class:`Coupling` whose conditioner also sees a context.
+    """:class:`Coupling` whose conditioner also sees a context: a vector, or an aligned image (``context_shape``).
 
     Example:
         >>> layer = ConditionalCoupling(4, Affine(), context_features=3)
         >>> layer.condition(torch.randn(3))(torch.randn(10, 4)).shape
         torch.Size([10, 4])
+        >>> image_layer = ConditionalCoupling((2, 8, 8), Affine(), context_shape=(1, 4, 4))
+        >>> cond = torch.randn(10, 1, 4, 4)  # a 4×4 image per 8×8 input, resized by the CNN
+        >>> image_layer.call_and_ladj(torch.randn(10, 2, 8, 8), cond.flatten(-3))[0].shape
+        torch.Size([10, 2, 8, 8])
     """
 
 
@@ -222,7 +240,7 @@ class ConditionalAdditiveCoupling(Conditional, AdditiveCoupling):
 
 
 class ConditionalAffineCoupling(Conditional, AffineCoupling):
-    """Conditional twin of :class:`AffineCoupling` (needs ``context_features``)."""
+    """Conditional twin of :class:`AffineCoupling` (needs ``context_features`` or an image's ``context_shape``)."""
 
 
 class ConditionalSplineCoupling(Conditional, SplineCoupling):

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..nn.cnn import aligned_context_features
 from .base import Conditional, FlowTransform
 from .coupling import AffineCoupling, ConditionalAffineCoupling, channel_mask
 
@@ -144,6 +145,9 @@ class FactorOut(FlowTransform):
         hidden: channels of the split prior's CNN.
         context_features: context size (conditional twin only); the split prior and
             conditional inner layers see the context.
+        context_shape: an aligned context image ``(C_c, H_c, W_c)`` leading the context, which the split
+            prior's CNN resizes to ``H × W`` (see :class:`~.coupling.Coupling`); ``context_features`` 0 means
+            the flattened image alone.
 
     Example:
         >>> inner = AffineCoupling((1, 4, 4), mask=T.checkerboard_mask((1, 4, 4)))
@@ -164,7 +168,10 @@ class FactorOut(FlowTransform):
         split_prior: bool = True,
         hidden: Sequence[int] = (64, 64),
         context_features: int = 0,
+        context_shape: Optional[Sequence[int]] = None,
     ) -> None:
+        name = type(self).__name__
+        context_features, context_shape = aligned_context_features(context_features, context_shape, 2, name)
         super().__init__(tuple(shape), context_features)
         if len(self.event_shape) != 3 or self.event_shape[0] < 2:
             raise ValueError(f"{type(self).__name__}: shape must be (C >= 2, H, W), got {tuple(shape)}")
@@ -180,10 +187,17 @@ class FactorOut(FlowTransform):
             raise ValueError(f"{type(self).__name__}: inner takes context_features={inner.context_features}")
         self.inner = inner
         if split_prior:
-            conditional = {"context_features": context_features} if context_features else {}
-            cls = ConditionalAffineCoupling if context_features else AffineCoupling
-            self.prior: Optional[FlowTransform] = cls(
-                self.event_shape, mask=channel_mask(channels), hidden=hidden, **conditional
+            mask = channel_mask(channels)
+            self.prior: Optional[FlowTransform] = (
+                ConditionalAffineCoupling(
+                    self.event_shape,
+                    mask=mask,
+                    hidden=hidden,
+                    context_features=context_features,
+                    context_shape=context_shape,
+                )
+                if context_features
+                else AffineCoupling(self.event_shape, mask=mask, hidden=hidden)
             )
         else:
             self.prior = None
@@ -215,4 +229,11 @@ class FactorOut(FlowTransform):
 
 
 class ConditionalFactorOut(Conditional, FactorOut):
-    """:class:`FactorOut` whose split prior (and inner layers) see a context."""
+    """:class:`FactorOut` whose split prior (and inner layers) see a context: a vector, or an aligned image.
+
+    Example:
+        >>> inner = ConditionalAffineCoupling((1, 4, 4), mask=T.checkerboard_mask((1, 4, 4)), context_shape=(1, 2, 2))
+        >>> layer = ConditionalFactorOut((2, 4, 4), inner, context_shape=(1, 2, 2))
+        >>> layer.call_and_ladj(torch.randn(3, 2, 4, 4), torch.randn(3, 1, 2, 2).flatten(-3))[0].shape
+        torch.Size([3, 2, 4, 4])
+    """
