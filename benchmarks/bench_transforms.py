@@ -201,6 +201,15 @@ def build_nflows(row: str, features: int) -> Model:
     return Model(flow, flow.log_prob, flow.sample)
 
 
+class _PyroFlow(nn.ModuleList):
+    """Pyro's layers and the base's buffers, so that ``.to(device)`` moves the whole flow."""
+
+    def __init__(self, modules: Sequence[nn.Module], features: int) -> None:
+        super().__init__(modules)
+        self.register_buffer("loc", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+
+
 def build_pyro(row: str, features: int) -> Model:
     import pyro.distributions as dist
     from pyro.distributions import transforms as PT
@@ -241,11 +250,10 @@ def build_pyro(row: str, features: int) -> Model:
             layers.append(t)
         else:
             raise Unavailable(row)
-    module = nn.ModuleList(modules)
-    base = dist.Normal(torch.zeros(D), torch.ones(D)).to_event(1)
+    module = _PyroFlow(modules, D)
 
     def make():
-        return dist.TransformedDistribution(base, layers)
+        return dist.TransformedDistribution(dist.Normal(module.loc, module.scale).to_event(1), layers)
 
     return Model(module, lambda x: make().log_prob(x), lambda n: make().sample((n,)))
 
@@ -310,6 +318,7 @@ class Config:
     pool: int = 4  # distinct input tensors cycled through (defeats one-slot transform caches)
     slow: float = 2.0  # seconds: a library whose single call is slower than this ...
     slow_repeats: int = 3  # ... is timed only this many times
+    device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Config:
@@ -343,7 +352,7 @@ def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, a
     """
     gen = torch.Generator().manual_seed(seed)
     if metric == "train":
-        data = [torch.randn(cfg.train_batch, features, generator=gen) for _ in range(cfg.pool)]
+        data = [torch.randn(cfg.train_batch, features, generator=gen).to(cfg.device) for _ in range(cfg.pool)]
         opt = torch.optim.Adam(model.module.parameters(), lr=1e-3)
         state = {"i": 0}
         phase = torch.profiler.record_function if annotate else (lambda _: contextlib.nullcontext())
@@ -351,17 +360,17 @@ def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, a
         def op():
             x = data[state["i"] % len(data)]
             state["i"] += 1
-            opt.zero_grad(set_to_none=True)
             with phase("## forward: -log_prob(x).mean()"):
                 loss = -model.log_prob(x).mean()
             with phase("## backward"):
                 loss.backward()
             with phase("## Adam step"):
                 opt.step()
+            opt.zero_grad(set_to_none=True)  # between steps only the parameters and Adam's state are kept
 
         return op, cfg.train_batch
     if metric == "log_prob":
-        data = [torch.randn(cfg.eval_batch, features, generator=gen) for _ in range(cfg.pool)]
+        data = [torch.randn(cfg.eval_batch, features, generator=gen).to(cfg.device) for _ in range(cfg.pool)]
         state = {"i": 0}
 
         def op():
@@ -381,14 +390,21 @@ def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, a
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def _timed(op: Callable[[], None], iterations: int) -> float:
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(op: Callable[[], None], iterations: int, device: str = "cpu") -> float:
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(iterations):
             op()
+        _synchronize(device)
         return time.perf_counter() - start
     finally:
         if enabled:
@@ -405,10 +421,11 @@ def bench_case(
         try:
             torch.manual_seed(0)
             model = BUILDERS[lib](row, features)
+            model.module.to(cfg.device)
             results[lib].params = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
             op, batch = _make_op(model, metric, features, cfg, seed=1)
             for _ in range(max(1, cfg.warmup)):  # the last warm-up call calibrates the iteration count
-                one = _timed(op, 1)
+                one = _timed(op, 1, cfg.device)
                 if one > 3 * cfg.min_time:  # a slow call (sequential sampling): its warm-up costs are noise
                     break
             iterations = max(1, math.ceil(cfg.min_time / max(one, 1e-9)))
@@ -426,7 +443,7 @@ def bench_case(
         for lib, (op, batch, iterations, repeats) in ops.items():
             if repeat >= repeats:
                 continue
-            elapsed = _timed(op, iterations)
+            elapsed = _timed(op, iterations, cfg.device)
             results[lib].runs.append(batch * iterations / elapsed)
     return results
 
@@ -441,12 +458,14 @@ def run(
     quick: bool = False,
     check: bool = True,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``).
 
     Libraries not in ``libs`` or not importable get a result without runs (n/a).
     """
     cfg = Config.quick() if quick else Config()
+    cfg.device = device
     if repeats is not None:
         cfg.repeats = repeats
     previous_threads = torch.get_num_threads()
@@ -493,6 +512,155 @@ def _check_one_pass(row: str, features: int, libs: Sequence[str], log: Callable[
         calls = linear_calls(model, features)
         if calls != expected:
             log(f"  WARNING [{lib}] {row} D={features}: log_prob made {calls} Linear calls, expected {expected}")
+
+
+# -- memory -----------------------------------------------------------------------
+
+MEMORY_METRICS = ("train", "log_prob")
+MIB = 2.0**20
+# glibc mmaps every allocation from 64 KiB up (and unmaps it when freed), so a freed tensor leaves the resident set
+# and the peak of the resident set is the peak of the live tensors; the default threshold adapts up to 32 MiB
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def can_reset_peak_rss() -> bool:
+    """Whether Linux's peak-RSS reset (``/proc/self/clear_refs`` <- 5) works here."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(op: Callable[[], object], device: str = "cpu") -> int:
+    """Bytes by which one call of ``op`` raises the memory in use above what was in use before it, at its peak.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the peak resident set
+    (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the call (``VmRSS``); run it
+    in a process with :data:`MALLOC_ENV` so that freed tensors are returned to the system.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        op()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    op()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def memory_case(row: str, features: int, metric: str, lib: str, device: str = "cpu") -> int:
+    """Peak extra bytes of one ``train`` step (batch 512, after a warm-up step: Adam's state exists) or of one
+    ``log_prob`` of a 4096 batch (after a warm-up call), in this process."""
+    torch.manual_seed(0)
+    model = BUILDERS[lib](row, features)
+    model.module.to(device)
+    op, _ = _make_op(model, metric, features, Config(pool=1, device=device), seed=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")
+        op()  # warm-up: Adam's state, lazily built buffers, the allocator's arenas
+        return peak_memory(op, device)
+
+
+def calibration_case(mib: float, device: str = "cpu") -> int:
+    """Peak extra bytes of allocating (and writing) a tensor of ``mib`` MiB: checks the method, reads ~``mib``."""
+    return peak_memory(lambda: torch.ones(int(mib * MIB) // 4, device=device), device)
+
+
+def _child(args: Sequence[str], device: str, threads: int) -> int:
+    """Run ``--memory-case args`` in a fresh interpreter with :data:`MALLOC_ENV`; the bytes it measured."""
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__), "--memory-case", *args, "--device", device]
+    command += ["--threads", str(threads)]
+    done = subprocess.run(command, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def calibrate(mib: float = 100.0, device: str = "cpu", threads: int = 1) -> float:
+    """MiB that the method reads for a ``mib`` MiB tensor, in a fresh process as every case."""
+    return _child(["calibrate", str(mib)], device, threads) / MIB
+
+
+def run_memory(
+    rows: Sequence[str] = ROWS,
+    dims: Sequence[int] = (8, 32),
+    metrics: Sequence[str] = MEMORY_METRICS,
+    libs: Sequence[str] = LIBS,
+    device: str = "cpu",
+    threads: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Peak extra memory (MiB, in ``Result.runs``) per (row, D, metric, lib), each case in a fresh process."""
+    active = [lib for lib in libs if available(lib) is None]
+    out = []
+    for features in dims:
+        for row in rows:
+            for metric in metrics:
+                for lib in LIBS:
+                    r = Result(row, features, metric, lib)
+                    if lib not in active:
+                        r.error = "not run"
+                    else:
+                        try:
+                            r.runs.append(_child([row, str(features), metric, lib], device, threads) / MIB)
+                        except RuntimeError as e:
+                            if lib == "pyro_flows":
+                                raise
+                            r.error = str(e)
+                    out.append(r)
+                group = out[-len(LIBS) :]
+                cells = ", ".join(f"{r.lib} {_fmt_mib(r.median)}" for r in group if r.lib in active)
+                log(f"{row:8s} D={features:<3d} {metric:8s} {cells} MiB")
+    return out
+
+
+def _fmt_mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def memory_ratio(results: Sequence[Result]) -> tuple[Optional[float], Optional[str]]:
+    """pyro_flows / the best (least) peer's peak memory, and that peer's name."""
+    by_lib = {r.lib: r.median for r in results}
+    ours = by_lib.get("pyro_flows")
+    peers = {lib: v for lib, v in by_lib.items() if lib in PEERS and v is not None}
+    if ours is None or not peers:
+        return None, None
+    best = min(peers, key=peers.__getitem__)
+    return ours / max(peers[best], 1e-9), best
+
+
+def memory_table(results: Sequence[Result], limit: float = 1.2) -> str:
+    """A Markdown table of peak extra MiB per library, pyro_flows / best peer (``!`` above ``limit``)."""
+    header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(LIBS) + 1)) + "|"]
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.row, r.features, r.metric), []).append(r)
+    for (row, features, metric), group in groups.items():
+        by_lib = {r.lib: r.median for r in group}
+        rate, best = memory_ratio(group)
+        rate_cell = "n/a" if rate is None else f"{rate:.2f} ({best})" + (" !" if rate > limit else "")
+        cells = [_fmt_mib(by_lib.get(lib)) for lib in LIBS]
+        lines.append("| " + " | ".join([row, str(features), metric, *cells, rate_cell]) + " |")
+    return "\n".join(lines)
 
 
 # -- reporting --------------------------------------------------------------------
@@ -611,8 +779,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write raw results to this file")
     p.add_argument("--profile", choices=ROWS, default=None, help="only profile pyro_flows on this row (first D)")
     p.add_argument("--profile-metric", choices=METRICS, default="train")
+    p.add_argument("--device", default="cpu", help="torch device of the models and data (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--memory", action="store_true", help="peak extra memory of a train step and a 4096 log_prob (MiB) instead"
+    )
+    p.add_argument("--memory-case", nargs="+", default=None, help=argparse.SUPPRESS)  # one case, in a child
     args = p.parse_args(argv)
 
+    if args.memory_case:
+        torch.set_num_threads(args.threads)
+        if args.memory_case[0] == "calibrate":
+            print(calibration_case(float(args.memory_case[1]), args.device))
+        else:
+            row, features, metric, lib = args.memory_case
+            print(memory_case(row, int(features), metric, lib, args.device))
+        return 0
     if args.profile:
         print(profile(args.profile, args.dims[0], args.profile_metric, args.threads))
         return 0
@@ -623,6 +804,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"WARNING: the machine is busy (1-min load {busy:.1f}); with {args.threads} threads the timings suffer")
     for lib, dist_name in (("pyro_flows", "pyro-flows"), ("zuko", "zuko"), ("nflows", "nflows"), ("pyro", "pyro-ppl")):
         print(f"{lib}: {_version(dist_name) if available(lib) is None else 'not installed'}")
+    if args.device != "cpu":
+        print(f"device: {args.device} ({torch.cuda.get_device_name(args.device)})")
+    if args.memory:
+        return _main_memory(args)
     results = run(
         rows=args.rows,
         dims=args.dims,
@@ -632,6 +817,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         repeats=args.repeats,
         quick=args.quick,
         check=not args.no_check,
+        device=args.device,
     )
     print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
     print("\nsamples/s (median of repeats; higher is better)\n")
@@ -658,6 +844,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ],
                 f,
                 indent=1,
+            )
+    return 0
+
+
+def _main_memory(args: argparse.Namespace) -> int:
+    metrics = [m for m in args.metrics if m in MEMORY_METRICS]
+    if torch.device(args.device).type == "cpu" and not can_reset_peak_rss():
+        print("memory mode on CPU needs Linux's /proc/self/clear_refs (peak-RSS reset)")
+        return 2
+    check = calibrate(100.0, args.device, args.threads)
+    print(f"method check: a 100 MiB tensor reads {check:.1f} MiB")
+    results = run_memory(args.rows, args.dims, metrics, args.libs, args.device, args.threads)
+    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print("\npeak extra memory, MiB (train: one Adam step on a batch of 512 after a warm-up step; log_prob: a batch")
+    print("of 4096 under no_grad; lower is better; ! marks pyro_flows above 1.2x the best peer)\n")
+    print(memory_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                [{"row": r.row, "D": r.features, "metric": r.metric, "lib": r.lib, "MiB": r.median} for r in results], f
             )
     return 0
 

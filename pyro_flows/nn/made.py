@@ -112,6 +112,9 @@ class MADE(nn.Module):
 
         self.register_buffer("order", ranks)
         self.register_buffer("variable_of_rank", torch.argsort(ranks))  # variable with degree r + 1
+        # the same order as Python ints (the masks above are built from it): sequential reads no tensor on the host,
+        # so a compiled sampler traces it without data-dependent sizes
+        self._variable_of_rank = tuple(int(v) for v in torch.argsort(ranks))
         # number of hidden units of degree <= r, for r = -1..D-1, per layer
         self._ends = [[int((d <= r).sum()) for r in range(-1, D)] for d in degrees_hidden]
 
@@ -143,7 +146,7 @@ class MADE(nn.Module):
             const = const + F.linear(context, first.weight[:, D:])
         known = const.new_empty(*batch_shape, 0)  # determined variables, by rank
         hidden = [const.new_empty(*batch_shape, 0) for _ in layers]  # units computed so far
-        for r, variable in enumerate(self.variable_of_rank.tolist()):  # one host read, not D
+        for r, variable in enumerate(self._variable_of_rank):
             for i, layer in enumerate(layers):
                 start, end = self._ends[i][r], self._ends[i][r + 1]
                 if start == end:

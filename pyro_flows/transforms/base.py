@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, cast
 
 import torch
@@ -33,9 +32,14 @@ def broadcast_context(x: Tensor, context: Optional[Tensor], event_dim: int) -> t
     return x.expand(batch + x.shape[x.dim() - event_dim :]), context.expand(batch + context.shape[-1:])
 
 
-@functools.cache
+_REAL_EVENTS: dict[int, constraints.Constraint] = {}
+
+
 def _real_events(event_dim: int) -> constraints.Constraint:
-    return constraints.independent(constraints.real, event_dim)  # one object: every distribution asks every layer
+    """One object per ``event_dim``: every distribution asks every layer (a dict, which torch.compile traces)."""
+    if event_dim not in _REAL_EVENTS:
+        _REAL_EVENTS[event_dim] = constraints.independent(constraints.real, event_dim)
+    return _REAL_EVENTS[event_dim]
 
 
 class FlowTransform(TransformModule):

@@ -25,7 +25,11 @@ def state_key(modules: Sequence[nn.Module], *tensors: Optional[Tensor]) -> Optio
     (``assign=True``, by attribute, by ``torch.func.functional_call``), ``vector_to_parameters`` or an input
     edited in place all change it; writes through ``.data`` do not. The key holds the tensors themselves
     (its last element), so that their ids stay theirs while it is kept; compare keys with :func:`same_state`.
+    Under ``torch.compile`` (:func:`pyro_flows.compile`) it is None: versions and storages are not traced, so
+    nothing is stored and every value is computed.
     """
+    if torch.compiler.is_compiling():
+        return None
     state = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
     watched = [t for t in itertools.chain(state, tensors) if t is not None]
     try:

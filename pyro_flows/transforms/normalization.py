@@ -34,7 +34,9 @@ class ActNorm(FlowTransform):
     the samples are. After that :math:`s, b` are ordinary parameters. A call
     with a single value per channel (one vector, e.g. ``flow().sample()``) has no
     spread to initialise from: it leaves the layer as it is (the identity when fresh)
-    and uninitialised, so the next call with more values initialises it.
+    and uninitialised, so the next call with more values initialises it. Once the layer has seen its
+    ``initialized`` buffer set it reads it no more (so a compiled flow has no graph break here); loading a
+    state dict makes it read the loaded flag again.
 
     Args:
         features: :math:`D` for vectors, or an image shape ``(C, H, W)``.
@@ -62,6 +64,7 @@ class ActNorm(FlowTransform):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False
 
     def _per_pixel(self, parameter: Tensor) -> Tensor:
         """A per-channel parameter ``(C,)`` shaped to broadcast over the event."""
@@ -83,12 +86,23 @@ class ActNorm(FlowTransform):
             self.log_scale.copy_(-log_std)
             self.shift.copy_(-mean * torch.exp(-log_std))
         self.initialized.fill_(True)
+        self._seen_initialized = True
 
     def _maybe_initialize(self, values: Tensor, inverse: bool) -> None:
-        if self.training and not bool(self.initialized):
-            per_channel = values.numel() // self.event_shape[0]
-            if per_channel >= 2:  # one value per channel has no spread: wait for a larger call
-                self._initialize(values, inverse)
+        # ``_seen_initialized`` remembers (in Python) that the buffer was True: an initialised layer reads no tensor
+        # on the host, so torch.compile traces it without a graph break; loading a state dict forgets it
+        if not self.training or getattr(self, "_seen_initialized", False):  # absent in older pickles
+            return
+        if bool(self.initialized):
+            self._seen_initialized = True
+            return
+        per_channel = values.numel() // self.event_shape[0]
+        if per_channel >= 2:  # one value per channel has no spread: wait for a larger call
+            self._initialize(values, inverse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._seen_initialized = False  # the loaded flag may be False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._maybe_initialize(x, inverse=False)
