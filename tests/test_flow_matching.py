@@ -325,3 +325,39 @@ def test_couplings_by_name_and_bad_couplings_are_refused():
         pf.FlowMatching(ot_pairing=True, coupling="sinkhorn")
     with pytest.raises(ValueError, match=r"fixed pairs \(N, 2, D\)"):
         pf.FlowMatching(coupling="pairs")(flow, x)
+
+
+# -- fixed layers after the ODE (DensityEstimator) -------------------------------------------------------------------
+def test_flow_matching_regresses_through_the_inverse_of_fixed_layers_after_the_ode():
+    """[CNF, Standardize(m, s)] on data x has the loss of the bare CNF on (x - m) / s (same draws); also with fixed
+    pairs, whose base half is not mapped. Trainable or conditional layers after the ODE are refused."""
+    layer = perturb(T.ContinuousFlow(2, hidden=(8,)), seed=0)
+    standardize = T.Standardize(torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5]))
+    with_tail, bare = pf.Flow(pf.StandardNormal(2), [layer, standardize]), pf.Flow(pf.StandardNormal(2), [layer])
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 2 + 3
+    for coupling, data in (("independent", x), ("pairs", torch.stack([torch.randn_like(x), x], 1))):
+        torch.manual_seed(1)
+        loss = pf.FlowMatching(coupling=coupling)(with_tail, data)
+        torch.manual_seed(1)
+        mapped = (
+            torch.stack([data[:, 0], standardize.inv(data[:, 1])], 1) if coupling == "pairs" else standardize.inv(x)
+        )
+        torch.testing.assert_close(loss, pf.FlowMatching(coupling=coupling)(bare, mapped))
+    for tail in (T.ActNorm(2), T.AffineCoupling(2, hidden=(4,))):
+        with pytest.raises(ValueError, match=f"must be fixed, unconditional bijections.*got {type(tail).__name__}"):
+            pf.FlowMatching()(pf.Flow(pf.StandardNormal(2), [layer, tail]), x)
+
+
+def test_density_estimator_cnf_trains_by_flow_matching():
+    """A correlated Gaussian (ρ = 0.9, far from standard): the standardised fresh CNF is the independent Gaussian,
+    0.84 nats per row below the truth (measured after one step); 40 epochs of flow matching close that to < 0.15
+    (measured 0.06)."""
+    generator = torch.Generator().manual_seed(0)
+    cov = torch.tensor([[4.0, 0.9 * 2 * 0.5], [0.9 * 2 * 0.5, 0.25]], dtype=F64)
+    truth = torch.distributions.MultivariateNormal(torch.tensor([10.0, -5.0], dtype=F64), cov)
+    X = truth.loc + torch.randn(2000, 2, generator=generator, dtype=F64) @ torch.linalg.cholesky(cov).T
+    estimator = pf.DensityEstimator(flow="cnf", hidden=(32, 32), whiten=False, seed=0, max_epochs=40, batch_size=256,
+                                    lr=1e-2, validation_fraction=0.0, patience=None)  # fmt: skip
+    estimator.fit(X[:1500].numpy(), objective=pf.FlowMatching(), progress=False)
+    gap = float(truth.log_prob(X[1500:]).mean()) - estimator.score(X[1500:].numpy())
+    assert abs(gap) < 0.15, gap

@@ -46,8 +46,15 @@ def CNF(
     ``context``) whose :class:`~.nn.VectorField` has ``hidden`` widths. Train it by maximum
     likelihood (``pf.fit(flow, X)``, optionally ``objective=pf.CNFRegularizedNLL(...)``) or by
     flow matching (``objective=pf.FlowMatching()``); likelihoods come from the ODE either way.
-    ``kwargs`` go to the layer (``solver``, ``atol``, ``rtol``, ``t0``, ``t1``, ``options``,
-    ``adjoint``, ``probe``, ``activation``, ``vector_field``).
+    ``kwargs`` go to the layer (:class:`~.transforms.ContinuousFlow`: ``solver``, ``atol``, ``rtol``, ``t0``,
+    ``t1``, ``options``, ``adjoint``, ``probe``, ``activation``, ``vector_field``, ``steps``, ``null_context``):
+
+    - ``steps=n`` with a fixed-grid ``solver`` (``"euler"``, ``"midpoint"``, ``"heun2"``, ``"rk4"``, ...:
+      :data:`~.transforms.continuous.FIXED_SOLVERS`) integrates in exactly ``n`` equal steps, for sampling and
+      likelihoods (few-step sampling of a flow-matching or reflowed model; ``steps < 1`` or an adaptive solver is a
+      ValueError); :func:`~pyro_flows.fixed_steps` does the same inside a ``with`` block.
+    - ``null_context=True`` (conditional flows) adds the learned null context of classifier-free guidance: train
+      with ``pf.FlowMatching(context_dropout=p)`` and sample with :func:`~pyro_flows.guided_sample`.
 
     A CNF is over vectors ``(..., D)`` (``features`` an integer; for images use :func:`Glow` or
     ``RealNVP(shape=...)``). Conditioning as in every vector flow: ``context=F`` takes context
@@ -72,6 +79,8 @@ def CNF(
         torch.Size([4, 2])
         >>> CNF(features=2, classes=3, hidden=(16, 16))(torch.tensor([0, 2])).log_prob(torch.randn(2)).shape
         torch.Size([2])
+        >>> CNF(features=2, hidden=(16,), solver="rk4", steps=4)().sample((3,)).shape  # 4 RK4 steps
+        torch.Size([3, 2])
     """
     return _continuous_flow("CNF", features, context, hidden, trace, classes, embedding_features, **kwargs)
 

@@ -20,13 +20,16 @@ likelihood and sampling of the flow go through the ODE as for a flow trained by 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union, cast
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Transform
 
+from .. import transforms as T
 from ..flows import Flow, StandardNormal
 from ..transforms import ContinuousFlow
+from ..transforms.continuous import check_guidance_scale
 from .couplings import Pairing, conditional_ot_pairing, ot_pairing, sinkhorn_pairing
 from .likelihood import continuous_layers
 from .paths import Scheduler, scheduler_of
@@ -34,13 +37,15 @@ from .paths import Scheduler, scheduler_of
 COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
 
 
-def continuous_flow_of(model: nn.Module) -> ContinuousFlow:
-    """The one :class:`~.transforms.ContinuousFlow` of a ``Flow`` (maybe DDP-wrapped) on a standard normal base."""
+def continuous_flow_of(model: nn.Module, tail: int = 0) -> ContinuousFlow:
+    """The one :class:`~.transforms.ContinuousFlow` of a ``Flow`` (maybe DDP-wrapped) on a standard normal base.
+
+    ``tail``: the number of (fixed) layers allowed after it (:func:`fixed_tail`)."""
     flow = getattr(model, "module", model)
     layers = continuous_layers(flow)
     if (
         not isinstance(flow, Flow)
-        or len(flow.transforms) != 1
+        or len(flow.transforms) != 1 + tail
         or len(layers) != 1
         or flow.transforms[0] is not layers[0]
     ):
@@ -53,6 +58,30 @@ def continuous_flow_of(model: nn.Module) -> ContinuousFlow:
     return layers[0]
 
 
+def fixed_tail(model: nn.Module) -> list[Transform]:
+    r"""The layers after a flow's first, continuous one: fixed, unconditional bijections (e.g. the
+    :class:`~.transforms.Standardize` and :class:`~.transforms.preprocessing.Whiten` of a
+    :class:`~pyro_flows.DensityEstimator`), whose inverse carries data to the ODE's end; [] for a bare CNF.
+
+    A ValueError names what else was found: a flow matching objective trains the vector field only.
+    """
+    flow = getattr(model, "module", model)
+    transforms = list(getattr(flow, "transforms", []))
+    layers = continuous_layers(flow)
+    if isinstance(flow, Flow) and len(layers) == 1 and transforms and transforms[0] is layers[0]:
+        tail = transforms[1:]
+        for t in tail:
+            trainable = isinstance(t, nn.Module) and any(p.requires_grad for p in t.parameters())
+            if trainable or isinstance(t, T.Conditional) or not t.bijective:
+                raise ValueError(
+                    "FlowMatching: the layers after the ContinuousFlow must be fixed, unconditional bijections "
+                    f"(e.g. Standardize), got {type(t).__name__}, which flow matching would not train"
+                )
+        return tail
+    continuous_flow_of(model)  # raises, naming the layers
+    return []
+
+
 class FlowMatching:
     r"""The flow-matching objective for :func:`pyro_flows.fit` (Lipman et al. 2023; Liu et al. 2023).
 
@@ -63,7 +92,10 @@ class FlowMatching:
     docstring); with a conditional flow, the field sees the row's context embedded by
     :meth:`~.flows.Flow.embed`, as in ``log_prob`` and sampling (the embedding trains with the field).
     ``model`` must be a :class:`~.flows.Flow` of exactly one :class:`~.transforms.ContinuousFlow`
-    on a :class:`~.flows.StandardNormal` base (a ValueError says so otherwise).
+    on a :class:`~.flows.StandardNormal` base (a ValueError says so otherwise), maybe followed by fixed
+    bijections (:func:`fixed_tail`: a :class:`~pyro_flows.DensityEstimator`'s standardisation and whitening),
+    whose inverse maps the data to the end of the ODE before the regression: so
+    ``DensityEstimator(flow="cnf").fit(X, objective=pf.FlowMatching())`` trains by flow matching.
 
     Args:
         sigma_min: :math:`\sigma_\min \ge 0`, the width of the ``"cond_ot"`` paths at the data end.
@@ -80,6 +112,11 @@ class FlowMatching:
             are fixed pairs ``x`` ``(N, 2, D)``, ``x[:, 0]`` the base sample and ``x[:, 1]`` the data, as
             :func:`~.reflow.reflow_pairs` returns them (rectified flow's reflow, Liu et al. 2023).
         epsilon: the entropic regularisation of ``"sinkhorn"``, relative to the mean squared distance.
+        context_dropout: :math:`p \in [0, 1)`, the probability that a row's (embedded) context is replaced by the
+            layer's learned null context :math:`\varnothing` (classifier-free guidance, Ho & Salimans 2022): the
+            field then learns both :math:`f(x, t, c)` and the marginal field :math:`f(x, t, \varnothing)` (its
+            regression target averaged over the contexts), which :func:`guided_sample` combines. Needs a
+            conditional flow built with ``null_context=True``; OT couplings pair before the dropout.
 
     Shapes: ``x`` ``(N, D)`` (``(N, 2, D)`` with ``"pairs"``); ``context`` ``(N, ...)``, what the flow is called
     with (``(N, C)`` without an embedding).
@@ -101,6 +138,7 @@ class FlowMatching:
         scheduler: Union[str, Scheduler] = "cond_ot",
         coupling: Optional[str] = None,
         epsilon: float = 0.05,
+        context_dropout: float = 0.0,
     ) -> None:
         if not 0.0 <= sigma_min < 1.0:
             raise ValueError(f"FlowMatching: sigma_min must be in [0, 1), got {sigma_min}")
@@ -111,6 +149,12 @@ class FlowMatching:
             raise ValueError(f"FlowMatching: unknown coupling {coupling!r}; known: {list(COUPLINGS)}")
         if not epsilon > 0:
             raise ValueError(f"FlowMatching: epsilon must be > 0, got {epsilon}")
+        if isinstance(context_dropout, bool) or not 0.0 <= context_dropout < 1.0:
+            raise ValueError(
+                f"FlowMatching: context_dropout must be a probability in [0, 1) (1 would never show the field a "
+                f"context), got {context_dropout!r}"
+            )
+        self.context_dropout = float(context_dropout)
         try:
             self.scheduler = scheduler_of(scheduler, sigma_min)
         except ValueError as error:
@@ -126,7 +170,8 @@ class FlowMatching:
         return None
 
     def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        layer = continuous_flow_of(model)
+        tail = fixed_tail(model)
+        layer = continuous_flow_of(model, len(tail))
         flow = cast(Flow, getattr(model, "module", model))  # a Flow: continuous_flow_of checked it
         pairs = self.coupling == "pairs"
         if x.dim() != (3 if pairs else 2) or (pairs and x.shape[1] != 2):
@@ -143,12 +188,17 @@ class FlowMatching:
             )
         if pairs:
             z0, x = x[:, 0], x[:, 1]
-        else:
+        with torch.no_grad():  # the data at the ODE's end: through the fixed layers' inverses
+            for fixed in reversed(tail):
+                x = fixed.inv(x)
+        if not pairs:
             z0 = torch.randn_like(x)
             pairing = self._pairing()
             if pairing is not None:
                 order = pairing(z0, x) if raw is None else conditional_ot_pairing(z0, x, raw, pairing)
                 x, context = x[order], None if context is None else context[order]
+        if self.context_dropout:
+            context = self._drop_context(layer, context)
         t = torch.rand(n, 1, dtype=x.dtype, device=x.device)
         alpha, sigma, d_alpha, d_sigma = self.scheduler(t)
         x_t = alpha * x + sigma * z0
@@ -157,7 +207,70 @@ class FlowMatching:
         velocity = layer.vector_field(x_t, layer.t0 + span * t.squeeze(-1), context)
         return (span * velocity - target).square().sum(-1).mean()
 
+    def _drop_context(self, layer: ContinuousFlow, context: Optional[Tensor]) -> Tensor:
+        """``context`` with each row replaced by the layer's null context with probability ``context_dropout``."""
+        if context is None or layer.null_context is None:
+            raise ValueError(
+                f"FlowMatching: context_dropout={self.context_dropout:g} needs a conditional flow built with "
+                "null_context=True (e.g. pf.CNF(features, context=C, null_context=True)), got "
+                + ("an unconditional flow" if context is None else "a layer without a null context")
+            )
+        drop = torch.rand(context.shape[0], 1, device=context.device) < self.context_dropout
+        return torch.where(drop, layer.null_context.to(context), context)
+
     def __repr__(self) -> str:
+        dropout = f", context_dropout={self.context_dropout:g}" if self.context_dropout else ""
         return (
-            f"{type(self).__name__}(scheduler={self.scheduler!r}, coupling={self.coupling!r}, epsilon={self.epsilon:g})"
+            f"{type(self).__name__}(scheduler={self.scheduler!r}, coupling={self.coupling!r}, "
+            f"epsilon={self.epsilon:g}{dropout})"
         )
+
+
+def guided_sample(flow: nn.Module, context: Tensor, scale: float, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
+    r"""Samples of a conditional continuous flow with classifier-free guidance (Ho & Salimans 2022; Zheng et al. 2023).
+
+    Base draws :math:`z_0 \sim \mathcal N(0, I)` are carried from :math:`t_0` to :math:`t_1` by the guided field
+
+    .. math:: \tilde f_w(z, t, c) = f(z, t, \varnothing) + w\,\big(f(z, t, c) - f(z, t, \varnothing)\big)
+
+    (:meth:`~.transforms.ContinuousFlow.guided`), with the flow's embedded ``context`` :math:`c` and the layer's
+    learned null context :math:`\varnothing`. The flow must be a :func:`~pyro_flows.CNF` built with
+    ``null_context=True`` and trained by :class:`FlowMatching` with ``context_dropout > 0``, so that
+    :math:`f(\cdot, \varnothing)` is the marginal field. :math:`w = 1` samples ``flow(context)``, :math:`w = 0` the
+    marginal (unconditional) flow, :math:`w > 1` sharpens the samples towards what distinguishes :math:`c`, as
+    :math:`p(x \mid c)\,p(c \mid x)^{w - 1}` would (the usual guidance scales are 1-5).
+
+    **No likelihood**: the guided field is not the velocity of a probability path of any distribution the model
+    learnt (in particular not of :math:`p(x \mid c)^w p(x)^{1-w}`, Zheng et al. 2023), so guided samples have no
+    exact density: guidance is offered for sampling only, as a function returning samples and not a distribution
+    with a ``log_prob``; ``flow(context).log_prob`` is the unguided conditional density.
+
+    Shapes: ``context`` ``(*batch, ...)`` as ``flow`` takes it (vectors ``(*batch, C)`` or labels ``(*batch,)``);
+    returns ``(*sample_shape, *batch, D)``. Solver and grid are the layer's (few steps: ``fixed_steps``).
+
+    References:
+        - Ho & Salimans (2022), *Classifier-free diffusion guidance*, arXiv:2207.12598.
+        - Zheng, Le, Shaul, Lipman, Grover & Chen (2023), *Guided flows for generative modeling and decision making*,
+          arXiv:2311.13443.
+
+    Example:
+        >>> flow = pf.CNF(features=2, classes=3, hidden=(16,), null_context=True)
+        >>> labels = torch.randint(3, (64,))
+        >>> objective = pf.FlowMatching(context_dropout=0.2)
+        >>> history = pf.fit(flow, torch.randn(64, 2), context=labels, objective=objective, max_steps=2, progress=False)
+        >>> pf.guided_sample(flow, torch.tensor([0, 2]), scale=3.0, sample_shape=(5,)).shape
+        torch.Size([5, 2, 2])
+    """
+    name = "guided_sample"
+    check_guidance_scale(scale, name)
+    flow_module = getattr(flow, "module", flow)
+    if isinstance(flow_module, Flow) and flow_module.context_features == 0:
+        raise ValueError(f"{name}: the flow is unconditional; guidance needs a conditional flow (context= or classes=)")
+    try:
+        layer = continuous_flow_of(flow)
+    except ValueError as error:
+        raise ValueError(f"{name}: {str(error).removeprefix('FlowMatching: ')}") from None
+    model = cast(Flow, flow_module)
+    embedded = cast(Tensor, model.embed(context))
+    base = cast(StandardNormal, model.base)(embedded.shape[:-1])  # continuous_flow_of checked the base
+    return layer.guided(base.sample(torch.Size(sample_shape)), embedded, scale)

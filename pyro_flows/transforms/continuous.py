@@ -15,6 +15,7 @@ The log-det is carried in the same ODE state as :math:`z` (one solve gives both)
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -70,6 +71,42 @@ def draw_probe(kind: str, like: Tensor) -> Tensor:
     return torch.randint_like(like, 2) * 2 - 1
 
 
+def no_divergence(f: Tensor, z: Tensor, probe: Optional[Tensor], create_graph: bool) -> tuple[Tensor, Tensor]:
+    """Zeros ``(N,)`` for ``(tr J, ||J||_F^2)``: a solve that needs no log-det (guided sampling)."""
+    zeros = f.new_zeros(f.shape[:-1])
+    return zeros, zeros
+
+
+def guided_velocity(
+    field: nn.Module, z: Tensor, t: Tensor | float, context: Tensor, null: Tensor, scale: float
+) -> Tensor:
+    r"""Classifier-free guidance (Ho & Salimans 2022): :math:`f_\varnothing + w\,(f_c - f_\varnothing)`.
+
+    :math:`f_c = f(z, t, c)` and :math:`f_\varnothing = f(z, t, \varnothing)` come from one call of ``field`` on the
+    stacked batch; the combination is ``torch.lerp``, exact at :math:`w = 0` (:math:`f_\varnothing`) and
+    :math:`w = 1` (:math:`f_c`). Shapes: ``z`` ``(N, D)``, ``context`` ``(N, C)``, ``null`` ``(C,)``, ``t`` a number,
+    a scalar or ``(N,)``; output ``(N, D)``.
+    """
+    t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+    both = field(
+        torch.cat([z, z]),
+        torch.cat([t, t]) if t.dim() else t,
+        torch.cat([context, null.to(context).expand_as(context)]),
+    )
+    conditional, unconditional = both.chunk(2)
+    return torch.lerp(unconditional, conditional, scale)
+
+
+def check_guidance_scale(scale: float, name: str) -> float:
+    """``scale`` as a float if it is a finite number >= 0; else a ValueError naming ``name``."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise ValueError(
+            f"{name}: the guidance scale must be a finite number >= 0 (0: the unconditional field, 1: the conditional "
+            f"one, > 1: guided towards the context), got {scale!r}"
+        )
+    return float(scale)
+
+
 class _Dynamics:
     r"""The augmented ODE :math:`\frac{d}{dt}(z, \ell, E, F) = (f, \operatorname{tr} J, \|f\|^2, \|J\|_F^2)`.
 
@@ -77,13 +114,19 @@ class _Dynamics:
     Under ``torch.no_grad()`` the Jacobian terms are computed without a graph.
     """
 
-    def __init__(self, field: nn.Module, context: Optional[Tensor], divergence: Divergence, probe: Optional[Tensor]):
+    def __init__(
+        self, field: Callable[..., Tensor], context: Optional[Tensor], divergence: Divergence, probe: Optional[Tensor]
+    ):
         self.field, self.context, self.divergence, self.probe = field, context, divergence, probe
         self.nfe = 0
 
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe += 1
         create_graph = torch.is_grad_enabled()
+        if self.divergence is no_divergence:  # no Jacobian terms: no graph to build for them
+            f = self.field(state[0], t, self.context)
+            zeros = f.new_zeros(f.shape[:-1])
+            return f, zeros, zeros, zeros
         with torch.enable_grad():
             # a fresh leaf unless z carries a graph to differentiate through (a view taken under no_grad does not)
             z = state[0] if create_graph and state[0].requires_grad else state[0].detach().requires_grad_(True)
@@ -162,6 +205,10 @@ class ContinuousFlow(FlowTransform):
             steps over :math:`[t_0, t_1]` (few-step sampling and likelihoods); None (default) leaves the grid
             to the solver (adaptive, or ``options``). See also :func:`fixed_steps`.
         adjoint: integrate with the adjoint method.
+        null_context: give the layer a learned "null" context :math:`\varnothing` (``null_context``, a parameter
+            ``(context_features,)`` initialised at zero; conditional twin only) for classifier-free guidance:
+            :class:`~pyro_flows.FlowMatching` with ``context_dropout=p`` trains :math:`f(z, t, \varnothing)` on
+            the marginal of the data, and :meth:`guided` integrates the guided field.
 
     Example:
         >>> layer = ContinuousFlow(2, hidden=(32, 32), trace="hutchinson")
@@ -194,6 +241,7 @@ class ContinuousFlow(FlowTransform):
         options: Optional[dict[str, Any]] = None,
         adjoint: bool = False,
         steps: Optional[int] = None,
+        null_context: bool = False,
     ) -> None:
         super().__init__((features,), context_features)
         name = type(self).__name__
@@ -212,6 +260,9 @@ class ContinuousFlow(FlowTransform):
         self.options = dict(options or {})
         self.adjoint = bool(adjoint)
         self.steps = check_steps(steps, solver, name)
+        if null_context and not context_features:
+            raise ValueError(f"{name}: null_context=True needs a conditional layer (context_features > 0)")
+        self.null_context = nn.Parameter(torch.zeros(context_features)) if null_context else None
         self.nfe = 0
         self.regularization: dict[str, Tensor] = {}
         self._recorder: Optional[list[dict[str, Tensor]]] = None
@@ -222,8 +273,44 @@ class ContinuousFlow(FlowTransform):
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._integrate(y, context, self.t1, self.t0)
 
-    def _integrate(self, z: Tensor, context: Optional[Tensor], start: float, end: float) -> tuple[Tensor, Tensor]:
-        """Solve from ``start`` to ``end``: ``(z(end), ∫ tr J dt)``; records ``nfe`` and ``regularization``."""
+    def guided(self, z: Tensor, context: Tensor, scale: float) -> Tensor:
+        r"""Integrate the classifier-free-guided field from :math:`t_0` to :math:`t_1`: samples, no log-density.
+
+        .. math:: \frac{dz}{dt} = f(z, t, \varnothing) + w\,\big(f(z, t, c) - f(z, t, \varnothing)\big)
+
+        (Ho & Salimans 2022; for flow matching, Zheng et al. 2023), with the layer's learned null context
+        :math:`\varnothing` (``null_context=True``), solver and grid. :math:`w = 1` is the conditional flow,
+        :math:`w = 0` the unconditional one, :math:`w > 1` pushes the samples towards what the context
+        distinguishes (as :math:`p(x \mid c)\,p(c \mid x)^{w-1}` would). The guided field is not the velocity of
+        the path of any distribution the model was trained on, so the samples have no exact likelihood: no
+        log-det is integrated, and there is no guided ``log_prob``.
+
+        Shapes: ``z`` ``(..., features)`` (base samples at :math:`t_0`), ``context`` ``(..., context_features)``
+        (the layer's context, e.g. a flow's embedded one), broadcast together; returns ``z``'s broadcast shape.
+        """
+        name = f"{type(self).__name__}.guided"
+        scale = check_guidance_scale(scale, name)
+        if self.null_context is None:
+            raise ValueError(
+                f"{name}: the layer has no null context; build it with null_context=True (conditional flows only) "
+                "and train it with FlowMatching(context_dropout=p)"
+            )
+        null = self.null_context
+        field = functools.partial(guided_velocity, self.vector_field, null=null, scale=scale)
+        return self._integrate(z, context, self.t0, self.t1, field, no_divergence)[0]
+
+    def _integrate(
+        self,
+        z: Tensor,
+        context: Optional[Tensor],
+        start: float,
+        end: float,
+        field: Optional[Callable[..., Tensor]] = None,
+        divergence: Optional[Divergence] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Solve from ``start`` to ``end``: ``(z(end), ∫ tr J dt)``; records ``nfe`` and ``regularization``.
+
+        ``field`` ``(z, t, context)`` and ``divergence`` replace the layer's vector field and trace (guidance)."""
         z, context = broadcast_context(z, context, 1)
         batch, d = z.shape[:-1], z.shape[-1]
         if batch.numel() == 0:  # nothing to integrate (an adaptive solver would fail on a step of 0)
@@ -232,9 +319,10 @@ class ContinuousFlow(FlowTransform):
             return z.clone(), empty
         z = z.reshape(-1, d)
         context = None if context is None else context.reshape(-1, self.context_features)
-        divergence = exact_divergence if self.trace == "exact" else hutchinson_divergence
+        if divergence is None:
+            divergence = exact_divergence if self.trace == "exact" else hutchinson_divergence
         probe = draw_probe(self.probe, z) if self.trace == "hutchinson" else None
-        dynamics = _Dynamics(self.vector_field, context, divergence, probe)
+        dynamics = _Dynamics(self.vector_field if field is None else field, context, divergence, probe)
         zeros = z.new_zeros(z.shape[0])
         times = torch.tensor([start, end], dtype=z.dtype, device=z.device)
         states = self._solve(dynamics, (z, zeros, zeros, zeros), times, context)
