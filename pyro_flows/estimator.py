@@ -7,6 +7,7 @@ names); using an estimator before ``fit`` raises :class:`NotFittedError`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -18,7 +19,8 @@ from . import saving
 from .flows import Flow, build_flow
 from .flows.registry import FLOWS, check_flow_name
 from .nn.mlp import check_hidden
-from .train import FitHistory, FitOptions
+from .objectives import NegativeLogLikelihood
+from .train import FitHistory, FitOptions, _copy_state, _split
 from .train import fit as fit_flow
 from .transforms.normalization import ActNorm, Standardize
 from .transforms.preprocessing import Whiten
@@ -62,6 +64,49 @@ class _ContextScale(nn.Module):
         return context / self.scale
 
 
+class _StartingModel:
+    """The flow as it is before training and its mean objective on the validation rows: a candidate of early
+    stopping that no epoch may be worse than (with ``whiten=True`` it is the fitted full-covariance Gaussian)."""
+
+    def __init__(self, model: Flow, objective: Any, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
+        self.state = _copy_state(model)
+        self.validation = validation
+        self.loss = _mean_objective(model, objective, validation)
+
+    def keep_if_better(self, model: Flow, history: FitHistory, name: str) -> bool:
+        """Restore the starting weights and warn when no epoch's validation loss is below the starting model's;
+        whether it did."""
+        finite = [loss for loss in history.validation_loss if math.isfinite(loss)]
+        best = min(finite, default=math.inf)
+        if best < self.loss:
+            return False
+        model.load_state_dict(self.state)
+        rows = len(self.validation[0] if isinstance(self.validation, tuple) else self.validation)
+        warnings.warn(
+            f"DensityEstimator.fit: no epoch of training beat {name} on the {rows} validation rows (validation "
+            f"loss {self.loss:.4f} before training, {best:.4f} at best after {len(history.validation_loss)} "
+            f"epochs); the estimator keeps {name}. More rows, a larger validation_fraction or a smaller flow may help",
+            UserWarning,
+            stacklevel=3,
+        )
+        return True
+
+
+@torch.no_grad()
+def _mean_objective(model: Flow, objective: Any, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> float:
+    """``objective``'s mean over the ``validation`` rows (``x`` or ``(x, context)``) in eval mode, CHUNK_ROWS at a
+    time, as :func:`pyro_flows.fit` computes a validation loss."""
+    x, context = validation if isinstance(validation, tuple) else (validation, None)
+    model.eval()
+    total = 0.0
+    for start in range(0, len(x), CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        chunk = x[rows]
+        total += float(objective(model, chunk, None if context is None else context[rows])) * len(chunk)
+    model.train()
+    return total / len(x)
+
+
 class DensityEstimator:
     r"""A normalizing flow fitted by maximum likelihood: a scikit-learn density estimator of :math:`p(y)` or
     :math:`p(y \mid x)`.
@@ -94,6 +139,11 @@ class DensityEstimator:
     by ``fit`` from the table's rows and dimension (:meth:`_data_defaults`), then from :attr:`fit_options`.
     A keyword given to ``fit`` overrides both for that call.
 
+    **Never worse than the Gaussian on the validation rows.** With a validation split, the flow as built (with
+    ``whiten=True`` a fresh coupling or autoregressive flow *is* the fitted full-covariance Gaussian) competes with
+    every epoch of early stopping: when no epoch's validation loss is below its loss, ``fit`` keeps it, sets
+    ``kept_start_`` and warns (UserWarning) — on tiny tables training often only fits noise.
+
     Data far from zero: the column means are taken in float64 from the data as given and kept as ``offset_``
     (float64, saved with the model); every input has them subtracted in float64 before it is cast to the model's
     dtype, and samples get them added back in float64, so that a column such as ``1.7e9 + N(0, 1)`` is not
@@ -108,7 +158,8 @@ class DensityEstimator:
     Args:
         flow: a name of :data:`pyro_flows.flows.FLOWS`: ``"nice"``, ``"realnvp"``, ``"maf"``, ``"iaf"``,
             ``"nsf"``, ``"cnf"`` or ``"ffjord"`` (the continuous flows are one ODE layer, trained by maximum
-            likelihood through the ODE: exact but slower).
+            likelihood through the ODE: exact but slower; or by flow matching, which never solves the ODE in
+            training: ``fit(X, objective=pf.FlowMatching())``; ``log_prob`` and ``sample`` use the ODE either way).
         transforms: number of flow layers (not for the continuous flows); None: from the data.
         hidden: hidden layer sizes of each layer's conditioner network (of the vector field, for CNFs); None:
             from the data.
@@ -134,6 +185,8 @@ class DensityEstimator:
         features\_: number of target columns :math:`D` (the flow's event size).
         context_columns\_, target_columns\_: the indices of the context and target columns of ``X``.
         history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
+        kept_start\_: True when no epoch of training beat the flow as it was built (with ``whiten=True``, the
+            fitted full-covariance Gaussian) on the validation rows, so that ``fit`` kept it (and warned).
 
     Example:
         >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
@@ -157,6 +210,7 @@ class DensityEstimator:
     history_: Any
     architecture_: dict[str, Any]
     feature_names_in_: list[str]
+    kept_start_: bool
 
     fit_options: ClassVar[FitOptions] = FitOptions().replace(
         max_epochs=200, validation_fraction=0.1, patience=20, seed=0
@@ -339,14 +393,25 @@ class DensityEstimator:
             with torch.no_grad():  # initialised from up to CHUNK_ROWS rows, not one batch, so that a fresh flow
                 first = inputs[:CHUNK_ROWS]  # is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
                 model.train()(first[:, context_columns] if context_columns else None).log_prob(first[:, target_columns])
+        targets, contexts = inputs[:, target_columns], (inputs[:, context_columns] if context_columns else None)
+        if held_out is None and fit_options.validation_fraction:  # the split pyro_flows.fit would make, made here
+            (targets, contexts), (rows, row_contexts) = _split(targets, contexts, fit_options.validation_fraction, seed)
+            held_out = rows if row_contexts is None else (rows, row_contexts)
+            fit_options = fit_options.replace(validation_fraction=0.0)
+        objective = objective or NegativeLogLikelihood()
+        # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
+        start = None if held_out is None or resume is not None else _StartingModel(model, objective, held_out)
         history = fit_flow(
             model,
-            inputs[:, target_columns],
-            context=inputs[:, context_columns] if context_columns else None,
+            targets,
+            context=contexts,
             objective=objective,
             validation_data=held_out,
             resume=resume,
             options=fit_options.replace(seed=seed),
+        )
+        kept_start = start is not None and start.keep_if_better(
+            model, history, "the fitted Gaussian" if self.whiten else "the starting flow"
         )
         self._set_fitted(
             flow_=model.eval(),
@@ -358,6 +423,7 @@ class DensityEstimator:
             history_=history,
             architecture_=architecture,
             feature_names_in_=names,
+            kept_start_=kept_start,
         )
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
@@ -564,6 +630,7 @@ class DensityEstimator:
                 "offset": self.offset_,
                 "fitted_on": self._fitted_on,
                 "history": _plain_history(self.history_),
+                "kept_start": self.kept_start_,
             },
             path,
             "DensityEstimator",
@@ -637,6 +704,7 @@ class DensityEstimator:
             history_=_restore_history(payload),
             architecture_=architecture,
             feature_names_in_=payload.get("feature_names"),
+            kept_start_=bool(payload.get("kept_start", False)),  # absent from files saved before it existed
         )
         estimator._fitted_on = payload["fitted_on"]
         return estimator
@@ -701,6 +769,7 @@ FITTED_ATTRIBUTES = (
     "history_",
     "architecture_",
     "feature_names_in_",
+    "kept_start_",
 )
 
 
