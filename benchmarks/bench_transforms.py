@@ -56,6 +56,8 @@ ROWS = ("MAF", "NSF-AR", "NSF-C", "RealNVP")
 LIBS = ("pyro_flows", "zuko", "nflows", "pyro")
 METRICS = ("train", "log_prob", "sample")
 PEERS = LIBS[1:]
+COMPILED = "pyro_flows+compile"  # pyro_flows through pf.compile_flow (inductor), an opt-in column (--compile)
+OURS = ("pyro_flows", COMPILED)
 
 TRANSFORMS = 5
 HIDDEN = (128, 128)
@@ -65,6 +67,7 @@ BOUND = 5.0
 # modules each library needs; a missing one makes the library "n/a"
 _REQUIRES = {
     "pyro_flows": ("pyro_flows",),
+    COMPILED: ("pyro_flows",),
     "zuko": ("zuko",),
     "nflows": ("nflows",),
     "pyro": ("pyro",),
@@ -113,6 +116,15 @@ def build_pyro_flows(row: str, features: int) -> Model:
     else:
         raise Unavailable(row)
     return Model(flow, lambda x: flow().log_prob(x), lambda n: flow().sample((n,)))
+
+
+def build_pyro_flows_compiled(row: str, features: int) -> Model:
+    """The same flow as :func:`build_pyro_flows`, its log_prob and sampler compiled (``torch.compile``, inductor)."""
+    import pyro_flows as pf
+
+    flow = build_pyro_flows(row, features).module
+    compiled = pf.compile_flow(flow, fullgraph=True)
+    return Model(flow, compiled.log_prob, lambda n: compiled.sample((n,)))
 
 
 def build_zuko(row: str, features: int) -> Model:
@@ -260,6 +272,7 @@ def build_pyro(row: str, features: int) -> Model:
 
 BUILDERS: dict[str, Callable[[str, int], Model]] = {
     "pyro_flows": build_pyro_flows,
+    COMPILED: build_pyro_flows_compiled,
     "zuko": build_zuko,
     "nflows": build_nflows,
     "pyro": build_pyro,
@@ -334,6 +347,15 @@ class Result:
     runs: list = field(default_factory=list)  # samples/s of each repeat
     error: Optional[str] = None
     params: Optional[int] = None
+    batch: Optional[int] = None  # samples per call
+    first_call: Optional[float] = None  # seconds of the first call (with the compilation for COMPILED)
+
+    @property
+    def compile_seconds(self) -> Optional[float]:
+        """The first call's time less a steady call's: the compilation time of a compiled library."""
+        if self.first_call is None or self.batch is None or not self.runs:
+            return None
+        return max(0.0, self.first_call - self.batch / statistics.median(self.runs))
 
     @property
     def median(self) -> Optional[float]:
@@ -424,8 +446,11 @@ def bench_case(
             model.module.to(cfg.device)
             results[lib].params = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
             op, batch = _make_op(model, metric, features, cfg, seed=1)
-            for _ in range(max(1, cfg.warmup)):  # the last warm-up call calibrates the iteration count
+            results[lib].batch = batch
+            for w in range(max(1, cfg.warmup)):  # the last warm-up call calibrates the iteration count
                 one = _timed(op, 1, cfg.device)
+                if w == 0:
+                    results[lib].first_call = one
                 if one > 3 * cfg.min_time:  # a slow call (sequential sampling): its warm-up costs are noise
                     break
             iterations = max(1, math.ceil(cfg.min_time / max(one, 1e-9)))
@@ -435,7 +460,7 @@ def bench_case(
         except Unavailable:
             results[lib].error = "no equivalent"
         except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
-            if lib == "pyro_flows":
+            if lib in OURS:
                 raise
             results[lib].error = f"{type(e).__name__}: {e}"
             log(f"  [{lib}] {row} D={features} {metric}: {results[lib].error}")
@@ -459,8 +484,10 @@ def run(
     check: bool = True,
     log: Callable[[str], None] = print,
     device: str = "cpu",
+    compiled: bool = False,
 ) -> list[Result]:
-    """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``).
+    """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``), and per
+    (row, D, metric) one of :data:`COMPILED` with ``compiled=True`` (pyro_flows compiled, timed with the others).
 
     Libraries not in ``libs`` or not importable get a result without runs (n/a).
     """
@@ -470,10 +497,12 @@ def run(
         cfg.repeats = repeats
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    libs = [*libs, COMPILED] if compiled and COMPILED not in libs else list(libs)
+    columns = [*LIBS, COMPILED] if COMPILED in libs else list(LIBS)
     missing = {lib: available(lib) for lib in libs}
     for lib, why in missing.items():
         if why is not None:
-            if lib == "pyro_flows":
+            if lib in OURS:
                 raise ImportError(f"pyro_flows does not import: {why}")
             log(f"{lib}: not available ({why}); reported as n/a")
     active = [lib for lib in libs if missing[lib] is None]
@@ -484,15 +513,19 @@ def run(
         try:
             for features in dims:
                 for row in rows:
-                    if check:
-                        _check_one_pass(row, features, active, log)
+                    if check:  # (the compiled flow is the eager one's code: checked there, not compiled here)
+                        _check_one_pass(row, features, [lib for lib in active if lib != COMPILED], log)
                     for metric in metrics:
                         t0 = time.perf_counter()
                         results = bench_case(row, features, metric, active, cfg, log)
-                        for lib in LIBS:
+                        for lib in columns:
                             r = results.get(lib) or Result(row, features, metric, lib, error="not run")
                             out.append(r)
                         summary = ", ".join(f"{lib} {_fmt(results[lib].median)}" for lib in active)
+                        speedup = compile_speedup(list(results.values()))
+                        if speedup is not None:
+                            seconds = results[COMPILED].compile_seconds or 0.0
+                            summary += f"; compiled/eager {speedup:.2f}x (compiled in {seconds:.0f}s)"
                         took = time.perf_counter() - t0
                         log(f"{row:8s} D={features:<3d} {metric:8s} {summary}  ({took:.1f}s, {_load()})")
         finally:
@@ -570,7 +603,8 @@ def memory_case(row: str, features: int, metric: str, lib: str, device: str = "c
     torch.manual_seed(0)
     model = BUILDERS[lib](row, features)
     model.module.to(device)
-    op, _ = _make_op(model, metric, features, Config(pool=1, device=device), seed=1)
+    # two inputs in turn: one input twice would be served from the freed graph by Pyro's one-slot transform cache
+    op, _ = _make_op(model, metric, features, Config(pool=2, device=device), seed=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")
         op()  # warm-up: Adam's state, lazily built buffers, the allocator's arenas
@@ -690,17 +724,28 @@ def ratio(results: Sequence[Result], stat: str = "median") -> tuple[Optional[flo
     """pyro_flows / best peer (by ``stat``, "median" or "best", of samples/s) and the best peer's name."""
     by_lib = {r.lib: getattr(r, stat) for r in results}
     ours = by_lib.get("pyro_flows")
-    peers = {lib: v for lib, v in by_lib.items() if lib != "pyro_flows" and v is not None}
+    peers = {lib: v for lib, v in by_lib.items() if lib in PEERS and v is not None}
     if ours is None or not peers:
         return None, None
-    best = max(peers, key=peers.get)
+    best = max(peers, key=peers.__getitem__)
     return ours / peers[best], best
 
 
+def compile_speedup(results: Sequence[Result], stat: str = "median") -> Optional[float]:
+    """Samples/s of pyro_flows compiled over eager (None unless both ran)."""
+    by_lib = {r.lib: getattr(r, stat) for r in results}
+    eager, compiled = by_lib.get("pyro_flows"), by_lib.get(COMPILED)
+    return None if eager is None or compiled is None else compiled / eager
+
+
 def table(results: Sequence[Result], stat: str = "median") -> str:
-    """A Markdown table: row, D, metric, samples/s (``stat`` of the repeats) per library, pyro_flows / best peer."""
-    header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(LIBS) + 1)) + "|"]
+    """A Markdown table: row, D, metric, samples/s (``stat`` of the repeats) per library, pyro_flows / best peer;
+    with :data:`COMPILED` results, also its samples/s, the speed-up over eager and the compilation time."""
+    compiled = any(r.lib == COMPILED for r in results)
+    extra = [COMPILED, "compiled / eager", "compile s"] if compiled else []
+    header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer", *extra]
+    align = ["---"] * 3 + ["---:"] * (len(LIBS) + 1 + len(extra))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.row, r.features, r.metric), []).append(r)
@@ -708,8 +753,14 @@ def table(results: Sequence[Result], stat: str = "median") -> str:
         by_lib = {r.lib: r for r in group}
         cells = [_fmt(getattr(by_lib[lib], stat)) if lib in by_lib else "n/a" for lib in LIBS]
         rate, best = ratio(group, stat)
-        rate_cell = "n/a" if rate is None else f"{rate:.2f} ({best})"
-        lines.append("| " + " | ".join([row, str(features), metric, *cells, rate_cell]) + " |")
+        cells.append("n/a" if rate is None else f"{rate:.2f} ({best})")
+        if compiled:
+            ours = by_lib.get(COMPILED)
+            speedup, seconds = compile_speedup(group, stat), None if ours is None else ours.compile_seconds
+            cells.append(_fmt(None if ours is None else getattr(ours, stat)))
+            cells.append("n/a" if speedup is None else f"{speedup:.2f}")
+            cells.append("n/a" if seconds is None else f"{seconds:.0f}")
+        lines.append("| " + " | ".join([row, str(features), metric, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -779,6 +830,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write raw results to this file")
     p.add_argument("--profile", choices=ROWS, default=None, help="only profile pyro_flows on this row (first D)")
     p.add_argument("--profile-metric", choices=METRICS, default="train")
+    p.add_argument("--compile", action="store_true", help=f"add pyro_flows compiled (pf.compile_flow) as {COMPILED}")
     p.add_argument("--device", default="cpu", help="torch device of the models and data (cpu, cuda, cuda:1, ...)")
     p.add_argument(
         "--memory", action="store_true", help="peak extra memory of a train step and a 4096 log_prob (MiB) instead"
@@ -818,6 +870,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quick=args.quick,
         check=not args.no_check,
         device=args.device,
+        compiled=args.compile,
     )
     print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
     print("\nsamples/s (median of repeats; higher is better)\n")
@@ -838,6 +891,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "median": r.median,
                         "runs": r.runs,
                         "params": r.params,
+                        "compile_seconds": r.compile_seconds if r.lib == COMPILED else None,
                         "error": r.error,
                     }
                     for r in results

@@ -8,10 +8,12 @@ one graph each (``fullgraph=True`` works): no layer reads a tensor on the host o
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from .flows import Flow
 from .objectives import NegativeLogLikelihood
@@ -30,7 +32,11 @@ class CompiledFlow:
 
     Parameters are the flow's own: an optimizer over ``flow.parameters()`` trains both, and ``flow`` stays
     the eager model (save it, move it, call it as before). Random draws under the ``inductor`` backend
-    follow ``torch.manual_seed`` but are not the eager path's draws.
+    follow ``torch.manual_seed`` but are not the eager path's draws. The compiled calls do not validate
+    their arguments (a check of the values is a host read, which would split the graph): the eager flow
+    does, and :func:`~pyro_flows.fit` checks its data itself. ``torch.compile`` turns ``torch.distributions``'
+    argument validation off for the whole process when it is first called; this class turns it back to what
+    it was, and off only for the duration of its own calls.
 
     Shapes: ``value`` ``(..., *event_shape)`` with the context ``(..., context_features)`` broadcasting; a
     sample has shape ``sample_shape + context batch + event_shape`` as :meth:`FlowDistribution.sample
@@ -64,9 +70,10 @@ class CompiledFlow:
         self.flow = flow
         self.objective = NegativeLogLikelihood() if objective is None else objective
         self.compile_options = dict(compile_options)
-        self._log_prob = torch.compile(self._eager_log_prob, **compile_options)
-        self._rsample = torch.compile(self._eager_rsample, **compile_options)
-        self._loss = torch.compile(self._eager_loss, **compile_options)
+        with _validation(Distribution._validate_args):  # torch.compile turns it off for good: restored
+            self._log_prob = torch.compile(self._eager_log_prob, **compile_options)
+            self._rsample = torch.compile(self._eager_rsample, **compile_options)
+            self._loss = torch.compile(self._eager_loss, **compile_options)
 
     # the eager functions that are compiled (one graph each for the vector presets)
     def _eager_log_prob(self, value: Tensor, context: Optional[Tensor]) -> Tensor:
@@ -80,11 +87,13 @@ class CompiledFlow:
 
     def log_prob(self, value: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """``flow(context).log_prob(value)``, compiled (differentiable)."""
-        return self._log_prob(value, context)
+        with _validation(False):
+            return self._log_prob(value, context)
 
     def rsample(self, sample_shape: Union[int, tuple] = (), context: Optional[Tensor] = None) -> Tensor:
         """``flow(context).rsample(sample_shape)``, compiled (differentiable)."""
-        return self._rsample(_shape(sample_shape), context)
+        with _validation(False):
+            return self._rsample(_shape(sample_shape), context)
 
     def sample(self, sample_shape: Union[int, tuple] = (), context: Optional[Tensor] = None) -> Tensor:
         """``flow(context).sample(sample_shape)``, compiled (no gradients)."""
@@ -100,11 +109,23 @@ class CompiledFlow:
                 f"CompiledFlow.loss: got a {type(model).__name__} that is not the compiled flow; a compiled loss "
                 "trains only its own flow (under torch.distributed use the eager objective)"
             )
-        return self._loss(x, context)
+        with _validation(False):
+            return self._loss(x, context)
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.compile_options.items())
         return f"CompiledFlow({type(self.flow).__name__}{', ' + options if options else ''})"
+
+
+@contextlib.contextmanager
+def _validation(enabled: bool) -> Iterator[None]:
+    """``torch.distributions``' default argument validation set to ``enabled`` inside, restored after."""
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
 
 
 def _shape(sample_shape: Union[int, tuple]) -> torch.Size:
