@@ -33,6 +33,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Transform, constraints
 
 from pyro_flows import transforms as T
+from pyro_flows.transforms.signals import Squeeze1d
 
 D, C, HIDDEN = 5, 3, (16, 16)
 BINS, BOUND = 5, 3.0
@@ -41,6 +42,7 @@ IMAGE, IMAGE_HIDDEN = (2, 4, 4), (8, 8)
 SQUEEZED = (8, 2, 2)  # Squeeze(IMAGE).codomain_shape
 KEPT = (1, 4, 4)  # the channels a FactorOut(IMAGE) keeps
 ALIGNED = (1, 2, 2)  # an aligned context image of a lower resolution than IMAGE
+SIGNAL = (2, 8)  # signal events (C, L)
 # Scale of the random perturbation of every parameter: far from the identity (outputs move by O(1)), yet the splines
 # keep moderate slopes. With much stronger perturbations (0.3) nearly flat spline bins appear and the float32 round
 # trip in x loses up to ulp(B) / min slope ~ 2e-2 (ill-conditioning; float64 stays below 1e-10).
@@ -337,7 +339,47 @@ IMAGE_CASES = [
         context_features=4,
     ),
 ]
-CASES = VECTOR_CASES + IMAGE_CASES
+
+
+def _signal_case(name: str, build: Callable[[], T.FlowTransform], shape: tuple = SIGNAL, **kwargs) -> Case:
+    return Case(f"signal-{name}", build, shape=shape, **kwargs)
+
+
+# 1-D signals (C, L): WaveGlow's layers; the couplings' conditioner is a WaveNet (equal widths, one per layer)
+SIGNAL_CASES = [
+    _signal_case("Squeeze1d", lambda: Squeeze1d(SIGNAL, 2), kind="fixed", volume_preserving=True, out_shape=(4, 4)),
+    _signal_case(
+        "Squeeze1d.inv",
+        lambda: Squeeze1d(SIGNAL, 2).inv,
+        kind="fixed",
+        volume_preserving=True,
+        shape=(4, 4),
+        out_shape=SIGNAL,
+    ),
+    _signal_case("InvertibleConv1x1", lambda: T.InvertibleConv1x1((3, 8)), shape=(3, 8)),
+    _signal_case("AffineCoupling", lambda: T.AffineCoupling(SIGNAL, hidden=IMAGE_HIDDEN)),
+    _signal_case("SplineCoupling", lambda: T.SplineCoupling(SIGNAL, **_image_spline())),
+    _signal_case(
+        "ConditionalAffineCoupling-aligned-vector",
+        lambda: T.ConditionalAffineCoupling(SIGNAL, context_shape=(2, 3), context_features=6 + C, hidden=IMAGE_HIDDEN),
+        conditional=True,
+        context_features=6 + C,
+    ),
+    _signal_case(
+        "ConditionalChain-WaveGlow-step",
+        lambda: T.ConditionalChain(
+            [
+                Squeeze1d(SIGNAL, 2),
+                T.ConditionalAffineCoupling((4, 4), context_shape=(1, 16), hidden=IMAGE_HIDDEN),
+                T.InvertibleConv1x1((4, 4)),
+                Squeeze1d(SIGNAL, 2).inv,
+            ]
+        ),
+        conditional=True,
+        context_features=16,
+    ),
+]
+CASES = VECTOR_CASES + IMAGE_CASES + SIGNAL_CASES
 PARAMETRIC = [c for c in CASES if c.kind != "fixed"]
 CONDITIONAL = [c for c in CASES if c.conditional]
 UNCONDITIONAL = [c for c in CASES if not c.conditional]

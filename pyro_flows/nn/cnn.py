@@ -85,6 +85,17 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return out.reshape(x.shape[: x.dim() - spatial] + out.shape[-spatial:])
 
 
+def flatten_batch(x: Tensor, context: Optional[Tensor], event_dim: int) -> tuple[Tensor, Optional[Tensor], torch.Size]:
+    """``x`` ``(..., *event)`` and ``context`` ``(..., F)`` broadcast and flattened to ``(N, *event)`` and ``(N, F)``,
+    with the broadcast batch shape (a network's output is reshaped back to it)."""
+    event = x.shape[x.dim() - event_dim :]
+    batch = x.shape[: x.dim() - event_dim]
+    if context is not None:
+        batch = torch.broadcast_shapes(batch, context.shape[:-1])
+        context = context.expand(batch + context.shape[-1:]).reshape(-1, context.shape[-1])
+    return x.expand(batch + event).reshape((-1,) + event), context, batch
+
+
 def split_aligned(
     context: Optional[Tensor], context_shape: Optional[torch.Size], size: Sequence[int]
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -163,11 +174,7 @@ class CNN(nn.Module):
             nn.init.zeros_(self.output.bias)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        batch = x.shape[:-3]
-        if context is not None:
-            batch = torch.broadcast_shapes(batch, context.shape[:-1])
-            context = context.expand(batch + context.shape[-1:]).reshape(-1, context.shape[-1])
-        h = x.expand(batch + x.shape[-3:]).reshape(-1, *x.shape[-3:])
+        h, context, batch = flatten_batch(x, context, 3)
         aligned, vector = split_aligned(context, self.context_shape, x.shape[-2:])
         if aligned is not None:
             h = torch.cat((h, aligned), dim=1)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..nn import CNN, MLP
 from ..nn.cnn import aligned_context_features
+from ..nn.wavenet import WaveNet
 from .base import Conditional, FlowTransform
 from .maps import Affine, ElementwiseMap, RationalQuadraticSpline, Shift
 
@@ -28,6 +29,10 @@ class Coupling(FlowTransform):
     conditional twin) whose last layer starts at zero, so a fresh layer is the
     identity. Both directions take one network pass.
 
+    Signals (``features`` a shape ``(C, L)``): the conditioner is a :class:`~pyro_flows.nn.WaveNet` (gated
+    dilated convolutions, ``hidden`` one equal width per layer; WaveGlow's affine coupling) and ``mask`` a
+    boolean ``(C,)`` over channels.
+
     Vectors (``features`` an int :math:`D`): the conditioner is an
     :class:`~pyro_flows.nn.MLP` and ``mask`` a boolean ``(D,)`` (default: the
     second half). Images (``features`` a shape ``(C, H, W)``): the conditioner
@@ -43,10 +48,11 @@ class Coupling(FlowTransform):
     Aligned context (images, conditional twin): with ``context_shape=(C_c, H_c, W_c)`` the first
     :math:`C_c H_c W_c` context features are an image (e.g. ``cond.flatten(-3)``), of any size: the CNN resizes
     it to ``H × W`` and concatenates it on its input's channels (see :class:`~pyro_flows.nn.CNN`); features after
-    it are a vector context. ``context_features`` counts them all (0: the flattened image alone).
+    it are a vector context. ``context_features`` counts them all (0: the flattened image alone). Signals take
+    an aligned feature sequence ``(C_c, L_c)``, which the WaveNet resizes to ``L`` and feeds to every gate.
 
     Args:
-        features: :math:`D`, or an image shape ``(C, H, W)``.
+        features: :math:`D`, a signal shape ``(C, L)`` or an image shape ``(C, H, W)``.
         transform_map: an :class:`~pyro_flows.transforms.maps.ElementwiseMap`.
         mask: which entries are transformed (see above).
         hidden: widths (channels for images) of the conditioner's hidden layers.
@@ -55,7 +61,8 @@ class Coupling(FlowTransform):
         residual: residual hidden layers (vector :class:`~pyro_flows.nn.MLP` only).
         input_bound: None, or the conditioner squashes its inputs into this bound (vector
             :class:`~pyro_flows.nn.MLP` only): the map's parameters become constant far from the data.
-        context_shape: the aligned context image ``(C_c, H_c, W_c)`` that leads the context (images only).
+        context_shape: the aligned context that leads the context: an image ``(C_c, H_c, W_c)`` (images) or a
+            feature sequence ``(C_c, L_c)`` (signals).
 
     Example:
         >>> layer = Coupling(4, Affine())
@@ -90,11 +97,17 @@ class Coupling(FlowTransform):
     ) -> None:
         shape = torch.Size((features,) if isinstance(features, int) else tuple(features))
         name = type(self).__name__
-        if len(shape) not in (1, 3):
-            raise ValueError(f"{name}: features must be D or an image shape (C, H, W), got {features!r}")
-        if context_shape is not None and len(shape) != 3:
-            raise ValueError(f"{name}: context_shape (an aligned context image) is for image couplings, not vectors")
-        context_features, context_shape = aligned_context_features(context_features, context_shape, 2, name)
+        if len(shape) not in (1, 2, 3):
+            raise ValueError(
+                f"{name}: features must be D, a signal shape (C, L) or an image shape (C, H, W), got {features!r}"
+            )
+        if context_shape is not None and len(shape) == 1:
+            raise ValueError(
+                f"{name}: context_shape (an aligned context) is for image and signal couplings, not vectors"
+            )
+        context_features, context_shape = aligned_context_features(
+            context_features, context_shape, len(shape) - 1, name
+        )
         super().__init__(shape, context_features)
         mask = channel_mask(shape[0]) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
         self.transform_map = transform_map
@@ -120,7 +133,9 @@ class Coupling(FlowTransform):
                 conditioned, out, hidden, context_features, activation, residual, input_bound=input_bound
             )
         elif input_bound is not None:
-            raise ValueError(f"{type(self).__name__}: input_bound is for vectors; images have a CNN conditioner")
+            raise ValueError(f"{name}: input_bound is for vectors; images and signals have convolutional conditioners")
+        elif len(shape) == 2:
+            self.conditioner = WaveNet(conditioned, out, hidden, 3, context_features, context_shape)
         else:
             self.conditioner = CNN(conditioned, out, hidden, context_features, activation, context_shape)
         self.context_shape = context_shape

@@ -183,17 +183,22 @@ class InvertibleConv1x1(FlowTransform):
 
     .. math:: y_{:, h, w} = W x_{:, h, w}, \qquad \log|\det J| = H W \sum_c s_c .
 
+    A signal ``(C, L)`` is mixed the same way at each time step (WaveGlow's invertible 1×1 convolution,
+    Prenger et al. 2019): :math:`y_{:, t} = W x_{:, t}`, :math:`\log|\det J| = L \sum_c s_c`.
+
     The inverse applies :math:`W^{-1}`, computed once per call by two triangular
     solves of the :math:`C \times C` LU factors.
 
     Args:
-        shape: the image shape ``(C, H, W)``.
+        shape: the image shape ``(C, H, W)``, or a signal's ``(C, L)``.
 
     Example:
         >>> layer = InvertibleConv1x1((3, 8, 8))
         >>> x = torch.randn(5, 3, 8, 8)
         >>> torch.allclose(layer.inv(layer(x)), x, atol=1e-5)
         True
+        >>> InvertibleConv1x1((8, 100))(torch.randn(5, 8, 100)).shape
+        torch.Size([5, 8, 100])
 
     References:
         - Kingma & Dhariwal (2018), *Glow: Generative flow with invertible 1x1 convolutions*, arXiv:1807.03039.
@@ -201,24 +206,25 @@ class InvertibleConv1x1(FlowTransform):
 
     def __init__(self, shape: Sequence[int]) -> None:
         super().__init__(tuple(shape))
-        if len(self.event_shape) != 3:
-            raise ValueError(f"InvertibleConv1x1: shape must be (C, H, W), got {tuple(shape)}")
+        if len(self.event_shape) not in (2, 3):
+            raise ValueError(f"InvertibleConv1x1: shape must be (C, H, W) or (C, L), got {tuple(shape)}")
         self.lu = LUWeight(self.event_shape[0])
 
     @property
     def sign(self) -> int:
-        r"""The sign of :math:`(\det W)^{HW}`: :math:`\det W`'s when :math:`HW` is odd, +1 otherwise."""
+        r"""The sign of :math:`(\det W)^{HW}` (:math:`L` for signals): :math:`\det W`'s when odd, +1 otherwise."""
         return self.lu.det_sign() if self.event_shape[1:].numel() % 2 else 1
 
     def _log_det(self, batch_shape: torch.Size) -> Tensor:
         return (self.event_shape[1:].numel() * self.lu.log_abs_det()).expand(batch_shape)
 
-    @staticmethod
-    def _mix(weight: Tensor, x: Tensor) -> Tensor:
+    def _mix(self, weight: Tensor, x: Tensor) -> Tensor:
+        if len(self.event_shape) == 2:
+            return torch.matmul(weight, x)
         return torch.matmul(weight, x.flatten(-2)).unflatten(-1, x.shape[-2:])
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return self._mix(self.lu.weight(), x), self._log_det(x.shape[:-3])
+        return self._mix(self.lu.weight(), x), self._log_det(x.shape[: x.dim() - len(self.event_shape)])
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return self._mix(self.lu.inverse_weight(), y), -self._log_det(y.shape[:-3])
+        return self._mix(self.lu.inverse_weight(), y), -self._log_det(y.shape[: y.dim() - len(self.event_shape)])
