@@ -140,6 +140,22 @@ def test_a_14x14_condition_for_28x28_images():
     assert realnvp(cond).log_prob(x).shape == (2,)
 
 
+def test_fit_takes_a_dataset_of_image_and_condition_pairs():
+    """torchvision-style items ``(uint8 image, condition image)`` batch into condition rows; labels pack with them."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 17, (16, 1, 8, 8), dtype=torch.uint8)
+    cond = resize(images.float() / 16, (4, 4))
+    model = pf.Glow((1, 8, 8), levels=1, steps=1, hidden_channels=4, pixel_levels=17, context_shape=(1, 4, 4))
+    history = pf.fit(model, torch.utils.data.TensorDataset(images, cond), max_steps=2, batch_size=8, progress=False)
+    assert history.steps == 2 and all(math.isfinite(v) for v in history.train_loss)
+    labelled = pf.Glow(
+        (1, 8, 8), levels=1, steps=1, hidden_channels=4, pixel_levels=17, context_shape=(1, 4, 4), classes=2
+    )
+    rows = pack_context(cond, labels=torch.arange(16) % 2)
+    pf.fit(labelled, images, rows, max_steps=2, batch_size=8, validation_fraction=0.0, progress=False)
+    assert labelled((cond[:3], torch.tensor([0, 1, 0]))).log_prob(images[:3].float()).shape == (3,)
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 def test_bad_conditions_are_errors_naming_the_shapes():
     model = tiny(pf.Glow)
