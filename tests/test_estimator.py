@@ -230,7 +230,8 @@ def test_saved_file_is_plain(tmp_path, fitted):
         "kwargs": fitted.architecture_["kwargs"],  # chosen from the data
         "context": [],
     }
-    assert fitted.architecture_["kwargs"] == {"input_bound": 3.0}
+    assert fitted.architecture_["kwargs"] == {"input_bound": 3.0, "log_scale_bound": 1.5}  # MAF: an affine flow
+    assert payload["kept_start"] is fitted.kept_start_
     assert payload["features"] == 3 and payload["dtype"] == "float32" and payload["fitted_on"] == "numpy"
     assert isinstance(payload["history"]["train_loss"], list)
 

@@ -88,3 +88,24 @@ def test_batch_and_validation_split_follow_the_rows(rows, batch_size, validation
 def test_bad_table_sizes_are_refused(rows):
     with pytest.raises(ValueError, match="rows must be an integer >= 1"):
         tabular_defaults("nsf", rows, 3)
+
+
+@pytest.mark.parametrize(("rows", "decay"), [(100, 0.05), (200, 0.05), (500, 0.02), (1000, 0.01), (20000, 0.01)])
+def test_weight_decay_shrinks_with_the_rows(rows, decay):
+    assert tabular_defaults("nsf", rows, 4)["weight_decay"] == pytest.approx(decay)
+    assert tabular_defaults("nice", rows, 4)["weight_decay"] == pytest.approx(decay)
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "maf", "iaf"])
+def test_affine_flows_get_bounded_scales_and_the_strongest_decay(flow):
+    chosen = tabular_defaults(flow, 20000, 4)
+    assert chosen["log_scale_bound"] == 1.5 and chosen["weight_decay"] == 0.05
+    assert "log_scale_bound" not in tabular_defaults("nsf", 20000, 4)
+
+
+@pytest.mark.parametrize(("given", "bound"), [({}, 1.5), ({"log_scale_bound": 3.0}, 3.0)])
+def test_the_affine_bound_reaches_the_layers_unless_given(given, bound):
+    estimator = pf.DensityEstimator("realnvp", max_epochs=1, validation_fraction=0, **given)
+    estimator.fit(correlated_gaussian(40, 0), progress=False)
+    layers = [layer for layer in estimator.flow_.transforms if hasattr(layer, "transform_map")]
+    assert len(layers) == 5 and {layer.transform_map.log_scale_bound for layer in layers} == {bound}
