@@ -98,25 +98,30 @@ def digit_images() -> tuple[Tensor, Tensor]:
     return images.reshape(-1, 1, 8, 8), labels
 
 
-def upscaled_digits(size: int = 28) -> tuple[Tensor, Tensor]:
-    """scikit-learn's digits resized to ``size×size`` with 256 grey levels: a built-in stand-in for MNIST-sized images.
+def upscaled_digits(size: int = 28, levels: int = DIGITS_LEVELS) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits resized to ``size×size``: a built-in stand-in for MNIST-sized images.
 
-    Each 8×8 image of :func:`digit_images` (levels 0..16) is resized bilinearly, scaled to 0..255 and rounded:
-    ``X`` ``(1797, 1, size, size)``, whole numbers in the default float dtype (for ``pixel_levels=256``), and the
-    labels ``(1797,)``. Not MNIST: 1,797 smooth, blurred digits, so bits/dim on them are not comparable with
-    published MNIST or FashionMNIST numbers; use it where no copy of those is at hand (tests, CI).
-    Needs scikit-learn, as :func:`digits` does.
+    Each 8×8 image of :func:`digit_images` (levels 0..16) is resized bilinearly, scaled to ``0 .. levels - 1``
+    and rounded: ``X`` ``(1797, 1, size, size)``, whole numbers in the default float dtype (for
+    ``pixel_levels=levels``: the digits' own 17 grey levels by default, 256 for MNIST's range), and the labels
+    ``(1797,)``. Not MNIST: 1,797 smooth, blurred digits, so bits/dim on them are not comparable with published
+    MNIST or FashionMNIST numbers; use it where no copy of those is at hand (tests, CI). Needs scikit-learn, as
+    :func:`digits` does.
 
     Example:
         >>> images, labels = upscaled_digits()
         >>> images.shape, int(images.min()), int(images.max()), bool((images == images.round()).all())
-        (torch.Size([1797, 1, 28, 28]), 0, 255, True)
+        (torch.Size([1797, 1, 28, 28]), 0, 16, True)
+        >>> int(upscaled_digits(levels=256)[0].max())
+        255
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"upscaled_digits: size must be an integer >= 8 (the digits are 8x8), got {size!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"upscaled_digits: levels must be an integer >= 2, got {levels!r}")
     images, labels = digit_images()
     resized = torch.nn.functional.interpolate(images.double(), size=(size, size), mode="bilinear")
-    pixels = (resized * (255 / (DIGITS_LEVELS - 1))).round().clamp(0, 255)
+    pixels = (resized * ((levels - 1) / (DIGITS_LEVELS - 1))).round().clamp(0, levels - 1)
     return pixels.to(torch.get_default_dtype()), labels
 
 

@@ -120,18 +120,23 @@ def test_mnist_images_are_one_channel_integer_pixels(monkeypatch, tmp_path):
     assert torch.equal(images[:, 0], pixels.to(images.dtype)) and torch.equal(labels, targets)
 
 
-def test_upscaled_digits_are_the_digits_at_28x28_with_256_levels():
+def test_upscaled_digits_are_the_digits_at_28x28():
     images, labels = upscaled_digits()
     small, small_labels = digit_images()
     assert images.shape == (1797, 1, 28, 28) and images.dtype == torch.get_default_dtype()
     assert torch.equal(labels, small_labels)
-    assert torch.equal(images, images.round()) and images.min() == 0 and images.max() == 255
-    # bilinear resizing keeps each image's mean intensity (up to the borders and rounding), in 0..255 units
-    ratio = images.mean((1, 2, 3)) / (small.mean((1, 2, 3)) * 255 / (DIGITS_LEVELS - 1))
-    assert ((ratio - 1).abs() < 0.01).all()
+    assert torch.equal(images, images.round()) and images.min() == 0 and images.max() == DIGITS_LEVELS - 1
+    # bilinear resizing keeps each image's mean intensity (up to the borders and rounding)
+    ratio = images.mean((1, 2, 3)) / small.mean((1, 2, 3))
+    assert ((ratio - 1).abs() < 0.02).all()
+    wide, _ = upscaled_digits(levels=256)
+    assert torch.equal(wide, wide.round()) and wide.max() == 255
+    assert ((wide.mean((1, 2, 3)) / (small.mean((1, 2, 3)) * 255 / 16) - 1).abs() < 0.01).all()
     assert upscaled_digits(16)[0].shape == (1797, 1, 16, 16)
     with pytest.raises(ValueError, match="size must be an integer >= 8"):
         upscaled_digits(4)
+    with pytest.raises(ValueError, match="levels must be an integer >= 2"):
+        upscaled_digits(levels=1)
 
 
 def write_idx(path, values: torch.Tensor, compress: bool) -> None:
