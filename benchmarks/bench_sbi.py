@@ -119,6 +119,80 @@ class LinearGaussianTask:
         mean = self.posterior_covariance @ self.mixing.T @ x.double() / self.noise**2
         return torch.distributions.MultivariateNormal(mean, self.posterior_covariance)
 
+    def reference_posterior(self, x: Tensor, n: int, seed: int = 0) -> Tensor:
+        """``n`` draws of the exact posterior at ``x`` (float64), seeded."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return self.posterior(x).sample((n,))
+
+
+class TwoMoonsTask:
+    r"""The SBI benchmark's two moons (Greenberg et al. 2019; Lueckmann et al. 2021), with exact reference samples.
+
+    :math:`\theta \sim \mathcal U([-1, 1]^2)`, :math:`a \sim \mathcal U(-\pi/2, \pi/2)`,
+    :math:`r \sim \mathcal N(0.1, 0.01^2)` and :math:`x = (r\cos a + 0.25, r\sin a) + s(\theta)` with
+    :math:`s(\theta) = (-|\theta_1 + \theta_2|, \theta_2 - \theta_1) / \sqrt 2`. The likelihood is the density
+    of the ring point :math:`u = x - s(\theta)`: :math:`\mathcal N(\|u'\|; 0.1, 0.01^2) / (\pi \|u'\|)` for
+    :math:`u' = u - (0.25, 0)` with :math:`u'_1 > 0`, else 0.
+
+    Reference posterior samples by rejection (:meth:`reference_posterior`): on each side of
+    :math:`\theta_1 + \theta_2 = 0`, :math:`s` is linear and orthogonal (:math:`|\det| = 1`), so
+    :math:`\theta = s^{-1}(x - \text{ring})` with a simulated ring point and a fair choice of the side has density
+    :math:`\tfrac12 p(x \mid \theta)`; proposals outside the prior's box are rejected. The draws are exact.
+    """
+
+    def __init__(self) -> None:
+        import pyro.distributions as dist
+
+        self.dim = 2
+        self.prior = dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
+
+    @staticmethod
+    def shift(theta: Tensor) -> Tensor:
+        r""":math:`s(\theta)`, shape ``(..., 2)``."""
+        t1, t2 = theta[..., 0], theta[..., 1]
+        return torch.stack([-(t1 + t2).abs(), t2 - t1], dim=-1) / math.sqrt(2)
+
+    @staticmethod
+    def ring(n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        r"""``n`` draws of :math:`(r\cos a + 0.25, r\sin a)`, shape ``(n, 2)``."""
+        a = (torch.rand(n, generator=generator, dtype=dtype) - 0.5) * math.pi
+        r = 0.1 + 0.01 * torch.randn(n, generator=generator, dtype=dtype)
+        return torch.stack([r * a.cos() + 0.25, r * a.sin()], dim=-1)
+
+    def simulate(self, theta: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``x`` of shape ``(n, 2)`` for ``theta`` of shape ``(n, 2)``."""
+        return self.ring(theta.shape[0], generator, theta.dtype) + self.shift(theta)
+
+    def simulations(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``n`` pairs (θ, x) from the prior and the simulator, float32, seeded."""
+        generator = torch.Generator().manual_seed(seed)
+        theta = torch.rand(n, 2, generator=generator) * 2 - 1
+        return theta, self.simulate(theta, generator)
+
+    def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
+        r""":math:`\log p(x \mid \theta)` (:math:`-\infty` off the half plane), shape the broadcast batch."""
+        u = x - self.shift(theta) - torch.tensor([0.25, 0.0], dtype=theta.dtype)
+        radius = u.norm(dim=-1)
+        log_p = torch.distributions.Normal(0.1, 0.01).log_prob(radius) - math.log(math.pi) - radius.log()
+        return torch.where(u[..., 0] > 0, log_p, -torch.inf)
+
+    def reference_posterior(self, x: Tensor, n: int, seed: int = 0) -> Tensor:
+        r"""``n`` exact draws of :math:`p(\theta \mid x)` for one ``x`` ``(2,)`` by rejection (class docstring)."""
+        generator = torch.Generator().manual_seed(seed)
+        accepted: list[Tensor] = []
+        count = 0
+        while count < n:
+            shift = x.double() - self.ring(4 * n, generator, torch.float64)  # s(θ) of each proposal
+            side = torch.randint(0, 2, (4 * n,), generator=generator, dtype=torch.float64) * 2 - 1
+            total = -math.sqrt(2) * shift[:, 0] * side  # θ1 + θ2: |θ1 + θ2| = -√2 s1, its sign the side
+            difference = math.sqrt(2) * shift[:, 1]  # θ2 - θ1
+            theta = torch.stack([total - difference, total + difference], dim=-1) / 2
+            keep = (shift[:, 0] <= 0) & (theta.abs() <= 1).all(-1)
+            accepted.append(theta[keep])
+            count += int(keep.sum())
+        return torch.cat(accepted)[:n].float()
+
 
 # -- the libraries -------------------------------------------------------------------------------------
 
@@ -208,15 +282,123 @@ def train_sbi(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tensor, cfg
 TRAIN = {"pyro_flows": train_pyro_flows, "sbi": train_sbi}
 
 
-def c2st_to_truth(trained: Trained, task: LinearGaussianTask, observations: Tensor, samples: int, seed: int) -> float:
-    """Mean C2ST accuracy between the estimator's and the analytic posterior's samples over ``observations``."""
+# -- flow-matching NPE on two moons, each library with its own defaults ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoonsConfig:
+    """Flow-matching NPE on two moons: simulations, scoring, and (None: the library's default) an epoch cap."""
+
+    simulations: int = 10_000
+    observations: int = 5
+    samples: int = 1000
+    max_epochs: Optional[int] = None
+
+
+MOONS_QUICK = MoonsConfig(simulations=500, observations=1, samples=200, max_epochs=2)
+
+
+def train_pyro_flows_fmpe(task: TwoMoonsTask, theta: Tensor, x: Tensor, cfg: MoonsConfig, seed: int) -> Trained:
+    """``pf.infer.NPE(prior, flow="cnf")`` with every default (network, flow matching, training options)."""
+    import pyro_flows as pf
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    npe = pf.infer.NPE(task.prior, flow="cnf").append_simulations(theta, x)
+    epochs = {} if cfg.max_epochs is None else {"max_epochs": cfg.max_epochs}
+    npe.train(seed=seed, progress=False, **epochs)
+    seconds = time.perf_counter() - start
+
+    def sample(x_obs: Tensor, n: int) -> Tensor:
+        with torch.no_grad():
+            return npe.posterior(x_obs).sample((n,))
+
+    assert npe.history is not None and npe.estimator is not None
+    params = sum(p.numel() for p in npe.estimator.parameters())
+    return Trained(sample, seconds, len(npe.history.train_loss), params)
+
+
+def train_sbi_fmpe(task: TwoMoonsTask, theta: Tensor, x: Tensor, cfg: MoonsConfig, seed: int) -> Trained:
+    """sbi's flow-matching posterior estimation (``sbi.inference.FMPE``) with its defaults."""
+    from sbi.inference import FMPE
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    inference = FMPE(prior=task.prior, show_progress_bars=False)
+    epochs = {} if cfg.max_epochs is None else {"max_num_epochs": cfg.max_epochs - 1}
+    with contextlib.redirect_stdout(io.StringIO()):
+        estimator = inference.append_simulations(theta, x).train(**epochs)
+    seconds = time.perf_counter() - start
+    posterior = inference.build_posterior(estimator)
+
+    def sample(x_obs: Tensor, n: int) -> Tensor:
+        return posterior.sample((n,), x=x_obs, show_progress_bars=False)
+
+    epochs_run = inference._summary["epochs_trained"][-1]
+    return Trained(sample, seconds, epochs_run, sum(p.numel() for p in estimator.parameters()))
+
+
+TRAIN_FMPE = {"pyro_flows": train_pyro_flows_fmpe, "sbi": train_sbi_fmpe}
+
+
+def run_moons(
+    libs: Sequence[str] = LIBS,
+    threads: int = 1,
+    repeats: int = 1,
+    cfg: MoonsConfig = MoonsConfig(),
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Flow-matching NPE (each library's defaults) on two moons: C2ST against exact reference draws, averaged over
+    ``cfg.observations`` prior-predictive observations (seed 1); every library of LIBS gets a row (flow "cnf")."""
+    task = TwoMoonsTask()
+    observations = task.simulations(cfg.observations, seed=1)[1]
+    results = {lib: Result("cnf", lib) for lib in LIBS}
+    for lib, result in results.items():
+        result.error = "not run" if lib not in libs else available(lib)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for repeat in range(repeats):
+                theta, x = task.simulations(cfg.simulations, seed=repeat)
+                for lib, result in results.items():
+                    if result.error is not None:
+                        continue
+                    try:
+                        trained = TRAIN_FMPE[lib](task, theta, x, cfg, repeat)
+                        scores = [
+                            c2st_to_truth(trained, task, observations[i : i + 1], cfg.samples, 100 * repeat + i)
+                            for i in range(len(observations))
+                        ]
+                    except Exception as error:  # noqa: BLE001 - a library's failure is reported, not raised
+                        result.error = f"{type(error).__name__}: {error}"
+                        log(f"repeat {repeat} {lib:10s} failed: {result.error}")
+                        continue
+                    result.seconds.append(trained.seconds)
+                    result.epochs.append(trained.epochs)
+                    result.c2st.append(statistics.fmean(scores))
+                    result.params = trained.params
+                    log(
+                        f"repeat {repeat} cnf {lib:10s} {trained.seconds:6.1f} s, {trained.epochs:3d} epochs, "
+                        f"C2ST per observation {[round(v, 3) for v in scores]}, mean {result.c2st[-1]:.3f}"
+                    )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return list(results.values())
+
+
+def c2st_to_truth(
+    trained: Trained, task: LinearGaussianTask | TwoMoonsTask, observations: Tensor, samples: int, seed: int
+) -> float:
+    """Mean C2ST accuracy between the estimator's and the exact posterior's samples over ``observations``."""
     import pyro_flows as pf
 
     scores = []
     for i, x_obs in enumerate(observations):
         torch.manual_seed(seed + i)
         estimated = trained.sample(x_obs, samples).double()
-        exact = task.posterior(x_obs).sample((samples,))
+        exact = task.reference_posterior(x_obs, samples, seed + i).double()
         scores.append(float(pf.diagnostics.c2st(estimated, exact)))
     return statistics.fmean(scores)
 
@@ -350,6 +532,12 @@ def table(results: Sequence[Result]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--task",
+        choices=("linear_gaussian", "two_moons"),
+        default="linear_gaussian",
+        help="linear_gaussian: MAF/NSF against sbi; two_moons: flow-matching NPE (flow='cnf'), each library's defaults",
+    )
     parser.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS), help="flows to compare")
     parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS), help="libraries to run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -361,6 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples", type=int, help=f"posterior samples per C2ST (default {Config.samples})")
     parser.add_argument("--quick", action="store_true", help="tiny budget (seconds; for the test)")
     args = parser.parse_args(argv)
+    if args.task == "two_moons":
+        return main_moons(args)
     overrides = {
         name: getattr(args, name)
         for name in ("simulations", "max_epochs", "patience", "observations", "samples")
@@ -379,6 +569,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flush=True,
     )
     results = run(args.flows, args.libs, args.threads, repeats, cfg, warmup=not args.quick)
+    print()
+    print(table(results))
+    return 0
+
+
+def main_moons(args: argparse.Namespace) -> int:
+    """``--task two_moons``: flow-matching NPE with the libraries' defaults, C2ST against exact draws."""
+    overrides = {
+        name: getattr(args, name)
+        for name in ("simulations", "max_epochs", "observations", "samples")
+        if getattr(args, name) is not None
+    }
+    cfg = replace(MOONS_QUICK if args.quick else MoonsConfig(), **overrides)
+    repeats = args.repeats or 1
+    epochs = "the library's default epochs" if cfg.max_epochs is None else f"<= {cfg.max_epochs} epochs"
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); two moons, {cfg.simulations} simulations; "
+        f"flow-matching NPE with each library's defaults ({epochs}); C2ST on {cfg.samples} samples x "
+        f"{cfg.observations} observation(s) against exact draws; {repeats} repeat(s)",
+        flush=True,
+    )
+    results = run_moons(args.libs, args.threads, repeats, cfg)
     print()
     print(table(results))
     return 0

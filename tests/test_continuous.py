@@ -19,7 +19,7 @@ import pyro_flows as pf
 from pyro_flows import transforms as T
 from pyro_flows.data import two_moons
 from pyro_flows.demo import gaussian_log_density
-from pyro_flows.nn import VectorField
+from pyro_flows.nn import ResidualVectorField, VectorField
 from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence, record_regularization
 
 F64 = torch.float64
@@ -143,9 +143,10 @@ def test_fresh_layer_is_the_identity():
     assert torch.equal(ladj, torch.zeros(5))
 
 
-@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-def test_round_trip(trace):
-    layer = perturbed_layer(trace=trace, **TIGHT)
+@pytest.mark.parametrize("trace, field", [("exact", "concatsquash"), ("hutchinson", "concatsquash"),
+                                          ("exact", "residual")])  # fmt: skip
+def test_round_trip(trace, field):
+    layer = perturbed_layer(trace=trace, field=field, **TIGHT)
     x = 2 * randn(8, 3, seed=6)
     y, ladj = layer.call_and_ladj(x)
     assert (y - x).abs().max() > 0.1
@@ -202,6 +203,29 @@ def test_bad_arguments_raise():
         T.ContinuousFlow(2, trace="hutchinson", probe="uniform")
     with pytest.raises(ValueError, match="time span"):
         T.ContinuousFlow(2, t0=1.0, t1=1.0)
+    with pytest.raises(ValueError, match=r"unknown field 'unet'; known: \['concatsquash', 'residual'\]"):
+        T.ContinuousFlow(2, field="unet")
+    with pytest.raises(ValueError, match="one common width"):
+        ResidualVectorField(2, hidden=(16, 8))
+    with pytest.raises(ValueError, match="time_features must be an even integer >= 4"):
+        ResidualVectorField(2, time_features=5)
+
+
+def test_residual_vector_field_is_its_formula():
+    """h0 = W0 (z, s), h_l = h_(l-1) + B_l σ(A_l σ(h_(l-1)) + V_l s), f = W_out σ(h_L), s = (e(t), c) with
+    e(t) = (cos ω t, sin ω t), ω = 32π, 16π, ..., π (6 of them for 12 features); a fresh field is zero."""
+    assert torch.equal(ResidualVectorField(2, (8, 8), 3)(torch.randn(4, 2), 0.5, torch.randn(4, 3)), torch.zeros(4, 2))
+    field = perturb(ResidualVectorField(2, hidden=(8, 8), context_features=3).double(), seed=0)
+    z, c, t = randn(5, 2), randn(5, 3, seed=1), torch.rand(5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    omega = math.pi * 2.0 ** torch.arange(5, -1, -1, dtype=F64)
+    angles = t.unsqueeze(-1) * omega
+    s = torch.cat([angles.cos(), angles.sin(), c], -1)
+    silu = nn.functional.silu
+    h = field.input(torch.cat([z, s], -1))
+    for inner, lateral, outer in zip(field.inner, field.side, field.outer, strict=True):
+        h = h + outer(silu(inner(silu(h)) + lateral(s)))
+    torch.testing.assert_close(field(z, t, c), field.output(silu(h)), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(field(z, t[0], c), field(z, t[0].expand(5), c), atol=1e-12, rtol=0)  # one time
 
 
 # -- factories and objectives --------------------------------------------------------------------------------------

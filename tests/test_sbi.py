@@ -385,3 +385,48 @@ def test_npe_with_no_simulations_says_so():
     with pytest.raises(ValueError, match="no simulations"):  # a later round too: not appended silently
         npe.append_simulations(theta, x)
     assert len(npe.rounds) == 1
+
+
+def test_cnf_npe_defaults_are_the_measured_ones_and_a_tiny_budget_trains():
+    """NPE(flow="cnf") with every default (a residual field of 2 x 128, FlowMatching(time_exponent=2), a fixed
+    cosine-annealed epoch budget on all simulations) trains on 200 simulations for 2 epochs and samples inside
+    the support; the options chosen for two moons are those of NPE's class attributes."""
+    from pyro_flows.infer.sbi import PosteriorFlowMatching
+
+    theta, x = simulate(linear_gaussian, PRIOR, 200, seed=0, progress=False)
+    torch.manual_seed(0)
+    npe = NPE(PRIOR, "cnf").append_simulations(theta, x).train(max_epochs=2, seed=0, progress=False)
+    (layer,) = npe.estimator.flow.transforms
+    assert isinstance(layer.vector_field, pf.nn.ResidualVectorField) and len(layer.vector_field.inner) == 2
+    assert layer.vector_field.input.out_features == 128
+    assert len(npe.history.train_loss) == 2 and npe.history.validation_loss == []  # all simulations train
+    assert npe.history.steps == 2  # one batch of 512 per epoch
+    samples = npe.posterior(X_OBS).sample((50,))
+    assert samples.shape == (50, 2) and bool(torch.isfinite(samples).all())
+    assert npe.default_flow_matching().time_exponent == 2.0
+    assert NPE.cnf_fit_options.schedule == "cosine" and NPE.cnf_fit_options.patience is None
+    small = NPE(PRIOR, "cnf", hidden=(16, 16), field="concatsquash").append_simulations(theta, x)
+    assert isinstance(small.estimator.flow.transforms[0].vector_field, pf.nn.VectorField)
+    objective = pf.FlowMatching(coupling="sinkhorn")
+    assert PosteriorFlowMatching(objective).flow_matching is objective
+    with pytest.raises(ValueError, match="not both"):
+        PosteriorFlowMatching(objective, sigma_min=0.1)
+    with pytest.raises(TypeError, match="flow_matching must be a pf.FlowMatching"):
+        NPE(PRIOR, "cnf", flow_matching={"time_exponent": 2})
+
+
+def test_npe_trains_a_continuous_flow_with_the_flow_matching_it_is_given(monkeypatch):
+    from pyro_flows.infer import sbi
+
+    seen = []
+    original = sbi.PosteriorFlowMatching.__call__
+
+    def spy(self, model, theta, x):
+        seen.append(self.flow_matching)
+        return original(self, model, theta, x)
+
+    monkeypatch.setattr(sbi.PosteriorFlowMatching, "__call__", spy)
+    theta, x = simulate(linear_gaussian, PRIOR, 64, seed=0, progress=False)
+    objective = pf.FlowMatching(sigma_min=0.01)
+    NPE(PRIOR, "cnf", hidden=(8,), flow_matching=objective).append_simulations(theta, x).train(max_epochs=1, **FAST)
+    assert seen and all(o is objective for o in seen)

@@ -31,6 +31,7 @@ from ..utils import PathLike, check_finite_rows, seeded_rng
 from .simulation import check_prior
 
 FlowBuilder = Callable[[int, int], Flow]
+CONTINUOUS_FLOWS = ("cnf", "ffjord")
 
 
 # --------------------------------------------------------------------------- checks
@@ -211,11 +212,14 @@ class PosteriorFlowMatching:
     on the standardised unconstrained θ with the embedded x as context (the embedding gets gradients too).
 
     ``objective(model, theta, x)`` with ``model`` a :class:`PosteriorEstimator` whose flow is one
-    :class:`~pyro_flows.transforms.ContinuousFlow`.
+    :class:`~pyro_flows.transforms.ContinuousFlow`. ``flow_matching``: the objective (a
+    :class:`~pyro_flows.FlowMatching`); or its keyword arguments.
     """
 
-    def __init__(self, **flow_matching_kwargs) -> None:
-        self.flow_matching = FlowMatching(**flow_matching_kwargs)
+    def __init__(self, flow_matching: Optional[FlowMatching] = None, **flow_matching_kwargs) -> None:
+        if flow_matching is not None and flow_matching_kwargs:
+            raise ValueError("PosteriorFlowMatching: pass a FlowMatching or its keyword arguments, not both")
+        self.flow_matching = FlowMatching(**flow_matching_kwargs) if flow_matching is None else flow_matching
 
     def __call__(self, model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
         estimator = cast(PosteriorEstimator, getattr(model, "module", model))
@@ -254,9 +258,12 @@ class NPE:
 
     ``flow="cnf"`` builds a conditional :func:`~pyro_flows.CNF` trained by flow matching
     (:class:`PosteriorFlowMatching`, Lipman et al. 2023; "FMPE", Dax et al. 2023); its
-    ``log_prob`` and samples come from the ODE. Any flow that is one ContinuousFlow on a
-    standard normal (e.g. from a callable) trains this way. Sequential rounds need the cheap
-    atom log-probs of APT, so continuous flows accept only prior simulations (a ValueError otherwise).
+    ``log_prob`` and samples come from the ODE. Its network (:attr:`cnf_defaults`), objective
+    (:meth:`default_flow_matching`) and training (:attr:`cnf_fit_options`) defaults were chosen by measurement:
+    on two moons with 10⁴ simulations the posterior reaches a C2ST of 0.6 (benchmarks/README.md). Any flow
+    that is one ContinuousFlow on a standard normal (e.g. from a callable) trains this way. Sequential rounds
+    need the cheap atom log-probs of APT, so continuous flows accept only prior simulations (a ValueError
+    otherwise).
 
     Args:
         prior: :math:`p(\theta)`, batch shape ``()`` and event shape ``(D,)``.
@@ -265,8 +272,11 @@ class NPE:
             space).
         embedding: ``nn.Module`` mapping standardised ``x (B, *x_shape)`` to ``(B, C)``, trained
             jointly; default ``nn.Flatten()``.
-        transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``, ``"ffjord"``).
+        transforms, hidden: the flow's layers and hidden widths (``transforms`` unused by ``"cnf"``, ``"ffjord"``);
+            ``hidden=None``: (64, 64), or :attr:`cnf_defaults` for the continuous flows.
         num_atoms: atoms of the APT loss.
+        flow_matching: the :class:`~pyro_flows.FlowMatching` objective of a continuous flow (default
+            :meth:`default_flow_matching`; e.g. ``pf.FlowMatching(time_exponent=2, sigma_min=1e-3)``).
         flow_kwargs: more arguments of the flow factory (e.g. ``bins``, ``mixing``).
 
     Attributes:
@@ -293,22 +303,42 @@ class NPE:
     ``stop_after_epochs=20``), so results compare with the reference library. Simulations are few and
     costly, so training runs until the validation loss stops improving: 1000 epochs is only a cap."""
 
+    cnf_fit_options: ClassVar[FitOptions] = FitOptions().replace(
+        max_epochs=300, batch_size=512, lr=2e-3, schedule="cosine", validation_fraction=0.0, patience=None
+    )
+    """The defaults of :meth:`train` for a continuous flow (flow matching), chosen by measurement on two moons with
+    10⁴ simulations (``benchmarks/bench_sbi.py --task two_moons``, benchmarks/README.md): a fixed number of epochs
+    with a cosine-annealed learning rate on all simulations. Early stopping does not suit flow matching: its loss is
+    a regression on random times and base draws, whose noise hides the late improvements (with :attr:`fit_options`,
+    training stopped after about 110 epochs at a C2ST of 0.91)."""
+
+    cnf_defaults: ClassVar[dict[str, Any]] = {"hidden": (128, 128), "field": "residual"}
+    """The network of ``flow="cnf"`` / ``"ffjord"`` unless ``hidden`` or ``field`` are given: a
+    :class:`~pyro_flows.nn.ResidualVectorField` (the time's embedding and the context in every block) of two blocks
+    of 128 units (measured: C2ST 0.76 against 0.82 for FFJORD's concat-squash (128, 128, 128) at equal epochs)."""
+
     def __init__(
         self,
         prior: Distribution,
         flow: Union[str, FlowBuilder] = "nsf",
         embedding: Optional[nn.Module] = None,
         transforms: int = 5,
-        hidden: Sequence[int] = (64, 64),
+        hidden: Optional[Sequence[int]] = None,
         num_atoms: int = 10,
+        *,
+        flow_matching: Optional[FlowMatching] = None,
         **flow_kwargs,
     ) -> None:
         check_prior(prior, "NPE")
+        if flow_matching is not None and not isinstance(flow_matching, FlowMatching):
+            raise TypeError(f"NPE: flow_matching must be a pf.FlowMatching, got {type(flow_matching).__name__}")
+        self.flow_matching = flow_matching
         if not callable(flow):
             check_flow_name(flow, "NPE", or_callable=True)
         if embedding is not None and not isinstance(embedding, nn.Module):
             raise TypeError(f"NPE: the embedding must be an nn.Module, got {type(embedding).__name__}")
-        self.prior, self.flow, self.transforms, self.hidden = prior, flow, transforms, tuple(hidden)
+        self.prior, self.flow, self.transforms = prior, flow, transforms
+        self.hidden = None if hidden is None else tuple(hidden)
         self.embedding = embedding if embedding is not None else nn.Flatten()
         self.flow_kwargs = flow_kwargs
         self.loss = AtomicProposalLoss(prior, num_atoms)
@@ -334,9 +364,9 @@ class NPE:
                     f"got {type(flow).__name__} with context_features={getattr(flow, 'context_features', None)}"
                 )
             return flow
-        return build_flow(
-            self.flow, features, context, transforms=self.transforms, hidden=self.hidden, **self.flow_kwargs
-        )
+        defaults = self.cnf_defaults if self.flow in CONTINUOUS_FLOWS else {"hidden": (64, 64)}
+        kwargs = {**defaults, **self.flow_kwargs, **({} if self.hidden is None else {"hidden": self.hidden})}
+        return build_flow(self.flow, features, context, transforms=self.transforms, **kwargs)
 
     def _build_estimator(self, theta: Tensor, x: Tensor) -> PosteriorEstimator:
         if theta.shape[0] < 2:
@@ -357,6 +387,12 @@ class NPE:
             )
         flow = self._build_flow(u.shape[-1], context.shape[-1]).to(theta.dtype)
         return PosteriorEstimator(flow, self.embedding, x_loc, x_scale, standardize, self.bijection)
+
+    def default_flow_matching(self) -> FlowMatching:
+        """The objective of a continuous flow when ``flow_matching`` is not given: straight paths, independent
+        coupling, times drawn with density :math:`3t^2` (``time_exponent=2``: a posterior is narrow, so its field is
+        steep near the data end; measured on two moons: C2ST 0.63 against 0.76 with uniform times)."""
+        return FlowMatching(time_exponent=2.0)
 
     @property
     def continuous(self) -> bool:
@@ -439,9 +475,9 @@ class NPE:
         """
         if validation_data is not None:
             options.setdefault("validation_fraction", 0.0)
-        fit_options = self.fit_options.replace(**options)
         if self.estimator is None:
             raise ValueError("NPE.train: no simulations yet; call append_simulations(theta, x) first")
+        fit_options = (self.cnf_fit_options if self.continuous else self.fit_options).replace(**options)
         if proposal is not None:
             if not isinstance(proposal, Distribution):
                 raise TypeError(
@@ -458,7 +494,7 @@ class NPE:
         x = torch.cat([r[1] for r in self.rounds])
         objective: Optional[Callable[..., Tensor]]  # (estimator, theta, x) -> loss
         if self.continuous:
-            objective = PosteriorFlowMatching()
+            objective = PosteriorFlowMatching(self.flow_matching or self.default_flow_matching())
         elif any(r[2] for r in self.rounds):
             objective = self.loss
         else:
@@ -512,7 +548,7 @@ class NPE:
             {
                 "flow": self.flow if isinstance(self.flow, str) else None,
                 "transforms": self.transforms,
-                "hidden": list(self.hidden),
+                "hidden": None if self.hidden is None else list(self.hidden),
                 "num_atoms": self.loss.num_atoms,
                 "flow_kwargs": dict(self.flow_kwargs),
                 "features": self.estimator.theta_standardize.loc.shape[0],

@@ -21,12 +21,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn import VectorField
+from ..nn import ResidualVectorField, VectorField
 from .base import Conditional, FlowTransform, broadcast_context
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 REGULARIZERS = ("kinetic", "jacobian")
+FIELDS: dict[str, type[nn.Module]] = {"concatsquash": VectorField, "residual": ResidualVectorField}
+"""The default vector fields by name (``ContinuousFlow(field=...)``)."""
 FIXED_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 """``torchdiffeq``'s fixed-grid methods: the ones ``steps=`` takes (Euler: 1 evaluation a step; midpoint, Heun: 2;
 Heun3: 3; RK4: 4)."""
@@ -192,7 +194,10 @@ class ContinuousFlow(FlowTransform):
     Args:
         features: :math:`D`.
         vector_field: an ``nn.Module`` called as ``f(z, t, context)`` (``z`` ``(N, D)``, ``t`` a scalar
-            tensor); default a :class:`~pyro_flows.nn.VectorField` (zero output: a fresh layer is the identity).
+            tensor); default the network ``field`` names (zero output: a fresh layer is the identity).
+        field: the default network: ``"concatsquash"`` (:class:`~pyro_flows.nn.VectorField`, FFJORD's) or
+            ``"residual"`` (:class:`~pyro_flows.nn.ResidualVectorField`: residual blocks that all see the time's
+            sinusoidal embedding and the context; the better field for conditional flow matching, e.g. NPE).
         hidden, activation: of the default vector field.
         context_features: context size (conditional twin only).
         trace: ``"exact"`` or ``"hutchinson"``.
@@ -242,6 +247,7 @@ class ContinuousFlow(FlowTransform):
         adjoint: bool = False,
         steps: Optional[int] = None,
         null_context: bool = False,
+        field: str = "concatsquash",
     ) -> None:
         super().__init__((features,), context_features)
         name = type(self).__name__
@@ -251,8 +257,10 @@ class ContinuousFlow(FlowTransform):
             )
         if float(t0) == float(t1):
             raise ValueError(f"{name}: the time span is empty (t0 = t1 = {t0})")
+        if field not in FIELDS:
+            raise ValueError(f"{name}: unknown field {field!r}; known: {list(FIELDS)}")
         self.vector_field = (
-            VectorField(features, hidden, context_features, activation) if vector_field is None else vector_field
+            FIELDS[field](features, hidden, context_features, activation) if vector_field is None else vector_field
         )
         self.trace, self.probe = trace, probe
         self.t0, self.t1 = float(t0), float(t1)
