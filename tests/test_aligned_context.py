@@ -173,7 +173,7 @@ def test_bad_conditions_are_errors_naming_the_shapes():
         pf.Glow(SHAPE, levels=2, context_shape=COND, classes=3, context=2)
     with pytest.raises(ValueError, match="context_features=3 counts the flattened context_shape"):
         T.ConditionalAffineCoupling(SHAPE, context_shape=COND, context_features=3)
-    with pytest.raises(ValueError, match="for image couplings"):
+    with pytest.raises(ValueError, match="for image and signal couplings, not vectors"):
         T.ConditionalAffineCoupling(4, context_shape=COND)
 
 

@@ -25,6 +25,10 @@ from ..transforms.cache import same_state, state_key
 EMBEDDING_FEATURES = 16
 """The default size of a class-conditional flow's label embedding (``embedding_features=``)."""
 
+Context = Union[Tensor, tuple[Tensor, ...]]
+"""What a flow is called with: a tensor, or a tuple of tensors for an embedding that takes one (a condition image
+with its labels: :class:`~pyro_flows.nn.AlignedContext`)."""
+
 
 def check_vector_features(name: str, features: int) -> int:
     """``features`` as an int if it is an integer >= 1 (the dimension of a vector flow), else a ValueError.
@@ -274,10 +278,10 @@ class Flow(nn.Module):
         if not self.context_features and any(isinstance(t, T.Conditional) for t in self.transforms):
             raise ValueError("Flow: a layer is conditional but context_features is 0")
 
-    def forward(self, context: Optional[Tensor] = None) -> FlowDistribution:
+    def forward(self, context: Optional[Context] = None) -> FlowDistribution:
         return FlowDistribution(*self.base_and_transforms(context))
 
-    def embed(self, context: Optional[Tensor] = None) -> Optional[Tensor]:
+    def embed(self, context: Optional[Context] = None) -> Optional[Tensor]:
         """The context the layers see: ``context`` checked and passed through the ``embedding`` (if any).
 
         Shape ``(..., context_features)``; ``None`` for an unconditional flow (called with no context).
@@ -294,19 +298,20 @@ class Flow(nn.Module):
             expected = getattr(self.embedding, "expected_context", f"a context of shape (..., {self.context_features})")
             raise ValueError(f"{name} is conditional: call it with {expected}")
         # an embedding may take a tuple of tensors (an aligned condition image with its labels: nn.AlignedContext)
-        parts = context if isinstance(context, tuple) and self.embedding is not None else (context,)
+        parts: tuple = context if isinstance(context, tuple) and self.embedding is not None else (context,)
         if self.embedding is None:
-            check_shape(name, context, (self.context_features,), "context")
+            check_shape(name, parts[0], (self.context_features,), "context")
         elif not all(isinstance(part, Tensor) for part in parts):
             raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
         if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise ValueError(f"{name}: the context has NaN or inf entries")
-        if self.embedding is not None:
-            context = self.embedding(context)
-            check_shape(name, context, (self.context_features,), "embedded context")
-        return context
+        if self.embedding is None:
+            return parts[0]
+        embedded = self.embedding(context)
+        check_shape(name, embedded, (self.context_features,), "embedded context")
+        return embedded
 
-    def base_and_transforms(self, context: Optional[Tensor] = None) -> tuple[Distribution, list[Transform]]:
+    def base_and_transforms(self, context: Optional[Context] = None) -> tuple[Distribution, list[Transform]]:
         """The base distribution (batch shape that of the context) and the layers conditioned on ``context``
         (embedded by :meth:`embed`): what ``forward`` passes to :class:`FlowDistribution`, for a caller that
         adds layers of its own."""
