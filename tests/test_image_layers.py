@@ -179,8 +179,8 @@ def test_image_coupling_rejects_a_bad_mask():
         T.AffineCoupling(SHAPE, mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="True entry"):
         T.AffineCoupling(SHAPE, mask=torch.zeros(SHAPE, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"features must be D or an image shape"):
-        T.AffineCoupling((4, 4))
+    with pytest.raises(ValueError, match=r"features must be D, a signal shape \(C, L\) or an image shape"):
+        T.AffineCoupling((1, 2, 4, 4))
 
 
 # -- ActNorm ----------------------------------------------------------------------------------------------------------
