@@ -70,26 +70,44 @@ class _StartingModel:
 
     def __init__(self, model: Flow, objective: Any, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
         self.state = _copy_state(model)
-        self.validation = validation
         self.loss = _mean_objective(model, objective, validation)
 
-    def keep_if_better(self, model: Flow, history: FitHistory, name: str) -> bool:
-        """Restore the starting weights and warn when no epoch's validation loss is below the starting model's;
-        whether it did."""
-        finite = [loss for loss in history.validation_loss if math.isfinite(loss)]
-        best = min(finite, default=math.inf)
+    def keep_if_better(self, model: Flow, history: FitHistory) -> tuple[bool, float]:
+        """Restore the starting weights when no epoch's validation loss is below the starting model's; whether it
+        did, and the validation loss of the weights ``model`` ends with."""
+        best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
         if best < self.loss:
-            return False
+            return False, best
         model.load_state_dict(self.state)
-        rows = len(self.validation[0] if isinstance(self.validation, tuple) else self.validation)
+        return True, self.loss
+
+
+@dataclasses.dataclass
+class _Fitted:
+    """One trained flow of :meth:`DensityEstimator.fit`: its weights' validation loss (inf without validation
+    rows) and whether no epoch beat the starting flow."""
+
+    model: Flow
+    history: FitHistory
+    whiten: bool
+    validation_loss: float = math.inf
+    kept_start: bool = False
+    starting_loss: float = math.inf
+    rows: int = 0
+
+    def warn_if_kept(self) -> None:
+        if not self.kept_start:
+            return
+        name = "the fitted Gaussian" if self.whiten else "the starting flow (a diagonal Gaussian)"
+        best = min((loss for loss in self.history.validation_loss if math.isfinite(loss)), default=math.inf)
         warnings.warn(
-            f"DensityEstimator.fit: no epoch of training beat {name} on the {rows} validation rows (validation "
-            f"loss {self.loss:.4f} before training, {best:.4f} at best after {len(history.validation_loss)} "
-            f"epochs); the estimator keeps {name}. More rows, a larger validation_fraction or a smaller flow may help",
+            f"DensityEstimator.fit: no epoch of training beat {name} on the {self.rows} validation rows (validation "
+            f"loss {self.starting_loss:.4f} before training, {best:.4f} at best after "
+            f"{len(self.history.validation_loss)} epochs); the estimator keeps {name}. More rows, a larger "
+            "validation_fraction or a smaller flow may help",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return True
 
 
 @torch.no_grad()
@@ -169,9 +187,11 @@ class DensityEstimator:
         seed: fixes the initialisation and the training run (None: one draw from torch's global generator).
         dtype: floating dtype of the model (``"float32"``, ``"float64"`` or a torch dtype).
         min_scale: relative floor of the standardisation's standard deviations (relative to the largest).
-        whiten: put a fixed full-covariance whitening layer under the flow, so that a fresh flow is the fitted
-            Gaussian (:class:`~pyro_flows.transforms.preprocessing.Whiten`); False: the columns are only
-            standardised (better on 64-D dequantised digits: 2.33 against 2.78 bits/dim after 30 epochs).
+        whiten: True puts a fixed full-covariance whitening layer under the flow, so that a fresh flow is the
+            fitted Gaussian (:class:`~pyro_flows.transforms.preprocessing.Whiten`); False: the columns are only
+            standardised (better on 64-D dequantised digits: 2.33 against 2.78 bits/dim after 30 epochs; a
+            fresh flow is a diagonal Gaussian; on wine, NSF -16.5 against -18.3 whitened, see
+            ``benchmarks/README.md``).
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...); only JSON-like
             values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
@@ -187,6 +207,7 @@ class DensityEstimator:
         history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
         kept_start\_: True when no epoch of training beat the flow as it was built (with ``whiten=True``, the
             fitted full-covariance Gaussian) on the validation rows, so that ``fit`` kept it (and warned).
+        whiten\_: whether the fitted flow has the whitening layer.
 
     Example:
         >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
@@ -211,6 +232,7 @@ class DensityEstimator:
     architecture_: dict[str, Any]
     feature_names_in_: list[str]
     kept_start_: bool
+    whiten_: bool
 
     fit_options: ClassVar[FitOptions] = FitOptions().replace(
         max_epochs=200, validation_fraction=0.1, patience=20, seed=0
@@ -344,12 +366,16 @@ class DensityEstimator:
         columns of ``X``), ``objective`` and ``resume`` go to :func:`pyro_flows.fit` as they are. A
         ``validation_fraction`` of the rows is held out for early stopping with ``patience`` epochs (the best
         weights are kept). The standardisation uses the mean and standard deviation of all rows of ``X``
-        (validation rows included). ``feature_names`` (e.g. a CSV header; a DataFrame's column names are taken
+        (validation rows included); the whitening layer and NICE's ActNorm only the training rows (a Gaussian
+        fitted to the validation rows too would look better on them than it is, and win early stopping).
+        ``feature_names`` (e.g. a CSV header; a DataFrame's column names are taken
         by themselves) are kept as ``feature_names_in_`` and saved. ``y`` is ignored (scikit-learn's
         ``fit(X, y=None)``). A failed ``fit`` leaves the estimator as it was.
         """
         flow_name = check_flow_name(self.flow, "DensityEstimator")
         dtype = self.torch_dtype
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"DensityEstimator: whiten must be True or False, got {self.whiten!r}")
         names = _column_names(X, feature_names)
         data = self._check_rows(X, "fit")
         if names is not None and len(names) != data.shape[1]:
@@ -370,18 +396,6 @@ class DensityEstimator:
         _warn_coarse_columns(data, centred, dtype)
         architecture = self._architecture(defaults)
         seed = draw_seed() if fit_options.seed is None else fit_options.seed
-        with seeded_rng(seed):
-            standardize = Standardize.from_data(centred[:, target_columns], float(self.min_scale))
-            model = _build(
-                flow_name,
-                architecture,
-                standardize,
-                Standardize.from_data(centred[:, context_columns], float(self.min_scale)).scale
-                if context_columns
-                else None,
-                dtype,
-                Whiten.from_data(standardize.inv(centred[:, target_columns])) if self.whiten else None,
-            )
         held_out: Union[None, Tensor, tuple[Tensor, Tensor]] = None
         if validation_data is not None:
             rows = (self._check_rows(validation_data, "fit", data.shape[1]).double() - offset).to(dtype)
@@ -389,30 +403,51 @@ class DensityEstimator:
         elif not fit_options.validation_fraction:
             fit_options = fit_options.replace(patience=None)
         inputs = centred.to(dtype)
-        if any(isinstance(layer, ActNorm) for layer in model.transforms):  # (NICE's) data-dependent scaling:
-            with torch.no_grad():  # initialised from up to CHUNK_ROWS rows, not one batch, so that a fresh flow
-                first = inputs[:CHUNK_ROWS]  # is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
-                model.train()(first[:, context_columns] if context_columns else None).log_prob(first[:, target_columns])
         targets, contexts = inputs[:, target_columns], (inputs[:, context_columns] if context_columns else None)
         if held_out is None and fit_options.validation_fraction:  # the split pyro_flows.fit would make, made here
             (targets, contexts), (rows, row_contexts) = _split(targets, contexts, fit_options.validation_fraction, seed)
             held_out = rows if row_contexts is None else (rows, row_contexts)
             fit_options = fit_options.replace(validation_fraction=0.0)
         objective = objective or NegativeLogLikelihood()
-        # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
-        start = None if held_out is None or resume is not None else _StartingModel(model, objective, held_out)
-        history = fit_flow(
-            model,
-            targets,
-            context=contexts,
-            objective=objective,
-            validation_data=held_out,
-            resume=resume,
-            options=fit_options.replace(seed=seed),
-        )
-        kept_start = start is not None and start.keep_if_better(
-            model, history, "the fitted Gaussian" if self.whiten else "the starting flow"
-        )
+
+        def train(whiten: bool) -> _Fitted:
+            with seeded_rng(seed):
+                standardize = Standardize.from_data(centred[:, target_columns], float(self.min_scale))
+                model = _build(
+                    flow_name,
+                    architecture,
+                    standardize,
+                    Standardize.from_data(centred[:, context_columns], float(self.min_scale)).scale
+                    if context_columns
+                    else None,
+                    dtype,
+                    # from the training rows only: the validation rows must not have fitted the Gaussian they judge
+                    Whiten.from_data(standardize.inv(targets.double())) if whiten else None,
+                )
+            if any(isinstance(layer, ActNorm) for layer in model.transforms):  # (NICE's) data-dependent scaling:
+                with torch.no_grad():  # initialised from up to CHUNK_ROWS training rows, not one batch, so that a
+                    # fresh flow is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
+                    model.train()(None if contexts is None else contexts[:CHUNK_ROWS]).log_prob(targets[:CHUNK_ROWS])
+            # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
+            start = None if held_out is None or resume is not None else _StartingModel(model, objective, held_out)
+            history = fit_flow(
+                model,
+                targets,
+                context=contexts,
+                objective=objective,
+                validation_data=held_out,
+                resume=resume,
+                options=fit_options.replace(seed=seed),
+            )
+            if start is None or held_out is None:
+                return _Fitted(model, history, whiten)
+            kept, loss = start.keep_if_better(model, history)
+            rows = len(held_out[0] if isinstance(held_out, tuple) else held_out)
+            return _Fitted(model, history, whiten, loss, kept, start.loss, rows)
+
+        fitted = train(self.whiten)
+        fitted.warn_if_kept()
+        model, history = fitted.model, fitted.history
         self._set_fitted(
             flow_=model.eval(),
             features_=features,
@@ -423,7 +458,8 @@ class DensityEstimator:
             history_=history,
             architecture_=architecture,
             feature_names_in_=names,
-            kept_start_=kept_start,
+            kept_start_=fitted.kept_start,
+            whiten_=fitted.whiten,
         )
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
@@ -705,6 +741,7 @@ class DensityEstimator:
             architecture_=architecture,
             feature_names_in_=payload.get("feature_names"),
             kept_start_=bool(payload.get("kept_start", False)),  # absent from files saved before it existed
+            whiten_=any(isinstance(layer, Whiten) for layer in flow.transforms),
         )
         estimator._fitted_on = payload["fitted_on"]
         return estimator
@@ -770,6 +807,7 @@ FITTED_ATTRIBUTES = (
     "architecture_",
     "feature_names_in_",
     "kept_start_",
+    "whiten_",
 )
 
 

@@ -26,9 +26,12 @@ def correlated_gaussian(rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, 3)) @ MIX.T
 
 
-def gaussian_log_prob(train: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Log-density of ``rows`` under the Gaussian with the sample mean and (n - 1) covariance of ``train``."""
-    gaussian = torch.distributions.MultivariateNormal(torch.tensor(train.mean(0)), torch.tensor(np.cov(train.T)))
+def gaussian_log_prob(train: np.ndarray, rows: np.ndarray, correlated: np.ndarray | None = None) -> np.ndarray:
+    """Log-density of ``rows`` under the Gaussian with the sample mean and standard deviations of ``train`` and
+    the correlations of ``correlated`` (default ``train``)."""
+    sd = np.diag(train.std(0, ddof=1))
+    covariance = sd @ np.corrcoef((train if correlated is None else correlated).T) @ sd
+    gaussian = torch.distributions.MultivariateNormal(torch.tensor(train.mean(0)), torch.tensor(covariance))
     return gaussian.log_prob(torch.tensor(rows)).numpy()
 
 
@@ -39,8 +42,12 @@ def test_a_flow_that_does_not_beat_the_gaussian_on_validation_rows_is_the_gaussi
     train, fresh = correlated_gaussian(40, 0), correlated_gaussian(2000, 1)
     with pytest.warns(UserWarning, match="no epoch of training beat the fitted Gaussian on the 10 validation rows"):
         estimator = pf.DensityEstimator(flow).fit(train, progress=False)
-    assert estimator.kept_start_
-    np.testing.assert_allclose(estimator.score_samples(fresh), gaussian_log_prob(train, fresh), rtol=1e-5, atol=1e-4)
+    assert estimator.kept_start_ and estimator.whiten_
+    # the columns standardised with all 40 rows, the correlations from the 30 training rows only (the validation
+    # rows, the first 10 of pyro_flows.fit's seeded permutation, must not fit the Gaussian they judge)
+    training = np.sort(torch.randperm(40, generator=torch.Generator().manual_seed(0))[10:].numpy())
+    expected = gaussian_log_prob(train, fresh, correlated=train[training])
+    np.testing.assert_allclose(estimator.score_samples(fresh), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_a_flow_that_learns_is_kept_without_a_warning():
@@ -109,3 +116,8 @@ def test_the_affine_bound_reaches_the_layers_unless_given(given, bound):
     estimator.fit(correlated_gaussian(40, 0), progress=False)
     layers = [layer for layer in estimator.flow_.transforms if hasattr(layer, "transform_map")]
     assert len(layers) == 5 and {layer.transform_map.log_scale_bound for layer in layers} == {bound}
+
+
+def test_whiten_must_be_a_bool():
+    with pytest.raises(ValueError, match="whiten must be True or False, got 'yes'"):
+        pf.DensityEstimator("realnvp", whiten="yes").fit(correlated_gaussian(40, 0))
