@@ -4,8 +4,9 @@ Both models learn the same continuous data, the digits' integer pixels x in 0..1
 y = (x + u) / 17 with u ~ U[0, 1) (fresh u per batch, drawn from the same seeded stream):
 
 * **flow matching**: ``pf.ImageCNF((1, 8, 8), channels=...)``, one ODE layer whose vector field is a
-  ``pf.nn.UNet`` (sinusoidal time embedding, GroupNorm residual blocks, zero-initialised output), trained by
-  ``pf.FlowMatching()`` (straight paths, independent coupling) on the rows y.reshape(N, 64);
+  ``pf.nn.UNet`` (sinusoidal time embedding, GroupNorm residual blocks, zero-initialised output), then a fixed
+  logit with alpha = 0.05 (its default, Glow's preprocessing; ``--no-logit``: none, the ODE on [0, 1]), trained by
+  ``pf.FlowMatching()`` (straight paths, independent coupling, in logit space) on the rows y.reshape(N, 64);
 * **Glow**: ``pf.Glow((1, 8, 8), levels=2, steps=4, hidden_channels=64, pixel_levels=17)`` as in
   ``bench_images.py``; its continuous flow on [0, 1] (``model.flow``, logit preprocessing with alpha = 0.05) is
   trained by maximum likelihood.
@@ -70,11 +71,11 @@ class Trainee:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def build_flow_matching(config: str, channels: Sequence[int], tol: float) -> Trainee:
+def build_flow_matching(config: str, channels: Sequence[int], tol: float, alpha: Optional[float] = 0.05) -> Trainee:
     import pyro_flows as pf
 
     classes = CLASSES if config == "class-conditional" else None
-    flow = pf.ImageCNF(SHAPE, channels=tuple(channels), classes=classes, atol=tol, rtol=tol)
+    flow = pf.ImageCNF(SHAPE, channels=tuple(channels), classes=classes, alpha=alpha, atol=tol, rtol=tol)
     objective = pf.FlowMatching()
 
     def distribution(labels: Tensor):
@@ -176,13 +177,14 @@ def compare(
     probes: int,
     tol: float,
     exact_rows: int = 0,
+    alpha: Optional[float] = 0.05,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
     """Train both models for ``budget`` seconds each in interleaved chunks; held-out bits/dim of each."""
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(seed)
-    trainees = [build_flow_matching(config, channels, tol), build_glow(config, *glow)]
+    trainees = [build_flow_matching(config, channels, tol, alpha), build_glow(config, *glow)]
     optimizers = [torch.optim.Adam(t.module.parameters(), lr=lr) for t in trainees]
     streams = [_batches(train_x, train_y, batch, seed) for _ in trainees]
     order = [0, 1]
@@ -256,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--probes", type=int, default=None, help="evaluation passes (u and probe) (default 4, quick 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="the ODE solver's atol = rtol for the likelihood")
+    p.add_argument("--no-logit", action="store_true", help="ImageCNF(alpha=None): the ODE on [0, 1], no logit")
     p.add_argument("--exact-rows", type=int, default=0, help="also score this many held-out images exactly")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
@@ -281,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 a.probes or (1 if q else 4),
                 1e-2 if q else a.tol,
                 a.exact_rows,
+                None if a.no_logit else 0.05,
             )
         print()
         print(table(results, images_bench.independent_pixels_bits_per_dim(data[0], data[2])))

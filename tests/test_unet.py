@@ -95,7 +95,7 @@ def test_fresh_field_is_zero_and_its_flow_the_identity(shape):
     assert net.out.weight.abs().max() == 0 and net.out.bias.abs().max() == 0
     x = draw((2, *shape), torch.float32, 8)
     assert net(x, torch.rand(2)).abs().max() == 0
-    flow = ImageCNF(shape, channels=(4, 8))
+    flow = ImageCNF(shape, channels=(4, 8), alpha=None)  # no logit: the flow is the base
     rows = x.reshape(2, -1)
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(rows).sum(-1)
     torch.testing.assert_close(flow().log_prob(rows), expected)
@@ -208,3 +208,19 @@ def test_hutchinson_bits_per_dim_match_the_exact_trace():
     bits = pf.bits_per_dim(estimates.mean(0), 9, levels=17)
     assert math.isfinite(bits)
     assert bits == pytest.approx(pf.bits_per_dim(exact_lp, 9, levels=17), abs=0.05)
+
+
+def test_logit_tail_flow_matching_and_likelihood():
+    """alpha= ends the flow with a fixed Logit: flow matching regresses in logit space (through its inverse), and a
+    fresh flow's log-density of y in [0, 1) is the standard normal's of logit(alpha + (1 - 2 alpha) y) plus the
+    logit's log-det."""
+    rows = image_rows(torch.randint(0, 17, (16, 1, 4, 4)), levels=17, generator=torch.Generator().manual_seed(0))
+    flow = ImageCNF((1, 4, 4), channels=(4, 8), alpha=0.05)
+    reference = pf.Flow(pf.StandardNormal(16), [pf.transforms.Logit(16, 0.05)])
+    torch.testing.assert_close(flow().log_prob(rows), reference().log_prob(rows))
+    before = _fm_loss(flow, rows, None)
+    pf.fit(flow, rows, objective=pf.FlowMatching(), max_steps=20, lr=3e-3, progress=False)
+    assert _fm_loss(flow, rows, None) < before
+    with pf.fixed_steps(flow, 2):
+        samples = flow().sample((5,))
+    assert samples.shape == (5, 16) and bool(((samples > -0.06) & (samples < 1.06)).all())

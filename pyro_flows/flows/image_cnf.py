@@ -22,6 +22,7 @@ def ImageCNF(
     context: int = 0,
     trace: str = "hutchinson",
     *,
+    alpha: Optional[float] = 0.05,
     embedding_features: int = EMBEDDING_FEATURES,
     context_shape: Optional[Sequence[int]] = None,
     context_channels: int = 16,
@@ -37,6 +38,13 @@ def ImageCNF(
     coupling) or by maximum likelihood, with the objectives of every CNF unchanged; its likelihood comes from the
     ODE, with Hutchinson's trace estimator by default (``trace="exact"`` costs :math:`D` vector-Jacobian products
     per evaluation). ``kwargs`` go to the layer (``solver``, ``atol``, ``rtol``, ``steps``, ``probe``, ...).
+
+    ``alpha`` :math:`\alpha` (default 0.05; None: off) ends the flow with a fixed :class:`~.transforms.Logit` (as
+    :func:`Glow`'s preprocessing), for data :math:`y \in [0, 1]`: the ODE runs in logit space,
+    :math:`\operatorname{logit}(\alpha + (1 - 2\alpha) y)`, flow matching regresses there (through the fixed
+    layer's inverse) and the likelihood of :math:`y` includes the logit's log-det. On the dequantised 8×8 digits it
+    is worth 0.23 bits/dim at an equal budget (2.04 vs 2.27, ``benchmarks/README.md``); data outside
+    :math:`[0, 1]` need ``alpha=None``.
 
     Data: rows ``images.reshape(N, -1)`` of continuous values. Integer pixels in ``0 .. L-1`` are dequantised into
     :math:`[0, 1)` first by :func:`image_rows` (:math:`(x + u) / L`, :math:`u \sim \mathcal{U}[0, 1)`); then
@@ -57,6 +65,7 @@ def ImageCNF(
         channels: the U-Net's widths per level.
         classes, context, embedding_features, context_shape, context_channels: the conditioning (above).
         trace: ``"hutchinson"`` (default) or ``"exact"``.
+        alpha: the logit preprocessing of data in :math:`[0, 1]` (above); None: none, for data of any range.
         time_features: size of the U-Net's sinusoidal time embedding.
 
     References
@@ -72,10 +81,11 @@ def ImageCNF(
         >>> rows = image_rows(images, levels=17, generator=torch.Generator().manual_seed(0))
         >>> flow = ImageCNF((1, 8, 8), channels=(8, 16), classes=10)
         >>> history = pf.fit(flow, rows, labels, objective=pf.FlowMatching(), max_steps=2, progress=False)
-        >>> flow(labels[:4]).sample().reshape(4, 1, 8, 8).shape
-        torch.Size([4, 1, 8, 8])
-        >>> flow(labels[:4]).log_prob(rows[:4]).shape  # the ODE likelihood, Hutchinson's trace
-        torch.Size([4])
+        >>> with pf.fixed_steps(flow, 4, "rk4"):  # quick here; outside the block the solve is adaptive
+        ...     samples = flow(labels[:4]).sample().reshape(4, 1, 8, 8)
+        ...     log_p = flow(labels[:4]).log_prob(rows[:4])  # the ODE likelihood, Hutchinson's trace
+        >>> samples.shape, log_p.shape
+        (torch.Size([4, 1, 8, 8]), torch.Size([4]))
     """
     layer_context, embedding, features = image_context(
         "ImageCNF", classes, context, embedding_features, context_shape, context_channels
@@ -86,7 +96,9 @@ def ImageCNF(
         raise ValueError(f"ImageCNF: {str(error).removeprefix('UNet: ')}") from None
     cls = T.ConditionalContinuousFlow if features else T.ContinuousFlow
     layer = cls(net.shape.numel(), vector_field=net, context_features=features, trace=trace, **kwargs)
-    return Flow(StandardNormal(net.shape.numel()), [layer], features, embedding)
+    d = net.shape.numel()
+    tail = [] if alpha is None else [T.Logit(d, alpha)]
+    return Flow(StandardNormal(d), [layer, *tail], features, embedding)
 
 
 def image_rows(
