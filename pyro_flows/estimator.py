@@ -20,7 +20,7 @@ from .flows import Flow, build_flow
 from .flows.registry import FLOWS, check_flow_name
 from .nn.mlp import check_hidden
 from .objectives import NegativeLogLikelihood
-from .train import FitHistory, FitOptions, _copy_state, _split
+from .train import FitHistory, FitOptions, _split
 from .train import fit as fit_flow
 from .transforms.normalization import ActNorm, Standardize
 from .transforms.preprocessing import Whiten
@@ -64,50 +64,19 @@ class _ContextScale(nn.Module):
         return context / self.scale
 
 
-class _StartingModel:
-    """The flow as it is before training and its mean objective on the validation rows: a candidate of early
-    stopping that no epoch may be worse than (with ``whiten=True`` it is the fitted full-covariance Gaussian)."""
-
-    def __init__(self, model: Flow, objective: Any, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
-        self.state = _copy_state(model)
-        self.loss = _mean_objective(model, objective, validation)
-
-    def keep_if_better(self, model: Flow, history: FitHistory) -> tuple[bool, float]:
-        """Restore the starting weights when no epoch's validation loss is below the starting model's; whether it
-        did, and the validation loss of the weights ``model`` ends with."""
-        best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
-        if best < self.loss:
-            return False, best
-        model.load_state_dict(self.state)
-        return True, self.loss
-
-
-@dataclasses.dataclass
-class _Fitted:
-    """One trained flow of :meth:`DensityEstimator.fit`: its weights' validation loss (inf without validation
-    rows) and whether no epoch beat the starting flow."""
-
-    model: Flow
-    history: FitHistory
-    whiten: bool
-    validation_loss: float = math.inf
-    kept_start: bool = False
-    starting_loss: float = math.inf
-    rows: int = 0
-
-    def warn_if_kept(self) -> None:
-        if not self.kept_start:
-            return
-        name = "the fitted Gaussian" if self.whiten else "the starting flow (a diagonal Gaussian)"
-        best = min((loss for loss in self.history.validation_loss if math.isfinite(loss)), default=math.inf)
-        warnings.warn(
-            f"DensityEstimator.fit: no epoch of training beat {name} on the {self.rows} validation rows (validation "
-            f"loss {self.starting_loss:.4f} before training, {best:.4f} at best after "
-            f"{len(self.history.validation_loss)} epochs); the estimator keeps {name}. More rows, a larger "
-            "validation_fraction or a smaller flow may help",
-            UserWarning,
-            stacklevel=4,
-        )
+def _warn_kept_start(whiten: bool, rows: int, start: float, history: FitHistory) -> None:
+    """The warning of :meth:`DensityEstimator.fit` when no epoch beat the starting flow on ``rows`` validation rows
+    (validation loss ``start`` before training)."""
+    name = "the fitted Gaussian" if whiten else "the starting flow (a diagonal Gaussian)"
+    best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
+    warnings.warn(
+        f"DensityEstimator.fit: no epoch of training beat {name} on the {rows} validation rows (validation loss "
+        f"{start:.4f} before training, {best:.4f} at best after {len(history.validation_loss)} epochs); the "
+        f"estimator keeps {name}, fitted to all rows. More rows, a larger validation_fraction or a smaller flow may "
+        "help",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @torch.no_grad()
@@ -410,7 +379,8 @@ class DensityEstimator:
             fit_options = fit_options.replace(validation_fraction=0.0)
         objective = objective or NegativeLogLikelihood()
 
-        def train(whiten: bool) -> _Fitted:
+        def build(rows: Tensor, row_contexts: Optional[Tensor]) -> Flow:
+            """A fresh flow (the same weights for the same seed), its whitening layer and ActNorm fitted to rows."""
             with seeded_rng(seed):
                 standardize = Standardize.from_data(centred[:, target_columns], float(self.min_scale))
                 model = _build(
@@ -421,33 +391,36 @@ class DensityEstimator:
                     if context_columns
                     else None,
                     dtype,
-                    # from the training rows only: the validation rows must not have fitted the Gaussian they judge
-                    Whiten.from_data(standardize.inv(targets.double())) if whiten else None,
+                    Whiten.from_data(standardize.inv(rows.double())) if self.whiten else None,
                 )
             if any(isinstance(layer, ActNorm) for layer in model.transforms):  # (NICE's) data-dependent scaling:
-                with torch.no_grad():  # initialised from up to CHUNK_ROWS training rows, not one batch, so that a
-                    # fresh flow is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
-                    model.train()(None if contexts is None else contexts[:CHUNK_ROWS]).log_prob(targets[:CHUNK_ROWS])
-            # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
-            start = None if held_out is None or resume is not None else _StartingModel(model, objective, held_out)
-            history = fit_flow(
-                model,
-                targets,
-                context=contexts,
-                objective=objective,
-                validation_data=held_out,
-                resume=resume,
-                options=fit_options.replace(seed=seed),
-            )
-            if start is None or held_out is None:
-                return _Fitted(model, history, whiten)
-            kept, loss = start.keep_if_better(model, history)
-            rows = len(held_out[0] if isinstance(held_out, tuple) else held_out)
-            return _Fitted(model, history, whiten, loss, kept, start.loss, rows)
+                with torch.no_grad():  # initialised from up to CHUNK_ROWS rows, not one batch, so that a fresh flow
+                    # is the whitened Gaussian (a batch's noisy statistics cost 1 nat)
+                    model.train()(None if row_contexts is None else row_contexts[:CHUNK_ROWS]).log_prob(
+                        rows[:CHUNK_ROWS]
+                    )
+            return model
 
-        fitted = train(self.whiten)
-        fitted.warn_if_kept()
-        model, history = fitted.model, fitted.history
+        # fitted to the training rows only: the validation rows must not have fitted the Gaussian they judge
+        model = build(targets, contexts)
+        # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
+        start = None if held_out is None or resume is not None else _mean_objective(model, objective, held_out)
+        history = fit_flow(
+            model,
+            targets,
+            context=contexts,
+            objective=objective,
+            validation_data=held_out,
+            resume=resume,
+            options=fit_options.replace(seed=seed),
+        )
+        best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
+        kept_start = False
+        if start is not None and held_out is not None and not best < start:
+            # the starting flow again, now fitted to all rows (the validation rows chose it)
+            kept_start = True
+            _warn_kept_start(self.whiten, len(held_out[0] if isinstance(held_out, tuple) else held_out), start, history)
+            model = build(inputs[:, target_columns], inputs[:, context_columns] if context_columns else None)
         self._set_fitted(
             flow_=model.eval(),
             features_=features,
@@ -458,8 +431,8 @@ class DensityEstimator:
             history_=history,
             architecture_=architecture,
             feature_names_in_=names,
-            kept_start_=fitted.kept_start,
-            whiten_=fitted.whiten,
+            kept_start_=kept_start,
+            whiten_=self.whiten,
         )
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
