@@ -35,9 +35,17 @@ drifts of a busy machine hit both alike; the table shows the median time and the
 (± standard deviation over repeats). The torch thread count is fixed (``--threads``, default 1).
 A library that is not installed (sbi) is reported as ``n/a``.
 
+``--task two_moons`` measures flow-matching NPE instead: ``pf.infer.NPE(prior, flow="cnf")`` and sbi's
+``FMPE``, each with *its own defaults* (network, objective, epochs), on the SBI benchmark's two moons
+(:class:`TwoMoonsTask`) with ``--simulations`` (default 10⁴) prior simulations; the C2ST of ``--samples``
+posterior draws against as many exact reference draws (by inverting the simulator and rejecting outside the
+prior's box), per observation, for ``--observations`` (default 5) prior-predictive observations (seed 1), and
+their mean. This is the measurement behind :attr:`pyro_flows.infer.NPE.cnf_defaults` (issue 15.6: C2ST <= 0.6).
+
 Usage::
 
     python benchmarks/bench_sbi.py                                  # both flows, 3 repeats (~20 minutes, 2 busy cores)
+    python benchmarks/bench_sbi.py --task two_moons                 # flow-matching NPE, 10^4 simulations
     python benchmarks/bench_sbi.py --flows maf --repeats 1
     python benchmarks/bench_sbi.py --quick --libs pyro_flows         # seconds (the test)
 """

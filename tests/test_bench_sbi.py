@@ -101,3 +101,11 @@ def test_two_moons_quick_run_and_table():
     assert 0.5 <= ours.accuracy <= 1.0 and ours.params > 0
     assert peer.lib == "sbi" and peer.error and not peer.seconds
     assert "| cnf | pyro_flows |" in bench.table(results)
+
+
+def test_two_moons_main_prints_the_table(capsys):
+    bench = load_benchmark("bench_sbi")
+    assert bench.main(["--task", "two_moons", "--quick", "--libs", "pyro_flows", "--simulations", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "two moons, 300 simulations" in printed and "<= 2 epochs" in printed
+    assert "| cnf | pyro_flows |" in printed and "| cnf | sbi | n/a |" in printed

@@ -388,7 +388,7 @@ def test_npe_with_no_simulations_says_so():
 
 
 def test_cnf_npe_defaults_are_the_measured_ones_and_a_tiny_budget_trains():
-    """NPE(flow="cnf") with every default (a residual field of 2 x 128, FlowMatching(time_exponent=2), a fixed
+    """NPE(flow="cnf") with every default (a residual field of 2 x 256, FlowMatching(time_exponent=2), a fixed
     cosine-annealed epoch budget on all simulations) trains on 200 simulations for 2 epochs and samples inside
     the support; the options chosen for two moons are those of NPE's class attributes."""
     from pyro_flows.infer.sbi import PosteriorFlowMatching
@@ -398,7 +398,7 @@ def test_cnf_npe_defaults_are_the_measured_ones_and_a_tiny_budget_trains():
     npe = NPE(PRIOR, "cnf").append_simulations(theta, x).train(max_epochs=2, seed=0, progress=False)
     (layer,) = npe.estimator.flow.transforms
     assert isinstance(layer.vector_field, pf.nn.ResidualVectorField) and len(layer.vector_field.inner) == 2
-    assert layer.vector_field.input.out_features == 128
+    assert layer.vector_field.input.out_features == 256
     assert len(npe.history.train_loss) == 2 and npe.history.validation_loss == []  # all simulations train
     assert npe.history.steps == 2  # one batch of 512 per epoch
     samples = npe.posterior(X_OBS).sample((50,))

@@ -260,7 +260,8 @@ class NPE:
     (:class:`PosteriorFlowMatching`, Lipman et al. 2023; "FMPE", Dax et al. 2023); its
     ``log_prob`` and samples come from the ODE. Its network (:attr:`cnf_defaults`), objective
     (:meth:`default_flow_matching`) and training (:attr:`cnf_fit_options`) defaults were chosen by measurement:
-    on two moons with 10⁴ simulations the posterior reaches a C2ST of 0.6 (benchmarks/README.md). Any flow
+    on two moons with 10⁴ simulations the posterior reaches a mean C2ST of 0.56 over 5 observations (it was 0.91
+    with the spline flow's defaults; benchmarks/README.md). Any flow
     that is one ContinuousFlow on a standard normal (e.g. from a callable) trains this way. Sequential rounds
     need the cheap atom log-probs of APT, so continuous flows accept only prior simulations (a ValueError
     otherwise).
@@ -304,7 +305,7 @@ class NPE:
     costly, so training runs until the validation loss stops improving: 1000 epochs is only a cap."""
 
     cnf_fit_options: ClassVar[FitOptions] = FitOptions().replace(
-        max_epochs=300, batch_size=512, lr=2e-3, schedule="cosine", validation_fraction=0.0, patience=None
+        max_epochs=200, batch_size=512, lr=2e-3, schedule="cosine", validation_fraction=0.0, patience=None
     )
     """The defaults of :meth:`train` for a continuous flow (flow matching), chosen by measurement on two moons with
     10⁴ simulations (``benchmarks/bench_sbi.py --task two_moons``, benchmarks/README.md): a fixed number of epochs
@@ -312,10 +313,12 @@ class NPE:
     a regression on random times and base draws, whose noise hides the late improvements (with :attr:`fit_options`,
     training stopped after about 110 epochs at a C2ST of 0.91)."""
 
-    cnf_defaults: ClassVar[dict[str, Any]] = {"hidden": (128, 128), "field": "residual"}
+    cnf_defaults: ClassVar[dict[str, Any]] = {"hidden": (256, 256), "field": "residual"}
     """The network of ``flow="cnf"`` / ``"ffjord"`` unless ``hidden`` or ``field`` are given: a
     :class:`~pyro_flows.nn.ResidualVectorField` (the time's embedding and the context in every block) of two blocks
-    of 128 units (measured: C2ST 0.76 against 0.82 for FFJORD's concat-squash (128, 128, 128) at equal epochs)."""
+    of 256 units. Measured on two moons (benchmarks/README.md), 150 epochs: C2ST 0.76 for 2 x 128 against 0.82
+    for FFJORD's concat-squash (128, 128, 128) with uniform times; 0.57 for 2 x 256 against 0.63 for 2 x 128 with
+    ``time_exponent=2``."""
 
     def __init__(
         self,
