@@ -53,6 +53,7 @@ Usage::
     python benchmarks/bench_vi.py                       # 3 models x 5 guides x 3 repeats x 20 s, ~20 min
     python benchmarks/bench_vi.py --models funnel --guides AutoNormal pf-NSF pf-CNF --seconds 30
     python benchmarks/bench_vi.py --quick               # a few seconds per model (the smoke test)
+    python benchmarks/bench_vi.py --reference --nuts-cache nuts/   # fixed schedule, k̂ and moments against NUTS
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def logistic(x: Tensor, y: Optional[Tensor] = None) -> None:
     """Bayesian logistic regression: w ~ N(0, I), b ~ N(0, 1), y_n ~ Bernoulli(sigmoid(x_n . w + b))."""
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    w = w.reshape(b.shape + w.shape[-1:])  # b's batch shape, as in linreg (Predictive gives (S, 4), psis (S, 1, 4))
     with pyro.plate("data", x.shape[0]):
-        logits = (x * w).sum(-1) + b  # w: (4,) or (particles, 1, 4) under a particle plate at dim -2
+        logits = (x * w).sum(-1) + b
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
@@ -178,8 +180,11 @@ def linreg(x: Tensor, y: Optional[Tensor] = None) -> None:
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
     sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+    # under a particle plate at dim -2, b and sigma are (S, 1) and w is (S, 1, 3) (psis) or (S, 3) (Predictive):
+    # w takes b's batch shape, so the mean is (S, rows), never (S, S, rows)
+    w = w.reshape(b.shape + w.shape[-1:])
     with pyro.plate("data", x.shape[0]):
-        pyro.sample("y", dist.Normal(w @ x.T + b, sigma), obs=y)  # w: (3,), (S, 3) or (S, 1, 3) under particles
+        pyro.sample("y", dist.Normal((x * w).sum(-1) + b, sigma), obs=y)
 
 
 def problem(name: str) -> tuple[Callable, tuple]:
@@ -426,6 +431,7 @@ class ReferenceConfig:
     warmup: int = 1000
     draws: int = 2000
     chains: int = 2
+    nuts_cache: str = ""  # a directory: NUTS draws are loaded from it if there, else saved to it
 
 
 QUICK_REFERENCE = ReferenceConfig(steps=100, repeats=1, eval_samples=200, warmup=100, draws=200, chains=1)
@@ -482,7 +488,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 @functools.cache
 def nuts_draws(model_name: str, rc: ReferenceConfig, seed: int = 0) -> dict:
-    """NUTS draws (Hoffman & Gelman 2014) of every latent site, ``(chains * draws, ...)``, cached for the process."""
+    """NUTS draws (Hoffman & Gelman 2014) of every latent site, ``(chains * draws, ...)``, cached for the process
+    and, with ``rc.nuts_cache``, in that directory (one file per model, run length and seed)."""
+    path = None
+    if rc.nuts_cache:
+        name = f"nuts_{model_name}_w{rc.warmup}_d{rc.draws}_c{rc.chains}_s{seed}.pt"
+        path = os.path.join(rc.nuts_cache, name)
+        if os.path.exists(path):
+            return torch.load(path, weights_only=True)
     model, args = problem(model_name)
     chains = []
     with _default_dtype(torch.float64):
@@ -491,7 +504,11 @@ def nuts_draws(model_name: str, rc: ReferenceConfig, seed: int = 0) -> dict:
             mcmc = MCMC(NUTS(model), num_samples=rc.draws, warmup_steps=rc.warmup, disable_progbar=True)
             mcmc.run(*_float64(args))
             chains.append(mcmc.get_samples())
-    return {name: torch.cat([c[name] for c in chains]) for name in chains[0]}
+    draws = {name: torch.cat([c[name] for c in chains]) for name in chains[0]}
+    if path is not None:
+        os.makedirs(rc.nuts_cache, exist_ok=True)
+        torch.save(draws, path)
+    return draws
 
 
 def reference_draws(model_name: str, samples: dict) -> Tensor:
@@ -644,6 +661,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="--reference: SVI steps (default 3000, quick 100)")
     p.add_argument("--jobs", type=int, default=1, help="--reference: worker processes")
     p.add_argument("--nuts", type=int, nargs=3, metavar=("WARMUP", "DRAWS", "CHAINS"), help="--reference: NUTS run")
+    p.add_argument("--nuts-cache", help="--reference: directory to load NUTS draws from, or save them to")
     p.add_argument("--seconds", type=float, default=None, help="training budget per run (default 20, quick 0.5)")
     p.add_argument("--checkpoints", type=int, default=None, help="evaluations at T/2^(c-1)..T (default 4, quick 2)")
     p.add_argument("--repeats", type=int, default=None, help="default 3, quick 1")
@@ -694,6 +712,8 @@ def main_reference(a: argparse.Namespace) -> int:
     """``--reference``: :func:`run_reference`, its table, and each pyro_flows guide against AutoMultivariateNormal."""
     base = QUICK_REFERENCE if a.quick else ReferenceConfig()
     overrides = {"steps": a.steps, "repeats": a.repeats, "lr": a.lr, "eval_samples": a.eval_samples}
+    if a.nuts_cache:
+        overrides["nuts_cache"] = a.nuts_cache
     if a.nuts:
         overrides.update(zip(("warmup", "draws", "chains"), a.nuts, strict=True))
     rc = ReferenceConfig(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})

@@ -6,6 +6,7 @@ import pyro
 import pytest
 import torch
 from conftest import load_benchmark
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_flows as pf
@@ -82,11 +83,13 @@ def test_failures_are_reported_not_raised(monkeypatch):
     assert "| logistic | pf-IAF | n/a |" in bench.table(results, cfg)
 
 
-@pytest.mark.parametrize("model_name", ["funnel", "eight_schools", "logistic"])
+@pytest.mark.parametrize(
+    "model_name", ["funnel", "funnel_nc", "eight_schools", "eight_schools_nc", "logistic", "linreg"]
+)
 def test_models_vectorise_over_particles(model_name):
-    # psis evaluates 4000 draws in one vectorised pass; a model that broadcasts wrongly under the particle
-    # plate would make a (draws x draws x ...) tensor instead (or fall back to a slow loop)
-
+    # psis and Predictive evaluate thousands of draws in one vectorised pass; a model that broadcasts wrongly
+    # under the particle plate would make a (draws x draws x ...) tensor instead (linreg did, under Predictive:
+    # 4000 draws took 21 GB), or fall back to a slow loop
     bench = load_benchmark("bench_vi")
     model, args = bench.problem(model_name)
     pyro.clear_param_store()
@@ -94,6 +97,9 @@ def test_models_vectorise_over_particles(model_name):
     guide(*args)
     report = pf.diagnostics.psis(model, guide, *args, num_samples=32, vectorize=True)
     assert report.log_weights.shape == (32,) and math.isfinite(report.elbo)
+    draws = Predictive(model, guide=guide, num_samples=7, parallel=True)(*args)
+    observed = [v for k, v in draws.items() if k in ("y", "x") and model_name not in ("funnel", "funnel_nc")]
+    assert all(v.shape[0] == 7 and v.numel() == 7 * args[-1].numel() for v in observed)
     pyro.clear_param_store()
 
 
@@ -128,3 +134,24 @@ def test_reference_run_scores_guides_against_nuts():
     text = bench.reference_table(references, fits)
     assert "| linreg | AutoMultivariateNormal |" in text and "| linreg | pf-NSF |" in text and "n/a" not in text
     pyro.clear_param_store()
+
+
+def test_nuts_draws_are_saved_to_and_loaded_from_the_cache_directory(tmp_path, monkeypatch):
+    bench = load_benchmark("bench_vi")
+    rc = bench.ReferenceConfig(warmup=10, draws=10, chains=1, nuts_cache=str(tmp_path))
+    first = bench.nuts_draws("funnel_nc", rc)
+    assert [p.name for p in tmp_path.iterdir()] == ["nuts_funnel_nc_w10_d10_c1_s0.pt"]
+    bench.nuts_draws.cache_clear()
+
+    def no_mcmc(*args, **kwargs):
+        raise AssertionError("NUTS ran again instead of reading the cache")
+
+    monkeypatch.setattr(bench, "MCMC", no_mcmc)
+    again = bench.nuts_draws("funnel_nc", rc)
+    assert again.keys() == first.keys() == {"v", "z"}
+    for name in first:
+        assert torch.equal(again[name], first[name])
+    other = bench.ReferenceConfig(warmup=10, draws=12, chains=1, nuts_cache=str(tmp_path))
+    with pytest.raises(AssertionError, match="NUTS ran again"):
+        bench.nuts_draws("funnel_nc", other)  # another run length is another file
+    bench.nuts_draws.cache_clear()
