@@ -47,7 +47,9 @@ def CNF(
     likelihood (``pf.fit(flow, X)``, optionally ``objective=pf.CNFRegularizedNLL(...)``) or by
     flow matching (``objective=pf.FlowMatching()``); likelihoods come from the ODE either way.
     ``kwargs`` go to the layer (:class:`~.transforms.ContinuousFlow`: ``solver``, ``atol``, ``rtol``, ``t0``,
-    ``t1``, ``options``, ``adjoint``, ``probe``, ``activation``, ``vector_field``, ``steps``, ``null_context``):
+    ``t1``, ``options``, ``adjoint``, ``probe``, ``activation``, ``vector_field``, ``field``, ``steps``,
+    ``null_context``; ``field="residual"`` is :class:`~.nn.ResidualVectorField`, the better field for conditional
+    flow matching):
 
     - ``steps=n`` with a fixed-grid ``solver`` (``"euler"``, ``"midpoint"``, ``"heun2"``, ``"rk4"``, ...:
       :data:`~.transforms.continuous.FIXED_SOLVERS`) integrates in exactly ``n`` equal steps, for sampling and
