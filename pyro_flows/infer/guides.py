@@ -216,17 +216,18 @@ class AutoFlowGuide(AutoContinuous):
 
     Args:
         model: a Pyro model with continuous latent sites (discrete ones raise a ValueError).
-        flow: ``"nsf"``, ``"maf"``/``"iaf"`` (the same IAF), ``"realnvp"``, ``"nice"``,
+        flow: ``"nsf"`` (the default: inverse-autoregressive rational-quadratic splines, 8 bins on
+            :math:`[-5, 5]`), ``"maf"``/``"iaf"`` (the same IAF), ``"realnvp"``, ``"nice"``,
             ``"cnf"``, ``"ffjord"``, or a callable ``latent_dim -> module``: a
             :class:`~pyro_flows.Flow` (the affine layer is appended) or any ``nn.Module``
             whose call returns a distribution over ``(latent_dim,)`` (used as is).
-        transforms: number of flow layers (not for CNFs).
+        transforms: number of flow layers (default 4; not for CNFs).
         hidden: hidden widths of the conditioners (default two of ``max(64, 2D)``).
-        init_loc_fn: per-site initialisation (Pyro's ``init_to_*``).
-        init_scale: initial scale :math:`\sigma` of the affine layer.
+        init_loc_fn: per-site initialisation (Pyro's ``init_to_*``; default ``init_to_median``).
+        init_scale: initial scale :math:`\sigma` of the affine layer (default 0.1, as Pyro's autoguides).
         full_rank: put the unit lower-triangular :math:`L` (:math:`D(D-1)/2` parameters, :math:`O(D^2)`
-            per draw) before the affine layer; ``False`` for very large :math:`D`. Not for a module
-            that is no :class:`~pyro_flows.Flow` (used as is).
+            per draw) before the affine layer (default ``True``); ``False`` for very large :math:`D`. Not
+            for a module that is no :class:`~pyro_flows.Flow` (used as is).
         flow_kwargs: passed to the flow factory (e.g. ``bins``, ``bound``, ``trace``).
 
     Example:
