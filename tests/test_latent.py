@@ -75,6 +75,26 @@ def test_class_conditional_glow_round_trip_and_transfer():
     assert decode(glow, path, torch.tensor([0])).shape == (5, *SHAPE)
 
 
+def test_image_conditioned_glow_round_trip():
+    # super-resolution: a 14x14 condition image for each 28x28 image, aligned at every level
+    glow = perturb(_glow(context_shape=(1, 14, 14), context_channels=4), scale=0.05)
+    x = _images(3)
+    cond = torch.nn.functional.avg_pool2d(x, 2)
+    z = _assert_round_trip(glow, x, cond)
+    assert not torch.allclose(decode(glow, z, cond.flip(0)), x, atol=1e-3)
+    with pytest.raises(ValueError, match="batch shape"):
+        encode(glow, x, cond[:2])
+
+
+def test_signal_flow_round_trip():
+    from pyro_flows.flows.signals import WaveGlow
+
+    torch.manual_seed(0)
+    flow = perturb(WaveGlow((2, 64), steps=2, groups=4, hidden_channels=8, layers=2, context_shape=(3, 16)), 0.05)
+    x, features = torch.randn(4, 2, 64), torch.randn(4, 3, 16)
+    _assert_round_trip(flow, x, features)
+
+
 def test_vector_context_and_vector_flows():
     torch.manual_seed(0)
     for flow in (pf.NSF(features=3, context=2), perturb(pf.MAF(features=3, context=2), scale=0.05)):
