@@ -19,7 +19,6 @@ from . import saving
 from .flows import Flow, build_flow
 from .flows.registry import FLOWS, check_flow_name
 from .nn.mlp import check_hidden
-from .objectives import NegativeLogLikelihood
 from .train import FitHistory, FitOptions, _split
 from .train import fit as fit_flow
 from .transforms.normalization import ActNorm, Standardize
@@ -64,34 +63,38 @@ class _ContextScale(nn.Module):
         return context / self.scale
 
 
-def _warn_kept_start(whiten: bool, rows: int, start: float, history: FitHistory) -> None:
-    """The warning of :meth:`DensityEstimator.fit` when no epoch beat the starting flow on ``rows`` validation rows
-    (validation loss ``start`` before training)."""
+def _validation_gain(start: Tensor, trained: Tensor) -> tuple[float, float]:
+    """The mean gain in log-likelihood per validation row of the trained flow over the starting one (per-row
+    log-densities ``start`` and ``trained``) and its standard error (NaN for one row)."""
+    gain = (trained - start).double()
+    return float(gain.mean()), float(gain.std() / math.sqrt(len(gain)))
+
+
+def _warn_kept_start(whiten: bool, rows: int, gain: float, error: float) -> None:
+    """The warning of :meth:`DensityEstimator.fit` when the trained flow did not beat the starting flow by more
+    than a standard error on ``rows`` validation rows."""
     name = "the fitted Gaussian" if whiten else "the starting flow (a diagonal Gaussian)"
-    best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
     warnings.warn(
-        f"DensityEstimator.fit: no epoch of training beat {name} on the {rows} validation rows (validation loss "
-        f"{start:.4f} before training, {best:.4f} at best after {len(history.validation_loss)} epochs); the "
-        f"estimator keeps {name}, fitted to all rows. More rows, a larger validation_fraction or a smaller flow may "
-        "help",
+        f"DensityEstimator.fit: training did not beat {name} on the {rows} validation rows by more than a "
+        f"standard error (gain {gain:+.4f} ± {error:.4f} nats per row); the estimator keeps {name}, fitted to all "
+        "rows. More rows, a larger validation_fraction or a smaller flow may help",
         UserWarning,
         stacklevel=3,
     )
 
 
 @torch.no_grad()
-def _mean_objective(model: Flow, objective: Any, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> float:
-    """``objective``'s mean over the ``validation`` rows (``x`` or ``(x, context)``) in eval mode, CHUNK_ROWS at a
-    time, as :func:`pyro_flows.fit` computes a validation loss."""
+def _log_probs(model: Flow, validation: Union[Tensor, tuple[Tensor, Tensor]]) -> Tensor:
+    """The log-density of each of the ``validation`` rows (``x`` or ``(x, context)``) in eval mode, CHUNK_ROWS at
+    a time."""
     x, context = validation if isinstance(validation, tuple) else (validation, None)
     model.eval()
-    total = 0.0
+    chunks = []
     for start in range(0, len(x), CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        chunk = x[rows]
-        total += float(objective(model, chunk, None if context is None else context[rows])) * len(chunk)
+        chunks.append((model() if context is None else model(context[rows])).log_prob(x[rows]))
     model.train()
-    return total / len(x)
+    return torch.cat(chunks)
 
 
 class DensityEstimator:
@@ -128,8 +131,10 @@ class DensityEstimator:
 
     **Never worse than the Gaussian on the validation rows.** With a validation split, the flow as built (with
     ``whiten=True`` a fresh coupling or autoregressive flow *is* the fitted full-covariance Gaussian) competes with
-    every epoch of early stopping: when no epoch's validation loss is below its loss, ``fit`` keeps it, sets
-    ``kept_start_`` and warns (UserWarning) — on tiny tables training often only fits noise.
+    the trained one: unless training gains more than one standard error of the per-row gain in log-likelihood on
+    the validation rows, ``fit`` keeps the flow as built, fitted to all rows, sets ``kept_start_`` and warns
+    (UserWarning): on tiny tables training often fits only noise. The whitening layer is fitted to the training
+    rows only, so that the validation rows judge a Gaussian they did not fit.
 
     Data far from zero: the column means are taken in float64 from the data as given and kept as ``offset_``
     (float64, saved with the model); every input has them subtracted in float64 before it is cast to the model's
@@ -174,8 +179,9 @@ class DensityEstimator:
         features\_: number of target columns :math:`D` (the flow's event size).
         context_columns\_, target_columns\_: the indices of the context and target columns of ``X``.
         history\_: the ``FitHistory`` returned by :func:`pyro_flows.fit`.
-        kept_start\_: True when no epoch of training beat the flow as it was built (with ``whiten=True``, the
-            fitted full-covariance Gaussian) on the validation rows, so that ``fit`` kept it (and warned).
+        kept_start\_: True when training did not beat the flow as it was built (with ``whiten=True``, the
+            fitted full-covariance Gaussian) on the validation rows by more than a standard error, so that ``fit``
+            kept it (and warned).
         whiten\_: whether the fitted flow has the whitening layer.
 
     Example:
@@ -377,7 +383,6 @@ class DensityEstimator:
             (targets, contexts), (rows, row_contexts) = _split(targets, contexts, fit_options.validation_fraction, seed)
             held_out = rows if row_contexts is None else (rows, row_contexts)
             fit_options = fit_options.replace(validation_fraction=0.0)
-        objective = objective or NegativeLogLikelihood()
 
         def build(rows: Tensor, row_contexts: Optional[Tensor]) -> Flow:
             """A fresh flow (the same weights for the same seed), its whitening layer and ActNorm fitted to rows."""
@@ -403,8 +408,8 @@ class DensityEstimator:
 
         # fitted to the training rows only: the validation rows must not have fitted the Gaussian they judge
         model = build(targets, contexts)
-        # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate of early stopping, as epoch "-1"
-        start = None if held_out is None or resume is not None else _mean_objective(model, objective, held_out)
+        # the fresh flow (with whiten=True: the fitted Gaussian) is a candidate: the trained one must beat it
+        start = None if held_out is None or resume is not None else _log_probs(model, held_out)
         history = fit_flow(
             model,
             targets,
@@ -414,13 +419,14 @@ class DensityEstimator:
             resume=resume,
             options=fit_options.replace(seed=seed),
         )
-        best = min((loss for loss in history.validation_loss if math.isfinite(loss)), default=math.inf)
         kept_start = False
-        if start is not None and held_out is not None and not best < start:
-            # the starting flow again, now fitted to all rows (the validation rows chose it)
-            kept_start = True
-            _warn_kept_start(self.whiten, len(held_out[0] if isinstance(held_out, tuple) else held_out), start, history)
-            model = build(inputs[:, target_columns], inputs[:, context_columns] if context_columns else None)
+        if start is not None and held_out is not None:
+            gain, error = _validation_gain(start, _log_probs(model, held_out))
+            if not gain > error:  # NaN (one row, a NaN density) keeps the start too
+                # the starting flow again, now fitted to all rows (the validation rows chose it)
+                kept_start = True
+                _warn_kept_start(self.whiten, len(start), gain, error)
+                model = build(inputs[:, target_columns], inputs[:, context_columns] if context_columns else None)
         self._set_fitted(
             flow_=model.eval(),
             features_=features,

@@ -37,8 +37,8 @@ def tabular_defaults(flow: str, rows: int, features: int) -> dict[str, Any]:
 
     * **Start from the Gaussian.** Not a value here: the estimator whitens the standardised targets with a fixed
       Cholesky layer (:class:`~pyro_flows.transforms.preprocessing.Whiten`), so a fresh flow is the fitted
-      full-covariance Gaussian; the estimator keeps it (and warns) when no epoch beats it on the validation
-      rows, so early stopping can only keep something at least as good there. Breast cancer (30 columns):
+      full-covariance Gaussian; the estimator keeps it (and warns) unless training beats it on the validation
+      rows by more than a standard error. Breast cancer (30 columns):
       RealNVP -22.5 → -5.2, MAF -13.2 → -5.7, NICE -23.3 → -9.0 (one Gaussian -9.0).
     * ``input_bound=3``: conditioners see their inputs squashed, :math:`x / (1 + |x| / 3)`, so the shifts and
       scales stop growing outside the training rows (a ReLU network extrapolates them linearly; a MAF scored one
