@@ -8,11 +8,10 @@ that separates two groups (smiling and not smiling; one class and another).
 
 - :func:`encode` / :func:`decode`: :math:`z = f^{-1}(y \mid c)` and :math:`y = f(z \mid c)`, for any flow
   of this package (a :class:`~pyro_flows.flows.base.Flow` or a :class:`~pyro_flows.dequantization.Dequantized`
-  image model, or the distribution one returns), unconditional or conditional (a context vector, class
-  labels, a condition image), multi-scale or not. They take the same path as ``log_prob`` and ``sample``
-  (:meth:`~pyro_flows.flows.base.FlowDistribution.to_base` and
-  :meth:`~pyro_flows.flows.base.FlowDistribution.from_base`): no second implementation of the layers'
-  inverses.
+  image model, or the distribution one returns) over vectors, images or signals, unconditional or conditional
+  (a context vector, class labels, a condition image or feature sequence), multi-scale or not. They take the
+  same path as ``log_prob`` and ``sample`` (:meth:`~pyro_flows.flows.base.FlowDistribution.to_base` and
+  :meth:`~pyro_flows.flows.base.FlowDistribution.from_base`): no second implementation of the layers' inverses.
 - :func:`interpolate`: linear or spherical (slerp) paths between latent points.
 - :func:`attribute_direction` and :func:`shift`: the mean latent point of one group minus another's, and
   a move along it with a strength.
