@@ -320,22 +320,38 @@ def _show(values: Sequence[float], digits: int = 2) -> str:
 
 
 def table(results: dict[str, dict[str, Cell]], digits: int = 2, best_of: Sequence[str] = CLASSICAL) -> str:
-    """A markdown table: rows are tables, columns methods (mean ± sd over seeds), plus the headline's margin
-    over the best of ``best_of`` (positive: the headline is better)."""
+    """A markdown table: rows are tables, columns methods (mean ± sd over seeds; "(n=k)" where a cell has fewer
+    seeds than the most), plus the headline's margin over the best of ``best_of`` (positive: the headline is
+    better) and the worst preset's margin over one Gaussian (negative: a preset falls below it)."""
     methods = list(next(iter(results.values()))) if results else []
+    seeds = max((len(c.values) for row in results.values() for c in row.values()), default=0)
     margin = HEADLINE in methods and any(m in methods for m in best_of)
+    presets = [m for m in PRESETS if m in methods]
+    floor = "gaussian" in methods and bool(presets)
     rivals = "/".join(m for m in best_of if m in methods)
     head = ["table", *methods] + ([f"{HEADLINE} − best of {rivals}"] if margin else [])
+    head += ["worst preset − gaussian"] if floor else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
-        cells = [_show(row[m].values, digits) if row[m].error is None else "n/a" for m in methods]
+        cells = [_cell(row[m], digits, seeds) for m in methods]
         if margin:
             best = [row[m].mean for m in best_of if m in row and row[m].mean is not None]
             ours = row[HEADLINE].mean
             cells.append(f"{ours - max(best):+.{digits}f}" if best and ours is not None else "n/a")
+        if floor:
+            means = [row[m].mean for m in presets if row[m].mean is not None]
+            gaussian = row["gaussian"].mean
+            cells.append(f"{min(means) - gaussian:+.{digits}f}" if means and gaussian is not None else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     errors = [f"{t}/{m}: {c.error}" for t, row in results.items() for m, c in row.items() if c.error]
     return "\n".join(lines + ([""] + [f"n/a {e}" for e in errors] if errors else []))
+
+
+def _cell(cell: Cell, digits: int, seeds: int) -> str:
+    if cell.error is not None:
+        return "n/a"
+    shown = _show(cell.values, digits)
+    return shown + (f" (n={len(cell.values)})" if 0 < len(cell.values) < seeds else "")
 
 
 def seconds_table(results: dict[str, dict[str, Cell]]) -> str:

@@ -68,6 +68,18 @@ def test_bench_merge_and_report(tmp_path, capsys):
     assert "2 seeds" in out and "-2.50 ± 0.71" in out and "+2.50" in out  # nsf - best classical = -2.5 - (-5)
 
 
+def test_table_shows_the_worst_preset_against_the_gaussian_and_short_cells():
+    bench = load_benchmark("bench_tabular")
+    row = {
+        "gaussian": bench.Cell([-3.0, -3.0]),
+        "nsf": bench.Cell([-2.0, -2.2]),
+        "maf": bench.Cell([-3.5]),  # one seed of two
+    }
+    text = bench.table({"t": row})
+    assert "worst preset − gaussian" in text and "| -0.50 |" in text  # maf -3.5 against -3.0
+    assert "-3.50 (n=1)" in text and "-2.10 ± 0.14 |" in text
+
+
 # -- layers ------------------------------------------------------------------------------------------------
 
 
