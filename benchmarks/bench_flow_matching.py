@@ -43,7 +43,7 @@ Metrics:
   straightness (``pf.objectives.straightness``: 0 for straight, constant-speed trajectories) before and after.
 
 Libraries are run in turn (A, B, C, A, B, C, ...) ``--repeats`` times after one short warm-up run each, with
-torch threads fixed (``--threads 1``); times are medians, qualities and NLLs those of the last repeat. Times
+torch threads fixed (``--threads 1``); times, qualities and NLLs are medians over the repeats. Times
 are the process's CPU time by default (``--clock cpu``): on a shared machine, other jobs inflate wall time
 unevenly; with one thread it is the work done (``--clock wall`` for wall time). ``pyro_flows-loop`` is
 pyro_flows' objective in the peers' plain loop, to separate the objective's cost from ``pf.fit``'s. A peer
@@ -411,8 +411,8 @@ class TaskResult:
     target: Optional[float] = None
     seconds: dict[str, list[float]] = field(default_factory=dict)  # time to target, per repeat
     speed: dict[str, list[float]] = field(default_factory=dict)  # steps/s, per repeat
-    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> SW, last repeat
-    nll: dict[str, Optional[float]] = field(default_factory=dict)
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> SW, median of the repeats
+    nll: dict[str, Optional[float]] = field(default_factory=dict)  # median of the repeats
     reflow: dict[str, dict[str, float]] = field(default_factory=dict)  # "before"/"after" -> column -> value
 
 
@@ -459,12 +459,13 @@ def bench_task(name: str, libs: Sequence[str], args: argparse.Namespace, log: Ca
     for lib, lib_runs in runs.items():
         result.seconds[lib] = [s for s in (run.clock.time_to(result.target) for run in lib_runs) if s is not None]
         result.speed[lib] = [run.steps / run.train_seconds for run in lib_runs]
-        last = lib_runs[-1].model
-        result.quality[lib] = quality_row(lib, last, evaluation)
+        rows = [quality_row(lib, run.model, evaluation) for run in lib_runs]
+        result.quality[lib] = {c: statistics.median(row[c] for row in rows) for c in COLUMNS}
         nll = ADAPTERS[lib].nll
-        result.nll[lib] = None if nll is None else nll(last, task, evaluation.target)
+        nlls = [] if nll is None else [nll(run.model, task, evaluation.target) for run in lib_runs]
+        result.nll[lib] = _median(nlls)
     if "pyro_flows" in runs and args.reflow_steps > 0:
-        flow = copy.deepcopy(runs["pyro_flows"][-1].model)
+        flow = copy.deepcopy(runs["pyro_flows"][-1].model)  # the last repeat's
         result.reflow = reflow(flow, task, evaluation, args, args.seed)
     return result
 
