@@ -260,8 +260,8 @@ class NPE:
     (:class:`PosteriorFlowMatching`, Lipman et al. 2023; "FMPE", Dax et al. 2023); its
     ``log_prob`` and samples come from the ODE. Its network (:attr:`cnf_defaults`), objective
     (:meth:`default_flow_matching`) and training (:attr:`cnf_fit_options`) defaults were chosen by measurement:
-    on two moons with 10⁴ simulations the posterior reaches a mean C2ST of 0.56 over 5 observations (it was 0.91
-    with the spline flow's defaults; benchmarks/README.md). Any flow
+    on two moons with 10⁴ simulations the posterior reaches a mean C2ST of 0.55 over 5 observations, each at most
+    0.59 (it was 0.91 with the spline flow's defaults; benchmarks/README.md). Any flow
     that is one ContinuousFlow on a standard normal (e.g. from a callable) trains this way. Sequential rounds
     need the cheap atom log-probs of APT, so continuous flows accept only prior simulations (a ValueError
     otherwise).
@@ -305,7 +305,7 @@ class NPE:
     costly, so training runs until the validation loss stops improving: 1000 epochs is only a cap."""
 
     cnf_fit_options: ClassVar[FitOptions] = FitOptions().replace(
-        max_epochs=200, batch_size=512, lr=2e-3, schedule="cosine", validation_fraction=0.0, patience=None
+        max_epochs=300, batch_size=512, lr=2e-3, schedule="cosine", validation_fraction=0.0, patience=None
     )
     """The defaults of :meth:`train` for a continuous flow (flow matching), chosen by measurement on two moons with
     10⁴ simulations (``benchmarks/bench_sbi.py --task two_moons``, benchmarks/README.md): a fixed number of epochs
