@@ -599,7 +599,7 @@ def peak_memory(op: Callable[[], object], device: str = "cpu") -> int:
 
 def memory_case(row: str, features: int, metric: str, lib: str, device: str = "cpu") -> int:
     """Peak extra bytes of one ``train`` step (batch 512, after a warm-up step: Adam's state exists) or of one
-    ``log_prob`` of a 4096 batch (after a warm-up call), in this process."""
+    ``log_prob`` of a 4096 batch (after a warm-up call), in this process: the median of three calls."""
     torch.manual_seed(0)
     model = BUILDERS[lib](row, features)
     model.module.to(device)
@@ -608,7 +608,7 @@ def memory_case(row: str, features: int, metric: str, lib: str, device: str = "c
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")
         op()  # warm-up: Adam's state, lazily built buffers, the allocator's arenas
-        return peak_memory(op, device)
+        return int(statistics.median(peak_memory(op, device) for _ in range(3)))  # a few KiB of heap noise
 
 
 def calibration_case(mib: float, device: str = "cpu") -> int:

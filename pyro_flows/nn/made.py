@@ -124,7 +124,8 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h = broadcast_cat(self._squash(x), context)
         for layer in self.hidden:
-            h = self.activation(layer(h))
+            h = layer(h)  # rebinding releases the layer's input before the activation allocates its output
+            h = self.activation(h)
         return self.output(h).unflatten(-1, (self.params_per_feature, self.features))
 
     def sequential(

@@ -177,19 +177,31 @@ class RationalQuadraticSpline(ElementwiseMap):
         self.num_params = 3 * self.bins - 1
 
     def _knot_table(self, params: Tensor) -> Tensor:
-        """``(3, K + 1, ...)``: x-knots, y-knots and knot derivatives, bins on axis 1."""
+        r"""``(3, K + 1, ...)``: x-knots, y-knots and knot derivatives, bins on axis 1.
+
+        The interior knots and derivatives are made first and the fixed ends (:math:`\mp B`, derivative 1) put
+        around them by one ``cat``, so that at most one table-sized intermediate is alive with the table.
+        """
         K, B = self.bins, self.bound
-        c = self._clamp
         raw_sizes, raw_derivatives = params.split((2 * K, K - 1), dim=0)
-        raw_sizes = raw_sizes.unflatten(0, (2, K))
-        sizes = torch.softmax(soft_clamp(raw_sizes, c / 2), dim=1)  # bin widths and heights
-        sizes = sizes.mul(2 * B * (1 - self.min_bin_size * K)).add(2 * B * self.min_bin_size)
-        edge = torch.full_like(sizes[:, :1], B)
-        knots = torch.cat((-edge, torch.cumsum(sizes[:, :-1], dim=1).sub(B), edge), dim=1)  # ends exactly at +-B
-        one = torch.ones_like(knots[:1, :1])
-        interior = torch.exp(soft_clamp(raw_derivatives, c))  # zero parameters: 1, the identity
-        derivatives = torch.cat((one, interior.unsqueeze(0), one), dim=1)
-        return torch.cat((knots, derivatives), dim=0)
+        ends = params.new_tensor([[-B, B], [-B, B], [1.0, 1.0]]).reshape((3, 2) + (1,) * (params.dim() - 1))
+        shape = (3, 1, *params.shape[1:])
+        interior = torch.cat(
+            (
+                self._interior_knots(raw_sizes),
+                torch.exp(soft_clamp(raw_derivatives, self._clamp)).unsqueeze(0),  # zero parameters: 1, identity
+            ),
+            dim=0,
+        )
+        return torch.cat((ends[:, :1].expand(shape), interior, ends[:, 1:].expand(shape)), dim=1)
+
+    def _interior_knots(self, raw_sizes: Tensor) -> Tensor:
+        r"""``(2, K - 1, ...)``: the x- and y-knots strictly inside :math:`(-B, B)` (the ends are exactly
+        :math:`\mp B`), from the raw bin widths and heights ``(2K, ...)``."""
+        K, B, m = self.bins, self.bound, self.min_bin_size
+        sizes = torch.softmax(soft_clamp(raw_sizes.unflatten(0, (2, K)), self._clamp / 2), dim=1)
+        sizes = sizes.mul(2 * B * (1 - m * K)).add_(2 * B * m)  # in place: a product by a number saves nothing
+        return torch.cumsum(sizes[:, :-1], dim=1).sub_(B)
 
     @staticmethod
     def _log_derivative(xi: Tensor, slope: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
