@@ -219,14 +219,15 @@ def _inner(kept_shape) -> T.FlowTransform:
     return T.AffineCoupling(kept_shape, mask=T.checkerboard_mask(kept_shape), hidden=HIDDEN)
 
 
+@pytest.mark.parametrize("hidden", [HIDDEN, ()], ids=["cnn", "glow-conv2d-zeros"])
 @pytest.mark.parametrize("shape", [(4, 4, 4), (3, 4, 4)], ids=str)
-def test_split_prior_is_a_gaussian_with_the_conditioners_mean_and_scale(shape):
-    """log p(y) = log p_inner(y_a) + log N(y_b; mu(y_a), e^{2 s(y_a)}), mu and s read off the prior's CNN."""
+def test_split_prior_is_a_gaussian_with_the_conditioners_mean_and_scale(shape, hidden):
+    """log p(y) = log p_inner(y_a) + log N(y_b; mu(y_a), e^{2 s(y_a)}), mu and s read off the prior's network."""
     channels = shape[0]
     kept = channels // 2
     kept_shape = (kept,) + shape[1:]
     torch.manual_seed(0)
-    layer = perturbed(T.FactorOut(shape, _inner(kept_shape), hidden=HIDDEN), scale=0.3)
+    layer = perturbed(T.FactorOut(shape, _inner(kept_shape), hidden=hidden), scale=0.3)
     y = draw((6,) + shape, seed=8, std=1.5)
     log_prob = dist.TransformedDistribution(standard_normal(shape), [layer]).log_prob(y)
 
@@ -261,10 +262,11 @@ def test_factor_out_without_split_prior_leaves_standard_normal_channels():
     assert torch.equal(layer.call_and_ladj(y)[0][:, 2:], y[:, 2:])  # passed through untouched
 
 
-def test_fresh_split_prior_is_standard_normal():
-    """The prior's CNN starts at zero: a fresh FactorOut models the factored channels as N(0, I)."""
+@pytest.mark.parametrize("hidden", [HIDDEN, ()], ids=["cnn", "glow-conv2d-zeros"])
+def test_fresh_split_prior_is_standard_normal(hidden):
+    """The prior's network starts at zero: a fresh FactorOut models the factored channels as N(0, I)."""
     torch.manual_seed(0)
-    layer = T.FactorOut((2, 4, 4), _inner((1, 4, 4)), hidden=HIDDEN).double()
+    layer = T.FactorOut((2, 4, 4), _inner((1, 4, 4)), hidden=hidden).double()
     y = draw((3, 2, 4, 4), seed=11)
     out, ladj = layer.prior.call_and_ladj(y)
     assert torch.equal(out, y) and torch.equal(ladj, torch.zeros(3, dtype=torch.float64))
@@ -518,3 +520,48 @@ def test_unconditional_image_layers_keep_batch_shapes(batch):
         flat_y, flat_ladj = layer.call_and_ladj(x.reshape((-1,) + SHAPE).clone())
         torch.testing.assert_close(y, flat_y.reshape(y.shape), atol=1e-12, rtol=0)
         torch.testing.assert_close(ladj, flat_ladj.reshape(batch), atol=1e-12, rtol=0)
+
+
+# -- Glow's split-prior network and the coupling's two-block split ----------------------------------------------------
+def test_conv2d_zeros_is_one_linear_convolution_with_contexts():
+    """Conv2dZeros = conv2d(x ++ resize(aligned), W, b) + A vector, against F.conv2d and F.interpolate by hand."""
+    from pyro_flows.nn.cnn import Conv2dZeros
+
+    net = perturb(Conv2dZeros(2, 3, context_features=4 + 2, context_shape=(1, 2, 2)), scale=0.3, seed=2).double()
+    x, cond, vector = draw((5, 2, 4, 4), seed=1), draw((5, 1, 2, 2), seed=2), draw((5, 2), seed=3)
+    out = net(x, torch.cat((cond.flatten(1), vector), -1))
+    grown = F.interpolate(cond, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = F.conv2d(torch.cat((x, grown), 1), net.output.weight, net.output.bias, padding=1)
+    expected = expected + (vector @ net.context_bias.weight.T + net.context_bias.bias)[:, :, None, None]
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    assert sum(p.numel() for p in net.parameters()) == 3 * 3 * 9 + 3 + 3 * 2 + 3
+    fresh = Conv2dZeros(2, 3, context_features=2)(torch.randn(5, 2, 4, 4), torch.randn(5, 2))
+    assert torch.equal(fresh, torch.zeros(5, 3, 4, 4))  # zero-initialised: a fresh split prior is N(0, I)
+
+
+def test_glow_split_prior_is_glows_conv2d_zeros():
+    """pf.Glow's split prior is one zero-initialised 3x3 convolution of the kept half, as in Glow's code."""
+    import pyro_flows as pf
+    from pyro_flows.nn.cnn import Conv2dZeros
+
+    model = pf.Glow((1, 8, 8), levels=2, steps=1, hidden_channels=8, pixel_levels=None)
+    priors = [m.prior for m in model.modules() if isinstance(m, T.FactorOut)]
+    assert len(priors) == 1 and isinstance(priors[0].conditioner, Conv2dZeros)
+
+
+@pytest.mark.parametrize("mask", [T.channel_mask(5), T.channel_mask(5, 1)], ids=["second-half", "first-half"])
+def test_channel_coupling_blocks_match_the_gather_scatter_path(mask):
+    """The narrow-and-cat path of a two-block channel mask equals the index_select / index_copy path, in both
+    directions, with a context that broadcasts against the batch."""
+    torch.manual_seed(0)
+    layer = perturbed(T.ConditionalAffineCoupling((5, 4, 4), mask=mask, hidden=HIDDEN, context_features=CONTEXT))
+    assert layer.blocks
+    x, context = draw((3, 1, 5, 4, 4), seed=4), draw((2, CONTEXT), seed=5)
+    fast = layer.call_and_ladj(x, context), layer.inverse_and_ladj(x, context)
+    layer.blocks = False  # the general path, for any boolean mask
+    slow = layer.call_and_ladj(x, context), layer.inverse_and_ladj(x, context)
+    assert fast[0][0].shape == (3, 2, 5, 4, 4)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    interleaved = T.AffineCoupling((4, 4, 4), mask=torch.tensor([True, False, True, False]), hidden=HIDDEN)
+    assert not interleaved.blocks  # not two blocks: gathers

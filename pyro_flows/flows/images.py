@@ -207,7 +207,8 @@ def Glow(
     :class:`~.transforms.AffineCoupling` (channel mask, CNN with
     ``hidden_channels``), and, except at the last level, factors out half the
     channels with a learned Gaussian conditioned on the other half
-    (:class:`~.transforms.FactorOut`); the other half goes on to the next level.
+    (:class:`~.transforms.FactorOut`; its mean and log-scale are one zero-initialised 3×3 convolution of the
+    kept half, :class:`~.nn.cnn.Conv2dZeros`, as in Glow); the other half goes on to the next level.
 
     Integer pixels ``0 .. pixel_levels - 1`` (e.g. 256; 17 for scikit-learn's digits) are modelled by
     :class:`~.dequantization.Dequantized` (``"uniform"`` or ``"variational"`` dequantisation) around a
@@ -266,7 +267,8 @@ def Glow(
 
     def level_chain(layer_context: dict) -> T.Chain:
         at_scale = _steps(steps, hidden, layer_context, _channels, conv=True)
-        return _multiscale(shape, levels, layer_context, _no_layers, at_scale, _squeezed(at_scale), split_prior, hidden)
+        final = _squeezed(at_scale)  # the split prior: Glow's one zero-initialised 3x3 convolution (hidden=())
+        return _multiscale(shape, levels, layer_context, _no_layers, at_scale, final, split_prior, ())
 
     return _image_model("Glow", shape, level_chain, conditioning, pixel_levels, dequantization, alpha)
 

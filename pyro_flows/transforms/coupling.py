@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import CNN, MLP
-from ..nn.cnn import aligned_context_features
+from ..nn.cnn import Conv2dZeros, aligned_context_features
 from ..nn.wavenet import WaveNet
 from .base import Conditional, FlowTransform
 from .maps import Affine, ElementwiseMap, RationalQuadraticSpline, Shift
@@ -55,7 +55,8 @@ class Coupling(FlowTransform):
         features: :math:`D`, a signal shape ``(C, L)`` or an image shape ``(C, H, W)``.
         transform_map: an :class:`~pyro_flows.transforms.maps.ElementwiseMap`.
         mask: which entries are transformed (see above).
-        hidden: widths (channels for images) of the conditioner's hidden layers.
+        hidden: widths (channels for images) of the conditioner's hidden layers; for images ``()`` is one
+            zero-initialised 3×3 convolution (:class:`~pyro_flows.nn.cnn.Conv2dZeros`, Glow's split-prior network).
         context_features: context size (conditional twin only).
         activation: the conditioner's activation.
         residual: residual hidden layers (vector :class:`~pyro_flows.nn.MLP` only).
@@ -118,6 +119,7 @@ class Coupling(FlowTransform):
             raise ValueError(
                 f"{type(self).__name__}: mask must be a boolean {expected} with a True entry, got {tuple(mask.shape)}"
             )
+        self.blocks, self.transformed_first = False, False
         if self.pixelwise:
             self.register_buffer("mask", mask, persistent=False)
             conditioned, transformed = shape[0], shape[0]
@@ -126,6 +128,12 @@ class Coupling(FlowTransform):
             self.register_buffer("transformed_index", torch.nonzero(mask).flatten(), persistent=False)
             transformed = int(mask.sum())
             conditioned = shape[0] - transformed
+            # a mask of two blocks (every channel_mask): narrow views and one cat instead of gathers and a scatter
+            first = bool(mask[0])
+            self.blocks = bool(
+                (mask == (torch.arange(len(mask)) < (transformed if first else conditioned)).eq(first)).all()
+            )
+            self.transformed_first = first
         self.num_transformed = transformed
         out = transformed * transform_map.num_params
         if len(shape) == 1:
@@ -136,6 +144,8 @@ class Coupling(FlowTransform):
             raise ValueError(f"{name}: input_bound is for vectors; images and signals have convolutional conditioners")
         elif len(shape) == 2:
             self.conditioner = WaveNet(conditioned, out, hidden, 3, context_features, context_shape)
+        elif len(tuple(hidden)) == 0:  # Glow's split-prior network: one linear, zero-initialised 3x3 convolution
+            self.conditioner = Conv2dZeros(conditioned, out, context_features, context_shape)
         else:
             self.conditioner = CNN(conditioned, out, hidden, context_features, activation, context_shape)
         self.context_shape = context_shape
@@ -144,6 +154,9 @@ class Coupling(FlowTransform):
         dim = self.split_dim
         if self.pixelwise:
             conditioned, transformed = x.masked_fill(self.mask, 0.0), x
+        elif self.blocks:
+            first, second = x.split(self._block_sizes(), dim)
+            transformed, conditioned = (first, second) if self.transformed_first else (second, first)
         else:
             conditioned = x.index_select(dim, self.identity_index)
             transformed = x.index_select(dim, self.transformed_index)
@@ -156,9 +169,21 @@ class Coupling(FlowTransform):
         if self.pixelwise:
             y = torch.where(self.mask, y_transformed, x)
             log_derivative = log_derivative.masked_fill(~self.mask, 0.0)
+        elif self.blocks:
+            kept = conditioned.expand(batch + conditioned.shape[dim:])
+            y = torch.cat((y_transformed, kept) if self.transformed_first else (kept, y_transformed), dim)
         else:
             y = x.index_copy(dim, self.transformed_index, y_transformed)
         return y, log_derivative.flatten(dim).sum(-1)
+
+    def _block_sizes(self) -> tuple[int, int]:
+        """The sizes of the mask's two blocks along the split axis, in order."""
+        total = self.event_shape[0]
+        return (
+            (self.num_transformed, total - self.num_transformed)
+            if self.transformed_first
+            else (total - self.num_transformed, self.num_transformed)
+        )
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._couple(x, context, inverse=False)

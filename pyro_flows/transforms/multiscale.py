@@ -142,7 +142,8 @@ class FactorOut(FlowTransform):
         shape: image shape ``(C, H, W)``, ``C >= 2``.
         inner: a layer on the kept channels, events ``(C // 2, H, W)`` in and out.
         split_prior: learn the conditional Gaussian of the factored channels.
-        hidden: channels of the split prior's CNN.
+        hidden: channels of the split prior's CNN; ``()``: one zero-initialised 3×3 convolution of the kept
+            channels, as in Glow (:class:`~pyro_flows.nn.cnn.Conv2dZeros`, a fraction of a CNN's cost).
         context_features: context size (conditional twin only); the split prior and
             conditional inner layers see the context.
         context_shape: an aligned context image ``(C_c, H_c, W_c)`` leading the context, which the split
