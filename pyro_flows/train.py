@@ -446,13 +446,17 @@ class _Snapshot:
         self.optimizer: dict[tuple[Tensor, str], Tensor] = {}
 
     @staticmethod
-    def _live(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
-        tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    def _live(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
+        """The modules' parameters and buffers (read from each module's own dicts: a walk of the module tree with
+        ``model.parameters()`` costs more than the copy on small models) and the optimizer's state tensors."""
+        tensors = [
+            t.detach() for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None
+        ]
         state = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items() if isinstance(v, Tensor)}
         return tensors, state
 
-    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        tensors, state = self._live(model, optimizer)
+    def take(self, modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        tensors, state = self._live(modules, optimizer)
         layout = [t.shape for t in tensors] + [(id(p), k, v.shape) for (p, k), v in state.items()]
         if layout == self.layout:
             torch._foreach_copy_([*self.model, *self.optimizer.values()], [*tensors, *state.values()])
@@ -462,8 +466,8 @@ class _Snapshot:
             self.optimizer = {key: v.clone() for key, v in state.items()}
 
     @torch.no_grad()
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        torch._foreach_copy_(self._live(model, optimizer)[0], self.model)
+    def restore(self, modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        torch._foreach_copy_(self._live(modules, optimizer)[0], self.model)
         optimizer.state.clear()
         for (p, k), v in self.optimizer.items():
             optimizer.state[p][k] = v.clone()
@@ -557,6 +561,8 @@ class _Loop:
         self.best_state: Optional[dict[str, Tensor]] = None
         self.epoch_rng = _rng_state(device)
         self.last_good, self.pending = _Snapshot(), _Snapshot()
+        self.modules = list(model.modules())  # walked once: the snapshots read their tensors every step
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.first_step = True
         self.unchecked = not isinstance(source, _TensorSource)  # tensor data are checked whole, before the run
 
@@ -605,7 +611,7 @@ class _Loop:
             self.unchecked = False
         x = x.to(self.device, non_blocking=True)
         context = None if context is None else context.to(self.device, non_blocking=True)
-        self.pending.take(self.model, self.optimizer)
+        self.pending.take(self.modules, self.optimizer)
         total, rows, norm, bad_rows = self.backward(x, context)
         if bad_rows:  # a data error, not a divergence: nothing to recover from
             self.optimizer.zero_grad(set_to_none=True)
@@ -658,7 +664,7 @@ class _Loop:
             raise TypeError(f"fit: the objective must return a scalar tensor, got {_describe(loss)}")
         loss.backward()
         clip = math.inf if self.options.clip_grad is None else self.options.clip_grad
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double().reshape(1)
+        norm = nn.utils.clip_grad_norm_(self.parameters, clip, foreach=True).detach().double().reshape(1)
         rows = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=loss.device)
         sums = _all_sum(torch.cat([loss.detach().double().reshape(1) * rows, rows, bad.to(loss.device)]))
         total, rows_, bad_, norm_ = torch.cat([sums, norm.to(loss.device)]).tolist()
@@ -673,7 +679,7 @@ class _Loop:
                 f"(max_recoveries={self.options.max_recoveries}); each rolled back to the last good state and halved "
                 "the learning rate. Check the data and the objective, or lower lr."
             )
-        self.last_good.restore(self.model, self.optimizer)
+        self.last_good.restore(self.modules, self.optimizer)
         lr = _halve_learning_rate(self.optimizer, self.scheduler)
         h.recoveries += 1
         warnings.warn(
@@ -747,7 +753,7 @@ class _Loop:
     def run(self, bar: tqdm) -> FitHistory:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_good.take(self.model, self.optimizer)
+        self.last_good.take(self.modules, self.optimizer)
         while not self.done():
             if self.train_epoch(bar):
                 self.end_epoch()
@@ -864,8 +870,8 @@ def fit(
     if o.patience is not None and validation is None:
         raise ValueError("fit: patience needs validation data (validation_fraction or validation_data)")
     total = _total_steps(o.max_epochs, o.max_steps, source.steps_per_epoch)
-    optimizer = torch.optim.Adam(
-        (p for p in model.parameters() if p.requires_grad), lr=o.lr, weight_decay=o.weight_decay
+    optimizer = torch.optim.Adam(  # foreach: one kernel call per step for all tensors, on the CPU too
+        (p for p in model.parameters() if p.requires_grad), lr=o.lr, weight_decay=o.weight_decay, foreach=True
     )
     scheduler = _scheduler(o.schedule, optimizer, total)
     with seeded_rng(seed + rank, device):  # the run's own random stream; the caller's is restored after it
