@@ -166,6 +166,9 @@ class DensityEstimator:
             standardised (better on 64-D dequantised digits: 2.33 against 2.78 bits/dim after 30 epochs; a
             fresh flow is a diagonal Gaussian; on wine, NSF -16.5 against -18.3 whitened, see
             ``benchmarks/README.md``).
+        refit: after early stopping on the validation split ``fit`` made, train a fresh flow on all rows for the
+            number of epochs the validation rows chose (twice the time); None: on tables of at most
+            :data:`~pyro_flows.tabular_defaults.REFIT_ROWS` rows, where the split holds out a quarter of them.
         **flow_kwargs: further options of the factory (``bins``, ``bound``, ``mixing``, ...); only JSON-like
             values (numbers, strings, booleans, lists, dicts), so ``save`` can store them.
 
@@ -183,6 +186,8 @@ class DensityEstimator:
             fitted full-covariance Gaussian) on the validation rows by more than a standard error, so that ``fit``
             kept it (and warned).
         whiten\_: whether the fitted flow has the whitening layer.
+        refitted\_: whether the flow was trained again on all rows for the epochs the validation rows chose
+            (``history_`` is the validated run's).
 
     Example:
         >>> X = np.random.default_rng(0).normal(5.0, 100.0, size=(500, 2))
@@ -208,6 +213,7 @@ class DensityEstimator:
     feature_names_in_: list[str]
     kept_start_: bool
     whiten_: bool
+    refitted_: bool
 
     fit_options: ClassVar[FitOptions] = FitOptions().replace(
         max_epochs=200, validation_fraction=0.1, patience=20, seed=0
@@ -236,13 +242,14 @@ class DensityEstimator:
         dtype: Union[str, torch.dtype] = "float32",
         min_scale: float = 1e-6,
         whiten: bool = True,
+        refit: Optional[bool] = None,
         **flow_kwargs: JSONLike,
     ) -> None:
         # stored as given (scikit-learn's convention: fit checks them, clone and set_params rely on it)
         self.flow, self.transforms, self.hidden, self.context = flow, transforms, hidden, context
         self.max_epochs, self.batch_size, self.lr, self.weight_decay = max_epochs, batch_size, lr, weight_decay
         self.validation_fraction, self.patience, self.seed = validation_fraction, patience, seed
-        self.dtype, self.min_scale, self.whiten = dtype, min_scale, whiten
+        self.dtype, self.min_scale, self.whiten, self.refit = dtype, min_scale, whiten, refit
         self._flow_kwargs: dict[str, Any] = {}
         self._set_flow_kwargs(flow_kwargs)
         self._fitted_on = "numpy"
@@ -419,6 +426,7 @@ class DensityEstimator:
             resume=resume,
             options=fit_options.replace(seed=seed),
         )
+        all_targets, all_contexts = inputs[:, target_columns], inputs[:, context_columns] if context_columns else None
         kept_start = False
         if start is not None and held_out is not None:
             gain, error = _validation_gain(start, _log_probs(model, held_out))
@@ -426,7 +434,20 @@ class DensityEstimator:
                 # the starting flow again, now fitted to all rows (the validation rows chose it)
                 kept_start = True
                 _warn_kept_start(self.whiten, len(start), gain, error)
-                model = build(inputs[:, target_columns], inputs[:, context_columns] if context_columns else None)
+                model = build(all_targets, all_contexts)
+        epochs = history.best_epoch
+        refitted = False
+        if not kept_start and epochs is not None and validation_data is None and fit_options.checkpoint is None:
+            refitted = self._refits(len(data))
+        if refitted and epochs is not None:  # the validation rows chose the epochs; the flow learns from all rows
+            model = build(all_targets, all_contexts)
+            fit_flow(
+                model,
+                all_targets,
+                context=all_contexts,
+                objective=objective,
+                options=fit_options.replace(seed=seed, max_epochs=epochs + 1, patience=None),
+            )
         self._set_fitted(
             flow_=model.eval(),
             features_=features,
@@ -439,9 +460,20 @@ class DensityEstimator:
             feature_names_in_=names,
             kept_start_=kept_start,
             whiten_=self.whiten,
+            refitted_=refitted,
         )
         self._fitted_on = "torch" if isinstance(X, Tensor) else "numpy"
         return self
+
+    def _refits(self, rows: int) -> bool:
+        """``refit``, or for None whether the table has at most ``REFIT_ROWS`` rows."""
+        from .tabular_defaults import REFIT_ROWS
+
+        if self.refit is None:
+            return rows <= REFIT_ROWS
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"DensityEstimator: refit must be True, False or None, got {self.refit!r}")
+        return self.refit
 
     def _fit_options(self, defaults: dict[str, Any], options: dict[str, Any]) -> FitOptions:
         """:attr:`fit_options`, then the data's defaults, then the constructor's parameters, then ``options``."""
@@ -646,6 +678,7 @@ class DensityEstimator:
                 "fitted_on": self._fitted_on,
                 "history": _plain_history(self.history_),
                 "kept_start": self.kept_start_,
+                "refitted": self.refitted_,
             },
             path,
             "DensityEstimator",
@@ -721,6 +754,7 @@ class DensityEstimator:
             feature_names_in_=payload.get("feature_names"),
             kept_start_=bool(payload.get("kept_start", False)),  # absent from files saved before it existed
             whiten_=any(isinstance(layer, Whiten) for layer in flow.transforms),
+            refitted_=bool(payload.get("refitted", False)),
         )
         estimator._fitted_on = payload["fitted_on"]
         return estimator
@@ -787,6 +821,7 @@ FITTED_ATTRIBUTES = (
     "feature_names_in_",
     "kept_start_",
     "whiten_",
+    "refitted_",
 )
 
 

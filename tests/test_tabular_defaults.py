@@ -120,10 +120,46 @@ def test_whiten_must_be_a_bool():
 def test_the_whitening_of_a_trained_flow_is_fitted_to_the_training_rows_only():
     rng = np.random.default_rng(0)  # two correlated clusters: training beats the Gaussian at once
     table = np.where(rng.random((200, 1)) < 0.5, -2.0, 2.0) + 0.3 * rng.standard_normal((200, 2)) @ MIX[:2, :2].T
-    estimator = pf.DensityEstimator("nsf", transforms=2, hidden=(16, 16), max_epochs=5, validation_fraction=0.25)
+    estimator = pf.DensityEstimator(
+        "nsf", transforms=2, hidden=(16, 16), max_epochs=5, validation_fraction=0.25, refit=False
+    )
     estimator.fit(table, progress=False)
     assert not estimator.kept_start_
     training = torch.randperm(200, generator=torch.Generator().manual_seed(0))[50:].numpy()  # pyro_flows.fit's split
     (whiten,) = [layer for layer in estimator.flow_.transforms if hasattr(layer, "scale_tril")]
     expected = np.linalg.cholesky(np.corrcoef(table[training].T))
     np.testing.assert_allclose(whiten.scale_tril.numpy(), expected, atol=1e-6)
+
+
+def bimodal(rows: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.where(rng.random((rows, 1)) < 0.5, -2.0, 2.0) + 0.3 * rng.standard_normal((rows, 2))
+
+
+SMALL_NSF = dict(transforms=2, hidden=(16, 16), max_epochs=6, patience=None)
+
+
+def test_a_small_table_is_refitted_on_all_rows_for_the_chosen_epochs():
+    table = bimodal(120)
+    estimator = pf.DensityEstimator("nsf", **SMALL_NSF).fit(table, progress=False)
+    assert estimator.refitted_ and not estimator.kept_start_
+    epochs = estimator.history_.best_epoch + 1  # the validated run's history
+    by_hand = pf.DensityEstimator("nsf", **{**SMALL_NSF, "max_epochs": epochs}, validation_fraction=0)
+    by_hand.fit(table, progress=False)
+    assert not by_hand.refitted_  # no validation rows: nothing to choose epochs with
+    np.testing.assert_array_equal(estimator.score_samples(table), by_hand.score_samples(table))
+    validated = pf.DensityEstimator("nsf", **SMALL_NSF, refit=False).fit(table, progress=False)
+    assert not validated.refitted_
+    assert not np.array_equal(validated.score_samples(table), estimator.score_samples(table))
+
+
+def test_a_large_table_is_not_refitted():
+    from pyro_flows.tabular_defaults import REFIT_ROWS
+
+    estimator = pf.DensityEstimator("nsf", **{**SMALL_NSF, "max_epochs": 2}).fit(bimodal(REFIT_ROWS + 1))
+    assert not estimator.refitted_ and not estimator.kept_start_
+
+
+def test_refit_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="refit must be True, False or None, got 'yes'"):
+        pf.DensityEstimator("nsf", **SMALL_NSF, refit="yes").fit(bimodal(120))
