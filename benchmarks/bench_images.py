@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 LIBS = ("pyro_flows", "normflows")
 CONFIGS = ("unconditional", "class-conditional")
-SHAPE = (1, 8, 8)
+SIZES = (8, 28)  # 8x8: the digits; 28x28: pf.data.upscaled_digits (bilinear, the same 17 levels)
 LEVELS = 17  # grey levels of the digits
 CLASSES = 10
 ALPHA = 0.05  # logit preprocessing, both libraries
@@ -81,23 +81,32 @@ class Model:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def build_pyro_flows(config: str, levels: int, steps: int, hidden_channels: int, split_prior: bool = True) -> Model:
+def build_pyro_flows(
+    config: str,
+    levels: int,
+    steps: int,
+    hidden_channels: int,
+    split_prior: bool = True,
+    shape: Sequence[int] = (1, 8, 8),
+) -> Model:
     import pyro_flows as pf
 
     classes = CLASSES if config == "class-conditional" else None
     options = {"classes": classes, "pixel_levels": LEVELS, "alpha": ALPHA, "split_prior": split_prior}
-    model = pf.Glow(SHAPE, levels, steps, hidden_channels, **options)
+    model = pf.Glow(tuple(shape), levels, steps, hidden_channels, **options)
     flow = model.flow
     if classes is None:
         return Model(model, lambda y, labels: flow().log_prob(y))
     return Model(model, lambda y, labels: flow(labels).log_prob(y))
 
 
-def build_normflows(config: str, levels: int, steps: int, hidden_channels: int) -> Model:
-    """normflows' Glow as in its example notebook (``examples/glow.ipynb``), for ``SHAPE`` images."""
+def build_normflows(
+    config: str, levels: int, steps: int, hidden_channels: int, shape: Sequence[int] = (1, 8, 8)
+) -> Model:
+    """normflows' Glow as in its example notebook (``examples/glow.ipynb``), for images of ``shape``."""
     import normflows as nf
 
-    channels, height, width = SHAPE
+    channels, height, width = shape
     conditional = config == "class-conditional"
     bases, merges, flows = [], [], []
     for i in range(levels):  # i = 0 is the coarsest level (sampling direction)
@@ -121,19 +130,22 @@ def build_normflows(config: str, levels: int, steps: int, hidden_channels: int) 
 BUILDERS = {"pyro_flows": build_pyro_flows, "normflows": build_normflows}
 
 
-def digits_split(test: int = 297, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Integer digit images and labels, split by a fixed permutation into (train X, train y, test X, test y)."""
-    from pyro_flows.data import digit_images
+def digits_split(test: int = 297, seed: int = 0, size: int = 8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer digit images (0..16) and labels, split by a fixed permutation into (train X, train y, test X, test y).
 
-    images, labels = digit_images()
+    ``size=8``: scikit-learn's digits; any other size: :func:`pyro_flows.data.upscaled_digits` (the same images
+    resized bilinearly, the same 17 levels), a stand-in for MNIST-sized images.
+    """
+    from pyro_flows.data import digit_images, upscaled_digits
+
+    images, labels = digit_images() if size == 8 else upscaled_digits(size)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     train, held_out = order[test:], order[:test]
     return images[train], labels[train], images[held_out], labels[held_out]
 
 
-def discrete_bits_per_dim(log_prob: Tensor) -> float:
+def discrete_bits_per_dim(log_prob: Tensor, dims: int) -> float:
     """-(mean log p(y) - D log L) / (D ln 2) for log-densities of y = (x + u) / L on [0, 1]^D."""
-    dims = math.prod(SHAPE)
     return -(log_prob.mean().item() - dims * math.log(LEVELS)) / (dims * math.log(2))
 
 
@@ -152,11 +164,12 @@ def heldout_bits_per_dim(model: Model, images: Tensor, labels: Tensor, draws: in
         log_probs = [
             model.log_prob((images + torch.rand(images.shape, generator=g)) / LEVELS, labels) for _ in range(draws)
         ]
-    return discrete_bits_per_dim(torch.cat(log_probs))
+    return discrete_bits_per_dim(torch.cat(log_probs), images[0].numel())
 
 
 @dataclass
 class Run:
+    size: int
     threads: int
     config: str
     lib: str
@@ -206,7 +219,8 @@ def compare(
     """Train every available library's Glow on the same batches in interleaved chunks; throughput and bits/dim."""
     train_x, train_y, test_x, test_y = data
     builders = builders or BUILDERS
-    runs = {lib: Run(threads, config, lib) for lib in LIBS}
+    shape = tuple(train_x.shape[1:])
+    runs = {lib: Run(shape[-1], threads, config, lib) for lib in LIBS}
     models: dict[str, Model] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for lib in libs:
@@ -214,7 +228,7 @@ def compare(
             log(f"{lib} is not installed: n/a")
             continue
         torch.manual_seed(seed)
-        models[lib] = builders[lib](config, levels, steps, hidden_channels)
+        models[lib] = builders[lib](config, levels, steps, hidden_channels, shape=shape)
         optimizers[lib] = torch.optim.Adam(models[lib].module.parameters(), lr=lr)
         runs[lib].parameters = models[lib].parameters
     g = torch.Generator().manual_seed(seed)
@@ -223,7 +237,7 @@ def compare(
         batches = []
         for _ in range(min(chunk, train_steps - start)):
             index = torch.randint(len(train_x), (batch,), generator=g)
-            u = torch.rand((batch, *SHAPE), generator=g)
+            u = torch.rand((batch, *shape), generator=g)
             batches.append(((train_x[index] + u) / LEVELS, train_y[index]))
         for lib in order:
             seconds = _train_chunk(models[lib], optimizers[lib], batches)
@@ -233,7 +247,7 @@ def compare(
     for lib, model in models.items():
         runs[lib].bits_per_dim = heldout_bits_per_dim(model, test_x, test_y, draws)
         log(
-            f"threads={threads} {config} {lib}: {_fmt(runs[lib].median)} images/s, "
+            f"{shape[-1]}x{shape[-1]} threads={threads} {config} {lib}: {_fmt(runs[lib].median)} images/s, "
             f"held-out {runs[lib].bits_per_dim:.3f} bits/dim after {train_steps} steps"
         )
     return list(runs.values())
@@ -243,55 +257,80 @@ def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def table(runs: Sequence[Run], baseline: float) -> str:
+def table(runs: Sequence[Run], baselines: dict[int, float]) -> str:
+    """The markdown table of ``runs``, with the independent-pixel baseline of each image size in ``baselines``."""
     lines = [
-        "| threads | model | lib | parameters | images/s (median) | images/s (best) | held-out bits/dim |"
+        "| size | threads | model | lib | parameters | images/s (median) | images/s (best) | held-out bits/dim |"
         " pf / nf throughput | pf − nf bits/dim |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         ratio = diff = ""
         if run.lib == "pyro_flows":
-            peer = next(r for r in runs if (r.threads, r.config, r.lib) == (run.threads, run.config, "normflows"))
+            key = (run.size, run.threads, run.config)
+            peer = next(r for r in runs if (r.size, r.threads, r.config, r.lib) == (*key, "normflows"))
             if run.median and peer.median:
                 ratio = f"{run.median / peer.median:.2f}"
             if run.bits_per_dim is not None and peer.bits_per_dim is not None:
                 diff = f"{run.bits_per_dim - peer.bits_per_dim:+.3f}"
         lines.append(
-            f"| {run.threads} | {run.config} | {run.lib} | {_fmt(run.parameters or None)} | {_fmt(run.median)} | "
-            f"{_fmt(run.best)} | {_fmt(run.bits_per_dim, '.3f')} | {ratio} | {diff} |"
+            f"| {run.size}×{run.size} | {run.threads} | {run.config} | {run.lib} | {_fmt(run.parameters or None)} | "
+            f"{_fmt(run.median)} | {_fmt(run.best)} | {_fmt(run.bits_per_dim, '.3f')} | {ratio} | {diff} |"
         )
-    lines.append(f"| | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
+    for size, baseline in baselines.items():
+        lines.append(f"| {size}×{size} | | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
     return "\n".join(lines)
 
 
-def profile(config: str, levels: int, steps: int, hidden_channels: int, batch: int, iterations: int = 20) -> str:
-    """torch.profiler table (top ops by self CPU time) of pf.Glow's training step."""
+def profile(
+    config: str,
+    levels: int,
+    steps: int,
+    hidden_channels: int,
+    batch: int,
+    size: int = 8,
+    lib: str = "pyro_flows",
+    iterations: int = 10,
+    split_prior: bool = True,
+) -> str:
+    """torch.profiler table (top ops by self CPU time) of one library's Glow training step on ``size``×``size`` images."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    train_x, train_y, _, _ = digits_split()
+    train_x, train_y, _, _ = digits_split(size=size)
+    shape = tuple(train_x.shape[1:])
     torch.manual_seed(0)
-    model = build_pyro_flows(config, levels, steps, hidden_channels)
+    options = {"split_prior": split_prior} if lib == "pyro_flows" else {}
+    model = BUILDERS[lib](config, levels, steps, hidden_channels, shape=shape, **options)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=1e-3)
-    y, labels = (train_x[:batch] + torch.rand(batch, *SHAPE)) / LEVELS, train_y[:batch]
+    y, labels = (train_x[:batch] + torch.rand(batch, *shape)) / LEVELS, train_y[:batch]
     _train_chunk(model, optimizer, [(y, labels)] * 3)  # initialise and warm up
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        _train_chunk(model, optimizer, [(y, labels)] * iterations)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        seconds = _train_chunk(model, optimizer, [(y, labels)] * iterations)
+    head = f"{lib} {size}x{size} {config}: {iterations * batch / seconds:,.0f} images/s under the profiler\n"
+    return head + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+
+
+DEFAULTS = {  # per image size: (train steps, chunk, batch); --train-steps, --chunk, --batch override them
+    8: (400, 25, 128),
+    28: (120, 10, 64),
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes: 8 (digits), 28 (upscaled)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="flow steps per level (K)")
     p.add_argument("--hidden-channels", type=int, default=64)
-    p.add_argument("--train-steps", type=int, default=None, help="Adam steps per library (default 400, quick 6)")
-    p.add_argument("--chunk", type=int, default=None, help="steps per timed chunk (default 25, quick 2)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument(
+        "--train-steps", type=int, default=None, help="Adam steps per library (default 8x8: 400, 28x28: 120)"
+    )
+    p.add_argument("--chunk", type=int, default=None, help="steps per timed chunk (default 8x8: 25, 28x28: 10)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default 8x8: 128, 28x28: 64)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--draws", type=int, default=None, help="dequantisation draws for bits/dim (default 8, quick 1)")
     p.add_argument(
@@ -299,43 +338,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="pf.Glow(split_prior=False): a standard normal for the factored-out half, as in normflows' Glow",
     )
-    p.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
-    p.add_argument("--profile", action="store_true", help="profile pf.Glow's training step instead (first --configs)")
+    p.add_argument("--quick", action="store_true", help="tiny run (smoke test): 6 steps in chunks of 2, batch 16")
+    p.add_argument(
+        "--profile", action="store_true", help="profile the training step instead (first --configs, --sizes, --libs)"
+    )
     a = p.parse_args(argv)
-    q = a.quick
     warnings.filterwarnings("ignore", message="torch.lu is deprecated")  # normflows' LU 1x1 convolution
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(a.threads[0])
         if a.profile:
-            print(profile(a.configs[0], a.levels, a.steps, a.hidden_channels, a.batch))
+            batch = a.batch or DEFAULTS.get(a.sizes[0], DEFAULTS[28])[2]
+            args = (a.configs[0], a.levels, a.steps, a.hidden_channels, batch, a.sizes[0], a.libs[0])
+            print(profile(*args, split_prior=not a.no_split_prior))
             return 0
-        data = digits_split()
         builders = dict(BUILDERS)
         if a.no_split_prior:
             builders["pyro_flows"] = functools.partial(build_pyro_flows, split_prior=False)
-        runs = []
-        for n in a.threads:
-            torch.set_num_threads(n)
-            for config in a.configs:
-                runs += compare(
-                    config,
-                    a.libs,
-                    n,
-                    data,
-                    a.levels,
-                    a.steps,
-                    a.hidden_channels,
-                    a.train_steps or (6 if q else 400),
-                    a.chunk or (2 if q else 25),
-                    a.batch,
-                    a.lr,
-                    a.draws or (1 if q else 8),
-                    builders=builders,
-                )
+        runs, baselines, budgets = [], {}, []
+        for size in a.sizes:
+            data = digits_split(size=size)
+            baselines[size] = independent_pixels_bits_per_dim(data[0], data[2])
+            steps, chunk, batch = (6, 2, 16) if a.quick else DEFAULTS.get(size, DEFAULTS[28])
+            steps, chunk, batch = a.train_steps or steps, a.chunk or chunk, a.batch or batch
+            budgets.append(f"{size}x{size}: {steps} steps of batch {batch}")
+            for n in a.threads:
+                torch.set_num_threads(n)
+                for config in a.configs:
+                    runs += compare(
+                        config,
+                        a.libs,
+                        n,
+                        data,
+                        a.levels,
+                        a.steps,
+                        a.hidden_channels,
+                        steps,
+                        chunk,
+                        batch,
+                        a.lr,
+                        a.draws or (1 if a.quick else 8),
+                        builders=builders,
+                    )
         print()
-        print(f"pyro_flows: pf.Glow(split_prior={not a.no_split_prior}); {a.train_steps or (6 if q else 400)} steps")
-        print(table(runs, independent_pixels_bits_per_dim(data[0], data[2])))
+        print(f"pyro_flows: pf.Glow(split_prior={not a.no_split_prior}); " + "; ".join(budgets))
+        print(table(runs, baselines))
     finally:
         torch.set_num_threads(threads)
     return 0
