@@ -1,19 +1,21 @@
-"""Glow on scikit-learn's 8×8 digits: pf.Glow against normflows' Glow, training throughput and held-out bits/dim.
+"""Glow on 8×8 and 28×28 digits: pf.Glow against normflows' Glow, training throughput and held-out bits/dim.
 
-Both models are built with the same ``--levels`` L, ``--steps`` K and
-``--hidden-channels``:
+Images (``--sizes``): 8×8 is scikit-learn's digits; 28×28 is ``pf.data.upscaled_digits()`` (the same
+1,797 digits resized bilinearly to MNIST's size, the same 17 grey levels): a built-in stand-in, not MNIST.
+297 images are held out (a fixed permutation). Both models are built with the same ``--levels`` L (2: 28 → 14
+→ 7), ``--steps`` K and ``--hidden-channels``:
 
-* **pyro_flows**: ``pf.Glow(shape=(1, 8, 8), levels=L, steps=K, hidden_channels=...,
-  pixel_levels=17)`` (its defaults: Glow's split prior, logit preprocessing with
-  alpha = 0.05); the continuous flow on [0, 1], ``model.flow``, is trained.
-  ``--no-split-prior`` builds it with ``split_prior=False`` (the factored-out half is
-  standard normal): then the two models have the same layers and about the same
-  number of parameters; with the split prior pf.Glow has one more CNN per level but the last.
+* **pyro_flows**: ``pf.Glow(shape=(1, S, S), levels=L, steps=K, hidden_channels=...,
+  pixel_levels=17)`` (its defaults: Glow's split prior, one zero-initialised 3×3 convolution of
+  the kept half per level but the last; logit preprocessing with alpha = 0.05); the continuous
+  flow on [0, 1], ``model.flow``, is trained. ``--no-split-prior`` builds it with
+  ``split_prior=False`` (the factored-out half is standard normal).
 * **normflows**: ``nf.MultiscaleFlow`` built as in normflows' Glow example: per level
   K ``nf.flows.GlowBlock(channels, hidden_channels, split_mode="channel",
-  scale=True)`` then ``nf.flows.Squeeze()``, levels joined by ``nf.flows.Merge()``,
-  a Gaussian base per level, and ``transform=nf.transforms.Logit(alpha=0.05)``
-  (the same preprocessing as pf.Glow's).
+  scale=True)`` (ActNorm, LU 1×1 convolution, affine coupling with a 3×3/1×1/3×3 CNN) then
+  ``nf.flows.Squeeze()``, levels joined by ``nf.flows.Merge()``, a learned diagonal Gaussian
+  base per level (its factored-out half is not conditioned on the kept half), and
+  ``transform=nf.transforms.Logit(alpha=0.05)`` (the same preprocessing as pf.Glow's).
 
 Configurations: ``unconditional`` (normflows bases: ``DiagGaussian``) and
 ``class-conditional`` (10 classes; each library conditions the way its Glow does:
@@ -27,6 +29,8 @@ each step is one Adam step (``--lr``, ``--batch``, gradient norm clipped at 5) o
 identically for both from log p of the continuous flow:
 bits/dim = -(log p(y) - D log 17) / (D ln 2), averaged over the held-out images
 and ``--draws`` draws of u (a bound on the discrete bits/dim, see pf.bits_per_dim).
+Equal budget: both libraries take the same steps on the same batches (8×8: 400 steps of 128,
+28×28: 120 steps of 64 unless ``--train-steps`` / ``--batch`` say otherwise).
 
 Timing: the libraries train in interleaved chunks of ``--chunk`` steps on the same
 batches (A B, B A, A B, ...); images/s is the median over chunks (the first chunk,
@@ -36,9 +40,10 @@ installed is ``n/a``.
 
 Usage::
 
-    python benchmarks/bench_images.py                       # threads 1 and 2, both configurations
+    python benchmarks/bench_images.py --threads 1           # 8×8 and 28×28, both configurations
+    python benchmarks/bench_images.py --sizes 28 --configs unconditional
     python benchmarks/bench_images.py --quick --libs pyro_flows
-    python benchmarks/bench_images.py --profile             # torch.profiler of pf.Glow's training step
+    python benchmarks/bench_images.py --profile --sizes 28 --libs normflows   # torch.profiler of a training step
 """
 
 from __future__ import annotations
@@ -293,7 +298,7 @@ def profile(
     iterations: int = 10,
     split_prior: bool = True,
 ) -> str:
-    """torch.profiler table (top ops by self CPU time) of one library's Glow training step on ``size``×``size`` images."""
+    """torch.profiler table (top ops by self CPU time) of one library's Glow training step on ``size``² images."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
