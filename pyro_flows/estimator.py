@@ -321,12 +321,12 @@ class DensityEstimator:
             raise ValueError(f"DensityEstimator: dtype must be a floating torch dtype or its name, got {self.dtype!r}")
         return dtype
 
-    def _data_defaults(self, rows: int, features: int) -> dict[str, Any]:
+    def _data_defaults(self, rows: int, features: int, context: int = 0) -> dict[str, Any]:
         """The values of the parameters left at None for a table of ``rows`` rows and ``features`` targets:
         ``transforms``, ``hidden``, fields of :class:`~pyro_flows.FitOptions`, or options of the factory."""
         from .tabular_defaults import tabular_defaults
 
-        return tabular_defaults(self.flow, rows, features)
+        return tabular_defaults(self.flow, rows, features, context)
 
     # -- fitting ----------------------------------------------------------------
     def fit(
@@ -367,7 +367,7 @@ class DensityEstimator:
         context_columns = _resolve_columns(self.context, names, data.shape[1])
         target_columns = [c for c in range(data.shape[1]) if c not in set(context_columns)]
         features = len(target_columns)
-        defaults = self._data_defaults(len(data), features)
+        defaults = self._data_defaults(len(data), features, len(context_columns))
         fit_options = self._fit_options(defaults, options)
         if validation_data is None and fit_options.validation_fraction:
             _check_validation_split(len(data), fit_options.validation_fraction)

@@ -26,7 +26,7 @@ AFFINE_LOG_SCALE_BOUND = 1.5
 """Their per-layer log-scale bound (the layers' own default is 3)."""
 
 
-def tabular_defaults(flow: str, rows: int, features: int) -> dict[str, Any]:
+def tabular_defaults(flow: str, rows: int, features: int, context: int = 0) -> dict[str, Any]:
     r"""Architecture and training options of a :class:`~pyro_flows.DensityEstimator` of ``flow`` fitted to a
     table of ``rows`` rows and ``features`` target columns: the values its parameters left at None take.
 
@@ -76,6 +76,9 @@ def tabular_defaults(flow: str, rows: int, features: int) -> dict[str, Any]:
         flow: a name of :data:`~pyro_flows.flows.FLOWS`.
         rows: rows of the table (validation rows included), >= 1.
         features: target columns, >= 1.
+        context: context columns (a conditional model keeps the former weight decay, 1e-2, and the affine layers'
+            own log-scale bound: a conditional density can be far narrower than the standardised marginal, so
+            the scales the bound of 1.5 allows may be too few).
 
     Example:
         >>> tabular_defaults("nsf", rows=569, features=30)["batch_size"]
@@ -96,6 +99,8 @@ def tabular_defaults(flow: str, rows: int, features: int) -> dict[str, Any]:
     }
     if flow in CONTINUOUS:  # not measured here: the vector field keeps its former size and no weight decay
         return {"transforms": 5, "hidden": (128, 128), **training}
+    if context:  # p(y | x) is not measured here: the former weight decay, the layers' own log-scale bound
+        return {"transforms": 5, "hidden": (width, width), "input_bound": 3.0, **training, "weight_decay": 1e-2}
     if flow in AFFINE:  # scales that cannot blow a row between the training rows far into the tails
         return {
             "transforms": 5,

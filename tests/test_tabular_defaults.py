@@ -163,3 +163,9 @@ def test_a_large_table_is_not_refitted():
 def test_refit_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="refit must be True, False or None, got 'yes'"):
         pf.DensityEstimator("nsf", **SMALL_NSF, refit="yes").fit(bimodal(120))
+
+
+def test_a_conditional_model_keeps_the_former_decay_and_bound():
+    conditional = tabular_defaults("maf", 600, 1, context=1)
+    assert conditional["weight_decay"] == 1e-2 and "log_scale_bound" not in conditional
+    assert tabular_defaults("maf", 600, 1)["log_scale_bound"] == 1.5
