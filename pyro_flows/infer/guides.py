@@ -202,6 +202,15 @@ class AutoFlowGuide(AutoContinuous):
     guides against AutoMultivariateNormal"). Rezende & Mohamed (2015),
     *Variational inference with normalizing flows*; Kucukelbir et al. (2017), ADVI.
 
+    Measured there against NUTS, under one schedule for both (3000 one-draw steps, step size 1e-2 decaying
+    to 1e-3): a lower PSIS :math:`\hat k` than ``AutoMultivariateNormal`` on eight schools (centred and
+    non-centred), a linear regression and Neal's funnel, and better moments where the posterior is far
+    from Gaussian; but on near-Gaussian posteriors the last iterate's means are further off (0.20-0.25
+    posterior sd against 0.12; on the non-centred funnel, a Gaussian posterior, also :math:`\hat k` 0.27
+    against 0.20): the flow's tens of thousands of weights each move by about the step size
+    at every step, so at the same step size it wanders more. There, prefer ``AutoMultivariateNormal`` or a
+    smaller flow (``transforms=2``: 0.12 instead of 0.20 in one run).
+
     Sampling uses the flow's one-pass direction (see :func:`named_flow`) and
     ``log q`` of the sample is served by the flow distribution's memo of its last
     sample (never stale: keyed on the parameters' versions): no second pass and no sequential inverse.
