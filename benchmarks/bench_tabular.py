@@ -323,7 +323,7 @@ def table(results: dict[str, dict[str, Cell]], digits: int = 2, best_of: Sequenc
     """A markdown table: rows are tables, columns methods (mean ± sd over seeds; "(n=k)" where a cell has fewer
     seeds than the most), plus the headline's margin over the best of ``best_of`` (positive: the headline is
     better) and the worst preset's margin over one Gaussian (negative: a preset falls below it)."""
-    methods = list(next(iter(results.values()))) if results else []
+    methods = _methods(results)
     seeds = max((len(c.values) for row in results.values() for c in row.values()), default=0)
     margin = HEADLINE in methods and any(m in methods for m in best_of)
     presets = [m for m in PRESETS if m in methods]
@@ -333,22 +333,27 @@ def table(results: dict[str, dict[str, Cell]], digits: int = 2, best_of: Sequenc
     head += ["worst preset − gaussian"] if floor else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
-        cells = [_cell(row[m], digits, seeds) for m in methods]
+        cells = [_cell(row.get(m, Cell()), digits, seeds) for m in methods]
         if margin:
             best = [row[m].mean for m in best_of if m in row and row[m].mean is not None]
-            ours = row[HEADLINE].mean
+            ours = row.get(HEADLINE, Cell()).mean
             cells.append(f"{ours - max(best):+.{digits}f}" if best and ours is not None else "n/a")
         if floor:
-            means = [row[m].mean for m in presets if row[m].mean is not None]
-            gaussian = row["gaussian"].mean
+            means = [row[m].mean for m in presets if m in row and row[m].mean is not None]
+            gaussian = row.get("gaussian", Cell()).mean
             cells.append(f"{min(means) - gaussian:+.{digits}f}" if means and gaussian is not None else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     errors = [f"{t}/{m}: {c.error}" for t, row in results.items() for m, c in row.items() if c.error]
     return "\n".join(lines + ([""] + [f"n/a {e}" for e in errors] if errors else []))
 
 
+def _methods(results: dict[str, dict[str, Cell]]) -> list[str]:
+    """Every method of any table, in the order they first appear."""
+    return list(dict.fromkeys(m for row in results.values() for m in row))
+
+
 def _cell(cell: Cell, digits: int, seeds: int) -> str:
-    if cell.error is not None:
+    if cell.error is not None or not cell.values:
         return "n/a"
     shown = _show(cell.values, digits)
     return shown + (f" (n={len(cell.values)})" if 0 < len(cell.values) < seeds else "")
@@ -356,10 +361,10 @@ def _cell(cell: Cell, digits: int, seeds: int) -> str:
 
 def seconds_table(results: dict[str, dict[str, Cell]]) -> str:
     """Median fit-and-score seconds per method and table."""
-    methods = list(next(iter(results.values()))) if results else []
+    methods = _methods(results)
     lines = ["| table | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for name, row in results.items():
-        times = [f"{statistics.median(row[m].seconds):.1f}" if row[m].seconds else "n/a" for m in methods]
+        times = [f"{statistics.median(row[m].seconds):.1f}" if m in row and row[m].seconds else "n/a" for m in methods]
         lines.append(f"| {name} | " + " | ".join(times) + " |")
     return "\n".join(lines)
 
