@@ -17,6 +17,9 @@ the same wall-clock time on the same machine, whatever its cost per step. ``--co
 both on the digit's label (a learned embedding: in the U-Net's time embedding; in every coupling and split prior
 of Glow).
 
+``--sizes 28`` runs the same at 28×28 on ``pf.data.upscaled_digits`` (the digits resized, 17 levels; Glow with 2
+levels, 28 → 14 → 7; a U-Net of widths 16, 32, 32; batch 64, 150 s each).
+
 Held-out bits/dim of the discrete images (297 held out, the split of ``bench_images.py``): the mean over the
 images and ``--probes`` evaluation passes of -(log p(y) - D log 17) / (D ln 2), a bound on the discrete bits/dim
 (see ``pf.bits_per_dim``); each pass draws a fresh dequantisation u (the same u for both models) and, for the
@@ -29,6 +32,7 @@ Usage::
 
     python benchmarks/bench_image_fm.py                                # 90 s each, unconditional, ~6 min
     python benchmarks/bench_image_fm.py --configs unconditional class-conditional
+    python benchmarks/bench_image_fm.py --sizes 28 --probes 1                  # 28×28
     python benchmarks/bench_image_fm.py --quick                        # seconds
 """
 
@@ -51,8 +55,9 @@ images_bench = importlib.import_module("bench_images")  # the digits split, Glow
 
 METHODS = ("flow matching (U-Net)", "Glow")
 CONFIGS = images_bench.CONFIGS
-SHAPE, LEVELS, CLASSES, CLIP = images_bench.SHAPE, images_bench.LEVELS, images_bench.CLASSES, images_bench.CLIP
-DIMS = math.prod(SHAPE)
+LEVELS, CLASSES, CLIP = images_bench.LEVELS, images_bench.CLASSES, images_bench.CLIP
+SIZES = images_bench.SIZES  # 8: the digits; 28: pf.data.upscaled_digits
+DEFAULTS = {8: (90.0, 128, (16, 32)), 28: (150.0, 64, (16, 32, 32))}  # per size: budget s, batch, U-Net widths
 
 
 @dataclass
@@ -71,11 +76,13 @@ class Trainee:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def build_flow_matching(config: str, channels: Sequence[int], tol: float, alpha: Optional[float] = 0.05) -> Trainee:
+def build_flow_matching(
+    config: str, shape: Sequence[int], channels: Sequence[int], tol: float, alpha: Optional[float] = 0.05
+) -> Trainee:
     import pyro_flows as pf
 
     classes = CLASSES if config == "class-conditional" else None
-    flow = pf.ImageCNF(SHAPE, channels=tuple(channels), classes=classes, alpha=alpha, atol=tol, rtol=tol)
+    flow = pf.ImageCNF(tuple(shape), channels=tuple(channels), classes=classes, alpha=alpha, atol=tol, rtol=tol)
     objective = pf.FlowMatching()
 
     def distribution(labels: Tensor):
@@ -89,8 +96,8 @@ def build_flow_matching(config: str, channels: Sequence[int], tol: float, alpha:
     )
 
 
-def build_glow(config: str, levels: int, steps: int, hidden_channels: int) -> Trainee:
-    glow = images_bench.build_pyro_flows(config, levels, steps, hidden_channels)
+def build_glow(config: str, shape: Sequence[int], levels: int, steps: int, hidden_channels: int) -> Trainee:
+    glow = images_bench.build_pyro_flows(config, levels, steps, hidden_channels, shape=tuple(shape))
     return Trainee(METHODS[1], glow.module, lambda y, labels: -glow.log_prob(y, labels).mean(), glow.log_prob)
 
 
@@ -116,7 +123,7 @@ def _batches(train_x: Tensor, train_y: Tensor, batch: int, seed: int) -> Callabl
 
     def draw() -> tuple[Tensor, Tensor]:
         index = torch.randint(len(train_x), (batch,), generator=g)
-        return (train_x[index] + torch.rand((batch, *SHAPE), generator=g)) / LEVELS, train_y[index]
+        return (train_x[index] + torch.rand((batch, *train_x.shape[1:]), generator=g)) / LEVELS, train_y[index]
 
     return draw
 
@@ -136,9 +143,9 @@ class Result:
     exact: Optional[tuple[float, float]] = None  # (exact-trace bits/dim, Hutchinson's) on the same rows
 
 
-def _bits(log_prob: Tensor) -> Tensor:
-    """Per-row discrete bits/dim of log-densities of y = (x + u) / L."""
-    return -(log_prob - DIMS * math.log(LEVELS)) / (DIMS * math.log(2))
+def _bits(log_prob: Tensor, dims: int) -> Tensor:
+    """Per-row discrete bits/dim of log-densities of y = (x + u) / L on ``dims`` dimensions."""
+    return -(log_prob - dims * math.log(LEVELS)) / (dims * math.log(2))
 
 
 def heldout_bits(trainee: Trainee, images: Tensor, labels: Tensor, passes: int, seed: int = 1) -> Tensor:
@@ -147,7 +154,10 @@ def heldout_bits(trainee: Trainee, images: Tensor, labels: Tensor, passes: int, 
     with torch.no_grad():
         return torch.stack(
             [
-                _bits(trainee.log_prob((images + torch.rand(images.shape, generator=g)) / LEVELS, labels))
+                _bits(
+                    trainee.log_prob((images + torch.rand(images.shape, generator=g)) / LEVELS, labels),
+                    images[0].numel(),
+                )
                 for _ in range(passes)
             ]
         )
@@ -184,7 +194,9 @@ def compare(
     """Train both models for ``budget`` seconds each in interleaved chunks; held-out bits/dim of each."""
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(seed)
-    trainees = [build_flow_matching(config, channels, tol, alpha), build_glow(config, *glow)]
+    shape = tuple(train_x.shape[1:])
+    trainees = [build_flow_matching(config, shape, channels, tol, alpha), build_glow(config, shape, *glow)]
+    label = f"{shape[1]}×{shape[2]} {config}"
     optimizers = [torch.optim.Adam(t.module.parameters(), lr=lr) for t in trainees]
     streams = [_batches(train_x, train_y, batch, seed) for _ in trainees]
     order = [0, 1]
@@ -199,7 +211,7 @@ def compare(
         elapsed = time.perf_counter() - start
         nfe = trainee.module.transforms[0].nfe if trainee.name == METHODS[0] else None
         result = Result(
-            config,
+            label,
             trainee.name,
             trainee.parameters,
             trainee.steps,
@@ -213,14 +225,15 @@ def compare(
         if exact_rows and trainee.name == METHODS[0]:
             result.exact = _exact_vs_hutchinson(trainee, test_x[:exact_rows], test_y[:exact_rows], probes)
         log(
-            f"{config} {trainee.name}: {trainee.steps} steps in {trainee.seconds:.0f} s, held-out "
+            f"{label} {trainee.name}: {trainee.steps} steps in {trainee.seconds:.0f} s, held-out "
             f"{result.bits_per_dim:.3f} ± {result.stderr:.3f} bits/dim (evaluated in {elapsed:.0f} s)"
         )
         results.append(result)
     return results
 
 
-def table(results: Sequence[Result], baseline: float) -> str:
+def table(results: Sequence[Result], baselines: dict[int, float]) -> str:
+    """The results as a Markdown table; ``baselines``: the independent-pixel bits/dim per image size."""
     lines = [
         "| model | method | parameters | training s | steps | images/s | held-out bits/dim | eval s (NFE) "
         "| FM − Glow bits/dim |",
@@ -237,7 +250,8 @@ def table(results: Sequence[Result], baseline: float) -> str:
             f"{r.images_per_second:,.0f} | {r.bits_per_dim:.3f} ± {r.stderr:.3f} | "
             f"{r.eval_seconds:.0f}{nfe} | {diff} |"
         )
-    lines.append(f"| | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
+    for size, baseline in baselines.items():
+        lines.append(f"| {size}×{size} | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
     for r in results:
         if r.exact is not None:
             lines.append(
@@ -250,11 +264,12 @@ def table(results: Sequence[Result], baseline: float) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["unconditional"], choices=CONFIGS)
-    p.add_argument("--budget", type=float, default=None, help="training seconds per model (default 90, quick 1)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[8], choices=SIZES, help="8: digits; 28: upscaled digits")
+    p.add_argument("--budget", type=float, default=None, help="training s per model (default 90 at 8x8, 150 at 28x28)")
     p.add_argument("--chunk", type=float, default=None, help="seconds per interleaved chunk (default 10, quick 0.5)")
-    p.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net widths (default 16 32, quick 4 8)")
+    p.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net widths (default 16 32 [32])")
     p.add_argument("--glow", type=int, nargs=3, default=None, metavar=("LEVELS", "STEPS", "HIDDEN"))
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default 128 at 8x8, 64 at 28x28")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--probes", type=int, default=None, help="evaluation passes (u and probe) (default 4, quick 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="the ODE solver's atol = rtol for the likelihood")
@@ -267,27 +282,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(a.threads)
-        data = images_bench.digits_split()
-        if q:
-            data = (*data[:2], data[2][:16], data[3][:16])
-        results = []
-        for config in a.configs:
-            results += compare(
-                config,
-                data,
-                a.budget or (1.0 if q else 90.0),
-                a.chunk or (0.5 if q else 10.0),
-                a.channels or ((4, 8) if q else (16, 32)),
-                tuple(a.glow or ((1, 1, 8) if q else (2, 4, 64))),
-                a.batch,
-                a.lr,
-                a.probes or (1 if q else 4),
-                1e-2 if q else a.tol,
-                a.exact_rows,
-                None if a.no_logit else 0.05,
-            )
+        results, baselines = [], {}
+        for size in a.sizes:
+            budget, batch, channels = DEFAULTS[size]
+            data = images_bench.digits_split(size=size)
+            if q:
+                data = (*data[:2], data[2][:16], data[3][:16])
+            baselines[size] = images_bench.independent_pixels_bits_per_dim(data[0], data[2])
+            for config in a.configs:
+                results += compare(
+                    config,
+                    data,
+                    a.budget or (1.0 if q else budget),
+                    a.chunk or (0.5 if q else 10.0),
+                    a.channels or ((4, 8) if q else channels),
+                    tuple(a.glow or ((1, 1, 8) if q else (2, 4, 64))),
+                    a.batch or batch,
+                    a.lr,
+                    a.probes or (1 if q else 4),
+                    1e-2 if q else a.tol,
+                    a.exact_rows,
+                    None if a.no_logit else 0.05,
+                )
         print()
-        print(table(results, images_bench.independent_pixels_bits_per_dim(data[0], data[2])))
+        print(table(results, baselines))
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -19,7 +19,7 @@ def test_quick_compare_and_table():
         assert math.isfinite(r.bits_per_dim) and r.bits_per_dim > 0 and r.stderr > 0
     flow_matching = results[0]
     assert flow_matching.nfe > 0 and all(math.isfinite(b) for b in flow_matching.exact)
-    text = bench.table(results, bench.images_bench.independent_pixels_bits_per_dim(train_x, test_x))
+    text = bench.table(results, {8: bench.images_bench.independent_pixels_bits_per_dim(train_x, test_x)})
     assert "flow matching (U-Net)" in text and "Glow" in text and "categorical" in text and "exact-trace" in text
 
 
@@ -29,10 +29,10 @@ def test_bits_per_dim_match_pf_and_bench_images():
 
     bench = load_benchmark("bench_image_fm")
     log_prob = torch.tensor([-10.0, 25.0, 3.0], dtype=torch.float64)
-    assert abs(bench._bits(log_prob).mean().item() - pf.bits_per_dim(log_prob, 64, levels=17)) < 1e-9
+    assert abs(bench._bits(log_prob, 64).mean().item() - pf.bits_per_dim(log_prob, 64, levels=17)) < 1e-9
     _, _, test_x, test_y = bench.images_bench.digits_split(test=16)
     torch.manual_seed(0)
-    glow = bench.build_glow("unconditional", 1, 1, 8)
+    glow = bench.build_glow("unconditional", (1, 8, 8), 1, 1, 8)
     reference = bench.images_bench.heldout_bits_per_dim(
         bench.images_bench.Model(glow.module, glow.log_prob), test_x, test_y, draws=2
     )

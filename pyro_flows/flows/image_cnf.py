@@ -64,7 +64,8 @@ def ImageCNF(
         shape: ``(C, H, W)``.
         channels: the U-Net's widths per level.
         classes, context, embedding_features, context_shape, context_channels: the conditioning (above).
-        trace: ``"hutchinson"`` (default) or ``"exact"``.
+        trace: ``"hutchinson"`` (default) or ``"exact"`` (then the U-Net normalises by
+            :class:`~.nn.unet.LayerNormGroups`, so that maximum-likelihood training can batch the exact trace).
         alpha: the logit preprocessing of data in :math:`[0, 1]` (above); None: none, for data of any range.
         time_features: size of the U-Net's sinusoidal time embedding.
 
@@ -91,7 +92,7 @@ def ImageCNF(
         "ImageCNF", classes, context, embedding_features, context_shape, context_channels
     )
     try:
-        net = UNet(shape, channels, time_features=time_features, **layer_context)
+        net = UNet(shape, channels, time_features=time_features, batched_jacobian=trace == "exact", **layer_context)
     except ValueError as error:
         raise ValueError(f"ImageCNF: {str(error).removeprefix('UNet: ')}") from None
     cls = T.ConditionalContinuousFlow if features else T.ContinuousFlow
