@@ -814,6 +814,50 @@ def profile(row: str, features: int, metric: str = "train", threads: int = 2, st
     return "\n".join(lines)
 
 
+def profile_memory(row: str, features: int, metric: str = "train", lib: str = "pyro_flows", limit: int = 12) -> str:
+    """Where one call of ``metric`` allocates: torch.profiler's ops by self CPU memory (``profile_memory=True``)
+    and, for ``train``, the tensors autograd keeps for backward, by the source line that made them."""
+    import collections
+    import traceback
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = BUILDERS[lib](row, features)
+    op, _ = _make_op(model, metric, features, Config(pool=2), seed=1)
+    op()
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        op()
+    lines = [f"{lib} {row} D={features} {metric}: ops by self CPU memory (one call)"]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    lines.append(by_shape.table(sort_by="self_cpu_memory_usage", row_limit=limit, max_shapes_column_width=50))
+    if metric != "train":
+        return "\n".join(lines)
+    x = torch.randn(Config().train_batch, features)
+    kept = [*model.module.parameters(), *model.module.buffers(), x]  # alive anyway: not counted
+    parameters = {t.untyped_storage().data_ptr() for t in kept}
+    saved: dict[int, tuple[int, str]] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
+            frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename]
+            where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+            saved[storage.data_ptr()] = (storage.nbytes(), f"{where} {tuple(t.shape)}")
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = -model.log_prob(x).mean()
+    total = collections.Counter()
+    for nbytes, where in saved.values():
+        total[where] += nbytes
+    lines.append(f"kept for backward (besides parameters, buffers and the input): {sum(total.values()) / MIB:.2f} MiB")
+    lines += [f"  {nbytes / 2**10:9.0f} KiB  {where}" for where, nbytes in total.most_common(limit)]
+    del loss
+    return "\n".join(lines)
+
+
 # -- CLI --------------------------------------------------------------------------
 
 
@@ -830,6 +874,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write raw results to this file")
     p.add_argument("--profile", choices=ROWS, default=None, help="only profile pyro_flows on this row (first D)")
     p.add_argument("--profile-metric", choices=METRICS, default="train")
+    p.add_argument(
+        "--profile-memory", choices=ROWS, default=None, help="where the first of --libs allocates on this row (first D)"
+    )
     p.add_argument("--compile", action="store_true", help=f"add pyro_flows compiled (pf.compile_flow) as {COMPILED}")
     p.add_argument("--device", default="cpu", help="torch device of the models and data (cpu, cuda, cuda:1, ...)")
     p.add_argument(
@@ -845,6 +892,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             row, features, metric, lib = args.memory_case
             print(memory_case(row, int(features), metric, lib, args.device))
+        return 0
+    if args.profile_memory:
+        torch.set_num_threads(args.threads)
+        print(profile_memory(args.profile_memory, args.dims[0], args.profile_metric, args.libs[0]))
         return 0
     if args.profile:
         print(profile(args.profile, args.dims[0], args.profile_metric, args.threads))

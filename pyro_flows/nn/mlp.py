@@ -22,11 +22,32 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
     smooth, monotone, with gradients that never vanish abruptly as a hard clamp's do, and a few cheap elementwise
     ops (cheaper than ``tanh``).
 
+    Its derivative is :math:`(1 + |x|/b)^{-2} = (1 - |y|/b)^2`: backward keeps only the output :math:`y`, not
+    the input and the denominator (a flow layer's raw parameters are then freed after its forward pass).
+
     Example:
         >>> soft_clamp(torch.tensor([0.0, 1.0, 1e6]), 3.0)
         tensor([0.0000, 0.7500, 3.0000])
     """
-    return x / (1 + x.abs() / bound)
+    return _SoftClamp.apply(x, bound)
+
+
+class _SoftClamp(torch.autograd.Function):
+    """:func:`soft_clamp` with a backward from its output alone (twice differentiable)."""
+
+    @staticmethod
+    def forward(x: Tensor, bound: float) -> Tensor:
+        return x / x.abs().div_(bound).add_(1)  # in place on the fresh |x|
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.bound = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y.abs() / ctx.bound).square(), None
 
 
 def check_input_bound(input_bound: Optional[float], name: str) -> Optional[float]:
@@ -98,6 +119,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h = broadcast_cat(x if self.input_bound is None else soft_clamp(x, self.input_bound), context)
         for i, layer in enumerate(self.hidden):
-            z = self.activation(layer(h))
-            h = h + z if self.residual and i > 0 and z.shape[-1] == h.shape[-1] else z
+            if self.residual and i > 0 and layer.out_features == h.shape[-1]:
+                h = h + self.activation(layer(h))
+            else:
+                h = layer(h)  # rebinding releases the layer's input before the activation allocates its output
+                h = self.activation(h)
         return self.output(h)
