@@ -358,6 +358,8 @@ class DensityEstimator:
         dtype = self.torch_dtype
         if not isinstance(self.whiten, bool):
             raise ValueError(f"DensityEstimator: whiten must be True or False, got {self.whiten!r}")
+        if self.refit is not None and not isinstance(self.refit, bool):
+            raise ValueError(f"DensityEstimator: refit must be True, False or None, got {self.refit!r}")
         names = _column_names(X, feature_names)
         data = self._check_rows(X, "fit")
         if names is not None and len(names) != data.shape[1]:
@@ -469,11 +471,7 @@ class DensityEstimator:
         """``refit``, or for None whether the table has at most ``REFIT_ROWS`` rows."""
         from .tabular_defaults import REFIT_ROWS
 
-        if self.refit is None:
-            return rows <= REFIT_ROWS
-        if not isinstance(self.refit, bool):
-            raise ValueError(f"DensityEstimator: refit must be True, False or None, got {self.refit!r}")
-        return self.refit
+        return rows <= REFIT_ROWS if self.refit is None else bool(self.refit)
 
     def _fit_options(self, defaults: dict[str, Any], options: dict[str, Any]) -> FitOptions:
         """:attr:`fit_options`, then the data's defaults, then the constructor's parameters, then ``options``."""
