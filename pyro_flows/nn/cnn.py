@@ -243,8 +243,8 @@ class CNN(nn.Module):
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
         for i, layer in enumerate(self.hidden):
             h = layer(h)
-            if i == 0 and self.context_bias is not None:
-                h = h + self.context_bias(vector)[:, :, None, None]
+            if i == 0 and self.context_bias is not None:  # in place: a convolution does not save its output
+                h = h.add_(self.context_bias(vector)[:, :, None, None])
             h = self.activation(h)
         out = self.output(h)
         return out.reshape(batch + out.shape[1:])
