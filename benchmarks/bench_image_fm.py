@@ -26,7 +26,8 @@ images and ``--probes`` evaluation passes of -(log p(y) - D log 17) / (D ln 2), 
 CNF, a fresh Rademacher probe of Hutchinson's trace estimator, so the mean is also over probes. The CNF's
 likelihood is the ODE's (dopri5, ``--tol`` absolute and relative tolerance); ± is the standard error of the mean
 over images × passes. ``--exact-rows N`` also scores the first N held-out images with the exact trace (64
-vector-Jacobian products per evaluation: slow on a CPU, ~4 s an image) next to Hutchinson's on the same rows.
+vector-Jacobian products per evaluation: slow on a CPU, ~4 s an image per 130 evaluations) next to Hutchinson's on
+the same rows.
 
 Usage::
 
