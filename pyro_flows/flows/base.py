@@ -303,7 +303,8 @@ class Flow(nn.Module):
             check_shape(name, parts[0], (self.context_features,), "context")
         elif not all(isinstance(part, Tensor) for part in parts):
             raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
-        if not all(bool(torch.isfinite(part).all()) for part in parts):
+        # under torch.compile (pf.compile_flow) the check would break the graph: compiled calls do not validate
+        if not torch.compiler.is_compiling() and not all(bool(torch.isfinite(part).all()) for part in parts):
             raise ValueError(f"{name}: the context has NaN or inf entries")
         if self.embedding is None:
             return parts[0]

@@ -182,8 +182,9 @@ class FlowMatching:
         layer = continuous_flow_of(model, len(tail))
         flow = cast(Flow, getattr(model, "module", model))  # a Flow: continuous_flow_of checked it
         pairs = self.coupling == "pairs"
-        if x.dim() != (3 if pairs else 2) or (pairs and x.shape[1] != 2):
-            expected = "fixed pairs (N, 2, D)" if pairs else "rows (N, D)"
+        event = "D" if len(layer.event_shape) == 1 else ", ".join(map(str, layer.event_shape))
+        if x.dim() != (2 if pairs else 1) + len(layer.event_shape) or (pairs and x.shape[1] != 2):
+            expected = f"fixed pairs (N, 2, {event})" if pairs else f"rows (N, {event})"
             raise ValueError(f"FlowMatching: x must be {expected}, got shape {tuple(x.shape)}")
         if model is not flow:
             model() if context is None else model(context)  # through the DDP wrapper, which then syncs the gradients
@@ -199,6 +200,9 @@ class FlowMatching:
         with torch.no_grad():  # the data at the ODE's end: through the fixed layers' inverses
             for fixed in reversed(tail):
                 x = fixed.inv(x)
+        x = x.reshape(n, -1)  # events as rows (images flattened): what the field sees inside the ODE too
+        if pairs:
+            z0 = z0.reshape(n, -1)
         if not pairs:
             z0 = torch.randn_like(x)
             pairing = self._pairing()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -188,11 +188,12 @@ class ContinuousFlow(FlowTransform):
     Tolerances below the dtype's resolution (:math:`8\epsilon_\text{mach}`, 1e-6 in float32)
     are raised to it, so one layer works in float32 and float64.
 
-    Shapes: ``x`` ``(..., features)``; the context ``(..., context_features)`` broadcasts with it;
-    the log-det has the broadcast batch shape.
+    Shapes: ``x`` ``(..., features)``, or ``(..., C, H, W)`` when ``features`` is an event shape (the ODE
+    then runs on the events flattened to :math:`D = C H W`, and the field sees ``(N, D)`` rows); the context
+    ``(..., context_features)`` broadcasts with it; the log-det has the broadcast batch shape.
 
     Args:
-        features: :math:`D`.
+        features: :math:`D`, or an event shape such as ``(C, H, W)``.
         vector_field: an ``nn.Module`` called as ``f(z, t, context)`` (``z`` ``(N, D)``, ``t`` a scalar
             tensor); default the network ``field`` names (zero output: a fresh layer is the identity).
         field: the default network: ``"concatsquash"`` (:class:`~pyro_flows.nn.VectorField`, FFJORD's) or
@@ -231,7 +232,7 @@ class ContinuousFlow(FlowTransform):
 
     def __init__(
         self,
-        features: int,
+        features: Union[int, Sequence[int]],
         vector_field: Optional[nn.Module] = None,
         hidden: Sequence[int] = (64, 64),
         context_features: int = 0,
@@ -249,7 +250,7 @@ class ContinuousFlow(FlowTransform):
         null_context: bool = False,
         field: str = "concatsquash",
     ) -> None:
-        super().__init__((features,), context_features)
+        super().__init__((features,) if isinstance(features, int) else tuple(features), context_features)
         name = type(self).__name__
         if trace not in TRACES or probe not in PROBES:
             raise ValueError(
@@ -260,7 +261,9 @@ class ContinuousFlow(FlowTransform):
         if field not in FIELDS:
             raise ValueError(f"{name}: unknown field {field!r}; known: {list(FIELDS)}")
         self.vector_field = (
-            FIELDS[field](features, hidden, context_features, activation) if vector_field is None else vector_field
+            FIELDS[field](self.event_shape.numel(), hidden, context_features, activation)
+            if vector_field is None
+            else vector_field
         )
         self.trace, self.probe = trace, probe
         self.t0, self.t1 = float(t0), float(t1)
@@ -319,8 +322,9 @@ class ContinuousFlow(FlowTransform):
         """Solve from ``start`` to ``end``: ``(z(end), ∫ tr J dt)``; records ``nfe`` and ``regularization``.
 
         ``field`` ``(z, t, context)`` and ``divergence`` replace the layer's vector field and trace (guidance)."""
-        z, context = broadcast_context(z, context, 1)
-        batch, d = z.shape[:-1], z.shape[-1]
+        k = len(self.event_shape)  # 1 for vectors, 3 for images: the ODE runs on the flattened events
+        z, context = broadcast_context(z, context, k)
+        batch, d = z.shape[: z.dim() - k], self.event_shape.numel()
         if batch.numel() == 0:  # nothing to integrate (an adaptive solver would fail on a step of 0)
             self.nfe, empty = 0, z.new_zeros(batch)
             self._record({"kinetic": empty, "jacobian": empty})
@@ -338,7 +342,7 @@ class ContinuousFlow(FlowTransform):
         sign = 1.0 if end > start else -1.0
         self.nfe = dynamics.nfe
         self._record({"kinetic": sign * kinetic.reshape(batch), "jacobian": sign * jacobian.reshape(batch)})
-        return z_end.reshape(batch + (d,)), ladj.reshape(batch)
+        return z_end.reshape(batch + self.event_shape), ladj.reshape(batch)
 
     def _record(self, regularization: dict[str, Tensor]) -> None:
         """Keep the solve's regularisers detached; hand them, attached, to an active :func:`record_regularization`."""
