@@ -2,8 +2,10 @@
 
 from .base import Flow, FlowDistribution, StandardNormal
 from .continuous import CNF, FFJORD
+from .image_cnf import ImageCNF, image_rows
 from .images import Glow
 from .registry import FLOWS, build_flow
+from .signals import WaveGlow
 from .tabular import IAF, MAF, MIXING, NICE, NSF, RealNVP
 
 __all__ = [
@@ -14,11 +16,14 @@ __all__ = [
     "FlowDistribution",
     "Glow",
     "IAF",
+    "ImageCNF",
     "MAF",
     "MIXING",
     "NICE",
     "NSF",
     "RealNVP",
     "StandardNormal",
+    "WaveGlow",
     "build_flow",
+    "image_rows",
 ]

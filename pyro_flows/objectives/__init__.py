@@ -8,7 +8,7 @@ scheduler (:class:`CondOT`, :class:`VP`, :class:`Cosine`, :class:`Polynomial`) w
 """
 
 from .couplings import conditional_ot_pairing, ot_pairing, sinkhorn_pairing, sinkhorn_plan
-from .flow_matching import COUPLINGS, FlowMatching, continuous_flow_of
+from .flow_matching import COUPLINGS, FlowMatching, continuous_flow_of, guided_sample
 from .likelihood import CNFRegularizedNLL, NegativeLogLikelihood, continuous_layers
 from .paths import SCHEDULERS, VP, Coefficients, CondOT, Cosine, Polynomial, Scheduler, scheduler_of
 from .reflow import reflow_pairs, straightness
@@ -28,6 +28,7 @@ __all__ = [
     "conditional_ot_pairing",
     "continuous_flow_of",
     "continuous_layers",
+    "guided_sample",
     "ot_pairing",
     "reflow_pairs",
     "scheduler_of",

@@ -29,6 +29,7 @@ from .maps import Affine, RationalQuadraticSpline, Shift
 from .multiscale import Chain, ConditionalChain, ConditionalFactorOut, FactorOut, Squeeze
 from .normalization import ActNorm, BatchNorm, Standardize
 from .preprocessing import Logit
+from .signals import Squeeze1d
 
 __all__ = [
     "ActNorm",
@@ -70,5 +71,6 @@ __all__ = [
     "SplineAutoregressive",
     "SplineCoupling",
     "Squeeze",
+    "Squeeze1d",
     "Standardize",
 ]
