@@ -156,11 +156,16 @@ def _fit_summary(estimator: DensityEstimator, shape: tuple[int, ...], seconds: f
         best = history.best_epoch
         losses += f", validation loss {history.validation_loss[best]:.4f} (best epoch {best + 1})"
     stopped = ", stopped early" if history.stopped_early else ""
+    saved = ""
+    if estimator.kept_start_:
+        saved = "; saved the flow as built (a Gaussian), fitted to all rows: no epoch beat it on the validation rows"
+    elif estimator.refitted_:
+        saved = "; saved the flow trained again on all rows for the epochs the validation chose"
     context = estimator.context_columns_
     given = f" given {len(context)} context columns {estimator._column_labels(context)}" if context else ""
     return (
         f"fitted {estimator.flow} on {shape[0]} rows x {shape[1]} columns{given}: {losses}, "
-        f"{len(history.train_loss)} epochs{stopped} in {seconds:.1f} s -> {out}"
+        f"{len(history.train_loss)} epochs{stopped} in {seconds:.1f} s -> {out}{saved}"
     )
 
 

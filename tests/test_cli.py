@@ -375,3 +375,18 @@ def test_sample_temperature_must_be_a_non_negative_number(fitted, capsys):
     assert stop.value.code == 2 and "argument --temperature: must be a number >= 0, got -1" in capsys.readouterr().err
     code, out, err = run(["sample", str(fitted["model"]), "-n", "3", "--temperature", "0"])
     assert code == 0 and np.ptp(read_csv(out)[1], axis=0).max() == 0  # every draw is the image of z = 0
+
+
+def test_fit_summary_says_when_the_saved_model_is_the_starting_gaussian(tmp_path):
+    # 40 rows of a correlated Gaussian: no epoch beats the fitted Gaussian on the 10 validation rows
+    rows = (
+        np.random.default_rng(0).standard_normal((40, 3)) @ np.array([[1.0, 0, 0], [0.9, 0.4, 0], [0.5, -0.3, 0.2]]).T
+    )
+    write_table(rows, tmp_path / "train.csv", header=["a", "b", "c"])
+    code, out, err = run(["fit", str(tmp_path / "train.csv"), "--out", str(tmp_path / "m.pt"), "--no-progress"])
+    assert code == 0, err
+    assert "keeps the fitted Gaussian" in err  # the warning, on stderr
+    assert out.rstrip().endswith(
+        "saved the flow as built (a Gaussian), fitted to all rows: no epoch beat it on the validation rows"
+    )
+    assert DensityEstimator.load(tmp_path / "m.pt").kept_start_
