@@ -37,12 +37,15 @@ from .paths import Scheduler, scheduler_of
 COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
 
 
-def continuous_flow_of(model: nn.Module, tail: int = 0) -> ContinuousFlow:
+def continuous_flow_of(
+    model: nn.Module, tail: int = 0, layers: Optional[list[ContinuousFlow]] = None
+) -> ContinuousFlow:
     """The one :class:`~.transforms.ContinuousFlow` of a ``Flow`` (maybe DDP-wrapped) on a standard normal base.
 
-    ``tail``: the number of (fixed) layers allowed after it (:func:`fixed_tail`)."""
+    ``tail``: the number of (fixed) layers allowed after it (:func:`fixed_tail`); ``layers``: the model's
+    :func:`~.continuous_layers` when the caller has them (a walk of the module tree per call otherwise)."""
     flow = getattr(model, "module", model)
-    layers = continuous_layers(flow)
+    layers = continuous_layers(flow) if layers is None else layers
     if (
         not isinstance(flow, Flow)
         or len(flow.transforms) != 1 + tail
@@ -58,7 +61,7 @@ def continuous_flow_of(model: nn.Module, tail: int = 0) -> ContinuousFlow:
     return layers[0]
 
 
-def fixed_tail(model: nn.Module) -> list[Transform]:
+def fixed_tail(model: nn.Module, layers: Optional[list[ContinuousFlow]] = None) -> list[Transform]:
     r"""The layers after a flow's first, continuous one: fixed, unconditional bijections (e.g. the
     :class:`~.transforms.Standardize` and :class:`~.transforms.preprocessing.Whiten` of a
     :class:`~pyro_flows.DensityEstimator`), whose inverse carries data to the ODE's end; [] for a bare CNF.
@@ -67,7 +70,7 @@ def fixed_tail(model: nn.Module) -> list[Transform]:
     """
     flow = getattr(model, "module", model)
     transforms = list(getattr(flow, "transforms", []))
-    layers = continuous_layers(flow)
+    layers = continuous_layers(flow) if layers is None else layers
     if isinstance(flow, Flow) and len(layers) == 1 and transforms and transforms[0] is layers[0]:
         tail = transforms[1:]
         for t in tail:
@@ -178,8 +181,9 @@ class FlowMatching:
         return None
 
     def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        tail = fixed_tail(model)
-        layer = continuous_flow_of(model, len(tail))
+        layers = continuous_layers(getattr(model, "module", model))  # one walk of the module tree per step
+        tail = fixed_tail(model, layers)
+        layer = continuous_flow_of(model, len(tail), layers)
         flow = cast(Flow, getattr(model, "module", model))  # a Flow: continuous_flow_of checked it
         pairs = self.coupling == "pairs"
         event = "D" if len(layer.event_shape) == 1 else ", ".join(map(str, layer.event_shape))
