@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dequantization import uniform_dequantize
 from .utils import PathLike, require
 
 DIGITS_LEVELS = 17
@@ -74,13 +75,9 @@ def digits(dequantize: bool = True, generator: Optional[torch.Generator] = None)
         (torch.Size([1797, 64]), torch.Size([1797]), True)
     """
     images, labels = require("sklearn.datasets", "pf.data.digits").load_digits(return_X_y=True)
-    dtype = torch.get_default_dtype()
     x = torch.as_tensor(images, dtype=torch.float64)
-    if dequantize:
-        x = (x + torch.rand(x.shape, generator=generator, dtype=torch.float64)) / DIGITS_LEVELS
-        below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
-        x = x.to(dtype).clamp(max=below_one)  # (16 + u) / 17 must not round up to 1 in float32
-    return x.to(dtype), torch.as_tensor(labels, dtype=torch.long)
+    x = uniform_dequantize(x, DIGITS_LEVELS, generator) if dequantize else x.to(torch.get_default_dtype())
+    return x, torch.as_tensor(labels, dtype=torch.long)
 
 
 def digit_images() -> tuple[Tensor, Tensor]:

@@ -79,6 +79,26 @@ def check_pixels(pixels: Tensor, levels: int, where: str) -> Optional[float]:
     return high
 
 
+def uniform_dequantize(
+    pixels: Tensor, levels: int, generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    r"""Integer values ``0 .. levels - 1`` spread uniformly over their cells of :math:`[0, 1)`:
+    :math:`(x + u) / L`, :math:`u \sim \mathcal{U}[0, 1)` (Theis et al. 2016), in ``dtype`` (default: the default
+    float dtype). Computed in float64 and kept below 1, so that :math:`(L - 1 + u) / L` cannot round up to 1 in
+    float32.
+
+    Example:
+        >>> x = uniform_dequantize(torch.tensor([0.0, 16.0]), 17, torch.Generator().manual_seed(0))
+        >>> bool(((x >= 0) & (x < 1)).all()), bool(x[1] >= 16 / 17)
+        (True, True)
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    x = pixels.to(torch.float64)
+    x = (x + torch.rand(x.shape, generator=generator, dtype=torch.float64)) / levels
+    below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    return x.to(dtype).clamp(max=below_one)
+
+
 class VariationalDequantizer(nn.Module):
     r"""Learned dequantisation noise :math:`q(u \mid x)` on :math:`(0, 1)^D` (Ho et al. 2019, Flow++).
 

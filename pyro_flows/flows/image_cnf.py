@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import transforms as T
-from ..dequantization import check_pixels
+from ..dequantization import check_pixels, uniform_dequantize
 from ..nn.unet import UNet
 from .base import EMBEDDING_FEATURES, Flow, StandardNormal
 from .images import image_context
@@ -130,7 +130,4 @@ def image_rows(
     if isinstance(levels, bool) or not isinstance(levels, Integral) or levels < 2:
         raise ValueError(f"image_rows: levels must be an integer >= 2, got {levels!r}")
     check_pixels(rows, int(levels), "image_rows")
-    x = rows.to(torch.float64)
-    x = (x + torch.rand(x.shape, generator=generator, dtype=torch.float64)) / int(levels)
-    below_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
-    return x.to(dtype).clamp(max=below_one)  # (L - 1 + u) / L must not round up to 1 in float32
+    return uniform_dequantize(rows, int(levels), generator, dtype)
