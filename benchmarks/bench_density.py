@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import statistics
@@ -51,11 +52,15 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Timing, interleave, load_line, machine_line, markdown_table, set_threads  # noqa: E402
 
 LIBS = ("pyro_flows", "zuko", "nflows")
 DATASETS = ("moons", "digits")
@@ -95,7 +100,7 @@ class Result:
 
     @property
     def time(self) -> Optional[float]:
-        return statistics.median(self.seconds) if self.seconds else None
+        return Timing(self.seconds).median
 
     @property
     def ll(self) -> Optional[float]:
@@ -290,7 +295,7 @@ def run(
     warmup = (0 if quick else 5) if warmup is None else warmup
     steps = {**(QUICK_STEPS if quick else STEPS), **(steps or {})}
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    set_threads(threads)
     results: dict[tuple[str, str], Result] = {}
     references: dict[str, float] = {}
     try:
@@ -313,27 +318,34 @@ def run(
                         _attempt(result, lambda lib=lib, name=name: fit(lib, *data[name], cfg, warmup, 0))
                         result.seconds.clear()
                         result.log_likelihood.clear()
-            for repeat in range(repeats):
-                for name in datasets:
-                    shift = repeat % max(1, len(runnable))
-                    for lib in runnable[shift:] + runnable[:shift]:
-                        result = results[name, lib]
-                        if result.error is not None:
-                            continue
-                        _attempt(
-                            result,
-                            lambda lib=lib, name=name, seed=repeat: fit(lib, *data[name], cfg, steps[name], seed),
-                        )
-                        if result.error is None:
-                            log(
-                                f"repeat {repeat} {name:6s} {lib:10s} {result.seconds[-1]:7.1f} s  "
-                                f"{result.log_likelihood[-1]:+.4f} nats/dim"
-                            )
-                        else:
-                            log(f"repeat {repeat} {name:6s} {lib:10s} failed: {result.error}")
+            for name in datasets:
+                cases = {lib: _repeated_fit(results[name, lib], data[name], cfg, steps[name], log) for lib in runnable}
+                # the fits clock their training themselves (the test scoring excluded): interleave only orders them
+                interleave(cases, repeats, warmup=0)
     finally:
         torch.set_num_threads(previous_threads)
     return list(results.values()), references
+
+
+def _repeated_fit(
+    result: Result, data: tuple[Tensor, Tensor], cfg: Config, steps: int, log: Callable[[str], None]
+) -> Callable[[], None]:
+    """A case of :func:`harness.interleave`: each call fits ``result.lib`` once more into ``result``, seeded by the
+    number of earlier calls (the repeat), and logs it; once a fit failed, the calls do nothing."""
+    repeats = itertools.count()
+
+    def case() -> None:
+        repeat = next(repeats)
+        if result.error is not None:
+            return
+        _attempt(result, lambda: fit(result.lib, *data, cfg, steps, repeat))
+        where = f"repeat {repeat} {result.dataset:6s} {result.lib:10s}"
+        if result.error is None:
+            log(f"{where} {result.seconds[-1]:7.1f} s  {result.log_likelihood[-1]:+.4f} nats/dim")
+        else:
+            log(f"{where} failed: {result.error}")
+
+    return case
 
 
 def _attempt(result: Result, fit_once: Callable[[], tuple[float, float, int]]) -> None:
@@ -353,11 +365,9 @@ def _attempt(result: Result, fit_once: Callable[[], tuple[float, float, int]]) -
 
 def table(results: Sequence[Result], references: Optional[dict[str, float]] = None) -> str:
     """A Markdown table, one row per (data set, library), with the ratios to pyro_flows."""
-    head = (
-        "| data | D | steps | library | params | test log-lik (nats/dim) | lib − pf | train time (s) "
-        "| pf time / time | pf speed |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head = ["data", "D", "steps", "library", "params", "test log-lik (nats/dim)", "lib − pf", "train time (s)"]
+    head += ["pf time / time", "pf speed"]
+    rows = []
     ours = {r.dataset: r for r in results if r.lib == "pyro_flows"}
     for r in results:
         base = ours.get(r.dataset)
@@ -371,7 +381,8 @@ def table(results: Sequence[Result], references: Optional[dict[str, float]] = No
             speed = f"{r.time / base.time:.2f}×" if comparable else "n/a"
             cells = [r.dataset, r.dims, r.steps, r.lib, f"{r.params:,}", f"{r.ll:+.3f}{spread}", delta]
             cells += [f"{r.time:.1f}", ratio, speed]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        rows.append(cells)
+    lines = [markdown_table(head, rows)]
     if references:
         lines.append("")
         lines.append(
@@ -395,8 +406,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     steps = {name: getattr(args, f"{name}_steps") for name in DATASETS if getattr(args, f"{name}_steps")}
     cfg = QUICK if args.quick else Config()
+    set_threads(args.threads)
+    print(machine_line())
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s); NSF-AR x{cfg.transforms}, hidden {cfg.hidden}, "
+        f"NSF-AR x{cfg.transforms}, hidden {cfg.hidden}, "
         f"{cfg.bins} bins on [-{cfg.bound:g}, {cfg.bound:g}]; batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
         f"clip {cfg.clip_grad:g}; {args.repeats} repeat(s)",
         flush=True,
@@ -410,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.quick,
         log=lambda line: print(line, flush=True),
     )
-    print()
+    print(f"\nfinished: {load_line()}\n")
     print(table(results, references))
     if args.json:
         with open(args.json, "w") as f:

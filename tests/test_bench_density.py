@@ -59,3 +59,31 @@ def test_batches_are_shuffled_epochs():
     for epoch in (batches[:3], batches[3:6]):
         assert sorted(torch.cat(epoch).tolist()) == list(range(10))
     assert not torch.equal(torch.cat(batches[:3]), torch.cat(batches[3:6]))
+
+
+def test_fits_interleaved_rotated_and_seeded_by_repeat(monkeypatch):
+    # the fits go through harness.interleave: each repeat runs every library once, the order rotated
+    bench = load_benchmark("bench_density")
+    calls = []
+
+    def fake_fit(lib, train, test, cfg, steps, seed):
+        calls.append((lib, seed))
+        if lib == "nflows":
+            raise RuntimeError("broken peer")
+        return 1.0, 0.5, 7
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    monkeypatch.setattr(bench, "available", lambda lib: None)
+    results, _ = bench.run(datasets=["moons"], repeats=3, quick=True, warmup=0, log=lambda _: None)
+    # rounds: (pf, zuko, nflows), (zuko, nflows, pf), (nflows, pf, zuko); nflows fails once and is not refitted
+    assert calls == [
+        ("pyro_flows", 0),
+        ("zuko", 0),
+        ("nflows", 0),
+        ("zuko", 1),
+        ("pyro_flows", 1),
+        ("pyro_flows", 2),
+        ("zuko", 2),
+    ]
+    by_lib = {r.lib: r for r in results}
+    assert by_lib["nflows"].error == "RuntimeError: broken peer" and by_lib["zuko"].seconds == [1.0] * 3
