@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 density = importlib.import_module("bench_density")  # shared helpers: peer availability, seeded batches
+from harness import Timing, machine_line, markdown_table, set_threads  # noqa: E402
 
 TABLES = ("iris", "wine", "breast_cancer", "diabetes", "digits", "moons", "mixture")
 CLASSICAL = ("gaussian", "gmm", "kde")
@@ -331,9 +332,9 @@ def table(results: dict[str, dict[str, Cell]], digits: int = 2, best_of: Sequenc
     rivals = "/".join(m for m in best_of if m in methods)
     head = ["table", *methods] + ([f"{HEADLINE} − best of {rivals}"] if margin else [])
     head += ["worst preset − gaussian"] if floor else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, row in results.items():
-        cells = [_cell(row.get(m, Cell()), digits, seeds) for m in methods]
+        cells = [name] + [_cell(row.get(m, Cell()), digits, seeds) for m in methods]
         if margin:
             best = [row[m].mean for m in best_of if m in row and row[m].mean is not None]
             ours = row.get(HEADLINE, Cell()).mean
@@ -342,9 +343,9 @@ def table(results: dict[str, dict[str, Cell]], digits: int = 2, best_of: Sequenc
             means = [row[m].mean for m in presets if m in row and row[m].mean is not None]
             gaussian = row.get("gaussian", Cell()).mean
             cells.append(f"{min(means) - gaussian:+.{digits}f}" if means and gaussian is not None else "n/a")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append(cells)
     errors = [f"{t}/{m}: {c.error}" for t, row in results.items() for m, c in row.items() if c.error]
-    return "\n".join(lines + ([""] + [f"n/a {e}" for e in errors] if errors else []))
+    return "\n".join([markdown_table(head, rows)] + ([""] + [f"n/a {e}" for e in errors] if errors else []))
 
 
 def _methods(results: dict[str, dict[str, Cell]]) -> list[str]:
@@ -362,11 +363,11 @@ def _cell(cell: Cell, digits: int, seeds: int) -> str:
 def seconds_table(results: dict[str, dict[str, Cell]]) -> str:
     """Median fit-and-score seconds per method and table."""
     methods = _methods(results)
-    lines = ["| table | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    rows = []
     for name, row in results.items():
-        times = [f"{statistics.median(row[m].seconds):.1f}" if m in row and row[m].seconds else "n/a" for m in methods]
-        lines.append(f"| {name} | " + " | ".join(times) + " |")
-    return "\n".join(lines)
+        medians = [Timing(row[m].seconds).median if m in row else None for m in methods]
+        rows.append([name] + ["n/a" if t is None else f"{t:.1f}" for t in medians])
+    return markdown_table(["table", *methods], rows)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -388,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         args.seeds, args.tables = 1, [t for t in args.tables if t in QUICK_TABLES]
     seeds = args.seed if args.seed is not None else list(range(args.seeds))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    print(machine_line(), flush=True)
     log = lambda text: print(text, file=sys.stderr, flush=True)
     start = time.perf_counter()
     scores = likelihood(args.tables, args.methods, seeds, log)
