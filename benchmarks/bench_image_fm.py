@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 images_bench = importlib.import_module("bench_images")  # the digits split, Glow's builder, discrete bits/dim
+from harness import machine_line, markdown_table, set_threads  # noqa: E402
 
 METHODS = ("flow matching (U-Net)", "Glow")
 CONFIGS = images_bench.CONFIGS
@@ -235,24 +236,22 @@ def compare(
 
 def table(results: Sequence[Result], baselines: dict[int, float]) -> str:
     """The results as a Markdown table; ``baselines``: the independent-pixel bits/dim per image size."""
-    lines = [
-        "| model | method | parameters | training s | steps | images/s | held-out bits/dim | eval s (NFE) "
-        "| FM − Glow bits/dim |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    head = ["model", "method", "parameters", "training s", "steps", "images/s", "held-out bits/dim", "eval s (NFE)"]
+    head.append("FM − Glow bits/dim")
+    rows: list[list[object]] = []
     for r in results:
         diff = ""
         if r.method == METHODS[0]:
             peer = next(p for p in results if p.config == r.config and p.method == METHODS[1])
             diff = f"{r.bits_per_dim - peer.bits_per_dim:+.3f}"
         nfe = "" if r.nfe is None else f" ({r.nfe})"
-        lines.append(
-            f"| {r.config} | {r.method} | {r.parameters:,} | {r.seconds:.0f} | {r.steps} | "
-            f"{r.images_per_second:,.0f} | {r.bits_per_dim:.3f} ± {r.stderr:.3f} | "
-            f"{r.eval_seconds:.0f}{nfe} | {diff} |"
+        rows.append(
+            [r.config, r.method, f"{r.parameters:,}", f"{r.seconds:.0f}", r.steps, f"{r.images_per_second:,.0f}"]
+            + [f"{r.bits_per_dim:.3f} ± {r.stderr:.3f}", f"{r.eval_seconds:.0f}{nfe}", diff]
         )
     for size, baseline in baselines.items():
-        lines.append(f"| {size}×{size} | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
+        rows.append([f"{size}×{size}", "independent per-pixel categorical", "", "", "", "", f"{baseline:.3f}", "", ""])
+    lines = [markdown_table(head, rows, align="llrrrrrrr")]
     for r in results:
         if r.exact is not None:
             lines.append(
@@ -282,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     q = a.quick
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(a.threads)
+        set_threads(a.threads)
+        print(machine_line(), flush=True)
         results, baselines = [], {}
         for size in a.sizes:
             budget, batch, channels = DEFAULTS[size]
