@@ -20,11 +20,13 @@ likelihood and sampling of the flow go through the ODE as for a flow trained by 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Transform
+from torch.nn import functional as F
 
 from .. import transforms as T
 from ..flows import Flow, StandardNormal
@@ -171,6 +173,7 @@ class FlowMatching:
         except ValueError as error:
             raise ValueError(f"FlowMatching: {error}") from None
         self.coupling, self.epsilon = coupling, float(epsilon)
+        self._checked: Optional[tuple] = None  # (weakref to the flow, its layers and base, layer, tail): _parts
 
     def _pairing(self) -> Optional[Pairing]:
         """The pairing function of an OT coupling; None for ``"independent"`` and ``"pairs"``."""
@@ -180,14 +183,29 @@ class FlowMatching:
             return functools.partial(sinkhorn_pairing, epsilon=self.epsilon)
         return None
 
-    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        layers = continuous_layers(getattr(model, "module", model))  # one walk of the module tree per step
+    def _parts(self, model: nn.Module) -> tuple[Flow, ContinuousFlow, list[Transform]]:
+        """The flow (unwrapped from DDP), its :class:`~.transforms.ContinuousFlow` and its :func:`fixed_tail`,
+        checked at the first call with this flow and kept while its layers and base are the same objects: a
+        training step then walks no module tree."""
+        flow = getattr(model, "module", model)
+        key = (tuple(getattr(flow, "transforms", ())), getattr(flow, "base", None))
+        if self._checked is not None and self._checked[0]() is flow and self._checked[1] == key:
+            return flow, self._checked[2], self._checked[3]
+        layers = continuous_layers(flow)
         tail = fixed_tail(model, layers)
         layer = continuous_flow_of(model, len(tail), layers)
-        flow = cast(Flow, getattr(model, "module", model))  # a Flow: continuous_flow_of checked it
+        self._checked = (weakref.ref(flow), key, layer, tail)
+        return cast(Flow, flow), layer, tail  # a Flow: continuous_flow_of checked it
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the checked flow (:meth:`_parts`)."""
+        return {**self.__dict__, "_checked": None}
+
+    def __call__(self, model: nn.Module, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        flow, layer, tail = self._parts(model)
         pairs = self.coupling == "pairs"
-        event = "D" if len(layer.event_shape) == 1 else ", ".join(map(str, layer.event_shape))
         if x.dim() != (2 if pairs else 1) + len(layer.event_shape) or (pairs and x.shape[1] != 2):
+            event = "D" if len(layer.event_shape) == 1 else ", ".join(map(str, layer.event_shape))
             expected = f"fixed pairs (N, 2, {event})" if pairs else f"rows (N, {event})"
             raise ValueError(f"FlowMatching: x must be {expected}, got shape {tuple(x.shape)}")
         if model is not flow:
@@ -200,13 +218,14 @@ class FlowMatching:
                 f"got shape {tuple(context.shape)}"
             )
         if pairs:
-            z0, x = x[:, 0], x[:, 1]
-        with torch.no_grad():  # the data at the ODE's end: through the fixed layers' inverses
-            for fixed in reversed(tail):
-                x = fixed.inv(x)
-        x = x.reshape(n, -1)  # events as rows (images flattened): what the field sees inside the ODE too
-        if pairs:
-            z0 = z0.reshape(n, -1)
+            z0, x = x.unbind(1)
+        if tail:
+            with torch.no_grad():  # the data at the ODE's end: through the fixed layers' inverses
+                for fixed in reversed(tail):
+                    x = fixed.inv(x)
+        if x.dim() != 2:  # events as rows (images flattened): what the field sees inside the ODE too
+            x = x.reshape(n, -1)
+            z0 = z0.reshape(n, -1) if pairs else z0
         if not pairs:
             z0 = torch.randn_like(x)
             pairing = self._pairing()
@@ -218,12 +237,14 @@ class FlowMatching:
         t = torch.rand(n, 1, dtype=x.dtype, device=x.device)
         if self.time_exponent:
             t = t.pow(1.0 / (1.0 + self.time_exponent))
-        alpha, sigma, d_alpha, d_sigma = self.scheduler(t)
-        x_t = alpha * x + sigma * z0
-        target = d_alpha * x + d_sigma * z0
-        span = layer.t1 - layer.t0
-        velocity = layer.vector_field(x_t, layer.t0 + span * t.squeeze(-1), context)
-        return (span * velocity - target).square().sum(-1).mean()
+        x_t, target = self.scheduler.path(t, z0, x)
+        time, span = t.view(n), layer.t1 - layer.t0
+        if layer.t0 != 0.0 or span != 1.0:
+            time = layer.t0 + span * time
+        velocity = layer.vector_field(x_t, time, context)
+        if span != 1.0:
+            velocity = span * velocity
+        return F.mse_loss(velocity, target, reduction="sum") / n  # the mean over rows of the squared error
 
     def _drop_context(self, layer: ContinuousFlow, context: Optional[Tensor]) -> Tensor:
         """``context`` with each row replaced by the layer's null context with probability ``context_dropout``."""

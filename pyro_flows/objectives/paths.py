@@ -42,6 +42,12 @@ class Scheduler(ABC):
     @abstractmethod
     def __call__(self, t: Tensor) -> Coefficients: ...
 
+    def path(self, t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The point :math:`x_t = \alpha_t x_1 + \sigma_t x_0` and the velocity
+        :math:`u = \dot\alpha_t x_1 + \dot\sigma_t x_0` (``t`` broadcast against ``x0`` and ``x1``)."""
+        alpha, sigma, d_alpha, d_sigma = self(t)
+        return alpha * x1 + sigma * x0, d_alpha * x1 + d_sigma * x0
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v:g}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -69,6 +75,12 @@ class CondOT(Scheduler):
     def __call__(self, t: Tensor) -> Coefficients:
         slope = 1.0 - self.sigma_min
         return Coefficients(t, 1.0 - slope * t, torch.ones_like(t), torch.full_like(t, -slope))
+
+    def path(self, t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Two kernels (a training step's hot path): :math:`u = x_1 - (1 - \sigma_\min) x_0` and
+        :math:`x_t = x_0 + t\,u`, the same point as :math:`t x_1 + (1 - (1 - \sigma_\min) t) x_0`."""
+        velocity = x1 - x0 if self.sigma_min == 0.0 else torch.add(x1, x0, alpha=self.sigma_min - 1.0)
+        return torch.addcmul(x0, t, velocity), velocity
 
 
 class VP(Scheduler):
