@@ -565,3 +565,107 @@ def test_channel_coupling_blocks_match_the_gather_scatter_path(mask):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     interleaved = T.AffineCoupling((4, 4, 4), mask=torch.tensor([True, False, True, False]), hidden=HIDDEN)
     assert not interleaved.blocks  # not two blocks: gathers
+
+
+# -- Glow's fused step: (1x1 convolution, ActNorm) pairs, the LU inverse, channels-last networks -----------------------
+def _glow_step(shape=(4, 4, 4)) -> T.Chain:
+    """Coupling, 1x1 convolution, ActNorm (base→data) and a second convolution: one fusable pair, one lone conv."""
+    layers = [
+        T.AffineCoupling(shape, hidden=HIDDEN),
+        T.InvertibleConv1x1(shape),
+        T.ActNorm(shape),
+        T.InvertibleConv1x1(shape),
+    ]
+    return T.Chain(layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_chain_runs_conv_actnorm_pairs_as_one_exact_affine_map(dtype):
+    """The fused (1x1 conv, ActNorm) path gives the layers' composition, both directions, and its log-det is the
+    autograd Jacobian's; a fresh ActNorm still initialises from the first training call (layer by layer)."""
+    torch.manual_seed(0)
+    chain = perturbed(_glow_step()).to(dtype)
+    conv, norm = chain.layers[1], chain.layers[2]
+    assert [len(unit) for unit in chain._units()] == [1, 2, 1]
+    norm.initialized.fill_(False)
+    norm._seen_initialized = False
+    data = (3.0 + 2.0 * draw((64, 4, 4, 4), seed=3)).to(dtype)
+    z, _ = chain.inverse_and_ladj(data)  # training mode: the ActNorm initialises from these values
+    assert bool(norm.initialized) and not norm.initializing()
+    standardised = norm.inverse_and_ladj(chain.layers[3].inverse_and_ladj(data)[0])[0]
+    assert standardised.mean((0, 2, 3)).abs().max() < 1e-4 and (standardised.std((0, 2, 3)) - 1).abs().max() < 1e-3
+    tolerance = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    x = draw((5, 4, 4, 4), seed=4, dtype=dtype)
+    y, ladj = chain.call_and_ladj(x)
+    h, total = x, 0.0
+    for layer in chain.layers:
+        h, step = layer.call_and_ladj(h)
+        total = total + step
+    torch.testing.assert_close(y, h, **tolerance)
+    torch.testing.assert_close(ladj, total, **tolerance)
+    x_back, ladj_inv = chain.inverse_and_ladj(y)
+    torch.testing.assert_close(x_back, x, **tolerance)
+    torch.testing.assert_close(ladj_inv, -ladj, **tolerance)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ladj, flat_log_det(lambda v: chain.call_and_ladj(v)[0], x), atol=1e-10, rtol=0)
+        inverse = flat_log_det(lambda v: chain.inverse_and_ladj(v)[0], y)
+        torch.testing.assert_close(ladj_inv, inverse, atol=1e-10, rtol=0)
+    # the fused log-det is HW (sum log|u_cc| + sum s_c) for the pair
+    pair = conv.call_and_ladj(x)[1] + norm.call_and_ladj(x)[1]
+    torch.testing.assert_close(pair, 16 * (conv.lu.log_diagonal.sum() + norm.log_scale.sum()).expand(5), **tolerance)
+
+
+def test_fused_pair_gradients_match_the_layers():
+    """Gradients of every parameter through the fused pair equal those through the layers one after the other."""
+    torch.manual_seed(0)
+    chain = perturbed(_glow_step())
+    chain.layers[2].initialized.fill_(True)
+    y = draw((6, 4, 4, 4), seed=5).requires_grad_()
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, [y, *chain.parameters()]))
+
+    z, ladj = chain.inverse_and_ladj(y)
+    fused = gradients((z**2).sum() + ladj.sum())
+    h, total = y, 0.0
+    for layer in reversed(list(chain.layers)):
+        h, step = layer.inverse_and_ladj(h)
+        total = total + step
+    layered = gradients((h**2).sum() + total.sum())
+    for a, b in zip(fused, layered, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_lu_inverse_weight_with_column_scale_is_the_inverse_times_the_diagonal():
+    torch.manual_seed(0)
+    lu = perturb(T.LUWeight(5), scale=0.3, seed=1).double()
+    d = torch.rand(5, dtype=torch.float64) + 0.5
+    expected = torch.linalg.inv(lu.weight()) @ torch.diag(d)
+    torch.testing.assert_close(lu.inverse_weight(d), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lu.inverse_weight(), torch.linalg.inv(lu.weight()), atol=1e-12, rtol=0)
+    (lower_grad,) = torch.autograd.grad(lu.inverse_weight(d).sum(), [lu.lower])
+    assert torch.equal(lower_grad.triu(), torch.zeros_like(lower_grad))  # the fixed diagonal and upper part
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["unconditional", "vector-context"])
+def test_cnn_in_channels_last_computes_the_nchw_network(context):
+    """The CNN's float32 channels-last convolutions and in-place ReLUs compute the float64 NCHW network by hand,
+    values and input gradients, and hand back an NCHW output."""
+    from pyro_flows.nn.cnn import CNN, conv_layout
+
+    torch.manual_seed(0)
+    net = perturb(CNN(2, 4, hidden=(16, 16), context_features=3 if context else 0), scale=0.3, seed=2)
+    x = torch.randn(5, 2, 6, 6, requires_grad=True)
+    c = torch.randn(5, 3) if context else None
+    out = net(x, c)
+    assert out.is_contiguous() and conv_layout(x).is_contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(out.square().sum(), [x])
+    x64 = x.detach().double().requires_grad_()
+    h = F.conv2d(x64, net.hidden[0].weight.double(), net.hidden[0].bias.double(), padding=1)
+    if context:
+        h = h + (c.double() @ net.context_bias.weight.double().T + net.context_bias.bias.double())[:, :, None, None]
+    h = F.relu(F.conv2d(F.relu(h), net.hidden[1].weight.double(), net.hidden[1].bias.double()))
+    expected = F.conv2d(h, net.output.weight.double(), net.output.bias.double(), padding=1)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), [x64])
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-3, rtol=1e-4)

@@ -90,6 +90,8 @@ def flatten_batch(x: Tensor, context: Optional[Tensor], event_dim: int) -> tuple
     with the broadcast batch shape (a network's output is reshaped back to it)."""
     event = x.shape[x.dim() - event_dim :]
     batch = x.shape[: x.dim() - event_dim]
+    if context is not None and context.dim() == 2 and len(batch) == 1 and context.shape[0] == batch[0]:
+        return x, context, batch  # already flat, one context row per input
     if context is not None:
         batch = torch.broadcast_shapes(batch, context.shape[:-1])
         context = context.expand(batch + context.shape[-1:]).reshape(-1, context.shape[-1])
@@ -123,6 +125,21 @@ def with_aligned_context(
     if aligned is not None:
         h = torch.cat((h, aligned), dim=1)
     return h, vector, batch
+
+
+def conv_layout(h: Tensor) -> Tensor:
+    """``h`` ``(N, C, H, W)`` in the channels-last memory layout on the CPU in float32, the layout in which oneDNN's
+    convolutions and their backward run fastest at the sizes of image flows (1.3-4x faster than on NCHW tensors
+    for Glow's coupling networks at 4×4 to 14×14, 1 thread); elsewhere ``h`` itself. The values are the same: only
+    the strides change; the networks return their outputs in the usual (NCHW) layout.
+
+    Example:
+        >>> conv_layout(torch.zeros(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+        True
+    """
+    if h.device.type == "cpu" and h.dtype == torch.float32:
+        return h.contiguous(memory_format=torch.channels_last)
+    return h
 
 
 class Conv2dZeros(nn.Module):
@@ -170,7 +187,7 @@ class Conv2dZeros(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
-        out = self.output(h)
+        out = self.output(conv_layout(h)).contiguous()
         if self.context_bias is not None:
             out = out + self.context_bias(vector)[:, :, None, None]
         return out.reshape(batch + out.shape[1:])
@@ -233,7 +250,8 @@ class CNN(nn.Module):
         )
         vector = context_features - aligned
         self.context_bias = nn.Linear(vector, hidden[0]) if vector else None
-        self.activation = activation()
+        # a ReLU rectifies each convolution's fresh output in place (a convolution does not save its output)
+        self.activation = activation(inplace=True) if activation is nn.ReLU else activation()
         self.output = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
         nn.init.zeros_(self.output.weight)
         if self.output.bias is not None:  # always: the layer is built with a bias
@@ -241,12 +259,13 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
+        h = conv_layout(h)
         for i, layer in enumerate(self.hidden):
             h = layer(h)
             if i == 0 and self.context_bias is not None:  # in place: a convolution does not save its output
                 h = h.add_(self.context_bias(vector)[:, :, None, None])
             h = self.activation(h)
-        out = self.output(h)
+        out = self.output(h).contiguous()  # back to NCHW (from conv_layout): the map's elementwise work runs on it
         return out.reshape(batch + out.shape[1:])
 
 

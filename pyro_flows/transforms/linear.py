@@ -112,9 +112,10 @@ class LUWeight(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """The triangular factors ``(L, U)`` with their fixed structure imposed."""
-        lower = self.lower * self.lower_mask + self.eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * self.log_diagonal.exp())
-        return lower, upper
+        return self.lower * self.lower_mask + self.eye, self._upper()
+
+    def _upper(self) -> Tensor:
+        return self.upper * self.lower_mask.T + torch.diag(self.sign * self.log_diagonal.exp())
 
     def weight(self) -> Tensor:
         lower, upper = self.factors()
@@ -128,9 +129,16 @@ class LUWeight(nn.Module):
         :math:`\prod_i \sigma_i`."""
         return _parity(self.permutation.argmax(dim=1)) * (1 if bool((self.sign < 0).sum() % 2 == 0) else -1)
 
-    def inverse_weight(self) -> Tensor:
-        r""":math:`W^{-1}` by triangular solves of the LU factors (for many right-hand sides, e.g. every pixel)."""
-        return self.solve_rows(self.eye).T
+    def inverse_weight(self, column_scale: Optional[Tensor] = None) -> Tensor:
+        r""":math:`W^{-1} = U^{-1} L^{-1} P^\top` by two triangular solves of the LU factors (for many right-hand
+        sides, e.g. every pixel), or :math:`W^{-1} \mathrm{diag}(d)` for ``column_scale`` :math:`d` ``(D,)``.
+
+        The first solve reads only the strict lower triangle of the ``lower`` parameter (``unitriangular``), and
+        its gradient is zero elsewhere, exactly as for :meth:`factors`' masked :math:`L`.
+        """
+        rhs = self.permutation.T if column_scale is None else self.permutation.T * column_scale
+        z = torch.linalg.solve_triangular(self.lower, rhs, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(self._upper(), z, upper=True)
 
     def solve_rows(self, rows: Tensor) -> Tensor:
         r"""``X`` with :math:`X W^\top = ` ``rows`` for ``rows`` of shape ``(N, D)``, by triangular solves."""

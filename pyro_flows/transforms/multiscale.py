@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor
@@ -10,6 +10,8 @@ from torch import Tensor
 from ..nn.cnn import aligned_context_features
 from .base import Conditional, FlowTransform
 from .coupling import AffineCoupling, ConditionalAffineCoupling, channel_mask
+from .linear import InvertibleConv1x1
+from .normalization import ActNorm
 
 
 def _context_for(layer: FlowTransform, context: Optional[Tensor]) -> Optional[Tensor]:
@@ -56,6 +58,39 @@ class Squeeze(FlowTransform):
         return x.flatten(-2, -1).flatten(-3, -2), y.new_zeros(y.shape[:-3])
 
 
+def _fusable(conv: FlowTransform, norm: FlowTransform) -> bool:
+    """Whether ``norm`` after ``conv`` (base→data) is Glow's 1×1 convolution and ActNorm on the same images."""
+    return (
+        type(conv) is InvertibleConv1x1
+        and type(norm) is ActNorm
+        and len(conv.event_shape) == 3
+        and conv.event_shape == norm.event_shape
+    )
+
+
+def _mix_pixels(matrix: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """``matrix @ x[..., :, h, w] + bias`` at every pixel of images ``x`` ``(..., C, H, W)``: one batched matmul-add."""
+    flat = x.reshape((-1,) + x.shape[-3:]).flatten(-2)  # (N, C, HW)
+    n, channels, pixels = flat.shape
+    mixed = torch.baddbmm(bias[:, None].expand(n, channels, pixels), matrix.expand(n, channels, channels), flat)
+    return mixed.reshape(x.shape)
+
+
+def _conv_actnorm(conv: InvertibleConv1x1, norm: ActNorm, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    r"""Glow's :class:`~.linear.InvertibleConv1x1` then :class:`~.normalization.ActNorm` (base→data) as one affine
+    map of the channels at every pixel, :math:`y = e^{s} \odot (W x) + b` and
+    :math:`x = W^{-1} \mathrm{diag}(e^{-s})\, (y - b)`, with
+    :math:`\log|\det J| = HW (\sum_c \log|u_{cc}| + \sum_c s_c)`: the math of the two layers one after the other,
+    in one matmul (ActNorm's elementwise passes over the images are folded into the :math:`C \times C` matrix)."""
+    log_det = conv.event_shape[1:].numel() * (conv.lu.log_abs_det() + norm.log_scale.sum())
+    batch = value.shape[:-3]
+    if inverse:
+        matrix = conv.lu.inverse_weight(torch.exp(-norm.log_scale))
+        return _mix_pixels(matrix, -(matrix @ norm.shift), value), (-log_det).expand(batch)
+    matrix = conv.lu.weight() * norm.log_scale.exp()[:, None]
+    return _mix_pixels(matrix, norm.shift, value), log_det.expand(batch)
+
+
 class Chain(FlowTransform):
     r"""Layers applied one after the other as one layer: :math:`f = f_K \circ \dots \circ f_1`.
 
@@ -66,6 +101,12 @@ class Chain(FlowTransform):
     the context (use :class:`ConditionalChain` when any layer is conditional;
     all of them must take the same ``context_features``). It is what a
     :class:`FactorOut` applies to the channels it keeps.
+
+    An :class:`~.linear.InvertibleConv1x1` followed by an :class:`~.normalization.ActNorm` of the same images
+    (Glow's step) runs as one affine map of the channels, :math:`y = e^{s} \odot (W x) + b` (inverse:
+    :math:`x = W^{-1} \mathrm{diag}(e^{-s}) (y - b)`): one matmul instead of three passes over the images. The
+    layers, their parameters and their ``state_dict`` are unchanged; while the ActNorm may still initialise
+    from the data (its first training call) the two run one after the other.
 
     Example:
         >>> shape = (1, 4, 4)
@@ -93,19 +134,44 @@ class Chain(FlowTransform):
             raise ValueError(f"{type(self).__name__}: conditional layers take different context sizes {contexts}")
         super().__init__(layers[0].event_shape, max(contexts, default=0), layers[-1].codomain_shape)
         self.layers = torch.nn.ModuleList(layers)
+        # where Glow's (1x1 convolution, ActNorm) pairs start: each runs as one affine map of the channels
+        self._pairs = frozenset(i for i in range(len(layers) - 1) if _fusable(layers[i], layers[i + 1]))
+
+    def _units(self) -> list[tuple[FlowTransform, ...]]:
+        """The layers in order, a fusable (1×1 convolution, ActNorm) pair as one unit."""
+        layers, units, i = self._layers(), [], 0
+        while i < len(layers):
+            step = 2 if i in self._pairs else 1
+            units.append(tuple(layers[i : i + step]))
+            i += step
+        return units
+
+    def _run(
+        self, unit: tuple[FlowTransform, ...], value: Tensor, context: Optional[Tensor], inverse: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One unit's output and log-dets: a pair fused once its ActNorm is initialised, else layer by layer."""
+        if len(unit) == 2 and not cast(ActNorm, unit[1]).initializing():
+            out, ladj = _conv_actnorm(cast(InvertibleConv1x1, unit[0]), cast(ActNorm, unit[1]), value, inverse)
+            return out, [ladj]
+        ladjs = []
+        for layer in reversed(unit) if inverse else unit:
+            c = _context_for(layer, context)
+            value, ladj = layer.inverse_and_ladj(value, c) if inverse else layer.call_and_ladj(value, c)
+            ladjs.append(ladj)
+        return value, ladjs
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        ladjs = []
-        for layer in self._layers():
-            x, ladj = layer.call_and_ladj(x, _context_for(layer, context))
-            ladjs.append(ladj)
+        ladjs: list[Tensor] = []
+        for unit in self._units():
+            x, unit_ladjs = self._run(unit, x, context, inverse=False)
+            ladjs += unit_ladjs
         return x, sum(ladjs[1:], ladjs[0])
 
     def _backward(self, y: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        ladjs = []
-        for layer in reversed(self._layers()):
-            y, ladj = layer.inverse_and_ladj(y, _context_for(layer, context))
-            ladjs.append(ladj)
+        ladjs: list[Tensor] = []
+        for unit in reversed(self._units()):
+            y, unit_ladjs = self._run(unit, y, context, inverse=True)
+            ladjs += unit_ladjs
         return y, sum(ladjs[1:], ladjs[0])
 
     def _layers(self) -> list[FlowTransform]:
@@ -151,7 +217,8 @@ class FactorOut(FlowTransform):
             the flattened image alone.
 
     Example:
-        >>> inner = AffineCoupling((1, 4, 4), mask=T.checkerboard_mask((1, 4, 4)))
+        >>> from pyro_flows.transforms import checkerboard_mask
+        >>> inner = AffineCoupling((1, 4, 4), mask=checkerboard_mask((1, 4, 4)))
         >>> layer = FactorOut((2, 4, 4), inner)
         >>> layer(torch.randn(3, 2, 4, 4)).shape
         torch.Size([3, 2, 4, 4])
@@ -233,7 +300,8 @@ class ConditionalFactorOut(Conditional, FactorOut):
     """:class:`FactorOut` whose split prior (and inner layers) see a context: a vector, or an aligned image.
 
     Example:
-        >>> inner = ConditionalAffineCoupling((1, 4, 4), mask=T.checkerboard_mask((1, 4, 4)), context_shape=(1, 2, 2))
+        >>> from pyro_flows.transforms import checkerboard_mask
+        >>> inner = ConditionalAffineCoupling((1, 4, 4), mask=checkerboard_mask((1, 4, 4)), context_shape=(1, 2, 2))
         >>> layer = ConditionalFactorOut((2, 4, 4), inner, context_shape=(1, 2, 2))
         >>> layer.call_and_ladj(torch.randn(3, 2, 4, 4), torch.randn(3, 1, 2, 2).flatten(-3))[0].shape
         torch.Size([3, 2, 4, 4])

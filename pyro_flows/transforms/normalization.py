@@ -89,16 +89,23 @@ class ActNorm(FlowTransform):
         self._seen_initialized = True
 
     def _maybe_initialize(self, values: Tensor, inverse: bool) -> None:
-        # ``_seen_initialized`` remembers (in Python) that the buffer was True: an initialised layer reads no tensor
-        # on the host, so torch.compile traces it without a graph break; loading a state dict forgets it
-        if not self.training or getattr(self, "_seen_initialized", False):  # absent in older pickles
-            return
-        if bool(self.initialized):
-            self._seen_initialized = True
+        if not self.initializing():
             return
         per_channel = values.numel() // self.event_shape[0]
         if per_channel >= 2:  # one value per channel has no spread: wait for a larger call
             self._initialize(values, inverse)
+
+    def initializing(self) -> bool:
+        """Whether a call now may initialise the layer from its values (training mode, ``initialized`` not set);
+        when False the layer is the fixed map of its parameters."""
+        # ``_seen_initialized`` remembers (in Python) that the buffer was True: an initialised layer reads no tensor
+        # on the host, so torch.compile traces it without a graph break; loading a state dict forgets it
+        if not self.training or getattr(self, "_seen_initialized", False):  # absent in older pickles
+            return False
+        if bool(self.initialized):
+            self._seen_initialized = True
+            return False
+        return True
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._seen_initialized = False  # the loaded flag may be False
