@@ -1,5 +1,5 @@
-"""Small shared helpers: seeds and private random streams, checks of rows, when to show a progress bar, and
-imports of optional packages."""
+"""Small shared helpers: seeds and private random streams, checks of rows and of devices and dtypes, when to show a
+progress bar, and imports of optional packages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Iterator, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 PathLike = Union[str, os.PathLike]
 Device = Union[None, str, torch.device]
@@ -61,6 +61,62 @@ def check_finite_rows(t: Tensor, what: str) -> None:
         raise ValueError(
             f"{what} has NaN or inf values in row {rows[0]} ({len(rows)} bad rows of {t.shape[0]}: "
             f"rows {rows[:10]}); drop or impute them first"
+        )
+
+
+def first_floating(module: nn.Module) -> Optional[tuple[nn.Module, str]]:
+    """Where the first floating-point parameter or buffer of ``module`` (or of a module inside it) lives: its owning
+    module and its name there, which ``module.to(...)`` keeps (it replaces buffers by new tensors); None if none."""
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_floating_point():
+                    return owner, name
+    return None
+
+
+def reference_tensor(module: nn.Module) -> Optional[Tensor]:
+    """A floating-point parameter or buffer of ``module`` (None without one): what its inputs must match in device
+    and dtype (:func:`check_device_dtype`). Where it lives is looked up once and kept on the module, so a call
+    costs two dict look-ups.
+
+    Example:
+        >>> layer = nn.Linear(2, 3).double()
+        >>> reference_tensor(layer) is layer.weight, reference_tensor(layer.to(torch.float32)).dtype
+        (True, torch.float32)
+    """
+    where = module.__dict__.get("_reference_at", False)  # False: not looked up yet
+    if where is False:
+        where = module.__dict__["_reference_at"] = first_floating(module)
+    if where is None:
+        return None
+    owner, name = where
+    tensor = owner._parameters.get(name)
+    return owner._buffers.get(name) if tensor is None else tensor
+
+
+def check_device_dtype(name: str, value: Tensor, reference: Tensor, what: str, dtype: bool = True) -> None:
+    """A ValueError naming both devices (or both dtypes) and the fix unless ``value`` is on ``reference``'s device
+    and, with ``dtype``, has its dtype; ``reference`` is one of the flow's parameters or buffers.
+
+    Attribute comparisons only: no host synchronisation.
+
+    Example:
+        >>> check_device_dtype("MAF", torch.zeros(2, dtype=torch.float64), torch.zeros(2), "value")
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: MAF: the value has dtype torch.float64 but the flow has torch.float32; convert the flow with ...
+    """
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name}: the {what} is on {value.device} but the flow is on {reference.device}; move the flow with "
+            f"flow.to({str(value.device)!r}) or the {what} with .to({str(reference.device)!r})"
+        )
+    if dtype and value.dtype != reference.dtype:
+        raise ValueError(
+            f"{name}: the {what} has dtype {value.dtype} but the flow has {reference.dtype}; convert the flow with "
+            f"flow.to({value.dtype}) or the {what} with .to({reference.dtype})"
         )
 
 

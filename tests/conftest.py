@@ -8,12 +8,23 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 # Tiny tensors: one intra-op thread per test process (pytest -n workers would otherwise oversubscribe the cores,
 # which makes these tests ~20x slower).
 torch.set_num_threads(1)
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+"""The devices of the device-parametrised tests: the CPU always, CUDA where there is one (no skipped cases)."""
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Each device of :data:`DEVICES` in turn: a test taking ``device`` runs once per device present."""
+    return request.param
+
 
 # Tolerances of the exact (round-trip, fused-vs-Pyro) checks.
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}

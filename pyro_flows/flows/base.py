@@ -21,6 +21,7 @@ from .. import transforms as T
 from ..nn import ClassEmbedding
 from ..transforms.base import check_shape
 from ..transforms.cache import same_state, state_key
+from ..utils import check_device_dtype, reference_tensor
 
 EMBEDDING_FEATURES = 16
 """The default size of a class-conditional flow's label embedding (``embedding_features=``)."""
@@ -129,8 +130,7 @@ class FlowDistribution(dist.TransformedDistribution):
                 f"log_prob: value of batch shape {tuple(batch)} does not broadcast with the "
                 f"distribution's batch shape {tuple(self.batch_shape)}"
             ) from None
-        if value.dtype != self.base_dist.mean.dtype:
-            raise ValueError(f"log_prob: value has dtype {value.dtype}, the flow has {self.base_dist.mean.dtype}")
+        check_device_dtype("log_prob", value, self.base_dist.mean, "value")
         if not bool(torch.isfinite(value).all()):
             rows = torch.nonzero(~torch.isfinite(value).reshape(-1, self.event_shape.numel()).all(-1)).flatten()
             raise ValueError(f"log_prob: value has NaN or inf entries (at flattened batch rows {rows[:10].tolist()})")
@@ -303,14 +303,25 @@ class Flow(nn.Module):
             check_shape(name, parts[0], (self.context_features,), "context")
         elif not all(isinstance(part, Tensor) for part in parts):
             raise TypeError(f"{name}: expected a torch.Tensor context, got {type(context).__name__}")
-        # under torch.compile (pf.compile_flow) the check would break the graph: compiled calls do not validate
-        if not torch.compiler.is_compiling() and not all(bool(torch.isfinite(part).all()) for part in parts):
-            raise ValueError(f"{name}: the context has NaN or inf entries")
+        # under torch.compile (pf.compile_flow) the checks would break the graph: compiled calls do not validate
+        if not torch.compiler.is_compiling():
+            self._check_device_dtype(parts)
+            if not all(bool(torch.isfinite(part).all()) for part in parts):
+                raise ValueError(f"{name}: the context has NaN or inf entries")
         if self.embedding is None:
             return parts[0]
         embedded = self.embedding(context)
         check_shape(name, embedded, (self.context_features,), "embedded context")
         return embedded
+
+    def _check_device_dtype(self, parts: tuple[Tensor, ...]) -> None:
+        """A ValueError naming both devices or dtypes unless every part of the context is on the flow's device and,
+        without an embedding (the layers take the context as it is), has the flow's dtype; an embedding checks the
+        values it takes (integer class labels, ...) itself."""
+        reference = reference_tensor(self)
+        if reference is not None:
+            for part in parts:
+                check_device_dtype(type(self).__name__, part, reference, "context", dtype=self.embedding is None)
 
     def base_and_transforms(self, context: Optional[Context] = None) -> tuple[Distribution, list[Transform]]:
         """The base distribution (batch shape that of the context) and the layers conditioned on ``context``

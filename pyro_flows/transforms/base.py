@@ -10,6 +10,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from ..utils import check_device_dtype, reference_tensor
 from . import cache
 
 
@@ -54,8 +55,9 @@ class FlowTransform(TransformModule):
     with ``x`` of shape ``batch + event_shape``, ``y`` of ``batch + codomain_shape``, the context
     :math:`c` ``(..., context_features)`` (``None`` for an unconditional layer) broadcasting with the
     batch, and log-dets of the broadcast batch shape. Callers use the checked directions
-    :meth:`call_and_ladj` and :meth:`inverse_and_ladj`: they validate shapes, the context and its
-    dtype/device, then call the subclass once and store nothing. :class:`~pyro_flows.FlowDistribution`
+    :meth:`call_and_ladj` and :meth:`inverse_and_ladj`: they validate shapes, the input's device and dtype
+    (those of the layer's parameters), the context and its dtype/device, then call the subclass once and store
+    nothing. :class:`~pyro_flows.FlowDistribution`
     uses only these.
 
     Pyro's generic entry points ``t(x)``, ``t.inv(y)`` and ``t.log_abs_det_jacobian(x, y)`` (also through
@@ -138,6 +140,9 @@ class FlowTransform(TransformModule):
     def _check(self, value: Tensor, what: str, context: Optional[Tensor], event_shape: torch.Size) -> None:
         name = type(self).__name__
         check_shape(name, value, event_shape, what)
+        reference = None if torch.compiler.is_compiling() else reference_tensor(self)
+        if reference is not None:
+            check_device_dtype(name, value, reference, what)
         if not self.context_features:
             if context is not None:
                 raise ValueError(f"{name} is unconditional: it takes no context")
@@ -148,7 +153,8 @@ class FlowTransform(TransformModule):
         if context.dtype != value.dtype or context.device != value.device:
             raise ValueError(
                 f"{name}: context has dtype {context.dtype} on {context.device} but the "
-                f"{what} has dtype {value.dtype} on {value.device}"
+                f"{what} has dtype {value.dtype} on {value.device}; pass them with one dtype on one device "
+                f"(context.to({str(value.device)!r}, {value.dtype}))"
             )
 
     # -- Pyro's generic entry points, through the one entry ---------------------------------------------------
