@@ -62,10 +62,11 @@ import contextlib
 import copy
 import importlib.util
 import math
-import statistics
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,11 @@ import pyro_flows as pf
 from pyro_flows.diagnostics import sliced_wasserstein
 from pyro_flows.objectives import straightness
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Timing, interleave, machine_line, markdown_table, ratio, set_threads, version  # noqa: E402
+
 LIBS = ("pyro_flows", "pyro_flows-loop", "torchcfm", "flow_matching")
+PEERS = ("torchcfm", "flow_matching")
 TASKS = ("8gaussians-moons", "normal-checkerboard")
 EULER_STEPS = (1, 2, 4, 8)
 COLUMNS = tuple(str(k) for k in EULER_STEPS) + ("adaptive",)
@@ -446,11 +451,18 @@ def bench_task(name: str, libs: Sequence[str], args: argparse.Namespace, log: Ca
     runs: dict[str, list[Run]] = {lib: [] for lib in libs if available(lib)}
     for lib in runs:  # warm-up: imports, first calls
         run_one(lib, task, evaluation, args, args.seed, steps=min(args.steps, 20))
-    for repeat in range(args.repeats):
-        for lib in runs:
-            run = run_one(lib, task, evaluation, args, args.seed + repeat)
+
+    def repeat(lib: str) -> Callable[[], None]:
+        def case() -> None:
+            run = run_one(lib, task, evaluation, args, args.seed + len(runs[lib]))  # repeat r: seed + r
             runs[lib].append(run)
-            log(f"{name} {lib} repeat {repeat}: {run.train_seconds:.2f} s, final SW {run.clock.trace[-1][2]:.4f}")
+            log(f"{name} {lib} repeat {len(runs[lib]) - 1}: {run.train_seconds:.2f} s, final SW "
+                f"{run.clock.trace[-1][2]:.4f}")  # fmt: skip
+
+        return case
+
+    # the libraries in turn, the order rotated each round; the times that count are the runs' own clocks
+    interleave({lib: repeat(lib) for lib in runs}, args.repeats, warmup=0)
     if not runs:
         return result
     result.target = TARGET_FACTOR * max(
@@ -460,7 +472,7 @@ def bench_task(name: str, libs: Sequence[str], args: argparse.Namespace, log: Ca
         result.seconds[lib] = [s for s in (run.clock.time_to(result.target) for run in lib_runs) if s is not None]
         result.speed[lib] = [run.steps / run.train_seconds for run in lib_runs]
         rows = [quality_row(lib, run.model, evaluation) for run in lib_runs]
-        result.quality[lib] = {c: statistics.median(row[c] for row in rows) for c in COLUMNS}
+        result.quality[lib] = {c: _median(row[c] for row in rows) for c in COLUMNS}
         nll = ADAPTERS[lib].nll
         nlls = [] if nll is None else [nll(run.model, task, evaluation.target) for run in lib_runs]
         result.nll[lib] = _median(nlls)
@@ -470,8 +482,9 @@ def bench_task(name: str, libs: Sequence[str], args: argparse.Namespace, log: Ca
     return result
 
 
-def _median(values: Sequence[float]) -> Optional[float]:
-    return statistics.median(values) if values else None
+def _median(values: Iterable[float]) -> Optional[float]:
+    """The median (None of nothing), by the harness's :class:`Timing`."""
+    return Timing(list(values)).median
 
 
 def _fmt(value: Optional[float], spec: str = ".4f") -> str:
@@ -479,38 +492,45 @@ def _fmt(value: Optional[float], spec: str = ".4f") -> str:
 
 
 def table(results: Sequence[TaskResult], libs: Sequence[str]) -> str:
-    lines = [
-        "| task | library | time to target (s) | time / pyro_flows time | steps/s | NLL | "
-        + " | ".join(f"SW {c}" for c in COLUMNS)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(COLUMNS),
-    ]
+    header = ["task", "library", "time to target (s)", "time / pyro_flows time", "steps/s", "NLL"]
+    rows = []
     for r in results:
         ours = _median(r.seconds.get("pyro_flows", []))
         for lib in libs:
             seconds = _median(r.seconds.get(lib, []))
-            ratio = None if seconds is None or ours is None else seconds / ours
+            times = None if seconds is None or ours is None else seconds / ours
             q = r.quality.get(lib, {})
-            lines.append(
-                f"| {r.task} | {lib} | {_fmt(seconds, '.2f')} | {_fmt(ratio, '.2f')}x | "
-                f"{_fmt(_median(r.speed.get(lib, [])), '.0f')} | {_fmt(r.nll.get(lib), '.3f')} | "
-                + " | ".join(_fmt(q.get(c)) for c in COLUMNS)
-                + " |"
-            )
-    return "\n".join(lines)
+            speed = _median(r.speed.get(lib, []))
+            rows.append(
+                [r.task, lib, _fmt(seconds, ".2f"), f"{_fmt(times, '.2f')}x", _fmt(speed, ".0f"),
+                 _fmt(r.nll.get(lib), ".3f"), *(_fmt(q.get(c)) for c in COLUMNS)]
+            )  # fmt: skip
+    return markdown_table(header + [f"SW {c}" for c in COLUMNS], rows)
 
 
 def reflow_table(results: Sequence[TaskResult]) -> str:
-    lines = [
-        "| task | pyro_flows | " + " | ".join(f"SW {c}" for c in COLUMNS) + " | straightness |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+    rows = [
+        [r.task, f"{when} reflow", *(_fmt(r.reflow[when][c]) for c in (*COLUMNS, "straightness"))]
+        for r in results
+        for when in ("before", "after")
+        if when in r.reflow
     ]
+    return markdown_table(["task", "pyro_flows", *(f"SW {c}" for c in COLUMNS), "straightness"], rows)
+
+
+def summary(results: Sequence[TaskResult]) -> str:
+    """``pf.fit`` against the best peer per task: time to target and training speed (> 1: pyro_flows faster)."""
+    lines = []
     for r in results:
-        for when in ("before", "after"):
-            row = r.reflow.get(when)
-            if row is not None:
-                cells = " | ".join(_fmt(row[c]) for c in (*COLUMNS, "straightness"))
-                lines.append(f"| {r.task} | {when} reflow | {cells} |")
+        seconds = {lib: _median(r.seconds.get(lib, [])) for lib in ("pyro_flows", *PEERS)}
+        rates = {lib: None if s is None else 1 / s for lib, s in seconds.items()}  # ratio() compares rates
+        speeds = {lib: _median(r.speed.get(lib, [])) for lib in ("pyro_flows", *PEERS)}
+        time_ratio, time_peer = ratio(rates.pop("pyro_flows"), rates)
+        speed_ratio, speed_peer = ratio(speeds.pop("pyro_flows"), speeds)
+        lines.append(
+            f"{r.task}: pyro_flows (pf.fit) vs the best peer: time to target {_fmt(time_ratio, '.2f')}x "
+            f"({time_peer or 'n/a'}), steps/s {_fmt(speed_ratio, '.2f')}x ({speed_peer or 'n/a'})"
+        )
     return "\n".join(lines)
 
 
@@ -549,13 +569,15 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> list[TaskResult]:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     libs = list(args.libs)
-    log(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} time; libraries: " + ", ".join(
-        f"{lib}{'' if available(lib) else ' (not installed)'}" for lib in libs))  # fmt: skip
+    log(f"{machine_line()}; {args.clock} time; libraries: " + ", ".join(
+        f"{lib}{f' {version(lib)}' if lib in PEERS and available(lib) else ''}"
+        f"{'' if available(lib) else ' (not installed)'}" for lib in libs))  # fmt: skip
     results = [bench_task(name, libs, args, log) for name in args.tasks]
     log(targets(results))
     log(table(results, libs))
+    log(summary(results))
     log(reflow_table(results))
     return results
 
