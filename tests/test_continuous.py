@@ -20,6 +20,12 @@ from pyro_flows import transforms as T
 from pyro_flows.data import two_moons
 from pyro_flows.demo import gaussian_log_density
 from pyro_flows.nn import ResidualVectorField, VectorField
+from pyro_flows.nn.vector_field import (
+    activation_and_derivative,
+    input_tangents,
+    sequential_jacobian,
+    tangents_to_jacobian,
+)
 from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence, record_regularization
 
 F64 = torch.float64
@@ -116,6 +122,84 @@ def test_exact_trace_and_frobenius_match_the_autograd_jacobian():
     torch.testing.assert_close(trace, jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-12, rtol=0)
     torch.testing.assert_close(frobenius, jacobian.square().sum((-2, -1)), atol=1e-12, rtol=0)
     assert trace.abs().min() > 1e-3  # not vacuous
+
+
+@pytest.mark.parametrize("cls", [VectorField, ResidualVectorField])
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.Tanh, nn.Softplus, nn.ELU])  # ELU: the generic jvp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_forward_and_jacobian_match_the_field_and_the_autograd_jacobian(cls, activation, dtype):
+    torch.manual_seed(0)
+    field = perturb(cls(3, hidden=(16, 16), context_features=2, activation=activation), scale=0.5).to(dtype)
+    z, c = randn(6, 3, dtype=dtype), randn(6, 2, seed=1, dtype=dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == F64 else dict(atol=2e-5, rtol=1e-5)
+    for t in (torch.tensor(0.3, dtype=dtype), torch.rand(6, dtype=dtype)):  # one time, a time per sample
+        f, jacobian = field.forward_and_jacobian(z, t, c)
+        torch.testing.assert_close(f, field(z, t, c), **tol)
+        expected = per_sample_jacobian(lambda v, t=t: field(v, t, c), z)
+        assert jacobian.shape == (6, 3, 3) and expected.abs().max() > 0.05  # not vacuous
+        torch.testing.assert_close(jacobian, expected, **tol)
+
+
+def test_activation_derivative_is_the_autograd_one_with_and_without_a_graph():
+    a = randn(50, seed=3).requires_grad_(True)
+    for activation in (nn.SiLU(), nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=2.0, threshold=1.0), nn.GELU()):
+        expected = torch.autograd.grad(activation(a).sum(), a, create_graph=True)[0]
+        y, slope = activation_and_derivative(activation, a)  # differentiable path
+        torch.testing.assert_close(y, activation(a), atol=1e-14, rtol=0)
+        torch.testing.assert_close(slope, expected, atol=1e-14, rtol=0)
+        # its own derivative (training through the trace) is the second derivative
+        second = torch.autograd.grad(expected.sum(), a)[0]
+        torch.testing.assert_close(torch.autograd.grad(slope.sum(), a)[0], second, atol=1e-12, rtol=0)
+        with torch.no_grad():  # fused kernels where there are
+            torch.testing.assert_close(activation_and_derivative(activation, a)[1], expected, atol=1e-14, rtol=0)
+
+
+def test_sequential_jacobian_of_an_mlp_and_its_bad_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Identity(), nn.Linear(8, 3)).double()
+    z, side = randn(4, 3), randn(4, 2, seed=1)  # the input is (side, z): z's 3 tangents from entry 2 on
+    y, tangents = sequential_jacobian(net, torch.cat([side, z], -1), input_tangents(5, 3, z, start=2))
+    torch.testing.assert_close(y, net(torch.cat([side, z], -1)), atol=1e-14, rtol=0)
+    expected = per_sample_jacobian(lambda v: net(torch.cat([side, v], -1)), z)
+    torch.testing.assert_close(tangents_to_jacobian(tangents, 4), expected, atol=1e-13, rtol=0)
+    with pytest.raises(ValueError, match="only nn.Linear layers and elementwise activations, got LayerNorm"):
+        sequential_jacobian([nn.LayerNorm(5).double()], torch.cat([side, z], -1), input_tangents(5, 3, z))
+
+
+class AutogradOnly(nn.Module):
+    """The same field without ``forward_and_jacobian``: the layer then takes the trace by autograd."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, z, t, context=None):
+        return self.field(z, t, context)
+
+
+@pytest.mark.parametrize("field", ["concatsquash", "residual"])
+@pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])
+def test_forward_jacobian_trace_equals_the_autograd_trace_in_values_and_gradients(field, adjoint):
+    fast = perturbed_layer(T.ConditionalContinuousFlow, seed=4, field=field, context_features=2, adjoint=adjoint)
+    slow = copy.deepcopy(fast)
+    slow.vector_field = AutogradOnly(slow.vector_field)
+    x0, c0 = randn(5, 3, seed=5), randn(5, 2, seed=6)
+
+    def solve(layer):
+        x, c = x0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+        with record_regularization([layer]) as solves:
+            y, ladj = layer.inverse_and_ladj(x, c)
+        loss = y.square().sum() + ladj.sum() + solves[0]["kinetic"].sum() + solves[0]["jacobian"].sum()
+        return (y, ladj, solves[0]["jacobian"], layer.nfe), torch.autograd.grad(loss, [x, c, *layer.parameters()])
+
+    (values_fast, grads_fast), (values_slow, grads_slow) = solve(fast), solve(slow)
+    assert values_fast[-1] == values_slow[-1]  # the same steps
+    for a, b in zip(values_fast[:-1], values_slow[:-1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads_fast, grads_slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+    with torch.no_grad():  # log_prob's path: no graph, the same numbers
+        torch.testing.assert_close(fast.inverse_and_ladj(x0, c0)[1], values_slow[1], atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mlp import broadcast_cat, check_hidden
@@ -16,6 +17,99 @@ def time_column(t: Tensor | float, like: Tensor) -> Tensor:
     """``t`` (a number, a scalar tensor or a batch ``(...)``) as a column ``(..., 1)`` with ``like``'s dtype/device."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.reshape(1) if t.dim() == 0 else t.unsqueeze(-1)
+
+
+def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    r"""An elementwise activation :math:`\sigma` and its derivative at ``a``: ``(σ(a), σ'(a))``, same shapes.
+
+    Closed forms for ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.Softplus`` (differentiable again, for
+    training through a Jacobian); any other elementwise activation module by forward-mode differentiation
+    (``torch.func.jvp`` with a tangent of ones). Not for activations that mix elements (e.g. softmax).
+
+    Example:
+        >>> y, d = activation_and_derivative(nn.Tanh(), torch.tensor([0.0, 1.0]))
+        >>> torch.allclose(d, 1 - y**2)
+        True
+    """
+    if isinstance(activation, nn.SiLU):
+        if not (a.requires_grad and torch.is_grad_enabled()):  # two fused kernels (silu_backward has no gradient)
+            return F.silu(a), torch.ops.aten.silu_backward(torch.ones_like(a), a)
+        s = torch.sigmoid(a)
+        y = a * s
+        return y, s + y * (1 - s)  # s (1 + a (1 - s))
+    if isinstance(activation, (nn.Tanh, nn.Sigmoid)):
+        y = activation(a)
+        return y, (1 - y.square()) if isinstance(activation, nn.Tanh) else y * (1 - y)
+    if isinstance(activation, nn.Softplus):  # linear above the threshold, as torch's softplus
+        scaled = a * activation.beta
+        slope = torch.where(scaled > activation.threshold, torch.ones_like(a), torch.sigmoid(scaled))
+        return activation(a), slope
+    value_and_slope = torch.func.jvp(activation, (a,), (torch.ones_like(a),))
+    return value_and_slope[0], value_and_slope[1]
+
+
+def input_tangents(width: int, features: int, like: Tensor, start: int = 0) -> Tensor:
+    r"""The tangents :math:`\partial h / \partial z_i` of a ``width``-wide input :math:`h` whose entries
+    ``start, ..., start + features - 1`` are :math:`z` and whose others do not depend on it: ``(features, 1, width)``,
+    row :math:`i` the one-hot :math:`e_{\text{start} + i}` (the middle axis broadcasts over the batch)."""
+    return torch.eye(width, dtype=like.dtype, device=like.device)[start : start + features].unsqueeze(1)
+
+
+def tangents_to_jacobian(tangents: Tensor, batch: int) -> Tensor:
+    r"""Tangents ``(D, N or 1, D_out)`` (:func:`sequential_jacobian`) as the Jacobians ``(N, D_out, D)``,
+    :math:`J_{nji} = \partial f_{nj} / \partial z_{ni}` (a view)."""
+    return tangents.expand(-1, batch, -1).permute(1, 2, 0)
+
+
+def _is_linear(layer: nn.Module) -> bool:
+    """``nn.Linear``, or a look-alike (``in_features``, ``out_features`` and a 2-D ``weight``: zuko's ``Linear``)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    weight = getattr(layer, "weight", None)
+    return hasattr(layer, "out_features") and isinstance(weight, Tensor) and weight.dim() == 2
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """A linear layer's weight ``(out, in)``."""
+    return cast(Tensor, layer.weight)
+
+
+def sequential_jacobian(layers: Iterable[nn.Module], h: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Push an input ``h`` and its tangents through linear layers and elementwise activations (an MLP).
+
+    Linear layers: ``nn.Linear`` or modules with its attributes (``in_features``, ``out_features``, a 2-D
+    ``weight``: :math:`h \mapsto W h + b`); activations: modules without parameters or children.
+
+    Forward-mode, exactly: with :math:`T_i = \partial h / \partial z_i`, a linear layer maps
+    :math:`T_i \mapsto W T_i` and an activation :math:`T_i \mapsto \sigma'(a) \odot T_i`
+    (:func:`activation_and_derivative`), so the output's :math:`D` tangents cost :math:`D` extra rows per matmul
+    and no backward pass: the Jacobian of a vector field for an exact divergence (see
+    :meth:`VectorField.forward_and_jacobian`).
+
+    Shapes: ``h`` ``(N, H)``; ``tangents`` ``(D, N, H)`` or ``(D, 1, H)`` (the same for every sample, e.g.
+    :func:`input_tangents`). Returns the output ``(N, H_out)`` and its tangents ``(D, N, H_out)``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2))
+        >>> z = torch.randn(5, 3)
+        >>> y, tangents = sequential_jacobian(net, z, input_tangents(3, 3, z))
+        >>> jacobian = torch.func.vmap(torch.func.jacrev(net))(z)  # (N, 2, 3)
+        >>> torch.allclose(tangents_to_jacobian(tangents, 5), jacobian, atol=1e-6)
+        True
+    """
+    for layer in layers:
+        if _is_linear(layer):
+            h, tangents = layer(h), F.linear(tangents, _weight(layer))
+        elif isinstance(layer, nn.Identity):
+            continue
+        elif next(layer.parameters(), None) is None and next(layer.children(), None) is None:
+            h, slope = activation_and_derivative(layer, h)
+            tangents = tangents * slope
+        else:
+            raise ValueError(
+                f"sequential_jacobian: only nn.Linear layers and elementwise activations, got {type(layer).__name__}"
+            )
+    return h, tangents
 
 
 class ConcatSquashLinear(nn.Module):
@@ -45,6 +139,12 @@ class ConcatSquashLinear(nn.Module):
 
     def forward(self, h: Tensor, t: Tensor) -> Tensor:
         return self.linear(h) * torch.sigmoid(self.gate(t)) + self.time_bias(t)
+
+    def forward_and_tangents(self, h: Tensor, tangents: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The layer and its tangents :math:`T \mapsto (W T) \odot \sigma(w_g t + b_g)` (``tangents``
+        ``(D, N or 1, in_features)``; see :func:`sequential_jacobian`)."""
+        gate = torch.sigmoid(self.gate(t))
+        return self.linear(h) * gate + self.time_bias(t), F.linear(tangents, self.linear.weight) * gate
 
     def zero_(self) -> ConcatSquashLinear:
         """Make the layer output zero for every input (a fresh CNF built on it is the identity)."""
@@ -105,6 +205,24 @@ class VectorField(nn.Module):
         for layer in self.layers[:-1]:
             h = self.activation(layer(h, t))
         return self.layers[-1](h, t)
+
+    def forward_and_jacobian(
+        self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(f, J)``: the field and its Jacobian :math:`J = \partial f / \partial z` ``(N, D, D)``,
+        :math:`J_{nji} = \partial f_{nj} / \partial z_{ni}`, by forward-mode propagation through the layers
+        (:func:`sequential_jacobian`; exact, no autograd). ``z`` ``(N, D)``; ``t``, ``context`` as in
+        :meth:`forward`."""
+        h = broadcast_cat(z, context)
+        t = time_column(t, h)
+        tangents = input_tangents(h.shape[-1], self.features, h)
+        layers = cast(Sequence[ConcatSquashLinear], self.layers)
+        for layer in layers[:-1]:
+            h, tangents = layer.forward_and_tangents(h, tangents, t)
+            h, slope = activation_and_derivative(self.activation, h)
+            tangents = tangents * slope
+        f, tangents = layers[-1].forward_and_tangents(h, tangents, t)
+        return f, tangents_to_jacobian(tangents, f.shape[0])
 
 
 class ResidualVectorField(nn.Module):
@@ -175,15 +293,39 @@ class ResidualVectorField(nn.Module):
         nn.init.zeros_(self.output.bias)
         self.activation = activation()
 
-    def forward(self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None) -> Tensor:
+    def _side(self, z: Tensor, t: Tensor | float, context: Optional[Tensor]) -> Tensor:
+        """:math:`s = (e(t), c)`: the time's sinusoidal embedding and the context."""
         half = self.time_features // 2  # angular frequencies 32 pi * P^(-k / half), k < half: from 32 pi down to pi
         time = time_column(t, z).squeeze(-1)
         embedding = sinusoidal_embedding(
             time, self.time_features, max_period=32.0 ** (half / (half - 1)), scale=32 * math.pi
         )
-        side = broadcast_cat(embedding, context)
+        return broadcast_cat(embedding, context)
+
+    def forward(self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None) -> Tensor:
+        side = self._side(z, t, context)
         h = self.input(broadcast_cat(z, side))
         side = side.expand(h.shape[:-1] + side.shape[-1:])
         for inner, lateral, outer in zip(self.inner, self.side, self.outer, strict=True):
             h = h + outer(self.activation(inner(self.activation(h)) + lateral(side)))
         return self.output(self.activation(h))
+
+    def forward_and_jacobian(
+        self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(f, J)``: the field and its Jacobian :math:`J = \partial f / \partial z` ``(N, D, D)``,
+        :math:`J_{nji} = \partial f_{nj} / \partial z_{ni}`, by forward-mode propagation through the blocks
+        (:func:`sequential_jacobian`; exact, no autograd). ``z`` ``(N, D)``; ``t``, ``context`` as in
+        :meth:`forward`."""
+        side = self._side(z, t, context)
+        inputs = broadcast_cat(z, side)
+        h = self.input(inputs)
+        tangents = F.linear(input_tangents(inputs.shape[-1], self.features, inputs), self.input.weight)
+        side = side.expand(h.shape[:-1] + side.shape[-1:])
+        for inner, lateral, outer in zip(self.inner, self.side, self.outer, strict=True):
+            a, slope = activation_and_derivative(self.activation, h)
+            u, slope_u = activation_and_derivative(self.activation, inner(a) + lateral(side))
+            block = F.linear(F.linear(tangents * slope, _weight(inner)) * slope_u, _weight(outer))
+            h, tangents = h + outer(u), tangents + block
+        f, tangents = sequential_jacobian([self.activation, self.output], h, tangents)
+        return f, tangents_to_jacobian(tangents, f.shape[0])

@@ -52,7 +52,12 @@ def exact_divergence(f: Tensor, z: Tensor, probe: Optional[Tensor], create_graph
     n, d = z.shape
     one_hot = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, n, d)
     rows = _vjp(f, z, one_hot, create_graph, batched=True)  # (D, N, D): rows[i, b] = e_i^T J_b
-    return rows.diagonal(dim1=0, dim2=2).sum(-1), rows.square().sum((0, 2))
+    return jacobian_divergence(rows.transpose(0, 1))
+
+
+def jacobian_divergence(jacobian: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(tr J, ||J||_F^2)`` per sample of a batch of Jacobians ``(N, D, D)``: outputs ``(N,)``."""
+    return jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), jacobian.square().sum((-2, -1))
 
 
 def hutchinson_divergence(f: Tensor, z: Tensor, probe: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
@@ -113,17 +118,28 @@ class _Dynamics:
     r"""The augmented ODE :math:`\frac{d}{dt}(z, \ell, E, F) = (f, \operatorname{tr} J, \|f\|^2, \|J\|_F^2)`.
 
     ``context`` and ``probe`` are fixed for one solve; ``nfe`` counts the evaluations.
-    Under ``torch.no_grad()`` the Jacobian terms are computed without a graph.
+    Under ``torch.no_grad()`` the Jacobian terms are computed without a graph. With ``jacobian``
+    (a field's ``forward_and_jacobian``), :math:`f` and :math:`J` come from it, without autograd.
     """
 
     def __init__(
-        self, field: Callable[..., Tensor], context: Optional[Tensor], divergence: Divergence, probe: Optional[Tensor]
+        self,
+        field: Callable[..., Tensor],
+        context: Optional[Tensor],
+        divergence: Divergence,
+        probe: Optional[Tensor],
+        jacobian: Optional[Callable[..., tuple[Tensor, Tensor]]] = None,
     ):
         self.field, self.context, self.divergence, self.probe = field, context, divergence, probe
+        self.jacobian = jacobian
         self.nfe = 0
 
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe += 1
+        if self.jacobian is not None:  # exact J by forward propagation: plain ops, differentiable as they are
+            f, jacobian = self.jacobian(state[0], t, self.context)
+            trace, frobenius = jacobian_divergence(jacobian)
+            return f, trace, f.square().sum(-1), frobenius
         create_graph = torch.is_grad_enabled()
         if self.divergence is no_divergence:  # no Jacobian terms: no graph to build for them
             f = self.field(state[0], t, self.context)
@@ -172,7 +188,10 @@ class ContinuousFlow(FlowTransform):
               E = \int \|f\|^2\, dt, \qquad F = \int \|\tfrac{\partial f}{\partial z}\|_F^2\, dt,
 
     so the log-det :math:`\ell` comes from the same solve as the output. The trace is
-    ``"exact"`` (all :math:`D` diagonal terms, batched) or ``"hutchinson"``'s unbiased
+    ``"exact"`` (all :math:`D` diagonal terms: from the field's ``forward_and_jacobian(z, t, context)`` when it has
+    one, which returns :math:`f` and :math:`\partial f/\partial z` ``(N, D, D)`` by forward propagation through its
+    layers, as the default fields do (:func:`~pyro_flows.nn.vector_field.sequential_jacobian`), else from
+    :math:`D` batched vector-Jacobian products) or ``"hutchinson"``'s unbiased
     estimate :math:`\varepsilon^\top J \varepsilon` with one ``"rademacher"`` or
     ``"gaussian"`` probe per sample, drawn once per solve and held fixed during it
     (Grathwohl et al. 2019). :math:`E` (kinetic energy) and :math:`F` (Jacobian Frobenius
@@ -331,10 +350,13 @@ class ContinuousFlow(FlowTransform):
             return z.clone(), empty
         z = z.reshape(-1, d)
         context = None if context is None else context.reshape(-1, self.context_features)
+        jacobian = None
         if divergence is None:
             divergence = exact_divergence if self.trace == "exact" else hutchinson_divergence
+            if self.trace == "exact" and field is None:
+                jacobian = getattr(self.vector_field, "forward_and_jacobian", None)
         probe = draw_probe(self.probe, z) if self.trace == "hutchinson" else None
-        dynamics = _Dynamics(self.vector_field if field is None else field, context, divergence, probe)
+        dynamics = _Dynamics(self.vector_field if field is None else field, context, divergence, probe, jacobian)
         zeros = z.new_zeros(z.shape[0])
         times = torch.tensor([start, end], dtype=z.dtype, device=z.device)
         states = self._solve(dynamics, (z, zeros, zeros, zeros), times, context)
