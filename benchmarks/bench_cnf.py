@@ -3,20 +3,31 @@
 Part 1, pf.CNF(trace="exact") vs ``zuko.flows.CNF`` (exact trace), at D = 2 and 8:
 
 * the vector field is the same function in both: zuko's field (an MLP on
-  ``[x, cos(k pi t), sin(k pi t)]``, k = 1..3, hidden widths (64, 64), SiLU)
+  ``[cos(k pi t), sin(k pi t), x]``, k = 1..3, hidden widths (64, 64), SiLU)
   is built once and pyro_flows' layer is given a field that calls zuko's
   module with the *same weights* (``vector_field=`` of pf.CNF), with the time
   span reversed (t0 = 1, t1 = 0) so that both integrate the same ODE in the
-  same direction when evaluating a density. The last layer is randomised (not
-  zero) so the flow is not the identity. pyro_flows' default field (concat-squash
-  layers) is *not* used here: zuko cannot express it.
-* solver: dopri5 in both, atol = rtol = 1e-5. zuko's own dopri5 (adaptive
-  checkpoint adjoint) vs torchdiffeq's in pyro_flows; their error norms differ
-  (zuko: over the whole state; pyro_flows: over z and the log-det), so the
-  number of steps may differ.
+  same direction when evaluating a density. Every linear layer is randomised
+  (normal, std 1/sqrt(fan-in); seed 0) so the flow is far from the identity.
+  pyro_flows' default field (concat-squash layers) is *not* used here: zuko
+  cannot express it.
+* the exact trace: ``pyro_flows`` gets the field's Jacobian by forward propagation
+  through the MLP's layers (the field's ``forward_and_jacobian``, built on
+  ``pyro_flows.nn.vector_field.sequential_jacobian``, as pyro_flows' own fields
+  do); ``pyro_flows-autograd`` is the same flow with that method hidden (D batched
+  vector-Jacobian products, the trace before issue 17); zuko uses D batched
+  vector-Jacobian products.
+* solver: dopri5 in all, atol = rtol = 1e-5. zuko's own dopri5 (adaptive
+  checkpoint adjoint; error ratio: the largest over the elements of the state, the
+  log-det scaled by 1e-2) vs torchdiffeq's in pyro_flows (error ratio: the RMS over
+  the batch of z and of the log-det, the larger of the two; ``--norm max``: the
+  largest over the elements of z and the log-det, zuko's criterion), so the numbers
+  of steps differ. Accuracy is reported next to the speed: the largest absolute error
+  of each library's log-density of a fixed batch against a float64 reference
+  (pyro_flows, autograd trace, atol = rtol = 1e-10), and the number of field
+  evaluations (NFE) of that solve.
 * metrics: exact ``log_prob`` of a batch (default 1024) under ``torch.no_grad()``,
   and one Adam step on ``-log_prob(x).mean()`` (batch 256), in samples/s.
-  The maximum absolute difference of the two log-likelihoods is reported.
 
 Part 2, two moons: pf.CNF trained by MLE for ``--mle-steps`` steps; its final
 held-out NLL is the target; then the same CNF trained by pf.FlowMatching until
@@ -24,39 +35,47 @@ its held-out NLL (checked every ``--fm-eval`` steps, evaluation time not
 counted) reaches it, at most ``--fm-steps`` steps. Reported: training wall time
 of each and their ratio.
 
-Libraries are timed in turn (A, B, A, B, ...) ``--repeats`` times with torch
-threads fixed; the median is reported. A missing peer is ``n/a``.
+Timing: ``harness.interleave`` (each round runs every library once, rotating the
+order, after a warm-up round), ``--repeats`` rounds with torch threads fixed; the
+median is reported. A missing peer is ``n/a``.
 
 Usage::
 
-    python benchmarks/bench_cnf.py
+    python benchmarks/bench_cnf.py --threads 1
     python benchmarks/bench_cnf.py --quick --libs pyro_flows
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
-import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-LIBS = ("pyro_flows", "zuko")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import interleave, machine_line, markdown_table, ratio, set_threads, version  # noqa: E402
+
+LIBS = ("pyro_flows", "pyro_flows-autograd", "zuko")
 METRICS = ("log_prob", "train")
+NORMS = ("rms", "max")
 HIDDEN = (64, 64)
 TOL = 1e-5
+REFERENCE_TOL = 1e-10
 
 
 def available(lib: str) -> bool:
-    return importlib.util.find_spec(lib) is not None
+    return importlib.util.find_spec(lib.split("-")[0]) is not None
 
 
 class ZukoStyleField(nn.Module):
-    """zuko's CNF vector field (MLP on x and a sin/cos time embedding), written out: no zuko needed."""
+    """zuko's CNF vector field (MLP on a sin/cos time embedding and x), written out: no zuko needed."""
 
     def __init__(self, features: int, hidden: Sequence[int] = HIDDEN, freqs: int = 3) -> None:
         super().__init__()
@@ -68,24 +87,45 @@ class ZukoStyleField(nn.Module):
         self.ode = nn.Sequential(*layers)
         self.register_buffer("freqs", torch.arange(1, freqs + 1) * torch.pi)
 
-    def f(self, t, x):  # zuko's signature
+    def f(self, t, x, c=None):  # zuko's signature
         t = self.freqs * torch.as_tensor(t, dtype=x.dtype)[..., None]
         t = torch.cat((t.cos(), t.sin()), dim=-1).expand(*x.shape[:-1], -1)
         return self.ode(torch.cat((t, x), dim=-1))
 
 
 class SharedField(nn.Module):
-    """pyro_flows' ``f(z, t, context)`` calling a zuko-style ``f(t, x)`` module (weights shared)."""
+    """pyro_flows' ``f(z, t, context)`` calling a zuko-style ``f(t, x)`` module (weights shared).
 
-    def __init__(self, module: nn.Module) -> None:
+    ``forward_and_jacobian`` evaluates the same MLP (``module.ode`` on ``[cos(k pi t), sin(k pi t), z]``) with its
+    exact Jacobian by forward propagation (``pyro_flows.nn.vector_field.sequential_jacobian``), which pf.CNF's
+    exact trace then uses instead of autograd; ``autograd=True`` hides it (the autograd trace).
+    """
+
+    def __init__(self, module: nn.Module, autograd: bool = False) -> None:
         super().__init__()
         self.module = module
+        if autograd:
+            self.forward_and_jacobian = None
 
     def forward(self, z, t, context=None):
         return self.module.f(t, z)
 
+    def forward_and_jacobian(self, z, t, context=None):
+        from pyro_flows.nn.vector_field import input_tangents, sequential_jacobian, tangents_to_jacobian
 
-def build(features: int, libs: Sequence[str], seed: int = 0) -> dict[str, Optional[nn.Module]]:
+        angles = self.module.freqs * torch.as_tensor(t, dtype=z.dtype)[..., None]
+        h = torch.cat((angles.cos().expand(len(z), -1), angles.sin().expand(len(z), -1), z), dim=-1)
+        width, d = h.shape[-1], z.shape[-1]
+        f, tangents = sequential_jacobian(self.module.ode, h, input_tangents(width, d, h, start=width - d))
+        return f, tangents_to_jacobian(tangents, len(z))
+
+
+def max_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """zuko's step-size criterion for pf.CNF's solver: the largest error ratio over the elements of z and log-det."""
+    return torch.maximum(state[0].detach().abs().max(), state[1].detach().abs().max())
+
+
+def build(features: int, libs: Sequence[str], seed: int = 0, norm: str = "rms") -> dict[str, Optional[nn.Module]]:
     """The flows, sharing one vector field's weights (zuko's if available)."""
     import pyro_flows as pf
 
@@ -99,22 +139,27 @@ def build(features: int, libs: Sequence[str], seed: int = 0) -> dict[str, Option
         source = z.transform
     else:
         source = ZukoStyleField(features)
-    if "pyro_flows" in libs:
-        flow = pf.CNF(features, trace="exact", vector_field=SharedField(source), t0=1.0, t1=0.0, atol=TOL, rtol=TOL)
-        models["pyro_flows"] = flow
-    with torch.no_grad():  # a non-trivial flow
+    options = {"norm": max_norm} if norm == "max" else {}
+    for lib in ("pyro_flows", "pyro_flows-autograd"):
+        if lib in libs:
+            f = SharedField(source, autograd=lib.endswith("autograd"))
+            models[lib] = pf.CNF(features, trace="exact", vector_field=f, t0=1.0, t1=0.0, atol=TOL, rtol=TOL,
+                                 options=options)  # fmt: skip
+    with torch.no_grad():  # a non-trivial flow: every linear layer (zuko's or torch's) randomised
         for m in source.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0, 1.0 / m.in_features**0.5)
+            if hasattr(m, "out_features") and getattr(m, "weight", None) is not None:
+                m.weight.normal_(0, 1.0 / m.weight.shape[-1] ** 0.5)
     return models
 
 
-def _log_prob(lib: str, model: nn.Module, x):
+def _log_prob(model: nn.Module, x):
     return model().log_prob(x)
 
 
 @dataclass
 class Result:
+    """Samples/s of one library on one (D, metric) row, one entry per timed round."""
+
     features: int
     metric: str
     lib: str
@@ -122,59 +167,99 @@ class Result:
 
     @property
     def median(self) -> Optional[float]:
-        return statistics.median(self.runs) if self.runs else None
+        return sorted(self.runs)[len(self.runs) // 2] if self.runs else None
 
 
-def _op(lib: str, model: nn.Module, metric: str, features: int, batch: int):
+@dataclass
+class Accuracy:
+    """Largest |log p - reference| and NFE of one solve per library (None: not run)."""
+
+    error: dict[str, Optional[float]]
+    nfe: dict[str, Optional[int]]
+
+
+def _counting(model: nn.Module, lib: str) -> Callable[[], int]:
+    """Count the field evaluations of ``model``'s next solves; returns a reader of the count."""
+    if lib == "zuko":
+        transform, count = model.transform, [0]
+        f = transform.f
+
+        def counted(*args, **kwargs):
+            count[0] += 1
+            return f(*args, **kwargs)
+
+        transform.f = counted
+        return lambda: (count[0], setattr(transform, "f", f))[0]
+    return lambda: model.transforms[0].nfe
+
+
+def accuracy(models: dict[str, Optional[nn.Module]], features: int, batch: int = 1024) -> Accuracy:
+    """Each library's log-density of one fixed batch against a float64 reference (tolerance 1e-10)."""
+    x = torch.randn(batch, features, generator=torch.Generator().manual_seed(5))
+    ours = models["pyro_flows"] or models["pyro_flows-autograd"]
+    error: dict[str, Optional[float]] = {lib: None for lib in LIBS}
+    nfe: dict[str, Optional[int]] = {lib: None for lib in LIBS}
+    if ours is None:
+        return Accuracy(error, nfe)
+    reference = copy.deepcopy(ours).double()
+    layer = reference.transforms[0]
+    layer.atol = layer.rtol = REFERENCE_TOL
+    layer.options = {}
+    with torch.no_grad():
+        expected = _log_prob(reference, x.double())
+        for lib, model in models.items():
+            if model is not None:
+                read = _counting(model, lib)
+                error[lib] = (_log_prob(model, x).double() - expected).abs().max().item()
+                nfe[lib] = read()
+    return Accuracy(error, nfe)
+
+
+def _op(model: nn.Module, metric: str, features: int, batch: int, iterations: int) -> Callable[[], None]:
     if metric == "log_prob":
 
-        def op():
+        def step():
             x = torch.randn(batch, features)
             with torch.no_grad():
-                _log_prob(lib, model, x)
+                _log_prob(model, x)
 
-        return op
-    # separate optimisers over the shared weights are fine: only speed is measured
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    else:
+        # separate optimisers over the shared weights are fine: only speed is measured
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            x = torch.randn(batch, features)
+            opt.zero_grad()
+            (-_log_prob(model, x).mean()).backward()
+            opt.step()
 
     def op():
-        x = torch.randn(batch, features)
-        opt.zero_grad()
-        (-_log_prob(lib, model, x).mean()).backward()
-        opt.step()
+        for _ in range(iterations):
+            step()
 
     return op
 
 
-def _timed(op: Callable[[], None], iterations: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iterations):
-        op()
-    return time.perf_counter() - start
-
-
-def bench_cnf(dims, libs, repeats, batch_lp, batch_train, iterations, log=print):
-    results, diffs = [], {}
+def bench_cnf(dims, libs, repeats, batch_lp, batch_train, iterations, log=print, norm="rms"):
+    """Samples/s per (D, metric, library) and the accuracy of each library per D."""
+    results, accuracies = [], {}
     for d in dims:
-        models = build(d, libs)
-        if models["pyro_flows"] is not None and models["zuko"] is not None:
-            x = torch.randn(256, d)
-            with torch.no_grad():
-                a, b = _log_prob("pyro_flows", models["pyro_flows"], x), _log_prob("zuko", models["zuko"], x)
-            diffs[d] = (a - b).abs().max().item()
-            log(f"D={d}: max |log p_pyro_flows - log p_zuko| = {diffs[d]:.2e} (mean log p {a.mean().item():.3f})")
+        models = build(d, libs, norm=norm)
+        accuracies[d] = accuracy(models, d)
+        log(
+            f"D={d}: max |log p - reference|: "
+            + ", ".join(f"{lib} {_fmt_err(e)} ({accuracies[d].nfe[lib]} NFE)" for lib, e in accuracies[d].error.items())
+        )
         for metric in METRICS:
             batch = batch_lp if metric == "log_prob" else batch_train
+            ops = {lib: _op(m, metric, d, batch, iterations) for lib, m in models.items() if m is not None}
+            timings = interleave(ops, repeats=repeats, warmup=1)
             cases = {lib: Result(d, metric, lib) for lib in LIBS}
-            ops = {lib: _op(lib, m, metric, d, batch) for lib, m in models.items() if m is not None}
-            for op in ops.values():
-                op()  # warm-up
-            for _ in range(repeats):
-                for lib, op in ops.items():
-                    cases[lib].runs.append(batch * iterations / _timed(op, iterations))
+            for lib, timing in timings.items():
+                cases[lib].runs = [batch * iterations / seconds for seconds in timing.runs]
             results += cases.values()
             log(f"D={d} {metric}: " + ", ".join(f"{lib} {_fmt(r.median)}" for lib, r in cases.items()))
-    return results, diffs
+    return results, accuracies
 
 
 def _heldout_nll(flow, x) -> float:
@@ -232,28 +317,36 @@ def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:,.0f}"
 
 
-def table(results: Sequence[Result], diffs: dict) -> str:
-    lines = [
-        "| D | metric | pyro_flows | zuko | pyro_flows / zuko | max abs diff log p |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+def _fmt_err(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def table(results: Sequence[Result], accuracies: dict[int, Accuracy]) -> str:
+    """Samples/s per library, pyro_flows over zuko, and each library's error and NFE on the reference batch."""
+    header = ["D", "metric", *LIBS, "pyro_flows / zuko", "max error log p (pf / autograd / zuko)", "NFE (same)"]
+    rows = []
     keys = sorted({(r.features, r.metric) for r in results}, key=lambda k: (k[0], METRICS.index(k[1])))
     for d, metric in keys:
         by = {r.lib: r.median for r in results if (r.features, r.metric) == (d, metric)}
-        ours, peer = by.get("pyro_flows"), by.get("zuko")
-        ratio = f"{ours / peer:.2f}" if ours and peer else "n/a"
-        diff = f"{diffs[d]:.1e}" if d in diffs else "n/a"
-        lines.append(f"| {d} | {metric} | {_fmt(ours)} | {_fmt(peer)} | {ratio} | {diff} |")
-    return "\n".join(lines)
+        value, _ = ratio(by.get("pyro_flows"), {"zuko": by.get("zuko")})
+        acc = accuracies.get(d, Accuracy({}, {}))
+        rows.append(
+            [d, metric, *(_fmt(by.get(lib)) for lib in LIBS), "n/a" if value is None else f"{value:.2f}",
+             " / ".join(_fmt_err(acc.error.get(lib)) for lib in LIBS),
+             " / ".join(str(acc.nfe.get(lib, None) or "n/a") for lib in LIBS)]
+        )  # fmt: skip
+    return markdown_table(header, rows, align="rl" + "r" * (len(header) - 2))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", type=int, nargs="+", default=[2, 8])
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--norm", choices=NORMS, default="rms", help="pyro_flows' step-size norm (max: zuko's criterion)")
     p.add_argument("--repeats", type=int, default=None, help="default 5, quick 1")
     p.add_argument("--batch", type=int, default=None, help="log_prob batch (default 1024, quick 64)")
+    p.add_argument("--no-fm", action="store_true", help="skip part 2 (flow matching vs MLE)")
     p.add_argument("--mle-steps", type=int, default=None, help="default 200, quick 3")
     p.add_argument("--fm-steps", type=int, default=None, help="cap on flow-matching steps (default 1000, quick 10)")
     p.add_argument("--fm-eval", type=int, default=None, help="held-out NLL check period (default 25, quick 5)")
@@ -263,11 +356,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repeats = a.repeats or (1 if q else 5)
     batch = a.batch or (64 if q else 1024)
     threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     try:
-        results, diffs = bench_cnf(a.dims, a.libs, repeats, batch, 32 if q else 256, 1 if q else 2)
+        print(machine_line())
+        print(f"zuko {version('zuko')}, torchdiffeq {version('torchdiffeq')}; pyro_flows step-size norm: {a.norm}")
+        results, accuracies = bench_cnf(a.dims, a.libs, repeats, batch, 32 if q else 256, 1 if q else 2, norm=a.norm)
         print()
-        print(table(results, diffs))
+        print(table(results, accuracies))
+        print(machine_line())
+        if a.no_fm:
+            return 0
         t_mle, target, t_fm, nll, steps = fm_vs_mle(
             a.mle_steps or (3 if q else 200),
             a.fm_steps or (10 if q else 1000),
@@ -275,13 +373,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_eval=200 if q else 1000,
             batch=64 if q else 256,
         )
-        ratio = f"{t_fm / t_mle:.3f}" if t_fm is not None else "n/a (not reached)"
         print()
-        print("| two moons | train time (s) | held-out NLL | FM / MLE time |")
-        print("|---|---:|---:|---:|")
-        print(f"| MLE (pf.CNF, exact trace) | {t_mle:.1f} | {target:.3f} | |")
-        fm_time = f"{t_fm:.1f}" if t_fm is not None else "n/a"
-        print(f"| flow matching ({steps} steps) | {fm_time} | {nll:.3f} | {ratio} |")
+        fm_ratio = f"{t_fm / t_mle:.3f}" if t_fm is not None else "n/a (not reached)"
+        rows = [
+            ["MLE (pf.CNF, exact trace)", f"{t_mle:.1f}", f"{target:.3f}", ""],
+            [f"flow matching ({steps} steps)", None if t_fm is None else f"{t_fm:.1f}", f"{nll:.3f}", fm_ratio],
+        ]
+        print(markdown_table(["two moons", "train time (s)", "held-out NLL", "FM / MLE time"], rows, align="lrrr"))
     finally:
         torch.set_num_threads(threads)
     return 0
