@@ -26,6 +26,11 @@ fresh input tensor, so no library can serve a result from a transform cache.
 
 A peer that is not installed (or cannot build a row) is reported as ``n/a``.
 
+The ``floor`` column (off with ``--no-floor``) times each row's conditioner networks bare, interleaved with the
+libraries: plain ``nn.Linear`` layers of the same shapes, the same batch, forward, ``sum().backward()`` and the
+same Adam step (:func:`build_floor`). No flow built on these networks can be faster, so ``pyro_flows time /
+floor`` is what the flow adds around the matmuls (masks, the elementwise maps, log-dets, Python per layer).
+
 Usage::
 
     python benchmarks/bench_transforms.py                      # everything
@@ -58,6 +63,8 @@ METRICS = ("train", "log_prob", "sample")
 PEERS = LIBS[1:]
 COMPILED = "pyro_flows+compile"  # pyro_flows through pf.compile_flow (inductor), an opt-in column (--compile)
 OURS = ("pyro_flows", COMPILED)
+# the bare conditioner networks of a row (same shapes, batch and optimiser, no flow around them): the physical limit
+FLOOR = "floor"
 
 TRANSFORMS = 5
 HIDDEN = (128, 128)
@@ -68,6 +75,7 @@ BOUND = 5.0
 _REQUIRES = {
     "pyro_flows": ("pyro_flows",),
     COMPILED: ("pyro_flows",),
+    FLOOR: (),
     "zuko": ("zuko",),
     "nflows": ("nflows",),
     "pyro": ("pyro",),
@@ -125,6 +133,43 @@ def build_pyro_flows_compiled(row: str, features: int) -> Model:
     flow = build_pyro_flows(row, features).module
     compiled = pf.compile_flow(flow, fullgraph=True)
     return Model(flow, compiled.log_prob, lambda n: compiled.sample((n,)))
+
+
+def conditioner_shapes(row: str, features: int) -> tuple[int, int]:
+    """(inputs, outputs) of one conditioner network of ``row``: a MADE ``D -> P D`` for the autoregressive rows,
+    an MLP of the conditioning half for the couplings (``P`` parameters per transformed variable)."""
+    P = 2 if row in ("MAF", "RealNVP") else 3 * BINS - 1
+    if row in ("MAF", "NSF-AR"):
+        return features, P * features
+    if row in ("NSF-C", "RealNVP"):
+        return features // 2, P * (features - features // 2)
+    raise Unavailable(row)
+
+
+def build_floor(row: str, features: int) -> Model:
+    """The floor of a row: its :data:`TRANSFORMS` conditioner networks, bare (plain ``nn.Linear`` layers of the
+    same shapes, no mask, no flow around them).
+
+    ``log_prob(x)`` is the sum of every network's outputs on ``x`` (the conditioning half for couplings), so the
+    ``train`` op is the networks' forward, ``sum().backward()`` and the Adam step; ``log_prob`` and ``sample``
+    (on base noise) are one forward pass of each network. No flow of these networks can be faster; the gap of a
+    library to this row is what its flow adds around the matmuls.
+    """
+    inputs, outputs = conditioner_shapes(row, features)
+    nets = nn.ModuleList(_PlainMLP(inputs, outputs) for _ in range(TRANSFORMS))
+
+    def log_prob(x: Tensor) -> Tensor:
+        x = x[..., :inputs]
+        total = nets[0](x).sum(-1)
+        for net in nets[1:]:
+            total = total + net(x).sum(-1)
+        return total
+
+    def sample(n: int) -> Tensor:
+        noise = torch.randn(n, features, device=nets[0].net[0].weight.device)
+        return log_prob(noise)
+
+    return Model(nets, log_prob, sample)
 
 
 def build_zuko(row: str, features: int) -> Model:
@@ -273,6 +318,7 @@ def build_pyro(row: str, features: int) -> Model:
 BUILDERS: dict[str, Callable[[str, int], Model]] = {
     "pyro_flows": build_pyro_flows,
     COMPILED: build_pyro_flows_compiled,
+    FLOOR: build_floor,
     "zuko": build_zuko,
     "nflows": build_nflows,
     "pyro": build_pyro,
@@ -485,9 +531,11 @@ def run(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     compiled: bool = False,
+    floor: bool = False,
 ) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``), and per
-    (row, D, metric) one of :data:`COMPILED` with ``compiled=True`` (pyro_flows compiled, timed with the others).
+    (row, D, metric) one of :data:`COMPILED` with ``compiled=True`` (pyro_flows compiled, timed with the others)
+    and one of :data:`FLOOR` with ``floor=True`` (the bare conditioners, :func:`build_floor`, timed with the others).
 
     Libraries not in ``libs`` or not importable get a result without runs (n/a).
     """
@@ -498,7 +546,8 @@ def run(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     libs = [*libs, COMPILED] if compiled and COMPILED not in libs else list(libs)
-    columns = [*LIBS, COMPILED] if COMPILED in libs else list(LIBS)
+    libs = [*libs, FLOOR] if floor and FLOOR not in libs else libs
+    columns = [*LIBS, *(lib for lib in (COMPILED, FLOOR) if lib in libs)]
     missing = {lib: available(lib) for lib in libs}
     for lib, why in missing.items():
         if why is not None:
@@ -514,7 +563,7 @@ def run(
             for features in dims:
                 for row in rows:
                     if check:  # (the compiled flow is the eager one's code: checked there, not compiled here)
-                        _check_one_pass(row, features, [lib for lib in active if lib != COMPILED], log)
+                        _check_one_pass(row, features, [lib for lib in active if lib in LIBS], log)
                     for metric in metrics:
                         t0 = time.perf_counter()
                         results = bench_case(row, features, metric, active, cfg, log)
@@ -522,6 +571,9 @@ def run(
                             r = results.get(lib) or Result(row, features, metric, lib, error="not run")
                             out.append(r)
                         summary = ", ".join(f"{lib} {_fmt(results[lib].median)}" for lib in active)
+                        gap = floor_gap(list(results.values()))
+                        if gap is not None:
+                            summary += f"; pyro_flows time / floor {gap:.2f}"
                         speedup = compile_speedup(list(results.values()))
                         if speedup is not None:
                             seconds = results[COMPILED].compile_seconds or 0.0
@@ -746,11 +798,21 @@ def compile_speedup(results: Sequence[Result], stat: str = "median") -> Optional
     return None if eager is None or compiled is None else compiled / eager
 
 
+def floor_gap(results: Sequence[Result], stat: str = "median") -> Optional[float]:
+    """pyro_flows' time per sample over the :data:`FLOOR`'s (>= 1; 1 is the bare conditioners' speed)."""
+    by_lib = {r.lib: getattr(r, stat) for r in results}
+    ours, floor = by_lib.get("pyro_flows"), by_lib.get(FLOOR)
+    return None if not ours or floor is None else floor / ours
+
+
 def table(results: Sequence[Result], stat: str = "median") -> str:
     """A Markdown table: row, D, metric, samples/s (``stat`` of the repeats) per library, pyro_flows / best peer;
-    with :data:`COMPILED` results, also its samples/s, the speed-up over eager and the compilation time."""
+    with :data:`COMPILED` results, also its samples/s, the speed-up over eager and the compilation time; with
+    :data:`FLOOR` results, the floor's samples/s and pyro_flows' time over the floor's."""
     compiled = any(r.lib == COMPILED for r in results)
+    floored = any(r.lib == FLOOR for r in results)
     extra = [COMPILED, "compiled / eager", "compile s"] if compiled else []
+    extra += [FLOOR, "pyro_flows time / floor"] if floored else []
     header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer", *extra]
     align = ["---"] * 3 + ["---:"] * (len(LIBS) + 1 + len(extra))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -768,6 +830,10 @@ def table(results: Sequence[Result], stat: str = "median") -> str:
             cells.append(_fmt(None if ours is None else getattr(ours, stat)))
             cells.append("n/a" if speedup is None else f"{speedup:.2f}")
             cells.append("n/a" if seconds is None else f"{seconds:.0f}")
+        if floored:
+            gap = floor_gap(group, stat)
+            cells.append(_fmt(getattr(by_lib[FLOOR], stat)) if FLOOR in by_lib else "n/a")
+            cells.append("n/a" if gap is None else f"{gap:.2f}")
         lines.append("| " + " | ".join([row, str(features), metric, *cells]) + " |")
     return "\n".join(lines)
 
@@ -885,6 +951,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument(
         "--profile-memory", choices=ROWS, default=None, help="where the first of --libs allocates on this row (first D)"
     )
+    p.add_argument("--no-floor", action="store_true", help=f"skip the {FLOOR} (bare conditioner networks of each row)")
     p.add_argument("--compile", action="store_true", help=f"add pyro_flows compiled (pf.compile_flow) as {COMPILED}")
     p.add_argument("--device", default="cpu", help="torch device of the models and data (cpu, cuda, cuda:1, ...)")
     p.add_argument(
@@ -930,6 +997,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check=not args.no_check,
         device=args.device,
         compiled=args.compile,
+        floor=not args.no_floor,
     )
     print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
     print("\nsamples/s (median of repeats; higher is better)\n")

@@ -29,3 +29,26 @@ def test_one_pass_log_prob():
     torch.manual_seed(0)
     model = bench.build_pyro_flows("MAF", 4)
     assert bench.linear_calls(model, 4) == bench.TRANSFORMS * (len(bench.HIDDEN) + 1)
+
+
+def test_floor_is_the_rows_bare_conditioners():
+    bench = load_benchmark("bench_transforms")
+    torch.manual_seed(0)
+    for row, features in (("MAF", 8), ("RealNVP", 8), ("NSF-C", 6)):
+        floor = bench.build_floor(row, features)
+        ours = bench.build_pyro_flows(row, features)
+        inputs, outputs = bench.conditioner_shapes(row, features)
+        linears = [m for m in floor.module.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == bench.TRANSFORMS * (len(bench.HIDDEN) + 1)
+        assert linears[0].in_features == inputs and linears[-1].out_features == outputs
+        # the same parameter count as the flow's conditioners: the same matmuls
+        count = sum(p.numel() for p in floor.module.parameters())
+        assert count == sum(p.numel() for p in ours.module.parameters())
+        assert floor.log_prob(torch.randn(5, features)).shape == (5,)
+        assert floor.sample(7).shape == (7,)
+
+    results = bench.run(rows=["MAF"], dims=[4], libs=["pyro_flows"], threads=1, quick=True, floor=True, log=print)
+    floors = [r for r in results if r.lib == bench.FLOOR]
+    assert {r.metric for r in floors} == set(bench.METRICS) and all(r.runs for r in floors)
+    assert all(bench.floor_gap([r for r in results if r.metric == m]) > 0 for m in bench.METRICS)
+    assert "pyro_flows time / floor" in bench.table(results)
