@@ -32,11 +32,11 @@ and ``--draws`` draws of u (a bound on the discrete bits/dim, see pf.bits_per_di
 Equal budget: both libraries take the same steps on the same batches (8×8: 400 steps of 128,
 28×28: 120 steps of 64 unless ``--train-steps`` / ``--batch`` say otherwise).
 
-Timing: the libraries train in interleaved chunks of ``--chunk`` steps on the same
-batches (A B, B A, A B, ...); images/s is the median over chunks (the first chunk,
-with ActNorm's data-dependent initialisation, is a warm-up and not counted). After
-``--train-steps`` steps each, the held-out bits/dim is reported. A peer that is not
-installed is ``n/a``.
+Timing (the shared ``harness.interleave``): the libraries train in interleaved chunks of ``--chunk`` steps on
+the same batches (A B, B A, A B, ...); images/s is the median over chunks (the first chunk, with ActNorm's
+data-dependent initialisation, is a warm-up and not counted). After ``--train-steps`` steps each, the held-out
+bits/dim is reported. A peer that is not installed is ``n/a``. The machine line (date, commit, torch, threads,
+load average) is printed before and after the runs.
 
 Usage::
 
@@ -52,14 +52,18 @@ import argparse
 import functools
 import importlib.util
 import math
-import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Timing, interleave, machine_line, markdown_table, ratio, set_threads  # noqa: E402
 
 LIBS = ("pyro_flows", "normflows")
 CONFIGS = ("unconditional", "class-conditional")
@@ -179,16 +183,23 @@ class Run:
     config: str
     lib: str
     parameters: int = 0
-    throughput: list[float] = field(default_factory=list)  # images/s per timed chunk
+    timing: Timing = field(default_factory=Timing)  # seconds per image, one entry per timed chunk
     bits_per_dim: Optional[float] = None
 
     @property
+    def throughput(self) -> list[float]:
+        """Images/s of each timed chunk."""
+        return [1.0 / seconds for seconds in self.timing.runs]
+
+    @property
     def median(self) -> Optional[float]:
-        return statistics.median(self.throughput) if self.throughput else None
+        """Images/s of the median chunk."""
+        return None if self.timing.median is None else 1.0 / self.timing.median
 
     @property
     def best(self) -> Optional[float]:
-        return max(self.throughput) if self.throughput else None
+        """Images/s of the fastest (least disturbed) chunk."""
+        return None if self.timing.best is None else 1.0 / self.timing.best
 
 
 def _train_chunk(model: Model, optimizer: torch.optim.Optimizer, batches: Sequence[tuple[Tensor, Tensor]]) -> float:
@@ -237,18 +248,27 @@ def compare(
         optimizers[lib] = torch.optim.Adam(models[lib].module.parameters(), lr=lr)
         runs[lib].parameters = models[lib].parameters
     g = torch.Generator().manual_seed(seed)
-    order = list(models)
+    chunks: list[list[tuple[Tensor, Tensor]]] = []
     for start in range(0, train_steps, chunk):
-        batches = []
+        chunks.append([])
         for _ in range(min(chunk, train_steps - start)):
             index = torch.randint(len(train_x), (batch,), generator=g)
             u = torch.rand((batch, *shape), generator=g)
-            batches.append(((train_x[index] + u) / LEVELS, train_y[index]))
-        for lib in order:
-            seconds = _train_chunk(models[lib], optimizers[lib], batches)
-            if start > 0:  # the first chunk (ActNorm initialisation, allocator warm-up) is not timed
-                runs[lib].throughput.append(len(batches) * batch / seconds)
-        order.reverse()
+            chunks[-1].append(((train_x[index] + u) / LEVELS, train_y[index]))
+
+    def case(lib: str) -> Callable[[], None]:
+        pending = iter(chunks)  # each call trains the next chunk: every round, both libraries train the same one
+
+        def train_next_chunk() -> None:
+            _train_chunk(models[lib], optimizers[lib], next(pending))
+
+        return train_next_chunk
+
+    if models and len(chunks) > 1:  # the first chunk (ActNorm initialisation, allocator warm-up) is not timed
+        timings = interleave({lib: case(lib) for lib in models}, repeats=len(chunks) - 1, warmup=1)
+        for lib, timing in timings.items():
+            images = [len(c) * batch for c in chunks[1:]]
+            runs[lib].timing = Timing([seconds / n for seconds, n in zip(timing.runs, images, strict=True)])
     for lib, model in models.items():
         runs[lib].bits_per_dim = heldout_bits_per_dim(model, test_x, test_y, draws)
         log(
@@ -264,27 +284,25 @@ def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
 
 def table(runs: Sequence[Run], baselines: dict[int, float]) -> str:
     """The markdown table of ``runs``, with the independent-pixel baseline of each image size in ``baselines``."""
-    lines = [
-        "| size | threads | model | lib | parameters | images/s (median) | images/s (best) | held-out bits/dim |"
-        " pf / nf throughput | pf − nf bits/dim |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["size", "threads", "model", "lib", "parameters", "images/s (median)", "images/s (best)"]
+    header += ["held-out bits/dim", "pf / nf throughput", "pf − nf bits/dim"]
+    rows: list[list[object]] = []
     for run in runs:
-        ratio = diff = ""
+        speed = diff = ""
         if run.lib == "pyro_flows":
             key = (run.size, run.threads, run.config)
             peer = next(r for r in runs if (r.size, r.threads, r.config, r.lib) == (*key, "normflows"))
-            if run.median and peer.median:
-                ratio = f"{run.median / peer.median:.2f}"
+            value, _ = ratio(run.median, {"normflows": peer.median})
+            speed = "" if value is None else f"{value:.2f}"
             if run.bits_per_dim is not None and peer.bits_per_dim is not None:
                 diff = f"{run.bits_per_dim - peer.bits_per_dim:+.3f}"
-        lines.append(
-            f"| {run.size}×{run.size} | {run.threads} | {run.config} | {run.lib} | {_fmt(run.parameters or None)} | "
-            f"{_fmt(run.median)} | {_fmt(run.best)} | {_fmt(run.bits_per_dim, '.3f')} | {ratio} | {diff} |"
+        rows.append(
+            [f"{run.size}×{run.size}", run.threads, run.config, run.lib, _fmt(run.parameters or None)]
+            + [_fmt(run.median), _fmt(run.best), _fmt(run.bits_per_dim, ".3f"), speed, diff]
         )
     for size, baseline in baselines.items():
-        lines.append(f"| {size}×{size} | | independent per-pixel categorical | | | | | {baseline:.3f} | | |")
-    return "\n".join(lines)
+        rows.append([f"{size}×{size}", "", "independent per-pixel categorical", *[""] * 4, f"{baseline:.3f}", "", ""])
+    return markdown_table(header, rows, align="rrllrrrrrr")
 
 
 def profile(
@@ -351,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore", message="torch.lu is deprecated")  # normflows' LU 1x1 convolution
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(a.threads[0])
+        set_threads(a.threads[0])
         if a.profile:
             batch = a.batch or DEFAULTS.get(a.sizes[0], DEFAULTS[28])[2]
             args = (a.configs[0], a.levels, a.steps, a.hidden_channels, batch, a.sizes[0], a.libs[0])
@@ -361,6 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.no_split_prior:
             builders["pyro_flows"] = functools.partial(build_pyro_flows, split_prior=False)
         runs, baselines, budgets = [], {}, []
+        print(machine_line(), flush=True)
         for size in a.sizes:
             data = digits_split(size=size)
             baselines[size] = independent_pixels_bits_per_dim(data[0], data[2])
@@ -368,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             steps, chunk, batch = a.train_steps or steps, a.chunk or chunk, a.batch or batch
             budgets.append(f"{size}x{size}: {steps} steps of batch {batch}")
             for n in a.threads:
-                torch.set_num_threads(n)
+                set_threads(n)
                 for config in a.configs:
                     runs += compare(
                         config,
@@ -386,6 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         builders=builders,
                     )
         print()
+        print(machine_line())
         print(f"pyro_flows: pf.Glow(split_prior={not a.no_split_prior}); " + "; ".join(budgets))
         print(table(runs, baselines))
     finally:

@@ -82,13 +82,13 @@ def _conv_actnorm(conv: InvertibleConv1x1, norm: ActNorm, value: Tensor, inverse
     :math:`x = W^{-1} \mathrm{diag}(e^{-s})\, (y - b)`, with
     :math:`\log|\det J| = HW (\sum_c \log|u_{cc}| + \sum_c s_c)`: the math of the two layers one after the other,
     in one matmul (ActNorm's elementwise passes over the images are folded into the :math:`C \times C` matrix)."""
-    log_det = conv.event_shape[1:].numel() * (conv.lu.log_abs_det() + norm.log_scale.sum())
-    batch = value.shape[:-3]
+    pixels, batch = conv.event_shape[1:].numel(), value.shape[:-3]
+    log_det = (conv.lu.log_diagonal + norm.log_scale).sum()
     if inverse:
         matrix = conv.lu.inverse_weight(torch.exp(-norm.log_scale))
-        return _mix_pixels(matrix, -(matrix @ norm.shift), value), (-log_det).expand(batch)
+        return _mix_pixels(matrix, -(matrix @ norm.shift), value), (-pixels * log_det).expand(batch)
     matrix = conv.lu.weight() * norm.log_scale.exp()[:, None]
-    return _mix_pixels(matrix, norm.shift, value), log_det.expand(batch)
+    return _mix_pixels(matrix, norm.shift, value), (pixels * log_det).expand(batch)
 
 
 class Chain(FlowTransform):
