@@ -148,7 +148,7 @@ def conditioner_shapes(row: str, features: int) -> tuple[int, int]:
 
 def build_floor(row: str, features: int) -> Model:
     """The floor of a row: its :data:`TRANSFORMS` conditioner networks, bare (plain ``nn.Linear`` layers of the
-    same shapes, no mask, no flow around them).
+    same shapes, no mask, no flow around them, ReLU in place: no allocation that the networks do not need).
 
     ``log_prob(x)`` is the sum of every network's outputs on ``x`` (the conditioning half for couplings), so the
     ``train`` op is the networks' forward, ``sum().backward()`` and the Adam step; ``log_prob`` and ``sample``
@@ -156,7 +156,7 @@ def build_floor(row: str, features: int) -> Model:
     library to this row is what its flow adds around the matmuls.
     """
     inputs, outputs = conditioner_shapes(row, features)
-    nets = nn.ModuleList(_PlainMLP(inputs, outputs) for _ in range(TRANSFORMS))
+    nets = nn.ModuleList(_PlainMLP(inputs, outputs, inplace=True) for _ in range(TRANSFORMS))
 
     def log_prob(x: Tensor) -> Tensor:
         x = x[..., :inputs]
@@ -201,12 +201,12 @@ def build_zuko(row: str, features: int) -> Model:
 class _PlainMLP(nn.Module):
     """Conditioner for nflows couplings: Linear-ReLU-Linear-ReLU-Linear (nflows calls it with a context)."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, inplace: bool = False) -> None:
         super().__init__()
         widths = (in_features, *HIDDEN)
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+            layers += [nn.Linear(a, b), nn.ReLU(inplace)]
         self.net = nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:

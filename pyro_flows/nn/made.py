@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import broadcast_cat, check_hidden, check_input_bound, soft_clamp
+from .mlp import activate, broadcast_cat, check_hidden, check_input_bound, soft_clamp
 
 
 class MaskedLinear(nn.Linear):
@@ -124,8 +124,7 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h = broadcast_cat(self._squash(x), context)
         for layer in self.hidden:
-            h = layer(h)  # rebinding releases the layer's input before the activation allocates its output
-            h = self.activation(h)
+            h = activate(self.activation, layer(h))
         return self.output(h).unflatten(-1, (self.params_per_feature, self.features))
 
     def sequential(

@@ -101,57 +101,90 @@ class Affine(ElementwiseMap):
         return f"Affine(log_scale_bound={self.log_scale_bound})"
 
 
-def _affine_values(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
+def _affine_parts(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r""":class:`Affine`'s arithmetic: ``(x e^s + t, s)``, or ``((y - t) e^{-s}, -s)`` for the inverse, with
-    :math:`s` the soft-clamped raw log-scale (as :func:`~pyro_flows.nn.mlp.soft_clamp`)."""
+    :math:`s = r / d`, :math:`d = 1 + |r| / c` the soft clamp of the raw log-scale :math:`r` (as
+    :func:`~pyro_flows.nn.mlp.soft_clamp`); also the scale factor :math:`e^{\pm s}` and :math:`d`."""
     shift, raw = params.unbind(0)
-    log_scale = raw / raw.abs().div_(bound).add_(1)  # a fresh (contiguous) tensor: exp below is vectorised
+    denominator = raw.abs().div_(bound).add_(1)
+    log_derivative = raw / denominator  # a fresh (contiguous) tensor: exp below is vectorised
     if inverse:
-        log_scale = log_scale.neg_()
-        return (value - shift).mul_(log_scale.exp()), log_scale
-    return torch.addcmul(shift, value, log_scale.exp()), log_scale
+        log_derivative = log_derivative.neg_()
+        scale = log_derivative.exp()
+        return (value - shift).mul_(scale), log_derivative, scale, denominator
+    scale = log_derivative.exp()
+    return torch.addcmul(shift, value, scale), log_derivative, scale, denominator
 
 
 def _affine(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_affine_values`, recorded as one autograd node when a gradient is needed (:class:`_AffineFunction`)."""
+    """:func:`_affine_parts`' value and log-derivative, one autograd node when a gradient is needed
+    (:class:`_AffineFunction`)."""
     if torch.is_grad_enabled() and (value.requires_grad or params.requires_grad):
         return _AffineFunction.apply(value, params, bound, inverse)
-    return _affine_values(value, params, bound, inverse)
+    return _affine_parts(value, params, bound, inverse)[:2]
 
 
 class _AffineFunction(torch.autograd.Function):
-    r""":class:`Affine` in both directions as one autograd node, with a backward from its input or output and its
-    log-derivative :math:`\ell` alone (twice differentiable: it saves only inputs and outputs).
+    r""":class:`Affine` in both directions as one autograd node.
 
-    With :math:`\ell = \pm s` and :math:`s = r / (1 + |r|/c)`, :math:`ds/dr = (1 - |s|/c)^2`:
+    With :math:`\ell = \pm s` the log-derivative, :math:`s = r / d`, :math:`d = 1 + |r|/c`, so
+    :math:`ds/dr = d^{-2} = (1 - |s|/c)^2`:
 
     * forward, :math:`y = x e^{s} + t`: :math:`\bar x = \bar y e^{\ell}`, :math:`\bar t = \bar y`,
       :math:`\bar s = \bar x x + \bar\ell`;
     * inverse, :math:`x = (y - t) e^{-s}`: :math:`\bar y = \bar x e^{\ell}`, :math:`\bar t = -\bar y`,
       :math:`\bar s = -\bar x x - \bar\ell`.
 
-    Eight elementwise ops and their autograd nodes per layer became one node (a MAF train step at D = 8: the
-    affine maps' share of the flow's overhead over its bare conditioners). Written in the ``forward(ctx, ...)``
-    style, which skips functorch's per-call dispatch (see :class:`~pyro_flows.nn.mlp._SoftClamp`).
+    Eight elementwise ops and their autograd nodes per layer became one node, whose backward is five kernels: it
+    keeps the scale :math:`e^{\ell}` and :math:`d^{-2}` from the forward pass, and writes the parameters' gradient
+    in their own memory layout (a view of the conditioner's output), so the views back to the conditioner's
+    output copy nothing. Under ``create_graph`` (double backward) it recomputes both from :math:`\ell`, an output,
+    so the second derivatives are exact. Written in the ``forward(ctx, ...)`` style, which skips functorch's
+    per-call dispatch (see :class:`~pyro_flows.nn.mlp._SoftClamp`).
     """
 
     @staticmethod
     def forward(ctx, value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
-        out, log_derivative = _affine_values(value, params, bound, inverse)
+        out, log_derivative, scale, denominator = _affine_parts(value, params, bound, inverse)
         ctx.bound, ctx.inverse = bound, inverse
-        ctx.save_for_backward(out if inverse else value, log_derivative)  # x: the output of the inverse
+        ctx.params_layout = torch.empty_like(params, device="meta")  # the gradient's strides (preserve_format)
+        x = out if inverse else value
+        ctx.save_for_backward(x, log_derivative, scale, denominator.reciprocal_().square_())
         return out, log_derivative
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_log_derivative: Tensor):
-        x, log_derivative = ctx.saved_tensors
-        grad_value = grad_out * log_derivative.exp()
+        x, log_derivative, scale, slope = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable ops on the tracked x and log-derivative only
+            return (
+                *_affine_grads(x, log_derivative, grad_out, grad_log_derivative, ctx.bound, ctx.inverse),
+                None,
+                None,
+            )
+        layout = ctx.params_layout  # dense: empty_like keeps strides only then
+        grad_params = torch.empty_strided(layout.shape, layout.stride(), dtype=grad_out.dtype, device=grad_out.device)
+        grad_value = grad_out * scale
         if ctx.inverse:
-            grad_shift, grad_log_scale = grad_value.neg(), (grad_out * x + grad_log_derivative).neg()
+            torch.neg(grad_value, out=grad_params[0])
+            grad_log_scale = torch.addcmul(grad_log_derivative, grad_out, x).neg_()
         else:
-            grad_shift, grad_log_scale = grad_out, grad_value * x + grad_log_derivative
-        grad_raw = grad_log_scale * (1 - log_derivative.abs() / ctx.bound).square()
-        return grad_value, torch.stack((grad_shift, grad_raw)), None, None
+            grad_params[0].copy_(grad_out)
+            grad_log_scale = torch.addcmul(grad_log_derivative, grad_value, x)
+        torch.mul(grad_log_scale, slope, out=grad_params[1])
+        return grad_value, grad_params, None, None
+
+
+def _affine_grads(
+    x: Tensor, log_derivative: Tensor, grad_out: Tensor, grad_log_derivative: Tensor, bound: float, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """:class:`_AffineFunction`'s gradients by differentiable ops of ``x`` and the log-derivative (double backward)."""
+    grad_value = grad_out * log_derivative.exp()
+    if inverse:
+        grad_shift, grad_log_scale = grad_value.neg(), (grad_out * x + grad_log_derivative).neg()
+    else:
+        grad_shift, grad_log_scale = grad_out, grad_value * x + grad_log_derivative
+    grad_raw = grad_log_scale * (1 - log_derivative.abs() / bound).square()
+    return grad_value, torch.stack((grad_shift, grad_raw))
 
 
 class RationalQuadraticSpline(ElementwiseMap):
