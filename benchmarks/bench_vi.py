@@ -410,7 +410,7 @@ def comparisons(results: Sequence[Result]) -> list[str]:
 
 # -- against reference draws: a fixed SVI schedule, moments and k̂ against NUTS -------------------
 
-REFERENCE_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "pf-NSF-diagonal", "pf-NSF")
+REFERENCE_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "pf-NSF-diagonal", "pf-NSF-unscaled", "pf-NSF")
 NON_CENTRED = {"eight_schools": "eight_schools_nc", "funnel": "funnel_nc"}
 
 
@@ -439,13 +439,16 @@ QUICK_REFERENCE = ReferenceConfig(steps=100, repeats=1, eval_samples=200, warmup
 
 def make_reference_guide(name: str, model: Callable):
     """``pf-NSF`` is today's default ``AutoFlowGuide(model)``; ``pf-NSF-diagonal`` the same without its
-    unit lower-triangular layer (``full_rank=False``, the default before issue 16.14)."""
+    unit lower-triangular layer (``full_rank=False``, the default before issue 16.14); ``pf-NSF-unscaled`` the
+    same with its conditioners' output layers not scaled down (``output_scale=1``, the default before)."""
     if name == "AutoNormal":
         return AutoNormal(model)
     if name == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model)
     if name == "pf-NSF-diagonal":
         return pf.infer.AutoFlowGuide(model, full_rank=False)
+    if name == "pf-NSF-unscaled":
+        return pf.infer.AutoFlowGuide(model, output_scale=1.0)
     if name == "pf-NSF":
         return pf.infer.AutoFlowGuide(model)
     raise ValueError(f"unknown guide {name!r}; choose from {REFERENCE_GUIDES}")
