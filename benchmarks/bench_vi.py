@@ -65,8 +65,10 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import pyro
@@ -79,6 +81,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 import pyro_flows as pf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import load_line, machine_line, markdown_table  # noqa: E402
 
 MODELS = ("funnel", "eight_schools", "logistic")
 REFERENCE_MODELS = ("eight_schools", "eight_schools_nc", "linreg", "funnel")
@@ -358,7 +363,7 @@ def run(
                     last = result.runs[-1][-1]
                     log(
                         f"repeat {repeat} {m:13s} {g:19s} {last.steps:6d} steps in {last.seconds:5.1f} s: "
-                        f"ELBO {last.elbo:9.3f}  k̂ {last.khat:5.2f}  IW-ELBO {last.iw_elbo:9.3f}  [{_load()}]"
+                        f"ELBO {last.elbo:9.3f}  k̂ {last.khat:5.2f}  IW-ELBO {last.iw_elbo:9.3f}  [{load_line()}]"
                     )
     finally:
         torch.set_num_threads(previous)
@@ -375,15 +380,14 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
 def table(results: Sequence[Result], cfg: Config) -> str:
     """Markdown: steps/s, the ELBO at every checkpoint, and k̂ and IW-ELBO at the end (medians over repeats)."""
     times = [f"ELBO @{t:g}s" for t in marks(cfg)]
-    lines = [
-        "| model | guide | steps/s | " + " | ".join(times) + " | k̂ | IW-ELBO |",
-        "|---|---|---:|" + "---:|" * len(times) + "---:|---:|",
-    ]
+    rows = []
     for r in results:
         elbos = [_fmt(r.median("elbo", c)) for c in range(cfg.checkpoints)]
-        cells = [_fmt(r.steps_per_second, 0), *elbos, _fmt(r.median("khat")), _fmt(r.median("iw_elbo"))]
-        lines.append(f"| {r.model} | {r.guide} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(
+            [r.model, r.guide, _fmt(r.steps_per_second, 0), *elbos, _fmt(r.median("khat")), _fmt(r.median("iw_elbo"))]
+        )
+    header = ["model", "guide", "steps/s", *times, "k̂", "IW-ELBO"]
+    return markdown_table(header, rows, align="ll" + "r" * (len(header) - 2))
 
 
 def comparisons(results: Sequence[Result]) -> list[str]:
@@ -626,34 +630,40 @@ def run_reference(
 
 def reference_table(references: dict, fits: Sequence) -> str:
     """Markdown: per (model, guide) the median over seeds of k̂, the moment errors and the ELBO, and k̂ per seed."""
-    lines = [
-        "| model | guide | k̂ median | k̂ per seed | max \\|Δmean\\|/sd | max \\|sd ratio − 1\\| | ELBO | s/fit |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
-    ]
+    rows: list[list[object]] = []
     groups: dict = {}
     for f in fits:
         groups.setdefault((f.model, f.guide) if isinstance(f, Fit) else f[:2], []).append(f)
     for (m, g), group in groups.items():
         ok = [f for f in group if isinstance(f, Fit)]
         if not ok:
-            lines.append(f"| {m} | {g} | n/a ({group[0][3]}) | | | | | |")
+            rows.append([m, g, f"n/a ({group[0][3]})", "", "", "", "", ""])
             continue
         errors = [moment_errors(f, references[m]) for f in ok]
         khats = [f.khat for f in ok]
-        cells = [
-            _fmt(statistics.median(khats)),
-            " ".join(_fmt(k) for k in khats),
-            _fmt(statistics.median(e[0] for e in errors)),
-            _fmt(statistics.median(e[1] for e in errors)),
-            _fmt(statistics.median(f.elbo for f in ok), 3),
-            _fmt(statistics.median(f.seconds for f in ok), 0),
-        ]
-        lines.append(f"| {m} | {g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _load() -> str:
-    return f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load n/a"
+        rows.append(
+            [
+                m,
+                g,
+                _fmt(statistics.median(khats)),
+                " ".join(_fmt(k) for k in khats),
+                _fmt(statistics.median(e[0] for e in errors)),
+                _fmt(statistics.median(e[1] for e in errors)),
+                _fmt(statistics.median(f.elbo for f in ok), 3),
+                _fmt(statistics.median(f.seconds for f in ok), 0),
+            ]
+        )
+    header = [
+        "model",
+        "guide",
+        "k̂ median",
+        "k̂ per seed",
+        "max \\|Δmean\\|/sd",
+        "max \\|sd ratio − 1\\|",
+        "ELBO",
+        "s/fit",
+    ]
+    return markdown_table(header, rows, align="llrlrrrr")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -694,7 +704,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "eval_samples": a.eval_samples,
     }
     cfg = Config(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {a.threads} thread(s), {_load()}; {cfg}")
+    print(f"{machine_line()}; pyro {pyro.__version__}, {a.threads} thread(s) for the runs; {cfg}")
     results = run(a.models or list(MODELS), guides, cfg, a.threads)
     print()
     print(table(results, cfg))
@@ -704,7 +714,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in results:
         if r.error:
             print(f"{r.model} {r.guide}: n/a ({r.error})")
-    print(_load())
+    print(load_line())
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": asdict(cfg), "results": [asdict(r) for r in results]}, f, indent=1)
@@ -724,7 +734,7 @@ def main_reference(a: argparse.Namespace) -> int:
     unknown = sorted(set(guides) - set(REFERENCE_GUIDES))
     if unknown:
         raise SystemExit(f"--reference guides are {', '.join(REFERENCE_GUIDES)}; not {unknown}")
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, float64, {a.jobs} process(es), {_load()}; {rc}")
+    print(f"{machine_line()}; pyro {pyro.__version__}, float64, {a.jobs} process(es) of 1 thread; {rc}")
     start = time.perf_counter()
     references, fits = run_reference(models, guides, rc, a.jobs)
     print(f"{time.perf_counter() - start:.0f} s")

@@ -155,3 +155,16 @@ def test_nuts_draws_are_saved_to_and_loaded_from_the_cache_directory(tmp_path, m
     with pytest.raises(AssertionError, match="NUTS ran again"):
         bench.nuts_draws("funnel_nc", other)  # another run length is another file
     bench.nuts_draws.cache_clear()
+
+
+def test_reference_guides_pf_nsf_scales_its_conditioner_outputs_and_pf_nsf_unscaled_does_not():
+    bench = load_benchmark("bench_vi")
+    model, args = bench.problem("linreg")
+    counts = {}
+    for name in ("pf-NSF", "pf-NSF-unscaled"):
+        pyro.clear_param_store()
+        guide = bench.make_reference_guide(name, model)
+        guide(*args)
+        counts[name] = sum(isinstance(m, pf.infer.guides.ScaledLinear) for m in guide.flow.modules())
+    assert counts == {"pf-NSF": 4, "pf-NSF-unscaled": 0}  # one per spline layer's MADE
+    pyro.clear_param_store()
