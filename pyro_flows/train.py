@@ -717,6 +717,7 @@ class _Loop:
         """``optimizer.zero_grad(set_to_none=True)`` without its profiler scope (a cost on a small model's step)."""
         for p in self.parameters:
             p.grad = None
+        self.grads = []
 
     def clip(self, norm: float) -> None:
         """Scale the gradients to the norm ``clip_grad`` when their norm (``norm``, read already) is above it."""
