@@ -52,10 +52,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, also when loaded by the tests
+from harness import interleave, load_line, machine_line, markdown_table, version  # noqa: E402
+from harness import ratio as best_ratio  # noqa: E402
 
 ROWS = ("MAF", "NSF-AR", "NSF-C", "RealNVP")
 LIBS = ("pyro_flows", "zuko", "nflows", "pyro")
@@ -510,13 +515,38 @@ def bench_case(
                 raise
             results[lib].error = f"{type(e).__name__}: {e}"
             log(f"  [{lib}] {row} D={features} {metric}: {results[lib].error}")
-    for repeat in range(cfg.repeats):
-        for lib, (op, batch, iterations, repeats) in ops.items():
-            if repeat >= repeats:
-                continue
-            elapsed = _timed(op, iterations, cfg.device)
-            results[lib].runs.append(batch * iterations / elapsed)
+    # harness.interleave: every round runs each library once (order rotated); the slow ones only their rounds
+    rounds = min((repeats for *_, repeats in ops.values()), default=0)
+    for libs_now, count in ((list(ops), rounds), ([lib for lib in ops if ops[lib][3] > rounds], cfg.repeats - rounds)):
+        if not libs_now or count <= 0:
+            continue
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            timings = interleave(
+                {lib: _calls(ops[lib][0], ops[lib][2]) for lib in libs_now},
+                repeats=count,
+                warmup=0,
+                sync=lambda: _synchronize(cfg.device),
+            )
+        finally:
+            if enabled:
+                gc.enable()
+        for lib in libs_now:
+            _, batch, iterations, _ = ops[lib]
+            results[lib].runs += [batch * iterations / seconds for seconds in timings[lib].runs]
     return results
+
+
+def _calls(op: Callable[[], None], iterations: int) -> Callable[[], None]:
+    """``op`` ``iterations`` times in a row: one timed case of :func:`harness.interleave`."""
+
+    def run() -> None:
+        for _ in range(iterations):
+            op()
+
+    return run
 
 
 def run(
@@ -579,7 +609,7 @@ def run(
                             seconds = results[COMPILED].compile_seconds or 0.0
                             summary += f"; compiled/eager {speedup:.2f}x (compiled in {seconds:.0f}s)"
                         took = time.perf_counter() - t0
-                        log(f"{row:8s} D={features:<3d} {metric:8s} {summary}  ({took:.1f}s, {_load()})")
+                        log(f"{row:8s} D={features:<3d} {metric:8s} {summary}  ({took:.1f}s, {load_line()})")
         finally:
             torch.set_num_threads(previous_threads)
     return out
@@ -744,7 +774,7 @@ def memory_ratio(results: Sequence[Result]) -> tuple[Optional[float], Optional[s
 def memory_table(results: Sequence[Result], limit: float = 1.2) -> str:
     """A Markdown table of peak extra MiB per library, pyro_flows / best peer (``!`` above ``limit``)."""
     header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(LIBS) + 1)) + "|"]
+    rows = []
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.row, r.features, r.metric), []).append(r)
@@ -752,28 +782,11 @@ def memory_table(results: Sequence[Result], limit: float = 1.2) -> str:
         by_lib = {r.lib: r.median for r in group}
         rate, best = memory_ratio(group)
         rate_cell = "n/a" if rate is None else f"{rate:.2f} ({best})" + (" !" if rate > limit else "")
-        cells = [_fmt_mib(by_lib.get(lib)) for lib in LIBS]
-        lines.append("| " + " | ".join([row, str(features), metric, *cells, rate_cell]) + " |")
-    return "\n".join(lines)
+        rows.append([row, features, metric, *(_fmt_mib(by_lib.get(lib)) for lib in LIBS), rate_cell])
+    return markdown_table(header, rows, align="lll" + "r" * (len(LIBS) + 1))
 
 
 # -- reporting --------------------------------------------------------------------
-
-
-def _version(dist_name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist_name)
-    except PackageNotFoundError:
-        return "unknown version"
-
-
-def _load() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -783,12 +796,7 @@ def _fmt(value: Optional[float]) -> str:
 def ratio(results: Sequence[Result], stat: str = "median") -> tuple[Optional[float], Optional[str]]:
     """pyro_flows / best peer (by ``stat``, "median" or "best", of samples/s) and the best peer's name."""
     by_lib = {r.lib: getattr(r, stat) for r in results}
-    ours = by_lib.get("pyro_flows")
-    peers = {lib: v for lib, v in by_lib.items() if lib in PEERS and v is not None}
-    if ours is None or not peers:
-        return None, None
-    best = max(peers, key=peers.__getitem__)
-    return ours / peers[best], best
+    return best_ratio(by_lib.get("pyro_flows"), {lib: v for lib, v in by_lib.items() if lib in PEERS})
 
 
 def compile_speedup(results: Sequence[Result], stat: str = "median") -> Optional[float]:
@@ -814,8 +822,7 @@ def table(results: Sequence[Result], stat: str = "median") -> str:
     extra = [COMPILED, "compiled / eager", "compile s"] if compiled else []
     extra += [FLOOR, "pyro_flows time / floor"] if floored else []
     header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer", *extra]
-    align = ["---"] * 3 + ["---:"] * (len(LIBS) + 1 + len(extra))
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    rows = []
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.row, r.features, r.metric), []).append(r)
@@ -834,8 +841,8 @@ def table(results: Sequence[Result], stat: str = "median") -> str:
             gap = floor_gap(group, stat)
             cells.append(_fmt(getattr(by_lib[FLOOR], stat)) if FLOOR in by_lib else "n/a")
             cells.append("n/a" if gap is None else f"{gap:.2f}")
-        lines.append("| " + " | ".join([row, str(features), metric, *cells]) + " |")
-    return "\n".join(lines)
+        rows.append([row, features, metric, *cells])
+    return markdown_table(header, rows, align="lll" + "r" * (len(header) - 3))
 
 
 def params_table(results: Sequence[Result]) -> str:
@@ -845,11 +852,11 @@ def params_table(results: Sequence[Result]) -> str:
         seen.setdefault((r.row, r.features), {})
         if r.params is not None or r.lib not in seen[(r.row, r.features)]:
             seen[(r.row, r.features)][r.lib] = r.params
-    lines = ["| row | D | " + " | ".join(LIBS) + " |", "|---|---|" + "|".join(["---:"] * len(LIBS)) + "|"]
-    for (row, features), counts in seen.items():
-        cells = ["n/a" if counts.get(lib) is None else f"{counts[lib]:,}" for lib in LIBS]
-        lines.append(f"| {row} | {features} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [row, features, *(None if counts.get(lib) is None else f"{counts[lib]:,}" for lib in LIBS)]
+        for (row, features), counts in seen.items()
+    ]
+    return markdown_table(["row", "D", *LIBS], rows, align="ll" + "r" * len(LIBS))
 
 
 # -- profiling --------------------------------------------------------------------
@@ -976,12 +983,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(profile(args.profile, args.dims[0], args.profile_metric, args.threads))
         return 0
 
-    print(f"torch {torch.__version__}, threads {args.threads}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
+    torch.set_num_threads(args.threads)
+    print(machine_line(args.device))
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if busy > 1.0:
         print(f"WARNING: the machine is busy (1-min load {busy:.1f}); with {args.threads} threads the timings suffer")
     for lib, dist_name in (("pyro_flows", "pyro-flows"), ("zuko", "zuko"), ("nflows", "nflows"), ("pyro", "pyro-ppl")):
-        print(f"{lib}: {_version(dist_name) if available(lib) is None else 'not installed'}")
+        print(f"{lib}: {version(dist_name) if available(lib) is None else 'not installed'}")
     if args.device != "cpu":
         print(f"device: {args.device} ({torch.cuda.get_device_name(args.device)})")
     if args.memory:
@@ -999,7 +1007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compiled=args.compile,
         floor=not args.no_floor,
     )
-    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}")
+    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {load_line()}")
     print("\nsamples/s (median of repeats; higher is better)\n")
     print(table(results))
     print("\nsamples/s (best of repeats: the least disturbed run)\n")

@@ -76,7 +76,8 @@ class Autoregressive(FlowTransform):
 
     def _forward(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         params = self.network(x, context).movedim(-2, 0)
-        x = x.expand(params.shape[1:])  # broadcast with the context's batch
+        if x.shape != params.shape[1:]:  # broadcast with the context's batch
+            x = x.expand(params.shape[1:])
         y, log_derivative = self.transform_map.forward(x, params)
         return y, log_derivative.sum(-1)
 

@@ -162,7 +162,8 @@ class Coupling(FlowTransform):
             transformed = x.index_select(dim, self.transformed_index)
         params = self.conditioner(conditioned, context)
         batch = params.shape[: params.dim() + dim]  # broadcast with the context's batch
-        x, transformed = x.expand(batch + x.shape[dim:]), transformed.expand(batch + transformed.shape[dim:])
+        if batch != x.shape[: x.dim() + dim]:  # (an expand is an autograd node even when it changes nothing)
+            x, transformed = x.expand(batch + x.shape[dim:]), transformed.expand(batch + transformed.shape[dim:])
         params = params.unflatten(dim, (self.transform_map.num_params, self.num_transformed)).movedim(dim - 1, 0)
         apply = self.transform_map.inverse if inverse else self.transform_map.forward
         y_transformed, log_derivative = apply(transformed, params)
@@ -170,7 +171,11 @@ class Coupling(FlowTransform):
             y = torch.where(self.mask, y_transformed, x)
             log_derivative = log_derivative.masked_fill(~self.mask, 0.0)
         elif self.blocks:
-            kept = conditioned.expand(batch + conditioned.shape[dim:])
+            kept = (
+                conditioned
+                if batch == conditioned.shape[: conditioned.dim() + dim]
+                else conditioned.expand(batch + conditioned.shape[dim:])
+            )
             y = torch.cat((y_transformed, kept) if self.transformed_first else (kept, y_transformed), dim)
         else:
             y = x.index_copy(dim, self.transformed_index, y_transformed)
