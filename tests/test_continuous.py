@@ -22,6 +22,7 @@ from pyro_flows.demo import gaussian_log_density
 from pyro_flows.nn import ResidualVectorField, VectorField
 from pyro_flows.nn.vector_field import (
     activation_and_derivative,
+    activation_tangents,
     input_tangents,
     sequential_jacobian,
     tangents_to_jacobian,
@@ -140,18 +141,22 @@ def test_forward_and_jacobian_match_the_field_and_the_autograd_jacobian(cls, act
         torch.testing.assert_close(jacobian, expected, **tol)
 
 
-def test_activation_derivative_is_the_autograd_one_with_and_without_a_graph():
-    a = randn(50, seed=3).requires_grad_(True)
+def test_activation_derivative_and_tangents_are_the_autograd_ones_with_and_without_a_graph():
+    a, tangents = randn(4, 50, seed=3).requires_grad_(True), randn(2, 4, 50, seed=4)
     for activation in (nn.SiLU(), nn.Tanh(), nn.Sigmoid(), nn.Softplus(beta=2.0, threshold=1.0), nn.GELU()):
         expected = torch.autograd.grad(activation(a).sum(), a, create_graph=True)[0]
-        y, slope = activation_and_derivative(activation, a)  # differentiable path
+        y, slope = activation_and_derivative(activation, a)
         torch.testing.assert_close(y, activation(a), atol=1e-14, rtol=0)
         torch.testing.assert_close(slope, expected, atol=1e-14, rtol=0)
         # its own derivative (training through the trace) is the second derivative
         second = torch.autograd.grad(expected.sum(), a)[0]
         torch.testing.assert_close(torch.autograd.grad(slope.sum(), a)[0], second, atol=1e-12, rtol=0)
-        with torch.no_grad():  # fused kernels where there are
-            torch.testing.assert_close(activation_and_derivative(activation, a)[1], expected, atol=1e-14, rtol=0)
+        for grad in (True, False):  # with a graph, and without (SiLU's fused kernel)
+            with torch.set_grad_enabled(grad):
+                y, pushed = activation_tangents(activation, a, tangents)
+            torch.testing.assert_close(y, activation(a), atol=1e-14, rtol=0)
+            torch.testing.assert_close(pushed, tangents * expected, atol=1e-14, rtol=0)
+            assert pushed.requires_grad == grad
 
 
 def test_sequential_jacobian_of_an_mlp_and_its_bad_layers():
@@ -200,6 +205,35 @@ def test_forward_jacobian_trace_equals_the_autograd_trace_in_values_and_gradient
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
     with torch.no_grad():  # log_prob's path: no graph, the same numbers
         torch.testing.assert_close(fast.inverse_and_ladj(x0, c0)[1], values_slow[1], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_dopri5_takes_torchdiffeqs_steps_and_gives_its_result(trace, dtype):
+    """pf's dopri5 (plain adaptive solves) against torchdiffeq's (any extra option selects it), both directions."""
+    ours = perturbed_layer(trace=trace, atol=1e-7, rtol=1e-7).to(dtype)
+    theirs = copy.deepcopy(ours)
+    theirs.options = {"first_step": None}  # torchdiffeq's default: the same algorithm, through torchdiffeq
+    x = 2 * randn(9, 3, seed=11, dtype=dtype)
+    tol = dict(atol=1e-11, rtol=1e-11) if dtype == F64 else dict(atol=1e-4, rtol=1e-4)  # float32: summation order
+    for direction in ("call_and_ladj", "inverse_and_ladj"):
+        results = []
+        for layer in (ours, theirs):
+            torch.manual_seed(12)  # the same probe
+            xg = x.clone().requires_grad_(True)
+            y, ladj = getattr(layer, direction)(xg)
+            grads = torch.autograd.grad(y.square().sum() + ladj.sum(), [xg, *layer.parameters()])
+            results.append(((y, ladj, layer.regularization["jacobian"], *grads), layer.nfe))
+        (values, nfe), (expected, expected_nfe) = results
+        assert nfe == expected_nfe > 20
+        for a, b in zip(values, expected, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_dopri5_names_a_non_finite_state():
+    layer = T.ContinuousFlow(2, vector_field=LinearField(torch.full((2, 2), float("nan"), dtype=F64)))
+    with pytest.raises(RuntimeError, match="dopri5: the error estimate is nan at t = 0: the state is not finite"):
+        layer.call_and_ladj(randn(3, 2))
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])

@@ -32,8 +32,6 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
         True
     """
     if isinstance(activation, nn.SiLU):
-        if not (a.requires_grad and torch.is_grad_enabled()):  # two fused kernels (silu_backward has no gradient)
-            return F.silu(a), torch.ops.aten.silu_backward(torch.ones_like(a), a)
         s = torch.sigmoid(a)
         y = a * s
         return y, s + y * (1 - s)  # s (1 + a (1 - s))
@@ -46,6 +44,22 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
         return activation(a), slope
     value_and_slope = torch.func.jvp(activation, (a,), (torch.ones_like(a),))
     return value_and_slope[0], value_and_slope[1]
+
+
+def activation_tangents(activation: nn.Module, a: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(σ(a), σ'(a) ⊙ T)``: an elementwise activation and its tangents ``tangents`` ``(D, N or 1, H)``
+    pushed through it (``a`` ``(N, H)``; see :func:`sequential_jacobian`).
+
+    Without a graph to build, SiLU's tangents come from one fused kernel (``silu_backward``, which has no
+    gradient of its own); otherwise from :func:`activation_and_derivative`.
+    """
+    if isinstance(activation, nn.SiLU) and not (
+        torch.is_grad_enabled() and (a.requires_grad or tangents.requires_grad)
+    ):
+        shape = torch.broadcast_shapes(tangents.shape, a.shape)
+        return F.silu(a), torch.ops.aten.silu_backward(tangents.expand(shape), a.expand(shape))
+    y, slope = activation_and_derivative(activation, a)
+    return y, tangents * slope
 
 
 def input_tangents(width: int, features: int, like: Tensor, start: int = 0) -> Tensor:
@@ -82,7 +96,7 @@ def sequential_jacobian(layers: Iterable[nn.Module], h: Tensor, tangents: Tensor
 
     Forward-mode, exactly: with :math:`T_i = \partial h / \partial z_i`, a linear layer maps
     :math:`T_i \mapsto W T_i` and an activation :math:`T_i \mapsto \sigma'(a) \odot T_i`
-    (:func:`activation_and_derivative`), so the output's :math:`D` tangents cost :math:`D` extra rows per matmul
+    (:func:`activation_tangents`), so the output's :math:`D` tangents cost :math:`D` extra rows per matmul
     and no backward pass: the Jacobian of a vector field for an exact divergence (see
     :meth:`VectorField.forward_and_jacobian`).
 
@@ -103,8 +117,7 @@ def sequential_jacobian(layers: Iterable[nn.Module], h: Tensor, tangents: Tensor
         elif isinstance(layer, nn.Identity):
             continue
         elif next(layer.parameters(), None) is None and next(layer.children(), None) is None:
-            h, slope = activation_and_derivative(layer, h)
-            tangents = tangents * slope
+            h, tangents = activation_tangents(layer, h, tangents)
         else:
             raise ValueError(
                 f"sequential_jacobian: only nn.Linear layers and elementwise activations, got {type(layer).__name__}"
@@ -219,8 +232,7 @@ class VectorField(nn.Module):
         layers = cast(Sequence[ConcatSquashLinear], self.layers)
         for layer in layers[:-1]:
             h, tangents = layer.forward_and_tangents(h, tangents, t)
-            h, slope = activation_and_derivative(self.activation, h)
-            tangents = tangents * slope
+            h, tangents = activation_tangents(self.activation, h, tangents)
         f, tangents = layers[-1].forward_and_tangents(h, tangents, t)
         return f, tangents_to_jacobian(tangents, f.shape[0])
 
@@ -323,9 +335,8 @@ class ResidualVectorField(nn.Module):
         tangents = F.linear(input_tangents(inputs.shape[-1], self.features, inputs), self.input.weight)
         side = side.expand(h.shape[:-1] + side.shape[-1:])
         for inner, lateral, outer in zip(self.inner, self.side, self.outer, strict=True):
-            a, slope = activation_and_derivative(self.activation, h)
-            u, slope_u = activation_and_derivative(self.activation, inner(a) + lateral(side))
-            block = F.linear(F.linear(tangents * slope, _weight(inner)) * slope_u, _weight(outer))
-            h, tangents = h + outer(u), tangents + block
+            a, block = activation_tangents(self.activation, h, tangents)
+            u, block = activation_tangents(self.activation, inner(a) + lateral(side), F.linear(block, _weight(inner)))
+            h, tangents = h + outer(u), tangents + F.linear(block, _weight(outer))
         f, tangents = sequential_jacobian([self.activation, self.output], h, tangents)
         return f, tangents_to_jacobian(tangents, f.shape[0])
