@@ -267,7 +267,9 @@ class ContinuousFlow(FlowTransform):
     Base→data (``call_and_ladj``) integrates from :math:`t_0` to :math:`t_1`, data→base
     (``inverse_and_ladj``) from :math:`t_1` back to :math:`t_0`, with ``torchdiffeq.odeint``
     (``odeint_adjoint`` when ``adjoint=True``: memory constant in the number of steps,
-    Chen et al. 2018). The ODE state carries, besides :math:`z`,
+    Chen et al. 2018; a plain adaptive ``"dopri5"`` solve, without ``steps`` or options other than ``norm``, runs
+    :func:`dopri5`: torchdiffeq's algorithm, its steps and result, in a leaner loop). The ODE state carries,
+    besides :math:`z`,
 
     .. math:: \ell = \int \operatorname{tr} \tfrac{\partial f}{\partial z}\, dt, \qquad
               E = \int \|f\|^2\, dt, \qquad F = \int \|\tfrac{\partial f}{\partial z}\|_F^2\, dt,
