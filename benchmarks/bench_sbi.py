@@ -1,53 +1,50 @@
 """Neural posterior estimation benchmark: pyro_flows' NPE against the ``sbi`` package's, at equal simulations.
 
-The task is linear-Gaussian, so the true posterior is known in closed form:
+Two tasks, each with exact reference posterior samples (issue 17.3: "sbibm-style", the repository's own simulators):
 
-.. math::
-    \\theta \\sim \\mathcal{N}(0, I_D), \\qquad x \\mid \\theta \\sim \\mathcal{N}(A\\theta, \\sigma^2 I_D), \\qquad
-    \\theta \\mid x \\sim \\mathcal{N}\\big(\\Sigma A^\\top x / \\sigma^2,\\ \\Sigma\\big),\\quad
-    \\Sigma = (I + A^\\top A / \\sigma^2)^{-1},
+* ``linear_gaussian`` (:class:`LinearGaussianTask`): θ ~ N(0, I_5), x | θ ~ N(Aθ, 0.3² I) with a fixed random
+  mixing matrix A, so the analytic posterior is a correlated Gaussian;
+* ``two_moons`` (:class:`TwoMoonsTask`): the SBI benchmark's two moons (Greenberg et al. 2019; Lueckmann et al.
+  2021), θ ~ U([-1, 1]²), with exact draws by inverting the simulator and rejecting outside the prior's box.
 
-with a fixed random mixing matrix :math:`A` (entries :math:`\\mathcal{N}(0, 1/D)`, seed 0), so the
-posterior is correlated. Both libraries get, in each repeat, the *same* simulations
-(``--simulations`` pairs drawn with the repeat's seed) and the same recipe:
+Both libraries get, in each repeat, the *same* ``--simulations`` pairs (default 10⁴, drawn with the repeat's seed)
+and the same architecture, and each trains with **its own defaults** (``--recipe defaults``; what a user who
+switches gets), or pyro_flows with sbi's recipe (``--recipe sbi``):
 
-* architecture, matched layer for layer: ``maf`` is sbi's ``posterior_nn("maf")`` (nflows
-  ``MaskedAffineAutoregressiveTransform``) against ``pf.infer.NPE(flow="maf")``; ``nsf`` is sbi's
-  ``posterior_nn("maf_rqs")`` (nflows ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform``,
-  linear tails) against ``pf.infer.NPE(flow="nsf")`` (autoregressive, identity tails). Both: 5
-  layers, MADE conditioners with 3 hidden layers of 50 units (sbi's ``hidden_features=50,
-  num_blocks=2``) and tanh, the context fed to the first hidden layer, a random permutation between
-  layers, splines with 10 bins on [-3, 3]; θ and x z-scored from the simulations. The script prints
-  both parameter counts;
-* training: Adam, batch 200, learning rate 5e-4 and gradient clipping at norm 5 (sbi's defaults),
-  10 % of the pairs held out for validation, at most ``--max-epochs`` epochs, early stopping after
-  ``--patience`` epochs without a better validation loss and the best epoch's weights restored
-  (sbi runs ``max_num_epochs + 1`` epochs, so it is given ``--max-epochs`` − 1);
-* metrics: the training wall time (from building the estimator to the trained one; simulating is
-  not included), the epochs run and the time per epoch, and the accuracy of a classifier
-  two-sample test (C2ST, ``pf.diagnostics.c2st`` for both libraries, 0.5 is perfect) between
-  ``--samples`` posterior samples and as many samples of the analytic posterior, averaged over
-  ``--observations`` observations drawn from the prior predictive (seed 1).
+* ``maf`` is sbi's ``posterior_nn("maf")`` (nflows ``MaskedAffineAutoregressiveTransform``) against
+  ``pf.infer.NPE(flow="maf")``; ``nsf`` is sbi's ``posterior_nn("maf_rqs")`` (nflows
+  ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform``, linear tails) against ``pf.infer.NPE(flow="nsf")``
+  (autoregressive, identity tails). Both: 5 layers, MADE conditioners with 3 hidden layers of 50 units (sbi's
+  ``hidden_features=50, num_blocks=2``) and tanh, the context fed to the first hidden layer, a random permutation
+  between layers, splines with 10 bins on [-3, 3]; θ and x z-scored from the simulations;
+* ``cnf`` is flow matching, each library entirely with its defaults (network, objective, training):
+  ``pf.infer.NPE(prior, flow="cnf")`` against sbi's ``FMPE`` (issue 15.6);
+* sbi's training defaults: Adam 5e-4, batch 200, clipping at norm 5, 10 % held out, early stopping after 20
+  epochs without a better validation loss, the best weights restored; pyro_flows' are
+  :attr:`pyro_flows.infer.NPE.fit_options` (and :attr:`~pyro_flows.infer.NPE.cnf_fit_options` for ``cnf``).
+  ``--max-epochs`` caps both (sbi runs ``max_num_epochs + 1`` epochs, so it is given ``--max-epochs`` − 1).
 
-Each library trains once untimed (a few epochs) to warm up. Then the fits run ``--repeats``
-times, the libraries in turn within a repeat and the order rotated between repeats, so that slow
-drifts of a busy machine hit both alike; the table shows the median time and the mean C2ST
-(± standard deviation over repeats). The torch thread count is fixed (``--threads``, default 1).
-A library that is not installed (sbi) is reported as ``n/a``.
+Metrics: the training wall time (from building the estimator to the trained one; simulating is not included),
+the epochs and the time per epoch; the accuracy of a classifier two-sample test (C2ST, ``pf.diagnostics.c2st``
+for both libraries, 0.5 is perfect) between ``--samples`` posterior draws and as many exact reference draws,
+averaged over ``--observations`` observations drawn from the prior predictive (seed 1); and **the time pyro_flows
+takes to reach sbi's C2ST** (issue 17.3): while pyro_flows trains, copies of its weights are kept (at most 64, at
+regular step counts, the copying time left out of every time), and after the repeat the C2ST of the copies at
+15, 30, 45, 60 and 80 % of the run and of the final weights is computed in that order until one is at most sbi's
+C2ST of the same repeat; its time into training is the time to sbi's quality (an upper bound at that resolution;
+n/a when even the final weights do not reach it). ``--no-time-to-quality`` skips it.
 
-``--task two_moons`` measures flow-matching NPE instead: ``pf.infer.NPE(prior, flow="cnf")`` and sbi's
-``FMPE``, each with *its own defaults* (network, objective, epochs), on the SBI benchmark's two moons
-(:class:`TwoMoonsTask`) with ``--simulations`` (default 10⁴) prior simulations; the C2ST of ``--samples``
-posterior draws against as many exact reference draws (by inverting the simulator and rejecting outside the
-prior's box), per observation, for ``--observations`` (default 5) prior-predictive observations (seed 1), and
-their mean. This is the measurement behind :attr:`pyro_flows.infer.NPE.cnf_defaults` (issue 15.6: C2ST <= 0.6).
+Each library trains once untimed (2 epochs) per flow to warm up. The fits run ``--repeats`` times, the
+libraries in turn within a repeat and the order rotated between repeats, so that slow drifts of a busy machine hit
+both alike; the table shows the median times and the mean C2ST (± standard deviation over repeats). The torch
+thread count is fixed (``--threads``, default 1). A library that is not installed (sbi) is reported as ``n/a``.
 
 Usage::
 
-    python benchmarks/bench_sbi.py                                  # both flows, 3 repeats (~20 minutes, 2 busy cores)
-    python benchmarks/bench_sbi.py --task two_moons                 # flow-matching NPE, 10^4 simulations
-    python benchmarks/bench_sbi.py --flows maf --repeats 1
-    python benchmarks/bench_sbi.py --quick --libs pyro_flows         # seconds (the test)
+    python benchmarks/bench_sbi.py                                       # both tasks, maf nsf cnf, 1 repeat
+    python benchmarks/bench_sbi.py --tasks linear_gaussian --flows maf --repeats 3
+    python benchmarks/bench_sbi.py --recipe sbi                          # pyro_flows trained with sbi's recipe
+    python benchmarks/bench_sbi.py --quick --libs pyro_flows             # seconds (the test)
 """
 
 from __future__ import annotations
@@ -58,44 +55,51 @@ import importlib.util
 import io
 import math
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine_line, markdown_table, set_threads, version  # noqa: E402
+
 LIBS = ("pyro_flows", "sbi")
-FLOWS = ("maf", "nsf")
+FLOWS = ("maf", "nsf", "cnf")
+TASKS = ("linear_gaussian", "two_moons")
+RECIPES = ("defaults", "sbi")
 SBI_MODEL = {"maf": "maf", "nsf": "maf_rqs"}  # sbi's autoregressive twins of pf's MAF and NSF
+SBI_RECIPE = {"batch_size": 200, "lr": 5e-4, "validation_fraction": 0.1, "patience": 20}  # sbi's train() defaults
+SCAN = (0.15, 0.3, 0.45, 0.6, 0.8)  # fractions of the run whose weights are scored for the time to sbi's C2ST
 
 
 @dataclass(frozen=True)
 class Config:
-    """The task, the architecture and the training recipe shared by both libraries."""
+    """The tasks' settings, the shared architecture, each library's recipe and the scoring."""
 
     dim: int = 5
     noise: float = 0.3
-    simulations: int = 5000
+    simulations: int = 10_000
     transforms: int = 5
     hidden: int = 50
     blocks: int = 2  # sbi's num_blocks: hidden layers after the first, so 3 hidden layers of `hidden` units
     bins: int = 10
     bound: float = 3.0
-    batch_size: int = 200
-    lr: float = 5e-4
-    validation_fraction: float = 0.1
-    max_epochs: int = 200
-    patience: int = 20
+    recipe: str = "defaults"  # "defaults": each library's own; "sbi": pyro_flows trained with SBI_RECIPE too
+    max_epochs: Optional[int] = None  # None: each library's own cap
     observations: int = 3
     samples: int = 1000
+    time_to_quality: bool = True
 
 
-QUICK = Config(simulations=400, max_epochs=3, patience=2, observations=1, samples=200)
+QUICK = Config(simulations=400, max_epochs=3, observations=1, samples=200)
 
 
-# -- the task ----------------------------------------------------------------------------------------
+# -- the tasks ---------------------------------------------------------------------------------------
 
 
 class LinearGaussianTask:
@@ -202,6 +206,18 @@ class TwoMoonsTask:
         return torch.cat(accepted)[:n].float()
 
 
+Task = Union[LinearGaussianTask, TwoMoonsTask]
+
+
+def make_task(name: str, cfg: Config) -> Task:
+    """The task called ``name`` (one of TASKS)."""
+    if name == "linear_gaussian":
+        return LinearGaussianTask(cfg.dim, cfg.noise)
+    if name == "two_moons":
+        return TwoMoonsTask()
+    raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+
+
 # -- the libraries -------------------------------------------------------------------------------------
 
 
@@ -210,22 +226,54 @@ def available(lib: str) -> Optional[str]:
     return None if importlib.util.find_spec(lib) is not None else "not installed"
 
 
+class Snapshots:
+    """A forward pre-hook keeping copies of ``module``'s parameters every ``every`` training calls, with the
+    seconds since ``start`` at each (the copying time left out). Past ``limit`` copies, every other one is dropped
+    and ``every`` doubles, so the copies stay evenly spaced over the run."""
+
+    def __init__(self, module: nn.Module, start: float, limit: int = 64) -> None:
+        self.parameters = list(module.parameters())
+        self.start, self.limit, self.every, self.calls, self.overhead = start, limit, 1, 0, 0.0
+        self.taken: list[tuple[float, list[Tensor]]] = []
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        if not module.training:  # validation and sampling
+            return
+        self.calls += 1
+        if self.calls % self.every:
+            return
+        now = time.perf_counter()
+        self.taken.append((now - self.start - self.overhead, [p.detach().clone() for p in self.parameters]))
+        if len(self.taken) > self.limit:
+            self.taken, self.every = self.taken[1::2], 2 * self.every
+        self.overhead += time.perf_counter() - now
+
+    def load(self, state: list[Tensor]) -> None:
+        """Put the parameters of a copy into the module."""
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters, state, strict=True):
+                parameter.copy_(value)
+
+
 @dataclass
 class Trained:
-    """A trained estimator: its posterior sampler ``sample(x_obs, n) -> (n, D)``, cost and size."""
+    """A trained estimator: its posterior sampler ``sample(x_obs, n) -> (n, D)``, cost and size; pyro_flows' also
+    the copies of its weights during training (:class:`Snapshots`, None when not recorded)."""
 
     sample: Callable[[Tensor, int], Tensor]
     seconds: float
     epochs: int
     params: int
+    snapshots: Optional[Snapshots] = None
 
 
-def train_pyro_flows(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tensor, cfg: Config, seed: int) -> Trained:
+def pyro_flows_npe(flow: str, task: Task, cfg: Config):
+    """``pf.infer.NPE`` with the architecture shared with sbi (``cnf``: every default)."""
     import pyro_flows as pf
 
-    torch.manual_seed(seed)  # the initial weights, as for sbi
-    start = time.perf_counter()
-    npe = pf.infer.NPE(
+    if flow == "cnf":
+        return pf.infer.NPE(task.prior, flow="cnf")
+    return pf.infer.NPE(
         task.prior,
         flow=flow,
         transforms=cfg.transforms,
@@ -234,107 +282,56 @@ def train_pyro_flows(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tens
         mixing="random",
         **({"bins": cfg.bins, "bound": cfg.bound} if flow == "nsf" else {}),
     )
-    npe.append_simulations(theta, x).train(
-        max_epochs=cfg.max_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        validation_fraction=cfg.validation_fraction,
-        patience=cfg.patience,
-        seed=seed,
-        progress=False,
-    )
-    seconds = time.perf_counter() - start
+
+
+def train_pyro_flows(
+    flow: str, task: Task, theta: Tensor, x: Tensor, cfg: Config, seed: int, record: bool = False
+) -> Trained:
+    """pyro_flows' NPE with its defaults (or sbi's recipe, ``cfg.recipe == "sbi"``); ``record``: keep snapshots."""
+    torch.manual_seed(seed)  # the initial weights, as for sbi
+    start = time.perf_counter()
+    npe = pyro_flows_npe(flow, task, cfg).append_simulations(theta, x)
+    assert npe.estimator is not None
+    snapshots = Snapshots(npe.estimator, start) if record else None
+    hook = npe.estimator.embedding.register_forward_pre_hook(snapshots) if snapshots is not None else None
+    options = dict(SBI_RECIPE) if cfg.recipe == "sbi" and flow != "cnf" else {}
+    if cfg.max_epochs is not None:
+        options["max_epochs"] = cfg.max_epochs
+    npe.train(seed=seed, progress=False, **options)
+    seconds = time.perf_counter() - start - (snapshots.overhead if snapshots is not None else 0.0)
+    if hook is not None:
+        hook.remove()
 
     def sample(x_obs: Tensor, n: int) -> Tensor:
         with torch.no_grad():
             return npe.posterior(x_obs).sample((n,))
 
-    epochs = len(npe.history.validation_loss)
-    return Trained(sample, seconds, epochs, sum(p.numel() for p in npe.estimator.parameters()))
+    assert npe.history is not None
+    params = sum(p.numel() for p in npe.estimator.parameters())
+    return Trained(sample, seconds, len(npe.history.train_loss), params, snapshots)
 
 
-def train_sbi(flow: str, task: LinearGaussianTask, theta: Tensor, x: Tensor, cfg: Config, seed: int) -> Trained:
-    from sbi.inference import NPE
+def train_sbi(flow: str, task: Task, theta: Tensor, x: Tensor, cfg: Config, seed: int, record: bool = False) -> Trained:
+    """sbi's NPE (``maf``, ``nsf``: the shared architecture) or FMPE (``cnf``: its defaults), its training defaults."""
+    from sbi.inference import FMPE, NPE
     from sbi.neural_nets import posterior_nn
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    builder = posterior_nn(
-        model=SBI_MODEL[flow],
-        hidden_features=cfg.hidden,
-        num_transforms=cfg.transforms,
-        num_bins=cfg.bins,
-        tail_bound=cfg.bound,
-        num_blocks=cfg.blocks,
-    )
-    inference = NPE(prior=task.prior, density_estimator=builder, show_progress_bars=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # sbi prints "converged after N epochs" itself
-        estimator = inference.append_simulations(theta, x).train(
-            training_batch_size=cfg.batch_size,
-            learning_rate=cfg.lr,
-            validation_fraction=cfg.validation_fraction,
-            stop_after_epochs=cfg.patience,
-            max_num_epochs=cfg.max_epochs - 1,  # sbi counts epochs from 0 and runs epoch max_num_epochs too
-            clip_max_norm=5.0,
+    if flow == "cnf":
+        inference = FMPE(prior=task.prior, show_progress_bars=False)
+    else:
+        builder = posterior_nn(
+            model=SBI_MODEL[flow],
+            hidden_features=cfg.hidden,
+            num_transforms=cfg.transforms,
+            num_bins=cfg.bins,
+            tail_bound=cfg.bound,
+            num_blocks=cfg.blocks,
         )
-    seconds = time.perf_counter() - start
-    posterior = inference.build_posterior(estimator)
-
-    def sample(x_obs: Tensor, n: int) -> Tensor:
-        return posterior.sample((n,), x=x_obs, show_progress_bars=False)
-
-    epochs = inference._summary["epochs_trained"][-1]  # sbi keeps its training summary in this dict
-    return Trained(sample, seconds, epochs, sum(p.numel() for p in estimator.parameters()))
-
-
-TRAIN = {"pyro_flows": train_pyro_flows, "sbi": train_sbi}
-
-
-# -- flow-matching NPE on two moons, each library with its own defaults ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class MoonsConfig:
-    """Flow-matching NPE on two moons: simulations, scoring, and (None: the library's default) an epoch cap."""
-
-    simulations: int = 10_000
-    observations: int = 5
-    samples: int = 1000
-    max_epochs: Optional[int] = None
-
-
-MOONS_QUICK = MoonsConfig(simulations=500, observations=1, samples=200, max_epochs=2)
-
-
-def train_pyro_flows_fmpe(task: TwoMoonsTask, theta: Tensor, x: Tensor, cfg: MoonsConfig, seed: int) -> Trained:
-    """``pf.infer.NPE(prior, flow="cnf")`` with every default (network, flow matching, training options)."""
-    import pyro_flows as pf
-
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    npe = pf.infer.NPE(task.prior, flow="cnf").append_simulations(theta, x)
-    epochs = {} if cfg.max_epochs is None else {"max_epochs": cfg.max_epochs}
-    npe.train(seed=seed, progress=False, **epochs)
-    seconds = time.perf_counter() - start
-
-    def sample(x_obs: Tensor, n: int) -> Tensor:
-        with torch.no_grad():
-            return npe.posterior(x_obs).sample((n,))
-
-    assert npe.history is not None and npe.estimator is not None
-    params = sum(p.numel() for p in npe.estimator.parameters())
-    return Trained(sample, seconds, len(npe.history.train_loss), params)
-
-
-def train_sbi_fmpe(task: TwoMoonsTask, theta: Tensor, x: Tensor, cfg: MoonsConfig, seed: int) -> Trained:
-    """sbi's flow-matching posterior estimation (``sbi.inference.FMPE``) with its defaults."""
-    from sbi.inference import FMPE
-
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    inference = FMPE(prior=task.prior, show_progress_bars=False)
-    epochs = {} if cfg.max_epochs is None else {"max_num_epochs": cfg.max_epochs - 1}
-    with contextlib.redirect_stdout(io.StringIO()):
+        inference = NPE(prior=task.prior, density_estimator=builder, show_progress_bars=False)
+    epochs = {} if cfg.max_epochs is None else {"max_num_epochs": cfg.max_epochs - 1}  # sbi runs one more
+    with contextlib.redirect_stdout(io.StringIO()):  # sbi prints "converged after N epochs" itself
         estimator = inference.append_simulations(theta, x).train(**epochs)
     seconds = time.perf_counter() - start
     posterior = inference.build_posterior(estimator)
@@ -342,64 +339,18 @@ def train_sbi_fmpe(task: TwoMoonsTask, theta: Tensor, x: Tensor, cfg: MoonsConfi
     def sample(x_obs: Tensor, n: int) -> Tensor:
         return posterior.sample((n,), x=x_obs, show_progress_bars=False)
 
-    epochs_run = inference._summary["epochs_trained"][-1]
+    epochs_run = inference._summary["epochs_trained"][-1]  # sbi keeps its training summary in this dict
     return Trained(sample, seconds, epochs_run, sum(p.numel() for p in estimator.parameters()))
 
 
-TRAIN_FMPE = {"pyro_flows": train_pyro_flows_fmpe, "sbi": train_sbi_fmpe}
+TRAIN = {"pyro_flows": train_pyro_flows, "sbi": train_sbi}
 
 
-def run_moons(
-    libs: Sequence[str] = LIBS,
-    threads: int = 1,
-    repeats: int = 1,
-    cfg: MoonsConfig = MoonsConfig(),
-    log: Callable[[str], None] = print,
-) -> list[Result]:
-    """Flow-matching NPE (each library's defaults) on two moons: C2ST against exact reference draws, averaged over
-    ``cfg.observations`` prior-predictive observations (seed 1); every library of LIBS gets a row (flow "cnf")."""
-    task = TwoMoonsTask()
-    observations = task.simulations(cfg.observations, seed=1)[1]
-    results = {lib: Result("cnf", lib) for lib in LIBS}
-    for lib, result in results.items():
-        result.error = "not run" if lib not in libs else available(lib)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for repeat in range(repeats):
-                theta, x = task.simulations(cfg.simulations, seed=repeat)
-                for lib, result in results.items():
-                    if result.error is not None:
-                        continue
-                    try:
-                        trained = TRAIN_FMPE[lib](task, theta, x, cfg, repeat)
-                        scores = [
-                            c2st_to_truth(trained, task, observations[i : i + 1], cfg.samples, 100 * repeat + i)
-                            for i in range(len(observations))
-                        ]
-                    except Exception as error:  # noqa: BLE001 - a library's failure is reported, not raised
-                        result.error = f"{type(error).__name__}: {error}"
-                        log(f"repeat {repeat} {lib:10s} failed: {result.error}")
-                        continue
-                    result.seconds.append(trained.seconds)
-                    result.epochs.append(trained.epochs)
-                    result.c2st.append(statistics.fmean(scores))
-                    result.params = trained.params
-                    log(
-                        f"repeat {repeat} cnf {lib:10s} {trained.seconds:6.1f} s, {trained.epochs:3d} epochs, "
-                        f"C2ST per observation {[round(v, 3) for v in scores]}, mean {result.c2st[-1]:.3f}"
-                    )
-    finally:
-        torch.set_num_threads(previous_threads)
-    return list(results.values())
+# -- scoring -------------------------------------------------------------------------------------------
 
 
-def c2st_to_truth(
-    trained: Trained, task: LinearGaussianTask | TwoMoonsTask, observations: Tensor, samples: int, seed: int
-) -> float:
-    """Mean C2ST accuracy between the estimator's and the exact posterior's samples over ``observations``."""
+def c2st_to_truth(trained: Trained, task: Task, observations: Tensor, samples: int, seed: int) -> list[float]:
+    """C2ST accuracy between the estimator's and the exact posterior's samples, per observation."""
     import pyro_flows as pf
 
     scores = []
@@ -408,7 +359,30 @@ def c2st_to_truth(
         estimated = trained.sample(x_obs, samples).double()
         exact = task.reference_posterior(x_obs, samples, seed + i).double()
         scores.append(float(pf.diagnostics.c2st(estimated, exact)))
-    return statistics.fmean(scores)
+    return scores
+
+
+def time_to_reach(
+    trained: Trained, target: float, task: Task, observations: Tensor, samples: int, seed: int
+) -> Optional[float]:
+    """Seconds into training of the first of pyro_flows' weight copies at the fractions SCAN of the run (then the
+    final weights) whose mean C2ST is at most ``target``; None when none reaches it. The final weights are put
+    back."""
+    snapshots = trained.snapshots
+    if snapshots is None:
+        raise ValueError("time_to_reach needs the snapshots of a pyro_flows run (record=True)")
+    final = [p.detach().clone() for p in snapshots.parameters]
+    picked = sorted({round(f * (len(snapshots.taken) - 1)) for f in SCAN}) if snapshots.taken else []
+    try:
+        for index in picked:
+            seconds, state = snapshots.taken[index]
+            snapshots.load(state)
+            if statistics.fmean(c2st_to_truth(trained, task, observations, samples, seed)) <= target:
+                return seconds
+    finally:
+        snapshots.load(final)
+    score = statistics.fmean(c2st_to_truth(trained, task, observations, samples, seed))
+    return trained.seconds if score <= target else None
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -416,13 +390,16 @@ def c2st_to_truth(
 
 @dataclass
 class Result:
-    """One library and one flow: per repeat, the training seconds, epochs and C2ST; or why it is n/a."""
+    """One task, flow and library: per repeat, the training seconds, epochs, C2ST and (pyro_flows) the seconds to
+    reach sbi's C2ST; or why it is n/a."""
 
+    task: str
     flow: str
     lib: str
     seconds: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     c2st: list[float] = field(default_factory=list)
+    reach: list[Optional[float]] = field(default_factory=list)
     params: Optional[int] = None
     error: Optional[str] = None
 
@@ -438,6 +415,12 @@ class Result:
         return statistics.median(s / e for s, e in zip(self.seconds, self.epochs, strict=True))
 
     @property
+    def reach_time(self) -> Optional[float]:
+        """Median seconds to reach sbi's C2ST, over the repeats that reached it (None if none did)."""
+        reached = [s for s in self.reach if s is not None]
+        return statistics.median(reached) if reached else None
+
+    @property
     def accuracy(self) -> Optional[float]:
         return statistics.fmean(self.c2st) if self.c2st else None
 
@@ -447,13 +430,13 @@ class Result:
 
 
 def fit_and_score(
-    result: Result, task: LinearGaussianTask, cfg: Config, observations: Tensor, repeat: int
+    result: Result, task: Task, cfg: Config, observations: Tensor, repeat: int, record: bool = False
 ) -> Optional[Trained]:
     """One timed fit and its C2ST into ``result``; a failure marks the row n/a with the error (others go on)."""
     theta, x = task.simulations(cfg.simulations, seed=repeat)
     try:
-        trained = TRAIN[result.lib](result.flow, task, theta, x, cfg, repeat)
-        score = c2st_to_truth(trained, task, observations, cfg.samples, seed=100 * repeat)
+        trained = TRAIN[result.lib](result.flow, task, theta, x, cfg, repeat, record)
+        score = statistics.fmean(c2st_to_truth(trained, task, observations, cfg.samples, seed=100 * repeat))
     except Exception as error:  # noqa: BLE001 - a library's failure is reported, not raised
         result.error = f"{type(error).__name__}: {error}"
         return None
@@ -467,140 +450,161 @@ def fit_and_score(
     return trained
 
 
+def warm_up(task: Task, flows: Sequence[str], libs: Sequence[str], cfg: Config) -> None:
+    """Untimed 2-epoch fits of every library and flow on at most 1000 simulations (imports, allocator, caches)."""
+    theta, x = task.simulations(min(cfg.simulations, 1000), seed=0)
+    short = replace(cfg, max_epochs=2)
+    for flow in flows:
+        for lib in libs:
+            with contextlib.suppress(Exception):  # a failure shows in the timed fit
+                TRAIN[lib](flow, task, theta, x, short, 0).sample(x[0], 10)
+
+
 def run(
+    tasks: Sequence[str] = TASKS,
     flows: Sequence[str] = FLOWS,
     libs: Sequence[str] = LIBS,
     threads: int = 1,
-    repeats: int = 3,
+    repeats: int = 1,
     cfg: Config = Config(),
     warmup: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Fit every library and flow ``repeats`` times, interleaved; every (flow, library) of FLOWS x LIBS gets a row."""
-    task = LinearGaussianTask(cfg.dim, cfg.noise)
-    observations = task.simulate(task.prior.sample((cfg.observations,)), torch.Generator().manual_seed(1))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    results = {(flow, lib): Result(flow, lib) for flow in FLOWS for lib in LIBS}
-    for (flow, lib), result in results.items():
+    """Fit every library and flow ``repeats`` times per task, interleaved; every (task, flow, library) of
+    ``tasks`` x FLOWS x LIBS gets a row."""
+    results = {(t, f, lib): Result(t, f, lib) for t in tasks for f in FLOWS for lib in LIBS}
+    for (_, flow, lib), result in results.items():
         result.error = "not run" if flow not in flows or lib not in libs else available(lib)
     runnable = [lib for lib in LIBS if lib in libs and available(lib) is None]
+    previous_threads = torch.get_num_threads()
+    set_threads(threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sbi's deprecation and convergence messages
-            if warmup:
-                short = replace(cfg, simulations=min(cfg.simulations, 1000), max_epochs=2, observations=1, samples=100)
-                for flow in flows:
-                    for lib in runnable:
-                        result = results[flow, lib]
-                        fit_and_score(result, task, short, observations[:1], repeat=0)
-                        result.seconds.clear(), result.epochs.clear(), result.c2st.clear()
-            for repeat in range(repeats):
-                shift = repeat % max(1, len(runnable))
-                for flow in flows:
-                    for lib in runnable[shift:] + runnable[:shift]:
-                        result = results[flow, lib]
-                        if result.error is not None:
-                            continue
-                        fit_and_score(result, task, cfg, observations, repeat)
-                        if result.error is None:
-                            log(
-                                f"repeat {repeat} {flow} {lib:10s} {result.seconds[-1]:6.1f} s, "
-                                f"{result.epochs[-1]:3d} epochs, C2ST {result.c2st[-1]:.3f}"
-                            )
-                        else:
-                            log(f"repeat {repeat} {flow} {lib:10s} failed: {result.error}")
+            for name in tasks:
+                task = make_task(name, cfg)
+                observations = task.simulations(cfg.observations, seed=1)[1]
+                if warmup:
+                    warm_up(task, flows, runnable, cfg)
+                for repeat in range(repeats):
+                    for flow in flows:
+                        run_flow(results, name, flow, task, runnable, cfg, observations, repeat, log)
     finally:
         torch.set_num_threads(previous_threads)
     return list(results.values())
 
 
-def table(results: Sequence[Result]) -> str:
-    """A Markdown table, one row per (flow, library); ``pf speed-up`` is sbi's median training time over
-    pyro_flows' (above 1: pyro_flows faster), ``per epoch`` the same for the median time per epoch."""
-    head = "| flow | library | params | C2ST | epochs | train time (s) | s / epoch | pf speed-up | per epoch |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    ours = {r.flow: r for r in results if r.lib == "pyro_flows"}
-    for r in results:
-        if r.error is not None or not r.seconds:
-            lines.append(f"| {r.flow} | {r.lib} | " + " | ".join(["n/a"] * 7) + " |")
+def run_flow(
+    results: dict[tuple[str, str, str], Result],
+    name: str,
+    flow: str,
+    task: Task,
+    runnable: Sequence[str],
+    cfg: Config,
+    observations: Tensor,
+    repeat: int,
+    log: Callable[[str], None],
+) -> None:
+    """One repeat of one task and flow: the libraries in turn (order rotated by ``repeat``), then pyro_flows'
+    time to sbi's C2ST of this repeat."""
+    shift = repeat % max(1, len(runnable))
+    trained: dict[str, Trained] = {}
+    for lib in [*runnable[shift:], *runnable[:shift]]:
+        result = results[name, flow, lib]
+        if result.error is not None:
             continue
+        record = cfg.time_to_quality and lib == "pyro_flows" and "sbi" in runnable
+        done = fit_and_score(result, task, cfg, observations, repeat, record)
+        if done is None:
+            log(f"{name} repeat {repeat} {flow} {lib:10s} failed: {result.error}")
+            continue
+        trained[lib] = done
+        log(
+            f"{name} repeat {repeat} {flow} {lib:10s} {done.seconds:6.1f} s, {done.epochs:3d} epochs, "
+            f"C2ST {result.c2st[-1]:.3f}"
+        )
+    if "pyro_flows" in trained and "sbi" in trained and trained["pyro_flows"].snapshots is not None:
+        ours, target = results[name, flow, "pyro_flows"], results[name, flow, "sbi"].c2st[-1]
+        reach = time_to_reach(trained["pyro_flows"], target, task, observations, cfg.samples, 100 * repeat)
+        ours.reach.append(reach)
+        log(f"{name} repeat {repeat} {flow} pyro_flows reached sbi's C2ST {target:.3f} at " + _seconds(reach))
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
+
+
+def _ratio(peer: Optional[float], ours: Optional[float]) -> Optional[str]:
+    return None if peer is None or not ours else f"{peer / ours:.2f}×"
+
+
+HEADER = (
+    "task", "flow", "library", "params", "C2ST", "epochs", "train time (s)", "s / epoch",
+    "time to sbi's C2ST (s)", "sbi / pf time", "sbi / pf to sbi's C2ST",
+)  # fmt: skip
+
+
+def table(results: Sequence[Result]) -> str:
+    """A Markdown table, one row per (task, flow, library). In pyro_flows' rows, ``sbi / pf time`` is sbi's median
+    training time over pyro_flows' (above 1: pyro_flows faster) and ``sbi / pf to sbi's C2ST`` sbi's training time
+    over pyro_flows' median time to reach sbi's C2ST (issue 17.3: >= 1). ``cnf`` is sbi's FMPE in sbi's rows."""
+    rows = []
+    peers = {(r.task, r.flow): r for r in results if r.lib == "sbi"}
+    for r in results:
+        label = "FMPE" if r.flow == "cnf" and r.lib == "sbi" else r.flow
+        if r.error is not None or not r.seconds:
+            rows.append([r.task, label, r.lib, *[None] * (len(HEADER) - 3)])
+            continue
+        assert r.time is not None and r.epoch_time is not None and r.accuracy is not None
         spread = f" ± {r.accuracy_std:.3f}" if len(r.c2st) > 1 else ""
-        base = ours.get(r.flow)
-        if r.lib != "pyro_flows" and base is not None and base.seconds:
-            speed, per_epoch = f"{r.time / base.time:.2f}×", f"{r.epoch_time / base.epoch_time:.2f}×"
-        else:
-            speed = per_epoch = "—" if r.lib == "pyro_flows" else "n/a"
-        epochs = statistics.median(r.epochs)
-        cells = [r.flow, r.lib, f"{r.params:,}", f"{r.accuracy:.3f}{spread}", f"{epochs:g}"]
-        cells += [f"{r.time:.1f}", f"{r.epoch_time:.3f}", speed, per_epoch]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        peer = peers.get((r.task, r.flow))
+        peer_time = peer.time if peer is not None and peer.error is None else None
+        ours = r.lib == "pyro_flows"
+        reach = f"{r.reach_time:.1f}" if ours and r.reach_time is not None else ("—" if not ours else None)
+        cells = [r.task, label, r.lib, f"{r.params:,}", f"{r.accuracy:.3f}{spread}", f"{statistics.median(r.epochs):g}"]
+        cells += [f"{r.time:.1f}", f"{r.epoch_time:.3f}", reach]
+        cells += [_ratio(peer_time, r.time), _ratio(peer_time, r.reach_time)] if ours else ["—", "—"]
+        rows.append(cells)
+    return markdown_table(HEADER, rows, align="lllrlrrrrrr")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--task",
-        choices=("linear_gaussian", "two_moons"),
-        default="linear_gaussian",
-        help="linear_gaussian: MAF/NSF against sbi; two_moons: flow-matching NPE (flow='cnf'), each library's defaults",
-    )
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run")
     parser.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS), help="flows to compare")
     parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS), help="libraries to run")
+    parser.add_argument("--recipe", choices=RECIPES, default="defaults", help="pyro_flows' training recipe")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="fits per library and flow (default 3, quick 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="fits per task, flow and library (default 1)")
     parser.add_argument("--simulations", type=int, help=f"training pairs (default {Config.simulations})")
-    parser.add_argument("--max-epochs", type=int, help=f"epoch cap (default {Config.max_epochs})")
-    parser.add_argument("--patience", type=int, help=f"early-stopping patience (default {Config.patience})")
+    parser.add_argument("--max-epochs", type=int, help="epoch cap of both libraries (default: each library's own)")
     parser.add_argument("--observations", type=int, help=f"observations scored (default {Config.observations})")
     parser.add_argument("--samples", type=int, help=f"posterior samples per C2ST (default {Config.samples})")
+    parser.add_argument("--no-time-to-quality", action="store_true", help="skip pyro_flows' time to sbi's C2ST")
     parser.add_argument("--quick", action="store_true", help="tiny budget (seconds; for the test)")
     args = parser.parse_args(argv)
-    if args.task == "two_moons":
-        return main_moons(args)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("simulations", "max_epochs", "patience", "observations", "samples")
-        if getattr(args, name) is not None
-    }
-    cfg = replace(QUICK if args.quick else Config(), **overrides)
-    if cfg.max_epochs < 2:
-        parser.error(f"--max-epochs must be at least 2 (sbi always runs max_num_epochs + 1 >= 2), got {cfg.max_epochs}")
-    repeats = args.repeats or (1 if args.quick else 3)
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s); linear-Gaussian D={cfg.dim}, sigma={cfg.noise:g}, "
-        f"{cfg.simulations} simulations; {cfg.transforms} layers, hidden {cfg.hidden} x {cfg.blocks + 1}, tanh, "
-        f"{cfg.bins} bins on [-{cfg.bound:g}, {cfg.bound:g}]; batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
-        f"validation {cfg.validation_fraction:g}, <= {cfg.max_epochs} epochs, patience {cfg.patience}; "
-        f"C2ST on {cfg.samples} samples x {cfg.observations} observation(s); {repeats} repeat(s)",
-        flush=True,
-    )
-    results = run(args.flows, args.libs, args.threads, repeats, cfg, warmup=not args.quick)
-    print()
-    print(table(results))
-    return 0
-
-
-def main_moons(args: argparse.Namespace) -> int:
-    """``--task two_moons``: flow-matching NPE with the libraries' defaults, C2ST against exact draws."""
     overrides = {
         name: getattr(args, name)
         for name in ("simulations", "max_epochs", "observations", "samples")
         if getattr(args, name) is not None
     }
-    cfg = replace(MOONS_QUICK if args.quick else MoonsConfig(), **overrides)
-    repeats = args.repeats or 1
-    epochs = "the library's default epochs" if cfg.max_epochs is None else f"<= {cfg.max_epochs} epochs"
+    cfg = replace(QUICK if args.quick else Config(), recipe=args.recipe, **overrides)
+    cfg = replace(cfg, time_to_quality=not args.no_time_to_quality)
+    if cfg.max_epochs is not None and cfg.max_epochs < 2:
+        parser.error(f"--max-epochs must be at least 2 (sbi always runs max_num_epochs + 1 >= 2), got {cfg.max_epochs}")
+    set_threads(args.threads)
+    epochs = "each library's epoch cap" if cfg.max_epochs is None else f"<= {cfg.max_epochs} epochs"
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s); two moons, {cfg.simulations} simulations; "
-        f"flow-matching NPE with each library's defaults ({epochs}); C2ST on {cfg.samples} samples x "
-        f"{cfg.observations} observation(s) against exact draws; {repeats} repeat(s)",
+        f"{machine_line()}; sbi {version('sbi')}; tasks {', '.join(args.tasks)}, {cfg.simulations} simulations; "
+        f"maf/nsf: {cfg.transforms} layers, hidden {cfg.hidden} x {cfg.blocks + 1}, tanh, {cfg.bins} bins on "
+        f"[-{cfg.bound:g}, {cfg.bound:g}]; pyro_flows' recipe: {cfg.recipe}; {epochs}; C2ST on {cfg.samples} "
+        f"samples x {cfg.observations} observation(s); {args.repeats} repeat(s)",
         flush=True,
     )
-    results = run_moons(args.libs, args.threads, repeats, cfg)
+    results = run(args.tasks, args.flows, args.libs, args.threads, args.repeats, cfg, warmup=not args.quick)
     print()
     print(table(results))
+    print(f"\n{machine_line()} (at the end)")
     return 0
 
 

@@ -7,28 +7,55 @@ from conftest import load_benchmark
 def test_pyro_flows_quick():
     bench = load_benchmark("bench_sbi")
     threads = torch.get_num_threads()
-    results = bench.run(libs=["pyro_flows"], threads=1, repeats=1, cfg=bench.QUICK, warmup=False, log=lambda _: None)
+    quiet = dict(cfg=bench.QUICK, warmup=False, log=lambda _: None)
+    results = bench.run(["linear_gaussian"], ["maf", "nsf"], ["pyro_flows"], threads=1, **quiet)
     assert torch.get_num_threads() == threads  # restored
 
-    ours = {r.flow: r for r in results if r.lib == "pyro_flows"}
-    assert set(ours) == set(bench.FLOWS)
+    ours = {r.flow: r for r in results if r.lib == "pyro_flows" and r.error is None}
+    assert set(ours) == {"maf", "nsf"}
     for r in ours.values():
-        assert r.error is None, r
-        assert len(r.seconds) == 1 and r.time > 0 and r.params > 0
+        assert r.task == "linear_gaussian" and len(r.seconds) == 1 and r.time > 0 and r.params > 0
         assert 1 <= r.epochs[0] <= bench.QUICK.max_epochs
         assert 0.5 <= r.accuracy <= 1.0  # a C2ST accuracy (chance is 0.5)
-    peers = [r for r in results if r.lib == "sbi"]
-    assert {r.flow for r in peers} == set(bench.FLOWS) and all(r.error and not r.seconds for r in peers)
+        assert r.reach == []  # no peer: no time to its quality
+    assert {(r.flow, r.lib) for r in results if r.error == "not run"} >= {("cnf", "pyro_flows"), ("maf", "sbi")}
     text = bench.table(results)
-    assert text.count("n/a") == 2 * 7 and "| maf | pyro_flows |" in text
+    assert text.count("n/a") >= 4 * 8 and "| linear_gaussian | maf | pyro_flows |" in text
+
+
+def test_snapshots_time_to_reach_and_table():
+    """The weight copies during training are evenly spaced, their times increase and exclude the copying, and the
+    time to a peer's C2ST is the first scanned copy (or the final weights) that reaches it."""
+    bench = load_benchmark("bench_sbi")
+    task = bench.LinearGaussianTask(dim=2, noise=0.5)
+    theta, x = task.simulations(300, seed=0)
+    cfg = bench.replace(bench.QUICK, dim=2, max_epochs=6)
+    trained = bench.train_pyro_flows("maf", task, theta, x, cfg, seed=0, record=True)
+    snapshots = trained.snapshots
+    times = [t for t, _ in snapshots.taken]
+    assert len(times) >= 6 and times == sorted(times) and 0 < times[-1] <= trained.seconds
+    assert not torch.equal(snapshots.taken[0][1][0], snapshots.taken[-1][1][0])  # the weights moved
+    final = [p.detach().clone() for p in snapshots.parameters]
+    observations = task.simulations(1, seed=1)[1]
+    assert bench.time_to_reach(trained, 1.0, task, observations, 100, seed=0) == times[round(0.15 * (len(times) - 1))]
+    assert bench.time_to_reach(trained, 0.0, task, observations, 100, seed=0) is None  # C2ST is never below 0.5
+    assert all(torch.equal(p, f) for p, f in zip(snapshots.parameters, final, strict=True))  # final weights back
+
+    ours = bench.Result("linear_gaussian", "maf", "pyro_flows", [4.0], [20], [0.52], [1.0], params=10)
+    peer = bench.Result("linear_gaussian", "maf", "sbi", [8.0], [40], [0.55], params=11)
+    text = bench.table([ours, peer])
+    assert "| linear_gaussian | maf | pyro_flows | 10 | 0.520 | 20 | 4.0 | 0.200 | 1.0 | 2.00× | 8.00× |" in text
+    assert "| linear_gaussian | maf | sbi | 11 | 0.550 | 40 | 8.0 | 0.200 | — | — | — |" in text
 
 
 def test_main_prints_table(capsys):
     bench = load_benchmark("bench_sbi")
-    argv = ["--quick", "--libs", "pyro_flows", "--flows", "maf", "--simulations", "300", "--max-epochs", "2"]
+    argv = ["--quick", "--tasks", "linear_gaussian", "--libs", "pyro_flows", "--flows", "maf", "--simulations", "300"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "300 simulations" in printed and "| maf | sbi | n/a |" in printed and "| nsf | pyro_flows | n/a |" in printed
+    assert "300 simulations" in printed and "load average" in printed and "commit" in printed
+    assert "| linear_gaussian | maf | sbi | n/a |" in printed
+    assert "| linear_gaussian | nsf | pyro_flows | n/a |" in printed
 
 
 def test_analytic_posterior_is_prior_times_likelihood():
@@ -60,18 +87,6 @@ def test_simulations_follow_the_model():
     assert torch.equal(task.simulations(10, seed=1)[1], task.simulations(10, seed=1)[1])  # seeded
 
 
-def test_table_ratios():
-    bench = load_benchmark("bench_sbi")
-    ours = bench.Result(
-        "maf", "pyro_flows", seconds=[2.0, 4.0, 3.0], epochs=[20, 40, 30], c2st=[0.6, 0.62, 0.64], params=10
-    )
-    peer = bench.Result("maf", "sbi", seconds=[9.0], epochs=[30], c2st=[0.7], params=11)
-    text = bench.table([ours, peer])
-    # pf: median 3.0 s, 0.1 s/epoch; sbi 9.0 s, 0.3 s/epoch: pf 3x faster in total and per epoch
-    assert "| maf | pyro_flows | 10 | 0.620 ± 0.020 | 30 | 3.0 | 0.100 | — | — |" in text
-    assert "| maf | sbi | 11 | 0.700 | 30 | 9.0 | 0.300 | 3.00× | 3.00× |" in text
-
-
 def test_two_moons_reference_draws_are_the_grid_posterior():
     """The rejection draws (inverting the simulator) against the likelihood normalised on an 800 x 800 grid of the
     prior's box: means and second moments within Monte-Carlo error (20000 draws, sd ~ 0.003)."""
@@ -93,19 +108,12 @@ def test_two_moons_reference_draws_are_the_grid_posterior():
     assert bool(torch.isfinite(task.log_likelihood(draws.float(), x)).all())  # every draw is possible
 
 
-def test_two_moons_quick_run_and_table():
+def test_two_moons_cnf_quick_run_and_table():
     bench = load_benchmark("bench_sbi")
-    results = bench.run_moons(libs=["pyro_flows"], threads=1, repeats=1, cfg=bench.MOONS_QUICK, log=lambda _: None)
-    ours, peer = results
-    assert ours.lib == "pyro_flows" and ours.error is None and ours.epochs == [bench.MOONS_QUICK.max_epochs]
-    assert 0.5 <= ours.accuracy <= 1.0 and ours.params > 0
-    assert peer.lib == "sbi" and peer.error and not peer.seconds
-    assert "| cnf | pyro_flows |" in bench.table(results)
-
-
-def test_two_moons_main_prints_the_table(capsys):
-    bench = load_benchmark("bench_sbi")
-    assert bench.main(["--task", "two_moons", "--quick", "--libs", "pyro_flows", "--simulations", "300"]) == 0
-    printed = capsys.readouterr().out
-    assert "two moons, 300 simulations" in printed and "<= 2 epochs" in printed
-    assert "| cnf | pyro_flows |" in printed and "| cnf | sbi | n/a |" in printed
+    cfg = bench.replace(bench.QUICK, max_epochs=2)
+    results = bench.run(["two_moons"], ["cnf"], ["pyro_flows"], cfg=cfg, warmup=False, log=lambda _: None)
+    ours = [r for r in results if r.error is None]
+    assert len(ours) == 1 and ours[0].lib == "pyro_flows" and ours[0].flow == "cnf" and ours[0].epochs == [2]
+    assert 0.5 <= ours[0].accuracy <= 1.0 and ours[0].params > 0
+    text = bench.table(results)
+    assert "| two_moons | cnf | pyro_flows |" in text and "| two_moons | FMPE | sbi | n/a |" in text

@@ -430,3 +430,23 @@ def test_npe_trains_a_continuous_flow_with_the_flow_matching_it_is_given(monkeyp
     objective = pf.FlowMatching(sigma_min=0.01)
     NPE(PRIOR, "cnf", hidden=(8,), flow_matching=objective).append_simulations(theta, x).train(max_epochs=1, **FAST)
     assert seen and all(o is objective for o in seen)
+
+
+def test_default_training_is_an_annealed_step_budget_that_max_epochs_replaces():
+    """fit_options (issue 17.3): cosine-annealed Adam over a step budget with early stopping on 10 % held out; a
+    max_epochs given to train lifts the step budget, so exactly those epochs run."""
+    options = NPE.fit_options
+    assert (options.schedule, options.max_steps, options.batch_size, options.lr) == ("cosine", 8000, 512, 2e-3)
+    assert options.validation_fraction == 0.1 and options.patience == 40
+
+    class Budget(NPE):
+        fit_options = NPE.fit_options.replace(max_steps=3)
+
+    theta, x = simulate(linear_gaussian, PRIOR, 1000, seed=0, progress=False)  # 900 training rows: 2 batches
+    small = dict(flow="maf", transforms=1, hidden=(8,))
+    npe = Budget(PRIOR, **small).append_simulations(theta, x).train(seed=0, progress=False)
+    assert npe.history.steps == 3  # the default budget, inside the second epoch
+    npe = Budget(PRIOR, **small).append_simulations(theta, x).train(max_epochs=3, seed=0, progress=False)
+    assert npe.history.steps == 6 and len(npe.history.train_loss) == 3  # the epochs asked for, not the budget
+    npe = Budget(PRIOR, **small).append_simulations(theta, x).train(max_epochs=3, max_steps=4, progress=False)
+    assert npe.history.steps == 4  # both given: the first limit reached
