@@ -895,6 +895,91 @@ def profile(row: str, features: int, metric: str = "train", threads: int = 2, st
     return "\n".join(lines)
 
 
+def _gap_stages(row: str, features: int) -> dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+    """The staircase of :func:`gap`: ``stage -> (module, loss of a batch)``, from the floor to the benchmark's op."""
+    floor = build_floor(row, features)
+    flow = build_pyro_flows(row, features).module
+    layers = [getattr(t, "layer", t) for t in flow.transforms]  # MAF: Inverse(layer); the data -> base direction
+    bound = layers[0].transform_map.log_scale_bound
+    autoregressive = row == "MAF"
+    nets = [layer.network if autoregressive else layer.conditioner for layer in layers]
+
+    def conditioners(x: Tensor) -> Tensor:  # the flow's own networks on the data, not chained
+        total = x.new_zeros(())
+        for layer, net in zip(layers, nets, strict=True):
+            total = total + net(x if autoregressive else x[..., : features - layer.num_transformed]).sum()
+        return total
+
+    def inline(x: Tensor) -> Tensor:  # chained, the affine arithmetic in plain torch ops
+        ladj = 0.0
+        for layer, net in zip(reversed(layers), reversed(nets), strict=True):
+            if autoregressive:
+                shift, raw = net(x).unbind(-2)
+                s = raw / (1 + raw.abs() / bound)
+                x, ladj = x * s.exp() + shift, ladj + s.sum(-1)
+            else:
+                sizes = layer._block_sizes()
+                first, second = x.split(sizes, -1)
+                kept, moved = (second, first) if layer.transformed_first else (first, second)
+                shift, raw = net(kept).split(layer.num_transformed, -1)
+                s = raw / (1 + raw.abs() / bound)
+                moved = (moved - shift) * torch.exp(-s)
+                x, ladj = torch.cat((moved, kept) if layer.transformed_first else (kept, moved), -1), ladj - s.sum(-1)
+        return -(ladj - 0.5 * (x * x).sum(-1)).mean()
+
+    def layer_calls(x: Tensor) -> Tensor:  # pyro_flows' layers, no distribution around them
+        ladj = 0.0
+        for layer in reversed(layers):
+            x, step = layer._forward(x, None) if autoregressive else layer._backward(x, None)
+            ladj = ladj + step
+        return -(ladj - 0.5 * (x * x).sum(-1)).mean()
+
+    return {
+        "floor: bare networks (nn.Linear)": (floor.module, lambda x: -floor.log_prob(x).mean()),
+        "the flow's conditioners (masks), not chained": (flow, conditioners),
+        "chained, affine maps inline (plain ops)": (flow, inline),
+        "pyro_flows layers (_forward/_backward)": (flow, layer_calls),
+        "flow().log_prob (the benchmark's op)": (flow, lambda x: -flow().log_prob(x).mean()),
+    }
+
+
+def gap(row: str, features: int, rounds: int = 15, batch: int = 512) -> str:
+    """Where a train step's time goes between the floor and pyro_flows (affine rows): each stage adds one layer of
+    the flow around the matmuls. CPU time of this process (``time.process_time``: time the scheduler gives to
+    other processes does not count; run with 1 thread), interleaved rounds of 10 steps, the least of ``rounds``.
+    """
+    if row not in ("MAF", "RealNVP"):
+        raise ValueError(f"gap: the affine rows MAF and RealNVP only, got {row!r}")
+    torch.manual_seed(0)
+    data = [torch.randn(batch, features) for _ in range(4)]
+    cases = {}
+    for name, (module, loss) in _gap_stages(row, features).items():
+        opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+
+        def step(loss=loss, opt=opt, state={"i": 0}) -> None:  # noqa: B006 - one counter per stage
+            state["i"] += 1
+            loss(data[state["i"] % len(data)]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        cases[name] = step
+    for step in cases.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.process_time()
+            for _ in range(10):
+                cases[name]()
+            times[name].append((time.process_time() - start) / 10)
+    floor = min(times[names[0]])
+    rows = [[name, f"{min(t) * 1e3:.2f}", f"{min(t) / floor:.2f}"] for name, t in times.items()]
+    head = f"{row} D={features} train step (batch {batch}, Adam), {torch.get_num_threads()} thread(s), {load_line()}"
+    return head + "\n\n" + markdown_table(["stage", "CPU ms per step", "x floor"], rows, align="lrr")
+
+
 def profile_memory(row: str, features: int, metric: str = "train", lib: str = "pyro_flows", limit: int = 12) -> str:
     """Where one call of ``metric`` allocates: torch.profiler's ops by self CPU memory (``profile_memory=True``)
     and, for ``train``, the tensors autograd keeps for backward, by the source line that made them."""
@@ -954,6 +1039,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the one-pass log_prob check")
     p.add_argument("--json", default=None, help="write raw results to this file")
     p.add_argument("--profile", choices=ROWS, default=None, help="only profile pyro_flows on this row (first D)")
+    p.add_argument(
+        "--gap",
+        choices=("MAF", "RealNVP"),
+        default=None,
+        help="train-step time from the floor up to pyro_flows (first D)",
+    )
     p.add_argument("--profile-metric", choices=METRICS, default="train")
     p.add_argument(
         "--profile-memory", choices=ROWS, default=None, help="where the first of --libs allocates on this row (first D)"
@@ -978,6 +1069,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.profile_memory:
         torch.set_num_threads(args.threads)
         print(profile_memory(args.profile_memory, args.dims[0], args.profile_metric, args.libs[0]))
+        return 0
+    if args.gap:
+        torch.set_num_threads(args.threads)
+        print(gap(args.gap, args.dims[0]))
         return 0
     if args.profile:
         print(profile(args.profile, args.dims[0], args.profile_metric, args.threads))

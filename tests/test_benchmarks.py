@@ -1,5 +1,7 @@
 """Smoke test of benchmarks/bench_transforms.py: the pyro_flows side only, in --quick mode (no peers needed)."""
 
+import math
+
 import torch
 from conftest import load_benchmark
 
@@ -52,3 +54,21 @@ def test_floor_is_the_rows_bare_conditioners():
     assert {r.metric for r in floors} == set(bench.METRICS) and all(r.runs for r in floors)
     assert all(bench.floor_gap([r for r in results if r.metric == m]) > 0 for m in bench.METRICS)
     assert "pyro_flows time / floor" in bench.table(results)
+
+
+def test_gap_stages_compute_the_flows_loss():
+    """The --gap staircase: the inline and layer-by-layer stages are the flow's own -log_prob, not approximations."""
+    bench = load_benchmark("bench_transforms")
+    for row in ("MAF", "RealNVP"):
+        torch.manual_seed(0)
+        stages = bench._gap_stages(row, 4)
+        for module, _ in stages.values():  # non-zero output layers, so the maps are not the identity
+            module.double()
+            for p in module.parameters():
+                torch.nn.init.normal_(p, std=0.1)
+        x = torch.randn(6, 4, dtype=torch.float64)
+        losses = [loss(x) for module, loss in stages.values()]
+        constant = 0.5 * 4 * math.log(2 * math.pi)  # the stages leave out the base's normalising constant
+        torch.testing.assert_close(losses[2] + constant, losses[4])
+        torch.testing.assert_close(losses[3] + constant, losses[4])
+    assert "x floor" in bench.gap("RealNVP", 4, rounds=1, batch=8)
