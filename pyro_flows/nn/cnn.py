@@ -98,6 +98,11 @@ def flatten_batch(x: Tensor, context: Optional[Tensor], event_dim: int) -> tuple
     return x.expand(batch + event).reshape((-1,) + event), context, batch
 
 
+def unflatten_batch(out: Tensor, batch: torch.Size) -> Tensor:
+    """A network's output ``(N, ...)`` with its batch dims restored to ``batch`` (itself when ``batch`` is ``(N,)``)."""
+    return out if len(batch) == 1 else out.reshape(batch + out.shape[1:])
+
+
 def split_aligned(
     context: Optional[Tensor], context_shape: Optional[torch.Size], size: Sequence[int]
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -190,7 +195,7 @@ class Conv2dZeros(nn.Module):
         out = self.output(conv_layout(h)).contiguous()
         if self.context_bias is not None:
             out = out + self.context_bias(vector)[:, :, None, None]
-        return out.reshape(batch + out.shape[1:])
+        return unflatten_batch(out, batch)
 
 
 class CNN(nn.Module):
@@ -266,7 +271,7 @@ class CNN(nn.Module):
                 h = h.add_(self.context_bias(vector)[:, :, None, None])
             h = self.activation(h)
         out = self.output(h).contiguous()  # back to NCHW (from conv_layout): the map's elementwise work runs on it
-        return out.reshape(batch + out.shape[1:])
+        return unflatten_batch(out, batch)
 
 
 class ClassEmbedding(nn.Module):

@@ -70,10 +70,9 @@ def _fusable(conv: FlowTransform, norm: FlowTransform) -> bool:
 
 def _mix_pixels(matrix: Tensor, bias: Tensor, x: Tensor) -> Tensor:
     """``matrix @ x[..., :, h, w] + bias`` at every pixel of images ``x`` ``(..., C, H, W)``: one batched matmul-add."""
-    flat = x.reshape((-1,) + x.shape[-3:]).flatten(-2)  # (N, C, HW)
-    n, channels, pixels = flat.shape
-    mixed = torch.baddbmm(bias[:, None].expand(n, channels, pixels), matrix.expand(n, channels, channels), flat)
-    return mixed.reshape(x.shape)
+    flat = (x if x.dim() == 4 else x.reshape((-1,) + x.shape[-3:])).flatten(2)  # (N, C, HW)
+    n, channels, _ = flat.shape
+    return torch.baddbmm(bias[:, None], matrix.expand(n, channels, channels), flat).view(x.shape)
 
 
 def _conv_actnorm(conv: InvertibleConv1x1, norm: ActNorm, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
