@@ -470,6 +470,7 @@ def bench_task(name: str, libs: Sequence[str], args: argparse.Namespace, log: Ca
     )
     for lib, lib_runs in runs.items():
         result.seconds[lib] = [s for s in (run.clock.time_to(result.target) for run in lib_runs) if s is not None]
+        log(f"{name} {lib} time to target per repeat (s): " + " ".join(f"{s:.2f}" for s in result.seconds[lib]))
         result.speed[lib] = [run.steps / run.train_seconds for run in lib_runs]
         rows = [quality_row(lib, run.model, evaluation) for run in lib_runs]
         result.quality[lib] = {c: _median(row[c] for row in rows) for c in COLUMNS}
