@@ -42,12 +42,12 @@ Metrics:
   2023 start the 2-rectified flow from the 1-rectified one), then the same quality columns and the
   straightness (``pf.objectives.straightness``: 0 for straight, constant-speed trajectories) before and after.
 
-Libraries are run in turn (A, B, C, A, B, C, ...) ``--repeats`` times after one short warm-up run each, with
-torch threads fixed (``--threads 1``); times, qualities and NLLs are medians over the repeats. Times
-are the process's CPU time by default (``--clock cpu``): on a shared machine, other jobs inflate wall time
-unevenly; with one thread it is the work done (``--clock wall`` for wall time). ``pyro_flows-loop`` is
-pyro_flows' objective in the peers' plain loop, to separate the objective's cost from ``pf.fit``'s. A peer
-that is not installed is ``n/a``.
+Libraries are run in turn, the order rotated each round (A B C, B C A, ...: ``harness.interleave``),
+``--repeats`` times after one short warm-up run each, with torch threads fixed (``--threads 1``); times,
+qualities and NLLs are medians over the repeats. Times are the process's CPU time by default
+(``--clock cpu``): on a shared machine, other jobs inflate wall time unevenly; with one thread it is the work
+done (``--clock wall`` for wall time). ``pyro_flows-loop`` is pyro_flows' objective in the peers' plain loop,
+to separate the objective's cost from ``pf.fit``'s. A peer that is not installed is ``n/a``.
 
 Usage::
 
