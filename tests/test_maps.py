@@ -109,6 +109,35 @@ def test_affine_is_analytic_with_soft_clamped_log_scale():
     assert (ld.abs() <= c).all() and (ld.abs() > c - 1e-3).all()
 
 
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_affine_gradients_match_the_formula_and_are_twice_differentiable(inverse):
+    """Affine's one-node autograd Function (maps._AffineFunction) against autograd through the plain formulas, with
+    the parameters as a strided view of a conditioner's output (the layout the layers pass), and double backward."""
+    c = 2.0
+    m = Affine(log_scale_bound=c)
+    x = draw((5, 3)).requires_grad_(True)
+    out = draw((5, 6), seed=1, std=2.0).requires_grad_(True)  # a conditioner's (batch, P * D) output
+
+    def apply(x, out):
+        params = out.unflatten(-1, (2, 3)).movedim(-2, 0)
+        return m.inverse(x, params) if inverse else m.forward(x, params)
+
+    def formula(x, out):
+        shift, raw = out[:, :3], out[:, 3:]
+        s = raw / (1 + raw.abs() / c)
+        return ((x - shift) * torch.exp(-s), -s) if inverse else (x * torch.exp(s) + shift, s)
+
+    weights = draw((5, 3), seed=2), draw((5, 3), seed=3)
+    got = torch.autograd.grad(sum((w * v).sum() for w, v in zip(weights, apply(x, out), strict=True)), (x, out))
+    want = torch.autograd.grad(sum((w * v).sum() for w, v in zip(weights, formula(x, out), strict=True)), (x, out))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(apply, (x, out))
+    with torch.no_grad():  # no graph: the bare arithmetic, the same values
+        for g, w in zip(apply(x, out), formula(x, out), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-14, atol=1e-14)
+
+
 def test_spline_matches_reference_formula():
     m = RationalQuadraticSpline(bins=5, bound=B)
     x = torch.cat((draw((300,), seed=2, std=2.0), torch.tensor([-B, B, -1e3, 1e3, 0.0], dtype=torch.float64)))
@@ -356,7 +385,9 @@ def test_spline_float32_round_trip_with_flat_bins():
 def test_zuko_spline_meets_the_round_trip_tolerance():
     """The tolerance above is zuko's: its MonotonicRQSTransform meets it on the same raw parameters (skipped
     without zuko)."""
+    validate = torch.distributions.Distribution._validate_args
     zuko_transforms = pytest.importorskip("zuko.transforms")
+    torch.distributions.Distribution.set_default_validate_args(validate)  # importing zuko turns validation off
     K = ROUND_TRIP_BINS
     errors = []
     for params, x in _round_trip_cases():

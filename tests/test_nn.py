@@ -449,3 +449,27 @@ def test_class_embedding_rejects_bad_arguments():
         ClassEmbedding(1, 3)
     with pytest.raises(ValueError, match="features >= 1"):
         ClassEmbedding(5, 0)
+
+
+def test_relu_in_place_gives_the_out_of_place_values_and_gradients():
+    """MLP and MADE rectify each layer's fresh output in place (nn.mlp.activate): the same outputs and gradients
+    as out-of-place ReLU, and the layer's input is untouched."""
+    from pyro_flows.nn.mlp import activate
+
+    h = torch.randn(7, 5)
+    kept = h.clone()
+    assert torch.equal(activate(torch.nn.ReLU(), h.clone()), F.relu(kept))
+    assert torch.equal(activate(torch.nn.Tanh(), h), torch.tanh(kept)) and torch.equal(h, kept)  # others: not in place
+    torch.manual_seed(0)
+    for net in (MLP(3, 4, hidden=(8, 8), zero_init=False), MADE(3, 2, hidden=(8, 8))):
+        torch.nn.init.normal_(net.output.weight)
+        x = torch.randn(6, 3, requires_grad=True)
+        out = net(x)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x)
+        h = x
+        for layer in net.hidden:  # the same network with out-of-place ReLU
+            h = F.relu(layer(h))
+        reference = net.output(h)
+        reference = reference.unflatten(-1, out.shape[-2:]) if isinstance(net, MADE) else reference
+        (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
+        assert torch.equal(out, reference) and torch.equal(grad_x, grad_reference)

@@ -139,7 +139,8 @@ class _AffineFunction(torch.autograd.Function):
     keeps the scale :math:`e^{\ell}` and :math:`d^{-2}` from the forward pass, and writes the parameters' gradient
     in their own memory layout (a view of the conditioner's output), so the views back to the conditioner's
     output copy nothing. Under ``create_graph`` (double backward) it recomputes both from :math:`\ell`, an output,
-    so the second derivatives are exact. Written in the ``forward(ctx, ...)`` style, which skips functorch's
+    so the second derivatives are exact (and so when compiled: dynamo takes no ``out=`` into a view). Written in
+    the ``forward(ctx, ...)`` style, which skips functorch's
     per-call dispatch (see :class:`~pyro_flows.nn.mlp._SoftClamp`).
     """
 
@@ -155,7 +156,8 @@ class _AffineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_log_derivative: Tensor):
         x, log_derivative, scale, slope = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiable ops on the tracked x and log-derivative only
+        # create_graph: differentiable ops on the tracked x and log-derivative only; compiling: no out= into views
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return (
                 *_affine_grads(x, log_derivative, grad_out, grad_log_derivative, ctx.bound, ctx.inverse),
                 None,
