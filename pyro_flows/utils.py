@@ -95,6 +95,22 @@ def reference_tensor(module: nn.Module) -> Optional[Tensor]:
     return owner._buffers.get(name) if tensor is None else tensor
 
 
+def function_transformed(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` is wrapped by a function transform (``torch.func.vmap``/``grad``/``jacrev``, or the
+    batching of ``torch.autograd.functional.jacobian(..., vectorize=True)``).
+
+    Those take neither ``out=`` into views nor autograd Functions in the ``forward(ctx, ...)`` style, so fused
+    layers fall back to their plain differentiable arithmetic there.
+
+    Example:
+        >>> x = torch.ones(3)
+        >>> function_transformed(x), bool(torch.func.vmap(lambda v: torch.tensor(function_transformed(v)))(x).all())
+        (False, True)
+    """
+    functorch = torch._C._functorch
+    return any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
 def check_device_dtype(name: str, value: Tensor, reference: Tensor, what: str, dtype: bool = True) -> None:
     """A ValueError naming both devices (or both dtypes) and the fix unless ``value`` is on ``reference``'s device
     and, with ``dtype``, has its dtype; ``reference`` is one of the flow's parameters or buffers.

@@ -136,6 +136,15 @@ def test_affine_gradients_match_the_formula_and_are_twice_differentiable(inverse
     with torch.no_grad():  # no graph: the bare arithmetic, the same values
         for g, w in zip(apply(x, out), formula(x, out), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-14, atol=1e-14)
+    # under a function transform (the batched backward of jacobian(vectorize=True), torch.func) the same Jacobian
+    vectorized = torch.autograd.functional.jacobian(lambda x, out: apply(x, out)[0], (x, out), vectorize=True)
+    looped = torch.autograd.functional.jacobian(lambda x, out: apply(x, out)[0], (x, out))
+    for g, w in zip(vectorized, looped, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # torch.func (jacrev), whose transforms take the plain arithmetic: Jacobians of both outputs in both arguments
+    got = torch.func.jacrev(apply, argnums=(0, 1))(x.detach(), out.detach())
+    want = torch.func.jacrev(formula, argnums=(0, 1))(x.detach(), out.detach())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_spline_matches_reference_formula():

@@ -473,3 +473,15 @@ def test_relu_in_place_gives_the_out_of_place_values_and_gradients():
         reference = reference.unflatten(-1, out.shape[-2:]) if isinstance(net, MADE) else reference
         (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
         assert torch.equal(out, reference) and torch.equal(grad_x, grad_reference)
+
+
+def test_soft_clamp_derivative_under_autograd_and_torch_func():
+    """soft_clamp's one-node backward and its torch.func fallback give the analytic slope (1 + |x|/b)^-2."""
+    from pyro_flows.nn.mlp import soft_clamp
+
+    x = torch.linspace(-7.0, 7.0, 11, dtype=torch.float64, requires_grad=True)
+    slope = (1 + x.detach().abs() / 2.0) ** -2
+    (grad,) = torch.autograd.grad(soft_clamp(x, 2.0).sum(), x)
+    torch.testing.assert_close(grad, slope, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(lambda v: soft_clamp(v, 2.0))(x.detach()), torch.diag(slope))
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(lambda v: soft_clamp(v, 2.0)))(x.detach()), slope)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..utils import function_transformed
+
 
 def broadcast_cat(x: Tensor, context: Optional[Tensor]) -> Tensor:
     """Concatenate ``x`` and ``context`` on the last dim after broadcasting their batch dims."""
@@ -31,6 +33,8 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
     """
     if not (x.requires_grad and torch.is_grad_enabled()):
         return _soft_clamp(x, bound)  # no graph to record: the bare arithmetic
+    if function_transformed(x):  # torch.func takes no forward(ctx) Function: plain differentiable arithmetic
+        return x / (1 + x.abs() / bound)
     return _SoftClamp.apply(x, bound)
 
 

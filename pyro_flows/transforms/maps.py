@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..nn.mlp import soft_clamp
+from ..utils import function_transformed
 
 
 class ElementwiseMap(abc.ABC):
@@ -120,6 +121,11 @@ def _affine(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple
     """:func:`_affine_parts`' value and log-derivative, one autograd node when a gradient is needed
     (:class:`_AffineFunction`)."""
     if torch.is_grad_enabled() and (value.requires_grad or params.requires_grad):
+        if function_transformed(value, params):  # torch.func takes no forward(ctx) Function: plain autograd
+            shift, log_derivative = params[0], params[1] / (1 + params[1].abs() / bound)
+            if inverse:
+                return (value - shift) * torch.exp(-log_derivative), -log_derivative
+            return value * torch.exp(log_derivative) + shift, log_derivative
         return _AffineFunction.apply(value, params, bound, inverse)
     return _affine_parts(value, params, bound, inverse)[:2]
 
@@ -156,8 +162,9 @@ class _AffineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_log_derivative: Tensor):
         x, log_derivative, scale, slope = ctx.saved_tensors
-        # create_graph: differentiable ops on the tracked x and log-derivative only; compiling: no out= into views
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # create_graph: differentiable ops on the tracked x and log-derivative only; compiling and function
+        # transforms (vmap, jacobian(vectorize=True)): no out= into views
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or function_transformed(grad_out):
             return (
                 *_affine_grads(x, log_derivative, grad_out, grad_log_derivative, ctx.bound, ctx.inverse),
                 None,
