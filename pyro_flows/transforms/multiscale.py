@@ -148,10 +148,21 @@ class Chain(FlowTransform):
     def _run(
         self, unit: tuple[FlowTransform, ...], value: Tensor, context: Optional[Tensor], inverse: bool
     ) -> tuple[Tensor, list[Tensor]]:
-        """One unit's output and log-dets: a pair fused once its ActNorm is initialised, else layer by layer."""
-        if len(unit) == 2 and not cast(ActNorm, unit[1]).initializing():
+        """One unit's output and log-dets: a (1×1 convolution, ActNorm) pair as one fused map (an ActNorm still to
+        be initialised is first initialised from this batch layer by layer, so that every call, the first too, takes
+        the same arithmetic), any other layer alone."""
+        if len(unit) == 2:
+            if cast(ActNorm, unit[1]).initializing():
+                with torch.no_grad():
+                    self._layer_by_layer(unit, value, context, inverse)
             out, ladj = _conv_actnorm(cast(InvertibleConv1x1, unit[0]), cast(ActNorm, unit[1]), value, inverse)
             return out, [ladj]
+        return self._layer_by_layer(unit, value, context, inverse)
+
+    @staticmethod
+    def _layer_by_layer(
+        unit: tuple[FlowTransform, ...], value: Tensor, context: Optional[Tensor], inverse: bool
+    ) -> tuple[Tensor, list[Tensor]]:
         ladjs = []
         for layer in reversed(unit) if inverse else unit:
             c = _context_for(layer, context)
