@@ -225,7 +225,8 @@ class FlowMatching:
                     x = fixed.inv(x)
         if x.dim() != 2:  # events as rows (images flattened): what the field sees inside the ODE too
             x = x.reshape(n, -1)
-            z0 = z0.reshape(n, -1) if pairs else z0
+            if pairs:
+                z0 = z0.reshape(n, -1)
         if not pairs:
             z0 = torch.randn_like(x)
             pairing = self._pairing()
