@@ -26,6 +26,15 @@ def device(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _distribution_validation_restored():
+    """Each test starts with the process's torch.distributions argument validation as the session began: importing
+    a peer (zuko) switches it off process-wide, which would silently change later tests' error checks."""
+    before = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(before)
+
+
 # Tolerances of the exact (round-trip, fused-vs-Pyro) checks.
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
