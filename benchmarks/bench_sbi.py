@@ -73,7 +73,9 @@ FLOWS = ("maf", "nsf", "cnf")
 TASKS = ("linear_gaussian", "two_moons")
 RECIPES = ("defaults", "sbi")
 SBI_MODEL = {"maf": "maf", "nsf": "maf_rqs"}  # sbi's autoregressive twins of pf's MAF and NSF
-SBI_RECIPE = {"batch_size": 200, "lr": 5e-4, "validation_fraction": 0.1, "patience": 20}  # sbi's train() defaults
+# sbi's train() defaults (a constant learning rate, no step budget), and pyro_flows' former epoch cap
+SBI_RECIPE = {"batch_size": 200, "lr": 5e-4, "validation_fraction": 0.1, "patience": 20, "schedule": None}
+SBI_RECIPE.update(max_steps=None, max_epochs=1000)
 SCAN = (0.15, 0.3, 0.45, 0.6, 0.8)  # fractions of the run whose weights are scored for the time to sbi's C2ST
 
 
