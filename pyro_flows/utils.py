@@ -107,6 +107,8 @@ def function_transformed(*tensors: Tensor) -> bool:
         >>> function_transformed(x), bool(torch.func.vmap(lambda v: torch.tensor(function_transformed(v)))(x).all())
         (False, True)
     """
+    if torch.compiler.is_compiling():  # dynamo cannot trace the query (and traces the fused paths itself)
+        return False
     functorch = torch._C._functorch
     return any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors)
 
