@@ -536,6 +536,16 @@ def _seconds(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.1f} s"
 
 
+def _reach(result: Result) -> Optional[str]:
+    """The median time to sbi's C2ST, with how many repeats reached it when some did not."""
+    reached = sum(s is not None for s in result.reach)
+    if result.reach_time is None:
+        return None
+    return f"{result.reach_time:.1f}" + (
+        f" ({reached} of {len(result.reach)} repeats)" if reached < len(result.reach) else ""
+    )
+
+
 def _ratio(peer: Optional[float], ours: Optional[float]) -> Optional[str]:
     return None if peer is None or not ours else f"{peer / ours:.2f}×"
 
@@ -562,7 +572,7 @@ def table(results: Sequence[Result]) -> str:
         peer = peers.get((r.task, r.flow))
         peer_time = peer.time if peer is not None and peer.error is None else None
         ours = r.lib == "pyro_flows"
-        reach = f"{r.reach_time:.1f}" if ours and r.reach_time is not None else ("—" if not ours else None)
+        reach = _reach(r) if ours else "—"
         cells = [r.task, label, r.lib, f"{r.params:,}", f"{r.accuracy:.3f}{spread}", f"{statistics.median(r.epochs):g}"]
         cells += [f"{r.time:.1f}", f"{r.epoch_time:.3f}", reach]
         cells += [_ratio(peer_time, r.time), _ratio(peer_time, r.reach_time)] if ours else ["—", "—"]

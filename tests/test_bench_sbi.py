@@ -46,6 +46,8 @@ def test_snapshots_time_to_reach_and_table():
     text = bench.table([ours, peer])
     assert "| linear_gaussian | maf | pyro_flows | 10 | 0.520 | 20 | 4.0 | 0.200 | 1.0 | 2.00× | 8.00× |" in text
     assert "| linear_gaussian | maf | sbi | 11 | 0.550 | 40 | 8.0 | 0.200 | — | — | — |" in text
+    ours.reach.append(None)  # a repeat that never reached the peer's C2ST is counted, not hidden
+    assert "| 1.0 (1 of 2 repeats) | 2.00× | 8.00× |" in bench.table([ours, peer])
 
 
 def test_main_prints_table(capsys):
