@@ -468,7 +468,13 @@ def test_front_ends_derive_their_defaults_from_the_one_options_object():
         max_epochs=200, validation_fraction=0.1, patience=20, seed=0
     )
     assert changes(pf.infer.NPE.fit_options) == dict(
-        max_epochs=1000, batch_size=200, lr=5e-4, validation_fraction=0.1, patience=20
+        max_epochs=1000,
+        batch_size=512,
+        lr=2e-3,
+        validation_fraction=0.1,
+        patience=40,
+        max_steps=8000,
+        schedule="cosine",
     )
 
     class ShortEstimator(pf.DensityEstimator):
