@@ -207,35 +207,6 @@ def test_forward_jacobian_trace_equals_the_autograd_trace_in_values_and_gradient
         torch.testing.assert_close(fast.inverse_and_ladj(x0, c0)[1], values_slow[1], atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-@pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_dopri5_takes_torchdiffeqs_steps_and_gives_its_result(trace, dtype):
-    """pf's dopri5 (plain adaptive solves) against torchdiffeq's (any extra option selects it), both directions."""
-    ours = perturbed_layer(trace=trace, atol=1e-7, rtol=1e-7).to(dtype)
-    theirs = copy.deepcopy(ours)
-    theirs.options = {"first_step": None}  # torchdiffeq's default: the same algorithm, through torchdiffeq
-    x = 2 * randn(9, 3, seed=11, dtype=dtype)
-    tol = dict(atol=1e-11, rtol=1e-11) if dtype == F64 else dict(atol=1e-4, rtol=1e-4)  # float32: summation order
-    for direction in ("call_and_ladj", "inverse_and_ladj"):
-        results = []
-        for layer in (ours, theirs):
-            torch.manual_seed(12)  # the same probe
-            xg = x.clone().requires_grad_(True)
-            y, ladj = getattr(layer, direction)(xg)
-            grads = torch.autograd.grad(y.square().sum() + ladj.sum(), [xg, *layer.parameters()])
-            results.append(((y, ladj, layer.regularization["jacobian"], *grads), layer.nfe))
-        (values, nfe), (expected, expected_nfe) = results
-        assert nfe == expected_nfe > 20
-        for a, b in zip(values, expected, strict=True):
-            torch.testing.assert_close(a, b, **tol)
-
-
-def test_dopri5_names_a_non_finite_state():
-    layer = T.ContinuousFlow(2, vector_field=LinearField(torch.full((2, 2), float("nan"), dtype=F64)))
-    with pytest.raises(RuntimeError, match="dopri5: the error estimate is nan at t = 0: the state is not finite"):
-        layer.call_and_ladj(randn(3, 2))
-
-
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_mean_converges_to_the_exact_trace(probe):
     field, z, f0 = field_and_point(seed=1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -164,90 +163,6 @@ def _state_norm(state: tuple[Tensor, ...]) -> Tensor:
     return torch.maximum(state[0].detach().pow(2).mean().sqrt(), state[1].detach().pow(2).mean().sqrt())
 
 
-State = tuple[Tensor, ...]
-
-
-def _initial_step(
-    f: Callable[[float, Tensor], Tensor], t0: float, y0: Tensor, f0: Tensor, direction: float,
-    rtol: float, atol: float, norm: Callable[[Tensor], float], order: int = 5,
-) -> float:  # fmt: skip
-    """Hairer, Nørsett & Wanner's first step (Solving ODEs I, II.4), as ``torchdiffeq`` chooses it: one evaluation."""
-    scale = atol + y0.abs() * rtol
-    d0, d1 = norm(y0 / scale), norm(f0 / scale)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
-    d2 = norm((f1 - f0) / scale) / h0
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / order)
-    return min(100 * h0, h1)
-
-
-def _step_factor(error: float, safety: float = 0.9, ifactor: float = 10.0, dfactor: float = 0.2) -> float:
-    """``torchdiffeq``'s step-size update for an error ratio (order 5): grow at most 10x, shrink at most 5x."""
-    if error == 0:
-        return ifactor
-    return min(ifactor, max(safety / error**0.2, 1.0 if error < 1 else dfactor))
-
-
-def dopri5(
-    func: Callable[[Tensor, State], State], state: State, t0: float, t1: float, rtol: float, atol: float,
-    norm: Callable[[State], Tensor],
-) -> State:  # fmt: skip
-    r"""The state at ``t1`` of :math:`\frac{dy}{dt} = f(t, y)` from ``state`` at ``t0`` (either direction), by
-    ``torchdiffeq``'s adaptive Dormand–Prince 5(4) (``method="dopri5"``; Dormand & Prince 1980).
-
-    The same algorithm as ``torchdiffeq.odeint`` (its tableau; first-same-as-last stages; its first step,
-    error ratio ``norm(error / (atol + rtol max(|y0|, |y1|)))`` and step-size update; the last step overshoots
-    ``t1`` and the result is its 4th-order interpolant at ``t1``), so the same steps and, up to rounding, the same
-    result, with less Python per step: the state is packed in one vector, each stage's combination is one
-    matrix-vector product, and the interpolant is fitted once. Differentiable (no in-place updates).
-    ``func(t, state)`` returns a tuple shaped as ``state``; ``t`` is a scalar tensor of the state's dtype.
-    """
-    from torchdiffeq._impl.dopri5 import _DORMAND_PRINCE_SHAMPINE_TABLEAU as TABLEAU
-    from torchdiffeq._impl.dopri5 import DPS_C_MID
-    from torchdiffeq._impl.interp import _interp_fit
-
-    dtype, device = state[0].dtype, state[0].device
-    sizes = [s.numel() for s in state]
-
-    def unpack(y: Tensor) -> State:
-        return tuple(part.view(s.shape) for part, s in zip(y.split(sizes), state, strict=True))
-
-    def f(t: float, y: Tensor) -> Tensor:
-        return torch.cat([part.reshape(-1) for part in func(torch.tensor(t, dtype=dtype, device=device), unpack(y))])
-
-    def ratio(error: Tensor, y0: Tensor, y1: Tensor) -> float:
-        value = float(norm(unpack(error / (atol + rtol * torch.maximum(y0.abs(), y1.abs())))))
-        if not math.isfinite(value):
-            raise RuntimeError(f"dopri5: the error estimate is {value} at t = {t:g}: the state is not finite")
-        return value
-
-    beta, c_error, mid = ([b.to(dtype=dtype, device=device) for b in TABLEAU.beta],
-                          *(c.to(dtype=dtype, device=device) for c in (TABLEAU.c_error, DPS_C_MID)))  # fmt: skip
-    alpha = TABLEAU.alpha.tolist()
-    y = torch.cat([s.reshape(-1) for s in state])
-    t, direction = t0, 1.0 if t1 > t0 else -1.0
-    f0 = f(t, y)
-    dt = direction * _initial_step(f, t, y, f0, direction, rtol, atol, lambda v: float(norm(unpack(v))))
-    while True:
-        if t + dt == t:
-            raise RuntimeError(f"dopri5: the step size underflowed at t = {t:g}")
-        stages = [f0]
-        for a, b in zip(alpha, beta, strict=True):
-            y1 = torch.addmv(y, torch.stack(stages, 1), b, alpha=dt)
-            stages.append(f(t + dt if a == 1 else t + a * dt, y1))
-        k = torch.stack(stages, 1)  # y1 is the 5th-order solution (the last stage's combination), f(y1) = k[:, -1]
-        error = ratio(torch.mv(k, c_error) * dt, y, y1)
-        if error <= 1 and direction * (t + dt - t1) >= 0:  # past the end: interpolate back to t1
-            coefficients = _interp_fit(y, y1, torch.addmv(y, k, mid, alpha=dt), f0, stages[-1], dt)
-            x, out = (t1 - t) / dt, coefficients[-1]
-            for c in reversed(coefficients[:-1]):
-                out = c + x * out
-            return unpack(out)
-        if error <= 1:
-            t, y, f0 = t + dt, y1, stages[-1]
-        dt *= _step_factor(error)
-
-
 def check_steps(steps: Optional[int], solver: str, name: str) -> Optional[int]:
     """``steps`` if it is None or a positive integer with a fixed-grid ``solver``; else a ValueError naming ``name``."""
     if steps is None:
@@ -267,9 +182,7 @@ class ContinuousFlow(FlowTransform):
     Base→data (``call_and_ladj``) integrates from :math:`t_0` to :math:`t_1`, data→base
     (``inverse_and_ladj``) from :math:`t_1` back to :math:`t_0`, with ``torchdiffeq.odeint``
     (``odeint_adjoint`` when ``adjoint=True``: memory constant in the number of steps,
-    Chen et al. 2018; a plain adaptive ``"dopri5"`` solve, without ``steps`` or options other than ``norm``, runs
-    :func:`dopri5`: torchdiffeq's algorithm, its steps and result, in a leaner loop). The ODE state carries,
-    besides :math:`z`,
+    Chen et al. 2018). The ODE state carries, besides :math:`z`,
 
     .. math:: \ell = \int \operatorname{tr} \tfrac{\partial f}{\partial z}\, dt, \qquad
               E = \int \|f\|^2\, dt, \qquad F = \int \|\tfrac{\partial f}{\partial z}\|_F^2\, dt,
@@ -446,7 +359,8 @@ class ContinuousFlow(FlowTransform):
         dynamics = _Dynamics(self.vector_field if field is None else field, context, divergence, probe, jacobian)
         zeros = z.new_zeros(z.shape[0])
         times = torch.tensor([start, end], dtype=z.dtype, device=z.device)
-        z_end, ladj, kinetic, jacobian = self._solve(dynamics, (z, zeros, zeros, zeros), times, context)
+        states = self._solve(dynamics, (z, zeros, zeros, zeros), times, context)
+        z_end, ladj, kinetic, jacobian = (s[-1] for s in states)
         sign = 1.0 if end > start else -1.0
         self.nfe = dynamics.nfe
         self._record({"kinetic": sign * kinetic.reshape(batch), "jacobian": sign * jacobian.reshape(batch)})
@@ -458,26 +372,22 @@ class ContinuousFlow(FlowTransform):
         if self._recorder is not None:
             self._recorder.append(regularization)
 
-    def _solve(self, dynamics: _Dynamics, state: State, times: Tensor, context: Optional[Tensor]) -> State:
-        """The state at ``times[-1]``: :func:`dopri5` for a plain adaptive dopri5 solve, else ``torchdiffeq``."""
+    def _solve(self, dynamics: _Dynamics, state: tuple, times: Tensor, context: Optional[Tensor]) -> tuple:
         from torchdiffeq import odeint, odeint_adjoint  # imports SciPy: here, not at import pyro_flows
 
         floor = 8 * torch.finfo(times.dtype).eps
         options: dict[str, Any] = {"norm": _state_norm, **self.options}
-        atol, rtol = max(self.atol, floor), max(self.rtol, floor)
-        if self.solver == "dopri5" and not self.adjoint and self.steps is None and set(options) == {"norm"}:
-            return dopri5(dynamics, state, float(times[0]), float(times[-1]), rtol, atol, options["norm"])
         if self.steps is not None:
             steps = self.steps
             options.pop("step_size", None)
             options["grid_constructor"] = lambda func, y0, t: torch.linspace(t[0], t[-1], steps + 1).to(t)
-        kwargs = dict(method=self.solver, atol=atol, rtol=rtol, options=options)
+        kwargs = dict(method=self.solver, atol=max(self.atol, floor), rtol=max(self.rtol, floor), options=options)
         if not self.adjoint:
-            return tuple(s[-1] for s in odeint(dynamics, state, times, **kwargs))
+            return odeint(dynamics, state, times, **kwargs)
         params: tuple[Tensor, ...] = tuple(self.vector_field.parameters())
         if context is not None and context.requires_grad:
             params += (context,)
-        return tuple(s[-1] for s in odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs))
+        return odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()
