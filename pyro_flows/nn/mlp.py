@@ -31,10 +31,8 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
         >>> soft_clamp(torch.tensor([0.0, 1.0, 1e6]), 3.0)
         tensor([0.0000, 0.7500, 3.0000])
     """
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return _soft_clamp(x, bound)  # no graph to record: the bare arithmetic
-    if function_transformed(x):  # torch.func takes no forward(ctx) Function: plain differentiable arithmetic
-        return x / (1 + x.abs() / bound)
+    if not (x.requires_grad and torch.is_grad_enabled()) or function_transformed(x):
+        return _soft_clamp(x, bound)  # no graph to record, or torch.func (no forward(ctx) Function): bare arithmetic
     return _SoftClamp.apply(x, bound)
 
 

@@ -120,12 +120,13 @@ def _affine_parts(value: Tensor, params: Tensor, bound: float, inverse: bool) ->
 def _affine(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
     """:func:`_affine_parts`' value and log-derivative, one autograd node when a gradient is needed
     (:class:`_AffineFunction`)."""
-    if torch.is_grad_enabled() and (value.requires_grad or params.requires_grad):
-        if function_transformed(value, params):  # torch.func takes no forward(ctx) Function: plain autograd
-            shift, log_derivative = params[0], params[1] / (1 + params[1].abs() / bound)
-            if inverse:
-                return (value - shift) * torch.exp(-log_derivative), -log_derivative
-            return value * torch.exp(log_derivative) + shift, log_derivative
+    # the one-node Function when a graph is recorded; else (no graph, or torch.func, which takes no forward(ctx)
+    # Function) the bare arithmetic, which autograd and function transforms differentiate as it is
+    if (
+        torch.is_grad_enabled()
+        and (value.requires_grad or params.requires_grad)
+        and not function_transformed(value, params)
+    ):
         return _AffineFunction.apply(value, params, bound, inverse)
     return _affine_parts(value, params, bound, inverse)[:2]
 
