@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .dequantization import DequantizedDistribution, check_pixels
 from .flows.base import FlowDistribution
 from .transforms.base import check_shape
+from .utils import check_device_dtype
 
 __all__ = ["METHODS", "attribute_direction", "decode", "encode", "interpolate", "shift"]
 
@@ -76,7 +77,7 @@ def _distribution(model: Model, context: Optional[Tensor], method: str) -> AnyFl
 
 
 def _check_points(distribution: FlowDistribution, points: Tensor, event_shape: torch.Size, what: str, method: str):
-    """ValueErrors naming the problem for points of the wrong event shape, batch, dtype, or with NaN/inf."""
+    """ValueErrors naming the problem for points of the wrong event shape, batch, device, dtype, or with NaN/inf."""
     check_shape(method, points, tuple(event_shape), what)
     batch = points.shape[: points.dim() - len(event_shape)]
     try:
@@ -86,9 +87,7 @@ def _check_points(distribution: FlowDistribution, points: Tensor, event_shape: t
             f"{method}: the {what} have batch shape {tuple(batch)}, which does not broadcast with the flow's batch "
             f"shape {tuple(distribution.batch_shape)} (that of its context)"
         ) from None
-    dtype = distribution.base_dist.mean.dtype
-    if points.dtype != dtype:
-        raise ValueError(f"{method}: the {what} have dtype {points.dtype}, the flow has {dtype}")
+    check_device_dtype(method, points, distribution.base_dist.mean, f"{what} tensor")
     if not bool(torch.isfinite(points).all()):
         raise ValueError(f"{method}: the {what} have {int((~torch.isfinite(points)).sum())} NaN or inf entries")
 

@@ -244,8 +244,10 @@ def test_encode_decode_errors_name_the_problem():
         encode(glow, torch.zeros(2, 1, 14, 14), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"batch shape \(2,\).*flow's batch shape \(3,\)"):
         encode(glow, x, torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="dtype torch.float64"):
+    with pytest.raises(ValueError, match=r"encode: the data tensor has dtype torch.float64 but the flow has"):
         encode(glow, x.double(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"decode: the latent points tensor has dtype torch.float64.*flow.to\("):
+        decode(glow, torch.zeros(2, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="NaN or inf"):
         encode(glow, torch.full_like(x, math.nan), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="latent points must have shape"):
