@@ -536,6 +536,90 @@ def test_deepcopy_and_pickle_after_use(name, context):
     torch.testing.assert_close(distribution(flow, ctx).log_prob(y).detach(), expected)
 
 
+# --------------------------------------------------------------------------- the unconditional flow's distribution
+
+
+def test_unconditional_flow_returns_a_fresh_distribution_per_call():
+    """``flow()`` copies one template (issue 17.1): each call its own object, so a sample's stored pass stays
+    with the distribution that drew it, and the template is no part of pickles or deep copies."""
+    flow = build("IAF", 3)
+    first, second = flow(), flow()
+    assert first is not second and type(first) is pf.FlowDistribution
+    sample = first.rsample((4,))
+    assert first._last_sample is not None and second._last_sample is None
+    torch.testing.assert_close(second.log_prob(sample), first.log_prob(sample), rtol=1e-5, atol=1e-5)
+    assert first.expand((2,)).log_prob(sample[:, None]).shape == (4, 2)
+    assert "_distribution" in flow.__dict__
+    for clone in (copy.deepcopy(flow), pickle.loads(pickle.dumps(flow))):
+        assert "_distribution" not in clone.__dict__
+        torch.testing.assert_close(clone().log_prob(sample.detach()), first.log_prob(sample.detach()))
+    pickle.loads(pickle.dumps(first))  # a distribution handed out pickles as a freshly built one does
+
+
+def test_unconditional_distribution_is_never_stale():
+    """What the template is built from changes: dtype (new buffers), a buffer's storage, the base, the layers."""
+    flow = build("MAF", 3)
+    y = randn(5, 3)
+    flow()
+    flow.to(torch.float64)
+    assert flow().base_dist.mean.dtype == torch.float64
+    flow().log_prob(y.double())
+    flow.to(torch.float32)
+    flow.base.loc.data = torch.full((3,), 7.0)  # storage swapped: the template is rebuilt from it
+    assert flow().base_dist.mean.tolist() == [7.0, 7.0, 7.0]
+    flow.base = pf.StandardNormal(3)
+    assert flow().base_dist.mean.tolist() == [0.0, 0.0, 0.0]
+    extra = pft.AffineCoupling(3)
+    flow.transforms.append(extra)
+    assert flow().transforms[-1] is extra
+
+
+def test_a_learned_base_is_built_every_call():
+    """A base module with parameters is not a template: its distribution's tensors carry the graph of the call."""
+
+    class LearnedBase(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loc = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, batch_shape=()):
+            return dist.Normal(self.loc * 1.0, 1.0).to_event(1).expand(batch_shape)
+
+    flow = pf.Flow(LearnedBase(), [pft.AffineCoupling(2)])
+    for _ in range(2):  # a second backward through a kept graph would raise
+        flow().log_prob(randn(3, 2)).sum().backward()
+    assert flow.base.loc.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3, 4)], ids=["vector", "image"])
+@pytest.mark.parametrize("batch_shape", [(), (5,)], ids=["unbatched", "batched"])
+def test_standard_normal_closed_form(shape, batch_shape):
+    """The closed form, its gradient and its broadcasting match torch's Normal summed over the event."""
+    base = pf.StandardNormal(shape)(batch_shape)
+    reference = dist.Normal(torch.zeros(shape), 1.0).to_event(len(shape)).expand(batch_shape)
+    for value in (randn(5, *shape, dtype=torch.float64), randn(*shape), randn(4, 1, *shape)):
+        value = value.to(torch.float32).requires_grad_(True)
+        expected = reference.log_prob(value)
+        got = base.log_prob(value)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(
+            torch.autograd.grad(got.sum(), value)[0], torch.autograd.grad(expected.sum(), value)[0]
+        )
+
+
+def test_log_prob_check_reads_one_sum_and_tells_overflow_from_nan():
+    """Finite entries whose sum overflows are finite values (no error); a NaN or an inf is named by row."""
+    flow = build("MAF", 3)
+    big = torch.full((4, 3), 3e38)
+    assert flow().log_prob(big).shape == (4,)
+    for bad in (float("nan"), float("inf")):
+        value = big.clone()
+        value[3, 0] = bad
+        with pytest.raises(ValueError, match=r"NaN or inf.*\[3\]"):
+            flow().log_prob(value)
+
+
 # --------------------------------------------------------------------------- caches (pyro #2564)
 # FlowDistribution's own methods call each layer's fused direction once and store nothing on the layers; only
 # ``log_prob`` of the same distribution's last ``rsample`` is read from that sample's pass. Pyro's generic

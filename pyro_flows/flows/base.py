@@ -7,6 +7,7 @@ take the fused path (each layer's log-det in the same pass as its output).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as SequenceABC
 from numbers import Integral
 from typing import Optional, Sequence, Union, cast
@@ -79,11 +80,43 @@ def class_context(
     return embedding_features, ClassEmbedding(classes, embedding_features)
 
 
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class StandardNormalDistribution(dist.Independent):
+    r"""What :class:`StandardNormal` returns: Pyro's ``Normal(0, 1).to_event(n)``, scored in closed form.
+
+    .. math:: \log p_0(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{N}{2} \log 2\pi,
+
+    with :math:`N` the number of elements of one event (``event_shape.numel()``): one fused dot product per row
+    and two scalar ops, instead of ``Normal.log_prob``'s eight elementwise kernels and the event sum (and their
+    autograd nodes), 0.1 ms of a 5 ms MAF D=8 train step. The wrapped ``Normal``'s ``loc`` and ``scale`` are
+    :class:`StandardNormal`'s fixed zeros and ones. Shapes: ``value`` ``(..., *event_shape)`` -> ``(...)``
+    broadcast with the batch shape.
+
+    Example:
+        >>> base = StandardNormal(3)()
+        >>> z = torch.randn(5, 3)
+        >>> torch.allclose(base.log_prob(z), torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1))
+        True
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        flat = value.flatten(-len(self.event_shape)) if len(self.event_shape) > 1 else value
+        log_density = torch.linalg.vecdot(flat, flat).mul_(-0.5).sub_(0.5 * self.event_shape.numel() * _LOG_2PI)
+        batch = self.batch_shape
+        if batch and log_density.shape[max(log_density.dim() - len(batch), 0) :] != batch:
+            log_density = log_density.expand(torch.broadcast_shapes(log_density.shape, batch))
+        return log_density
+
+
 class StandardNormal(nn.Module):
     r"""The base :math:`\mathcal{N}(0, I)` as a module, so it follows ``.to(device, dtype)``.
 
     ``features`` is :math:`D` for vectors or an event shape such as ``(C, H, W)``;
-    ``forward(batch_shape)`` returns the distribution with that batch shape.
+    ``forward(batch_shape)`` returns the distribution with that batch shape (a
+    :class:`StandardNormalDistribution`, scored in closed form). Its buffers ``loc`` and ``scale`` are zeros and
+    ones, registered only to follow ``.to()`` and ``state_dict``: they are not parameters of the density.
     """
 
     loc: Tensor
@@ -98,7 +131,8 @@ class StandardNormal(nn.Module):
     def forward(self, batch_shape: tuple = ()) -> Distribution:
         # validate_args=False: the values scored are the layers' outputs (a NaN there is a NaN log-density, which
         # fit recovers from), never the caller's, which FlowDistribution checks itself
-        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(self.loc.dim()).expand(batch_shape)
+        normal = dist.Normal(self.loc, self.scale, validate_args=False)
+        return StandardNormalDistribution(normal, self.loc.dim()).expand(batch_shape)
 
 
 def _fused(t: Transform) -> bool:
@@ -122,16 +156,20 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def _check_value(self, value: Tensor) -> None:
         check_shape("FlowDistribution.log_prob", value, self.event_shape, "value")
-        batch = value.shape[: value.dim() - len(self.event_shape)]
-        try:
-            torch.broadcast_shapes(batch, self.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"log_prob: value of batch shape {tuple(batch)} does not broadcast with the "
-                f"distribution's batch shape {tuple(self.batch_shape)}"
-            ) from None
+        if self.batch_shape:  # any batch broadcasts with an unconditional flow's ()
+            batch = value.shape[: value.dim() - len(self.event_shape)]
+            try:
+                torch.broadcast_shapes(batch, self.batch_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"log_prob: value of batch shape {tuple(batch)} does not broadcast with the "
+                    f"distribution's batch shape {tuple(self.batch_shape)}"
+                ) from None
         check_device_dtype("log_prob", value, self.base_dist.mean, "value")
-        if not bool(torch.isfinite(value).all()):
+        # one reduction read: the sum is finite when every entry is (one kernel, against isfinite's two and its
+        # (N, D) boolean tensor: 2 against 19 us for a (512, 8) batch, 1 thread); a non-finite sum (also an
+        # overflow of finite entries) is checked entry by entry
+        if not math.isfinite(value.sum().item()) and not bool(torch.isfinite(value).all()):
             rows = torch.nonzero(~torch.isfinite(value).reshape(-1, self.event_shape.numel()).all(-1)).flatten()
             raise ValueError(f"log_prob: value has NaN or inf entries (at flattened batch rows {rows[:10].tolist()})")
 
@@ -279,7 +317,41 @@ class Flow(nn.Module):
             raise ValueError("Flow: a layer is conditional but context_features is 0")
 
     def forward(self, context: Optional[Context] = None) -> FlowDistribution:
+        if context is None and not self.context_features and not torch.compiler.is_compiling():
+            return self._unconditional_distribution()
         return FlowDistribution(*self.base_and_transforms(context))
+
+    def _unconditional_distribution(self) -> FlowDistribution:
+        """A fresh :class:`FlowDistribution` of the unconditional flow, a shallow copy of one built once.
+
+        Building a Pyro ``TransformedDistribution`` asks every layer its domain and shapes, about 0.1 ms a call (2%
+        of a MAF D=8 train step); the copy is one dict update. The template is kept while what it is built from
+        is the same: the layer objects and a :class:`StandardNormal` base's buffers (their ids and storage, which
+        ``.to()``, ``.data =`` and a replaced base change; a layer's parameters, buffers and mode are read by the
+        layers at call time, not by the distribution). Each call returns its own object: a sample's stored
+        pass (``log_prob`` of the last ``rsample``) stays with the distribution that drew it. Any other base is
+        built every call (a learned base's parameters enter its distribution's tensors).
+        """
+        base = self.base
+        if type(base) is not StandardNormal:
+            return FlowDistribution(*self.base_and_transforms())
+        key, storage = (base.loc, base.scale, *self.transforms), (base.loc.data_ptr(), base.scale.data_ptr())
+        cached = self.__dict__.get("_distribution")  # (key, storage, template); the key holds its objects alive
+        if (
+            cached is None
+            or cached[1] != storage
+            or len(cached[0]) != len(key)
+            or any(a is not b for a, b in zip(cached[0], key, strict=True))
+        ):
+            template = FlowDistribution(base(), list(self.transforms))
+            cached = self.__dict__["_distribution"] = (key, storage, template)
+        distribution = FlowDistribution.__new__(FlowDistribution)
+        distribution.__dict__.update(cached[2].__dict__)
+        return distribution
+
+    def __getstate__(self):
+        # the template of forward() is rebuilt on the first call: pickles, torch.save and deepcopy do not carry it
+        return {k: v for k, v in super().__getstate__().items() if k != "_distribution"}
 
     def embed(self, context: Optional[Context] = None) -> Optional[Tensor]:
         """The context the layers see: ``context`` checked and passed through the ``embedding`` (if any).
