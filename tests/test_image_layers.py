@@ -647,15 +647,16 @@ def test_lu_inverse_weight_with_column_scale_is_the_inverse_times_the_diagonal()
     assert torch.equal(lower_grad.triu(), torch.zeros_like(lower_grad))  # the fixed diagonal and upper part
 
 
+@pytest.mark.parametrize("size", [6, 4, 2], ids=["6x6-convolutions", "4x4-matmuls", "2x2-matmuls"])
 @pytest.mark.parametrize("context", [False, True], ids=["unconditional", "vector-context"])
-def test_cnn_in_channels_last_computes_the_nchw_network(context):
-    """The CNN's float32 channels-last convolutions and in-place ReLUs compute the float64 NCHW network by hand,
-    values and input gradients, and hand back an NCHW output."""
+def test_cnn_in_channels_last_computes_the_nchw_network(context, size):
+    """The CNN's float32 channels-last convolutions (tiny images: dense matmuls) and in-place ReLUs compute the
+    float64 NCHW network by hand, values and input gradients, and hand back an NCHW output."""
     from pyro_flows.nn.cnn import CNN, conv_layout
 
     torch.manual_seed(0)
     net = perturb(CNN(2, 4, hidden=(16, 16), context_features=3 if context else 0), scale=0.3, seed=2)
-    x = torch.randn(5, 2, 6, 6, requires_grad=True)
+    x = torch.randn(5, 2, size, size, requires_grad=True)
     c = torch.randn(5, 3) if context else None
     out = net(x, c)
     assert out.is_contiguous() and conv_layout(x).is_contiguous(memory_format=torch.channels_last)
@@ -669,3 +670,53 @@ def test_cnn_in_channels_last_computes_the_nchw_network(context):
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), [x64])
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad.double(), expected_grad, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+@pytest.mark.parametrize("size", [(4, 4), (2, 2), (1, 3), (3, 5)])
+@pytest.mark.parametrize("pixels_first", [(False, False), (False, True), (True, False), (True, True)])
+def test_dense_conv_is_the_zero_padded_convolution(kernel, size, pixels_first):
+    """dense_conv's matmul is F.conv2d (stride 1, zero padding k // 2) in float64, values and the gradients of the
+    input and the kernel, in either entry order (channel-major NCHW or pixel-major NHWC) of input and output."""
+    from pyro_flows.nn.cnn import dense_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, kernel, padding=kernel // 2).double()
+    x = torch.randn(4, 3, *size, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, conv.weight, padding=kernel // 2)
+
+    def flat(images: torch.Tensor, pixels: bool) -> torch.Tensor:
+        return (images.movedim(1, -1) if pixels else images).flatten(1)
+
+    out = dense_conv(flat(x, pixels_first[0]), conv, size, pixels_first)
+    torch.testing.assert_close(out, flat(expected, pixels_first[1]), atol=1e-12, rtol=0)
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, [x, conv.weight], flat(g, pixels_first[1]))
+    expected_grads = torch.autograd.grad(expected, [x, conv.weight], g)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["vector-context", "aligned-context"])
+def test_networks_on_tiny_images_match_their_convolutions(aligned, monkeypatch):
+    """On tiny images (SMALL_IMAGE_PIXELS) the CNN and Conv2dZeros compute by matmuls what their convolutions compute
+    on larger ones: the same values and parameter gradients with the dense path switched off, float64."""
+    import pyro_flows.nn.cnn as cnn
+
+    torch.manual_seed(0)
+    kw = {"context_features": 4 + 4 * 3, "context_shape": (1, 2, 2)} if aligned else {"context_features": 3}
+    nets = [perturb(cnn.CNN(2, 4, hidden=(8, 6, 5), **kw), scale=0.3, seed=3), cnn.Conv2dZeros(2, 4, **kw)]
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    c = torch.randn(3, kw["context_features"], dtype=torch.float64)
+    for net in nets:
+        net = perturb(net, scale=0.3, seed=4).double()
+        out = net(x, c)
+        grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+        monkeypatch.setattr(cnn, "SMALL_IMAGE_PIXELS", 0)
+        expected = net(x, c)
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(net.parameters()))
+        monkeypatch.setattr(cnn, "SMALL_IMAGE_PIXELS", 16)
+        assert out.abs().max() > 0.1 and out.is_contiguous()
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-11, rtol=0)
