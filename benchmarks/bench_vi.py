@@ -414,7 +414,18 @@ def comparisons(results: Sequence[Result]) -> list[str]:
 
 # -- against reference draws: a fixed SVI schedule, moments and k̂ against NUTS -------------------
 
-REFERENCE_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "pf-NSF-diagonal", "pf-NSF-unscaled", "pf-NSF")
+REFERENCE_GUIDES = (
+    "AutoNormal",
+    "AutoMultivariateNormal",
+    "pf-NSF-diagonal",
+    "pf-NSF-unscaled",
+    "pf-NSF-total",
+    "pf-NSF",
+    "pf-IAF-total",
+    "pf-IAF-path",
+    "pf-RealNVP-total",
+    "pf-RealNVP-path",
+)
 NON_CENTRED = {"eight_schools": "eight_schools_nc", "funnel": "funnel_nc"}
 
 
@@ -444,7 +455,9 @@ QUICK_REFERENCE = ReferenceConfig(steps=100, repeats=1, eval_samples=200, warmup
 def make_reference_guide(name: str, model: Callable):
     """``pf-NSF`` is today's default ``AutoFlowGuide(model)``; ``pf-NSF-diagonal`` the same without its
     unit lower-triangular layer (``full_rank=False``, the default before issue 16.14); ``pf-NSF-unscaled`` the
-    same with its conditioners' output layers not scaled down (``output_scale=1``, the default before)."""
+    same with its conditioners' output layers not scaled down (``output_scale=1``, the default before);
+    ``pf-NSF-total`` the same on the total gradient (``path_gradient=False``). ``pf-IAF-*`` and ``pf-RealNVP-*``
+    are ``flow="iaf"`` and ``flow="realnvp"`` on the total or the path-derivative gradient (``path_gradient``)."""
     if name == "AutoNormal":
         return AutoNormal(model)
     if name == "AutoMultivariateNormal":
@@ -453,8 +466,13 @@ def make_reference_guide(name: str, model: Callable):
         return pf.infer.AutoFlowGuide(model, full_rank=False)
     if name == "pf-NSF-unscaled":
         return pf.infer.AutoFlowGuide(model, output_scale=1.0)
+    if name == "pf-NSF-total":
+        return pf.infer.AutoFlowGuide(model, path_gradient=False)
     if name == "pf-NSF":
         return pf.infer.AutoFlowGuide(model)
+    for prefix, flow in (("pf-IAF-", "iaf"), ("pf-RealNVP-", "realnvp")):
+        if name in (prefix + "total", prefix + "path"):
+            return pf.infer.AutoFlowGuide(model, flow=flow, path_gradient=name.endswith("path"))
     raise ValueError(f"unknown guide {name!r}; choose from {REFERENCE_GUIDES}")
 
 

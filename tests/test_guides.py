@@ -7,6 +7,8 @@ optimiser and steps, and the one-pass claim by counting layer passes.
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -122,8 +124,11 @@ def test_sampling_and_log_q_take_one_pass_per_layer(flow, monkeypatch):
     counts = _count_passes(guide.flow, monkeypatch)
     svi = SVI(regression, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     svi.step(X, y)
-    # one forward pass per layer draws the sample; log q(sample) is served from the caches
-    assert counts == {(i, "_forward"): 1 for i in range(len(guide.flow.transforms))}
+    # one forward pass per layer draws the sample; log q(sample) is served from the caches; the path-derivative
+    # gradient (on by default for affine layers) adds one forward pass of D + 1 copies of the draw: no inverse
+    passes = 2 if guide.path_gradient else 1
+    assert guide.path_gradient == (flow != "nsf")
+    assert counts == {(i, "_forward"): passes for i in range(len(guide.flow.transforms))}
 
 
 def test_flow_starts_as_the_affine_map_around_the_init_point():
@@ -248,6 +253,111 @@ def test_default_guide_gets_as_close_as_auto_multivariate_normal_to_a_gaussian_p
             kl[name] = log_evidence - float(pf.diagnostics.psis(regression, guide, X, y, num_samples=4000).elbo)
     assert 0 < kl["mvn"] < 0.2, kl
     assert kl["flow"] < kl["mvn"] + 0.15, kl
+    pyro.clear_param_store()
+
+
+def _perturbed_flow(name: str, features: int = 3) -> pf.Flow:
+    """A float64 guide flow (spline or affine layers, L, affine) moved off the identity."""
+    flow = pf.infer.guides.build_guide_flow(
+        name,
+        features,
+        0,
+        2,
+        (8,),
+        torch.zeros(features, dtype=torch.float64),
+        0.5,
+        extra_layers=[pf.infer.guides.UnitLowerTriangular(features)],
+        output_scale=1.0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return flow
+
+
+@pytest.mark.parametrize("name", ["nsf", "iaf", "realnvp"])
+def test_path_gradient_is_the_gradient_through_the_sample_only(name):
+    # the surrogate's gradient must be d/dphi log q_phibar(T_phi(eps)): computed independently by a frozen copy of
+    # the flow scoring the same sample through its inverse (not its last sample: no memo, no path_score)
+    flow = _perturbed_flow(name)
+    frozen = copy.deepcopy(flow).requires_grad_(False)
+    q = pf.infer.guides.PathGradientFlowDistribution(*flow.base_and_transforms())
+    torch.manual_seed(1)
+    u = q.rsample((5,))
+    surrogate = q.log_prob(u)
+    exact = frozen().log_prob(u)
+    torch.testing.assert_close(surrogate, exact)  # the value is log q
+    parameters = list(flow.parameters())
+    ours = torch.autograd.grad(surrogate.sum(), parameters, retain_graph=True)
+    reference = torch.autograd.grad(exact.sum(), parameters)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    log_q = flow().rsample_and_log_prob((5,))[1].sum()
+    total = torch.autograd.grad(log_q, parameters, allow_unused=True, materialize_grads=True)  # + the score term
+    assert any(not torch.allclose(a, b) for a, b in zip(total, reference, strict=True))
+    # the score at u against autograd through the inverse
+    v = u.detach().requires_grad_(True)
+    (score,) = torch.autograd.grad(frozen().log_prob(v).sum(), v)
+    torch.testing.assert_close(pf.infer.guides.path_score(flow(), frozen().to_base(u.detach())), score)
+
+
+def test_path_gradient_leaves_the_elbo_unchanged_and_is_the_default_where_measured_better():
+    X, y = (t.double() for t in regression_data())
+    losses = {}
+    for path_gradient in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = pf.infer.AutoFlowGuide(regression, flow="iaf", path_gradient=path_gradient)
+        guide(X, y)
+        assert guide.path_gradient is path_gradient
+        pyro.set_rng_seed(3)
+        losses[path_gradient] = Trace_ELBO().loss(regression, guide, X, y)
+        with torch.no_grad():  # scored without gradients: the plain log-density
+            assert type(guide.get_posterior()) is (
+                pf.infer.guides.PathGradientFlowDistribution if path_gradient else pf.FlowDistribution
+            )
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12)
+    defaults = {}
+    for flow in ("nsf", "iaf", "maf", "realnvp", "nice", "cnf"):
+        pyro.clear_param_store()
+        guide = pf.infer.AutoFlowGuide(regression, flow=flow, hidden=(8,))
+        guide(X, y)
+        defaults[flow] = guide.path_gradient
+    assert defaults == {"nsf": False, "iaf": True, "maf": True, "realnvp": True, "nice": True, "cnf": False}
+    pyro.clear_param_store()
+    wide = pf.infer.AutoFlowGuide(lambda: pyro.sample("w", dist.Normal(torch.zeros(65), 1.0).to_event(1)), flow="iaf")
+    wide()
+    assert not wide.path_gradient  # above PATH_GRADIENT_MAX_FEATURES
+    with pytest.raises(ValueError, match="path_gradient must be"):
+        pf.infer.AutoFlowGuide(regression, path_gradient="yes")
+    pyro.clear_param_store()
+    module = pf.infer.AutoFlowGuide(regression, flow=lambda d: _NormalModule(d), path_gradient=True)
+    with pytest.raises(ValueError, match="path_gradient=True needs"):
+        module(X, y)
+    pyro.clear_param_store()
+
+
+class _NormalModule(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(features))
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+def test_trained_guide_pickles_with_torch_save(tmp_path):
+    X, y = regression_data()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = pf.infer.AutoFlowGuide(regression, flow="iaf", transforms=2, hidden=(8,))
+    train(regression, guide, X, y, steps=3)
+    torch.save(guide, tmp_path / "guide.pt")
+    loaded = torch.load(tmp_path / "guide.pt", weights_only=False)
+    z = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_posterior().from_base(z), guide.get_posterior().from_base(z))
     pyro.clear_param_store()
 
 
