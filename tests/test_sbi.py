@@ -118,26 +118,103 @@ def test_save_and_load_round_trip(npe, tmp_path):
 
 
 # -- support --------------------------------------------------------------------------------------------------------
-def test_bounded_prior_support_is_respected_and_the_density_integrates_to_one():
+@pytest.mark.parametrize("constraint", ["auto", "bijection"])
+def test_bounded_prior_support_is_respected_and_the_density_integrates_to_one(constraint):
+    """Both parameterisations of a box prior: samples inside it, a density normalised over it (the rejecting one by
+    its estimated acceptance, which is the flow's mass inside the box by an independent grid integration)."""
     prior = dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
     theta, x = simulate(lambda t: t + 0.3 * torch.randn_like(t), prior, 1000, seed=0, progress=False)
     torch.manual_seed(0)
-    npe = NPE(prior, "maf", transforms=2, hidden=(16,)).append_simulations(theta, x).train(max_epochs=5, seed=0, **FAST)
+    npe = NPE(prior, "maf", transforms=2, hidden=(16,), constraint=constraint).append_simulations(theta, x)
+    npe.train(max_epochs=5, seed=0, **FAST)
+    assert npe.constraint == ("reject" if constraint == "auto" else "bijection")  # the default for a box
     x_obs = torch.tensor([0.9, -0.2])  # posterior mass near the boundary
     posterior = npe.posterior(x_obs)
     samples = posterior.sample((5000,))
+    assert samples.shape == (5000, 2)
     assert bool(((samples > -1) & (samples < 1)).all()) and bool(posterior.support.check(samples).all())
     torch.testing.assert_close(posterior.support.base_constraint.upper_bound, torch.ones(2))
-    # the density (flow, z-scoring and biject_to log-dets) integrates to 1 over the box: midpoint rule
+    # the density (flow, z-scoring, biject_to log-dets or the acceptance) integrates to 1 over the box: midpoint rule
     grid = (torch.arange(200) + 0.5) / 100 - 1
     points = torch.cartesian_prod(grid, grid)
     with torch.no_grad():
         mass = posterior.log_prob(points).exp().sum() * 0.01**2
+        flow_mass = posterior.flow_distribution.log_prob(points).exp().sum() * 0.01**2
     assert float(mass) == pytest.approx(1.0, abs=0.02)
+    if npe.constraint == "reject":
+        assert 0.5 < float(posterior.acceptance) < 0.99  # mass leaks out near the boundary ...
+        assert float(posterior.acceptance) == pytest.approx(float(flow_mass), abs=0.015)  # ... and is measured
+        with pytest.raises(ValueError, match="no reparameterised gradient"):
+            posterior.rsample((2,))
+    else:
+        assert float(posterior.acceptance) == 1.0 and float(flow_mass) == pytest.approx(1.0, abs=0.02)
+        assert posterior.rsample((2,)).requires_grad
     outside = torch.tensor([[1.5, 0.0], [0.0, -1.01]])
     assert posterior.log_prob(outside).tolist() == [-math.inf, -math.inf]
+    samples, log_prob = posterior.sample_and_log_prob((7,))
+    torch.testing.assert_close(log_prob, posterior.log_prob(samples))
     with pytest.raises(ValueError, match="outside the prior's support"):
         npe.append_simulations(outside, torch.zeros(2, 2))
+
+
+def test_rejection_matches_an_exact_truncated_posterior_in_1d():
+    """θ ~ U(0, 1), x = θ + 0.2ε: the posterior is N(x, 0.2²) truncated to [0, 1]. The rejecting posterior's density is
+    normalised on [0, 1], its samples stay there and match the exact CDF; a batch of observations rejects per row."""
+    prior = dist.Uniform(torch.zeros(1), torch.ones(1)).to_event(1)
+    theta, x = simulate(lambda t: t + 0.2 * torch.randn_like(t), prior, 4000, seed=0, progress=False)
+    torch.manual_seed(0)
+    npe = NPE(prior, "maf", transforms=2, hidden=(16,)).append_simulations(theta, x)
+    npe.train(max_epochs=40, seed=0, **FAST)
+    assert npe.constraint == "reject"
+    x_obs = torch.tensor([[0.05], [0.5]])  # one near the boundary (much mass leaks), one inside
+    posterior = npe.posterior(x_obs)
+    assert posterior.batch_shape == (2,) and float(posterior.acceptance[0]) < float(posterior.acceptance[1])
+    grid = ((torch.arange(1000) + 0.5) / 1000).reshape(-1, 1, 1)
+    with torch.no_grad():
+        density = posterior.log_prob(grid.expand(-1, 2, 1)).exp()  # (1000, 2)
+    torch.testing.assert_close(density.mean(0), torch.ones(2), atol=0.02, rtol=0)
+    samples = posterior.sample((2, 3000))
+    assert samples.shape == (2, 3000, 2, 1) and bool(((samples > 0) & (samples < 1)).all())
+    probe = torch.tensor([0.1, 0.3, 0.5, 0.7]).reshape(-1, 1)
+    empirical_cdf = (samples.reshape(-1, 2) <= probe.unsqueeze(1)).double().mean(1)  # (4, 2)
+    model_cdf = torch.stack([density[grid[:, 0, 0] <= p].sum(0) / 1000 for p in probe[:, 0]]).double()
+    torch.testing.assert_close(empirical_cdf, model_cdf, atol=0.03, rtol=0)  # the draws follow the density
+    exact = torch.distributions.Normal(x_obs[:, 0], 0.2)
+    low, high = exact.cdf(torch.zeros(1)), exact.cdf(torch.ones(1))
+    exact_cdf = ((exact.cdf(probe) - low) / (high - low)).double()
+    torch.testing.assert_close(model_cdf, exact_cdf, atol=0.15, rtol=0)  # a short training's posterior
+
+
+def test_constraint_choice_and_bad_constraints(tmp_path):
+    box = dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1)
+    assert NPE(box).constraint == "reject" and NPE(box, "cnf").constraint == "bijection"  # cnf: as measured
+    assert NPE(PRIOR).constraint == "bijection"  # a real support: the identity, nothing to reject
+    positive = dist.LogNormal(torch.zeros(2), torch.ones(2)).to_event(1)
+    assert NPE(positive).constraint == "bijection" and NPE(positive, constraint="reject").constraint == "reject"
+    with pytest.raises(ValueError, match="constraint must be one of"):
+        NPE(box, constraint="clip")
+    with pytest.raises(ValueError, match="full dimension.*Simplex"):
+        NPE(dist.Dirichlet(torch.ones(3)), constraint="reject")
+    theta, x = simulate(lambda t: t + 0.3 * torch.randn_like(t), box, 200, seed=0, progress=False)
+    for constraint in ("reject", "bijection"):  # the file keeps the choice
+        npe = NPE(box, "maf", transforms=1, hidden=(8,), constraint=constraint).append_simulations(theta, x)
+        loaded = NPE.load(npe.save(tmp_path / f"{constraint}.pt"), box)
+        assert loaded.constraint == constraint and loaded.posterior(X_OBS).reject == (constraint == "reject")
+
+
+def test_posterior_follows_the_estimators_dtype(npe):
+    """float64 observations (and θ) into a float32 NPE are moved to float32, with the same results."""
+    x64 = X_OBS.double()
+    posterior, posterior64 = npe.posterior(X_OBS), npe.posterior(x64)
+    torch.manual_seed(0)
+    samples = posterior64.sample((10,))
+    assert samples.dtype == torch.float32
+    torch.manual_seed(0)
+    torch.testing.assert_close(samples, posterior.sample((10,)))
+    log_prob = posterior64.log_prob(samples.double())
+    assert log_prob.dtype == torch.float32
+    torch.testing.assert_close(log_prob, posterior.log_prob(samples))
+    assert npe.posterior(x64.unsqueeze(0).expand(3, 2)).sample((4,)).dtype == torch.float32
 
 
 # -- sequential NPE -------------------------------------------------------------------------------------------------

@@ -8,12 +8,17 @@ whose minimiser over pairs drawn from :math:`p(\theta)p(x\mid\theta)` is the pos
 proposal :math:`\tilde p(\theta)` (the previous round's posterior at :math:`x_o`) and use the atomic
 APT loss (Greenberg et al. 2019), which still makes :math:`q_\phi` the posterior without any correction.
 
-The flow lives in the unconstrained, standardised parameter space; the posterior is
-``biject_to(prior.support)`` of it (with its log-det), so its samples always lie in the prior's support.
+The flow lives in a standardised parameter space and its samples always lie in the prior's support, by one of
+two parameterisations (``NPE(constraint=...)``): ``"reject"`` fits θ itself (z-scored) and rejects the draws outside
+the support, renormalising the density by the estimated acceptance (as sbi does); ``"bijection"`` fits the
+unconstrained :math:`b^{-1}(\theta)` with :math:`b` = ``biject_to(prior.support)`` and pushes draws through
+:math:`b` (with its log-det). The default rejects for a box (interval) prior, where the bijection's sigmoid warps
+the posterior (measured on two moons), and keeps the bijection for the other supports.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union, cast
 
@@ -32,6 +37,13 @@ from .simulation import check_prior
 
 FlowBuilder = Callable[[int, int], Flow]
 CONTINUOUS_FLOWS = ("cnf", "ffjord")
+CONSTRAINTS = ("auto", "reject", "bijection")
+# supports of full dimension, on which the flow can model θ itself and reject what falls outside
+_FULL = (
+    constraints._Real, constraints._Interval, constraints._HalfOpenInterval, constraints._GreaterThan,
+    constraints._GreaterThanEq, constraints._LessThan,
+)  # fmt: skip
+_BOX = (constraints._Interval, constraints._HalfOpenInterval)
 
 
 # --------------------------------------------------------------------------- checks
@@ -43,6 +55,36 @@ def prior_support(prior: Distribution) -> constraints.Constraint:
     if support is None:
         raise ValueError(f"the prior {prior!r} declares no support")
     return support
+
+
+def _base_support(prior: Distribution) -> constraints.Constraint:
+    """The prior's support without its ``independent`` wrapping (the constraint of one coordinate)."""
+    support = prior_support(prior)
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
+def resolve_constraint(prior: Distribution, constraint: str, flow: object = None) -> str:
+    """``"reject"`` or ``"bijection"``: how the posterior of ``flow`` keeps its samples in the prior's support.
+
+    ``"auto"`` rejects for a box prior (every coordinate in an interval) unless ``flow`` names a continuous flow,
+    whose defaults were measured with the bijection; a real support has nothing to reject (``"bijection"``, the
+    identity). ``"reject"`` needs a support of full dimension (real, interval, half-line): a ValueError otherwise.
+    """
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"NPE: constraint must be one of {', '.join(map(repr, CONSTRAINTS))}, got {constraint!r}")
+    base = _base_support(prior)
+    if isinstance(base, constraints._Real):
+        return "bijection"
+    if constraint == "auto":
+        return "reject" if isinstance(base, _BOX) and flow not in CONTINUOUS_FLOWS else "bijection"
+    if constraint == "reject" and not isinstance(base, _FULL):
+        raise ValueError(
+            f"NPE: constraint='reject' fits θ in its own space, which needs a support of full dimension (real, an "
+            f"interval or a half-line), but the prior's support is {prior.support}; use constraint='bijection'"
+        )
+    return constraint
 
 
 def _check_theta(theta: Tensor, prior: Distribution, name: str) -> None:
@@ -72,7 +114,8 @@ class PosteriorEstimator(nn.Module):
     with :math:`e` the embedding network, :math:`f` the conditional flow (its layers base→data),
     :math:`(\mu_u, \sigma_u)` the z-scoring of the unconstrained parameters
     :math:`u = b^{-1}(\theta)` (a :class:`~pyro_flows.transforms.Standardize`) and
-    :math:`b` = ``biject_to(prior.support)``. ``forward(x)`` with ``x`` of shape
+    :math:`b` = ``biject_to(prior.support)``, or the identity when the posterior rejects draws outside the support
+    (``NPE(constraint="reject")``: then the flow's mass may leak out of it). ``forward(x)`` with ``x`` of shape
     ``(*batch, *x_shape)`` returns the :class:`~pyro_flows.FlowDistribution` over θ with
     batch shape ``batch`` (its ``log_prob`` includes every log-det).
 
@@ -81,7 +124,7 @@ class PosteriorEstimator(nn.Module):
         embedding: maps standardised ``x (B, *x_shape)`` to the context ``(B, flow.context_features)``.
         x_loc, x_scale: the z-scoring of ``x``, shape ``x_shape``.
         theta_standardize: the z-scoring of the unconstrained θ.
-        bijection: unconstrained → support.
+        bijection: unconstrained → support (the identity ``biject_to(constraints.real_vector)`` when rejecting).
     """
 
     x_loc: Tensor
@@ -122,40 +165,114 @@ class PosteriorEstimator(nn.Module):
 
 
 class NPEPosterior(Distribution):
-    r"""The posterior :math:`q(\theta \mid x_o)` of an :class:`NPE`: ``sample``, ``rsample``, ``log_prob``.
+    r"""The posterior :math:`q(\theta \mid x_o)` of an :class:`NPE`: ``sample``, ``log_prob``, ``rsample``.
 
     Batch shape: that of ``x_o`` (``()`` for one observation, ``(B,)`` for ``B`` of them);
     event shape ``(D,)``; ``support`` is the prior's. ``log_prob`` is :math:`-\infty` for θ outside
-    the prior's support and raises a ValueError for θ of the wrong shape or with NaN/inf entries.
+    the prior's support and raises a ValueError for θ of the wrong shape or with NaN/inf entries; θ of another
+    dtype or device is moved to the estimator's.
+
+    With ``reject=True`` the estimator's flow :math:`\tilde q` models θ itself (``NPE(constraint="reject")``) and
+    its mass may leak out of the support :math:`S`; the posterior is the flow truncated to :math:`S`,
+
+    .. math:: q(\theta \mid x_o) = \frac{\tilde q(\theta \mid x_o)\, 1[\theta \in S]}{a(x_o)}, \qquad
+              a(x_o) = \Pr_{\tilde q}(\theta \in S),
+
+    sampled by rejection and normalised by the :attr:`acceptance` :math:`a`, estimated from
+    :attr:`acceptance_samples` draws (seeded, so ``log_prob`` is deterministic; sbi's "leakage correction").
+    Draws by rejection have no reparameterised gradient, so ``rsample`` is then refused.
     The distribution reads the estimator's current weights: training it further changes this object.
     """
 
     arg_constraints: dict = {}
-    has_rsample = True
+    acceptance_samples: ClassVar[int] = 2**14
+    """The flow draws from which :attr:`acceptance` is estimated (its standard error is at most 0.004)."""
 
-    def __init__(self, estimator: PosteriorEstimator, x: Tensor, prior: Distribution) -> None:
+    def __init__(self, estimator: PosteriorEstimator, x: Tensor, prior: Distribution, reject: bool = False) -> None:
         self.flow_distribution = estimator(x)
-        self.prior = prior
-        bijection = estimator.bijection
-        origin = torch.zeros(bijection.inverse_shape(prior.event_shape), dtype=x.dtype, device=x.device)
-        self._inside = bijection(origin)  # a point of the support, evaluated in place of θ outside it
+        self.prior, self.reject = prior, reject
+        self.has_rsample = not reject
+        support = prior_support(prior)
+        origin = torch.zeros(biject_to(support).inverse_shape(prior.event_shape), dtype=x.dtype, device=x.device)
+        self._inside = biject_to(support)(origin)  # a point of the support, evaluated in place of θ outside it
+        self._acceptance: Optional[Tensor] = None
         super().__init__(self.flow_distribution.batch_shape, prior.event_shape, validate_args=False)
 
     @property
     def support(self) -> constraints.Constraint:
         return prior_support(self.prior)
 
+    @property
+    def acceptance(self) -> Tensor:
+        """The flow's mass inside the prior's support, per observation (batch shape): the rate at which ``sample``
+        accepts draws; exactly 1 without rejection. Estimated once, from :attr:`acceptance_samples` seeded draws."""
+        if self._acceptance is None:
+            if not self.reject:
+                self._acceptance = torch.ones(self.batch_shape, dtype=self._inside.dtype, device=self._inside.device)
+            else:
+                with torch.no_grad(), seeded_rng(0, self._inside.device):
+                    draws = self.flow_distribution.sample((self.acceptance_samples,))
+                self._acceptance = self.support.check(draws).to(draws.dtype).mean(0)
+        return self._acceptance
+
     def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
+        if self.reject:
+            raise ValueError(
+                "NPEPosterior.rsample: this posterior rejects the flow's draws outside the prior's support, and draws "
+                "by rejection have no reparameterised gradient; use sample(), or NPE(..., constraint='bijection')"
+            )
         return self.flow_distribution.rsample(torch.Size(sample_shape))
 
+    def sample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
+        shape = torch.Size(sample_shape)
+        with torch.no_grad():
+            if not self.reject:
+                return self.flow_distribution.sample(shape)
+            return self._reject(shape.numel()).reshape(*shape, *self.batch_shape, *self.event_shape)
+
+    def _reject(self, n: int, max_rounds: int = 100) -> Tensor:
+        """``n`` draws per observation inside the support, shape ``(n, B, D)`` for the flattened batch ``B``."""
+        batch, dim = self.batch_shape.numel(), self.event_shape.numel()
+        rate = float(self.acceptance.min())
+        if rate == 0.0:
+            raise ValueError(
+                f"NPEPosterior.sample: none of {self.acceptance_samples} draws of the flow lies in the prior's support "
+                f"{self.support} for some observation; the estimator is not trained for it (train longer, or check "
+                "x_obs against the simulations)"
+            )
+        out = self._inside.new_empty(n, batch, dim)
+        filled = torch.zeros(batch, dtype=torch.long, device=out.device)
+        for _ in range(max_rounds):
+            need = n - int(filled.min())
+            if need == 0:
+                return out
+            draws_needed = min(math.ceil(1.2 * need / rate) + 16, max(need, 2**20 // batch))
+            draws = self.flow_distribution.sample((draws_needed,)).reshape(draws_needed, batch, dim)
+            ok = self.support.check(draws.reshape(draws_needed, *self.batch_shape, dim)).reshape(draws_needed, batch)
+            slot = filled + ok.long().cumsum(0) - 1  # where each accepted draw goes in its observation's column
+            rows, cols = torch.nonzero(ok & (slot < n), as_tuple=True)
+            out[slot[rows, cols], cols] = draws[rows, cols]
+            filled = (filled + ok.long().sum(0)).clamp(max=n)
+        raise ValueError(
+            f"NPEPosterior.sample: {max_rounds} rounds of rejection did not give {n} draws inside the prior's support "
+            f"(acceptance {rate:.2e})"
+        )
+
     def sample_and_log_prob(self, sample_shape: Sequence[int] = torch.Size()) -> tuple[Tensor, Tensor]:
-        """Samples and their log-densities in one pass."""
-        return self.flow_distribution.sample_and_log_prob(torch.Size(sample_shape))
+        """Samples and their log-densities (in one pass without rejection)."""
+        if not self.reject:
+            return self.flow_distribution.sample_and_log_prob(torch.Size(sample_shape))
+        samples = self.sample(sample_shape)
+        return samples, self.log_prob(samples)
 
     def log_prob(self, theta: Tensor) -> Tensor:
+        if isinstance(theta, Tensor):
+            theta = theta.to(self._inside)  # the estimator's dtype and device
         self.flow_distribution._check_value(theta)
         inside = prior_support(self.prior).check(theta)
         log_prob = self.flow_distribution.log_prob(torch.where(inside.unsqueeze(-1), theta, self._inside))
+        if self.reject:
+            log_prob = log_prob - self.acceptance.log()
         return log_prob.masked_fill(~inside, -torch.inf)
 
     def __repr__(self) -> str:
@@ -252,9 +369,16 @@ class NPE:
     rounds' pairs with the atomic APT loss (:class:`AtomicProposalLoss`, Greenberg et al. 2019),
     which needs no importance weights or correction: ``posterior(x_o)`` stays the posterior.
 
-    The flow models the standardised unconstrained parameters; the posterior pushes them through
-    ``biject_to(prior.support)`` (see :class:`PosteriorEstimator`), so samples respect the support.
-    The z-scorings of θ (unconstrained) and x are learnt from the first round's simulations.
+    Samples always lie in the prior's support, by one of two parameterisations (``constraint``): ``"reject"``
+    models the standardised θ itself and the posterior rejects the flow's draws outside the support, its density
+    renormalised by the acceptance rate (:class:`NPEPosterior`; sbi's way); ``"bijection"`` models the standardised
+    unconstrained parameters :math:`b^{-1}(\theta)` and pushes them through :math:`b` = ``biject_to(prior.support)``
+    (see :class:`PosteriorEstimator`). The default (``"auto"``) rejects for a box prior (every coordinate in an
+    interval): on two moons (a uniform box prior, 10⁴ simulations, sbi's MAF, seeds 0 and 1) the bijection's
+    sigmoid warps the posterior's crescents, and fitting θ itself gave a held-out NLL of -3.32 / -3.25 against
+    -3.08 / -3.14 and a C2ST of 0.673 / 0.695 against 0.688 / 0.736 (benchmarks/README.md). Other supports (half-lines,
+    simplices, ...) and the continuous flows keep the bijection; a real support needs neither.
+    The z-scorings of θ (or of its unconstrained image) and x are learnt from the first round's simulations.
 
     ``flow="cnf"`` builds a conditional :func:`~pyro_flows.CNF` trained by flow matching
     (:class:`PosteriorFlowMatching`, Lipman et al. 2023; "FMPE", Dax et al. 2023); its
@@ -278,11 +402,14 @@ class NPE:
         num_atoms: atoms of the APT loss.
         flow_matching: the :class:`~pyro_flows.FlowMatching` objective of a continuous flow (default
             :meth:`default_flow_matching`; e.g. ``pf.FlowMatching(time_exponent=2, sigma_min=1e-3)``).
+        constraint: ``"auto"``, ``"reject"`` or ``"bijection"``: how samples are kept in the prior's support
+            (above); ``"reject"`` needs a support of full dimension (real, an interval or a half-line).
         flow_kwargs: more arguments of the flow factory (e.g. ``bins``, ``mixing``).
 
     Attributes:
         estimator: the :class:`PosteriorEstimator` (an ``nn.Module``; None before the first round):
             ``torch.save(npe.estimator.state_dict(), ...)`` saves the trained networks and z-scorings.
+        constraint: ``"reject"`` or ``"bijection"``, what ``"auto"`` resolved to.
         rounds: the ``(theta, x, from_proposal)`` of every round.
         history: the :class:`~pyro_flows.FitHistory` of the last ``train``.
 
@@ -341,6 +468,7 @@ class NPE:
         num_atoms: int = 10,
         *,
         flow_matching: Optional[FlowMatching] = None,
+        constraint: str = "auto",
         **flow_kwargs,
     ) -> None:
         check_prior(prior, "NPE")
@@ -356,8 +484,11 @@ class NPE:
         self.embedding = embedding if embedding is not None else nn.Flatten()
         self.flow_kwargs = flow_kwargs
         self.loss = AtomicProposalLoss(prior, num_atoms)
+        self.constraint = resolve_constraint(prior, constraint, flow)
+        self.bijection: Transform
         try:
-            self.bijection = biject_to(prior.support)
+            support = constraints.real_vector if self.constraint == "reject" else prior_support(prior)
+            self.bijection = biject_to(support)
         except NotImplementedError:
             raise ValueError(
                 f"NPE: the prior's support {prior.support} has no bijection from the real numbers (torch's "
@@ -531,6 +662,7 @@ class NPE:
     def posterior(self, x_obs: Tensor) -> NPEPosterior:
         """The posterior at ``x_obs`` of shape ``x_shape`` (batch shape ``()``) or ``(B, *x_shape)`` (batch ``(B,)``).
 
+        ``x_obs`` is moved to the estimator's dtype and device (e.g. float64 observations into a float32 NPE).
         A ValueError for any other shape or NaN/inf entries.
         """
         if self.estimator is None:
@@ -546,7 +678,8 @@ class NPE:
         if not bool(torch.isfinite(x_obs).all()):
             raise ValueError("NPE.posterior: x_obs has NaN or inf entries")
         self.estimator.eval()
-        return NPEPosterior(self.estimator, x_obs.to(self.estimator.x_loc.dtype), self.prior)
+        x_obs = x_obs.to(self.estimator.x_loc)  # the estimator's dtype and device
+        return NPEPosterior(self.estimator, x_obs, self.prior, reject=self.constraint == "reject")
 
     def save(self, path: PathLike) -> Path:
         """Write the configuration, weights and z-scorings to one file (:mod:`pyro_flows.saving`'s format, written
@@ -567,6 +700,7 @@ class NPE:
                 "transforms": self.transforms,
                 "hidden": None if self.hidden is None else list(self.hidden),
                 "num_atoms": self.loss.num_atoms,
+                "constraint": self.constraint,
                 "flow_kwargs": dict(self.flow_kwargs),
                 "features": self.estimator.theta_standardize.loc.shape[0],
                 "context_features": self.estimator.flow.context_features,
@@ -593,8 +727,9 @@ class NPE:
         state = saving.load(path, "NPE")
         if state["flow"] is None and flow is None:
             raise ValueError(f"NPE.load: {path} was saved from a callable flow; pass it as flow=...")
+        constraint = state.get("constraint", "bijection")  # files from before the choice modelled b⁻¹(θ)
         npe = cls(prior, state["flow"] if flow is None else flow, embedding, state["transforms"], state["hidden"],
-                  state["num_atoms"], **state["flow_kwargs"])  # fmt: skip
+                  state["num_atoms"], constraint=constraint, **state["flow_kwargs"])  # fmt: skip
         features, x_shape = state["features"], tuple(state["x_shape"])
         x_loc = state["state_dict"].get("x_loc")
         dtype = x_loc.dtype if isinstance(x_loc, Tensor) else torch.get_default_dtype()  # the dtype it was saved in
