@@ -11,21 +11,24 @@ Part 1, pf.CNF(trace="exact") vs ``zuko.flows.CNF`` (exact trace), at D = 2 and 
   (normal, std 1/sqrt(fan-in); seed 0) so the flow is far from the identity.
   pyro_flows' default field (concat-squash layers) is *not* used here: zuko
   cannot express it.
-* the exact trace: ``pyro_flows`` gets the field's Jacobian by forward propagation
-  through the MLP's layers (the field's ``forward_and_jacobian``, built on
-  ``pyro_flows.nn.vector_field.sequential_jacobian``, as pyro_flows' own fields
-  do); ``pyro_flows-autograd`` is the same flow with that method hidden (D batched
+* the exact trace: ``pyro_flows`` gets the trace of the field's Jacobian without autograd
+  and without the Jacobian (the field's ``forward_and_trace``, built on
+  ``pyro_flows.nn.vector_field.sequential_trace``, as pyro_flows' own ``VectorField``
+  does: for two hidden layers, one extra matmul of N rows whatever D);
+  ``pyro_flows-autograd`` is the same flow with that method hidden (D batched
   vector-Jacobian products, the trace before issue 17); zuko uses D batched
   vector-Jacobian products.
-* solver: dopri5 in all, atol = rtol = 1e-5. zuko's own dopri5 (adaptive
-  checkpoint adjoint; error ratio: the largest over the elements of the state, the
-  log-det scaled by 1e-2) vs torchdiffeq's in pyro_flows (error ratio: the RMS over
-  the batch of z and of the log-det, the larger of the two; ``--norm max``: the
-  largest over the elements of z and the log-det, zuko's criterion), so the numbers
-  of steps differ. Accuracy is reported next to the speed: the largest absolute error
-  of each library's log-density of a fixed batch against a float64 reference
-  (pyro_flows, autograd trace, atol = rtol = 1e-10), and the number of field
-  evaluations (NFE) of that solve.
+* solver: dopri5 in all. zuko's own (adaptive checkpoint adjoint; atol = rtol =
+  1e-5; error ratio: the largest over the elements of the state, the log-det scaled
+  by 1e-2) vs torchdiffeq's in pyro_flows (``--norm max``, the default, pyro_flows' own:
+  the largest error ratio over the elements of z and the log-det; ``--norm rms``:
+  torchdiffeq's, the RMS over the batch of z and of the log-det, the larger of the two).
+* equal log-likelihood: every library's log-density of a fixed batch of 1024 points is
+  compared with a reference (:func:`reference_log_prob`: the same field in float64, the
+  autograd trace, torchdiffeq's dopri8 at atol = rtol = 1e-10), and pyro_flows is timed
+  at the largest tolerance of 1e-5, 1e-5/2, 1e-5/4, ... at which its largest error is
+  at most zuko's (:func:`calibrate`; ``--tol`` fixes it instead). The table prints that
+  tolerance, each library's largest error and its number of field evaluations (NFE).
 * metrics: exact ``log_prob`` of a batch (default 1024) under ``torch.no_grad()``,
   and one Adam step on ``-log_prob(x).mean()`` (batch 256), in samples/s.
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import sys
 import time
@@ -96,39 +100,49 @@ class ZukoStyleField(nn.Module):
 class SharedField(nn.Module):
     """pyro_flows' ``f(z, t, context)`` calling a zuko-style ``f(t, x)`` module (weights shared).
 
-    ``forward_and_jacobian`` evaluates the same MLP (``module.ode`` on ``[cos(k pi t), sin(k pi t), z]``) with its
-    exact Jacobian by forward propagation (``pyro_flows.nn.vector_field.sequential_jacobian``), which pf.CNF's
-    exact trace then uses instead of autograd; ``autograd=True`` hides it (the autograd trace).
+    ``forward_and_trace`` evaluates the same MLP (``module.ode`` on ``[cos(k pi t), sin(k pi t), z]``) with the exact
+    trace of its Jacobian (``pyro_flows.nn.vector_field.sequential_trace``, no autograd), which pf.CNF's exact trace
+    then uses; ``autograd=True`` hides it (the autograd trace).
     """
 
     def __init__(self, module: nn.Module, autograd: bool = False) -> None:
         super().__init__()
         self.module = module
         if autograd:
-            self.forward_and_jacobian = None
+            self.forward_and_trace = None
 
     def forward(self, z, t, context=None):
         return self.module.f(t, z)
 
-    def forward_and_jacobian(self, z, t, context=None):
-        from pyro_flows.nn.vector_field import input_tangents, sequential_jacobian, tangents_to_jacobian
+    def forward_and_trace(self, z, t, context=None):
+        from pyro_flows.nn.vector_field import sequential_trace
 
         angles = self.module.freqs * torch.as_tensor(t, dtype=z.dtype)[..., None]
         h = torch.cat((angles.cos().expand(len(z), -1), angles.sin().expand(len(z), -1), z), dim=-1)
         width, d = h.shape[-1], z.shape[-1]
-        f, tangents = sequential_jacobian(self.module.ode, h, input_tangents(width, d, h, start=width - d))
-        return f, tangents_to_jacobian(tangents, len(z))
+        return sequential_trace(self.module.ode, h, d, start=width - d)
 
 
-def max_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """zuko's step-size criterion for pf.CNF's solver: the largest error ratio over the elements of z and log-det."""
-    return torch.maximum(state[0].detach().abs().max(), state[1].detach().abs().max())
+def rms_norm(state: torch.Tensor, features: int) -> torch.Tensor:
+    """torchdiffeq's criterion for pf.CNF's solver (``--norm rms``): the larger of the RMS over the batch of z's error
+    ratios and of the log-det's (the solver's flat state ``[z, log-det, kinetic]``)."""
+    state = state.detach()
+    return torch.maximum(state[:, :features].square().mean().sqrt(), state[:, features].square().mean().sqrt())
 
 
-def build(features: int, libs: Sequence[str], seed: int = 0, norm: str = "rms") -> dict[str, Optional[nn.Module]]:
-    """The flows, sharing one vector field's weights (zuko's if available)."""
+def pf_flow(source: nn.Module, features: int, tol: float, norm: str, autograd: bool = False) -> nn.Module:
+    """pf.CNF on zuko's field (``source``), integrating from t = 1 to 0 as zuko's density does."""
     import pyro_flows as pf
 
+    options = {"norm": functools.partial(rms_norm, features=features)} if norm == "rms" else {}  # max: the default
+    f = SharedField(source, autograd=autograd)
+    return pf.CNF(features, trace="exact", vector_field=f, t0=1.0, t1=0.0, atol=tol, rtol=tol, options=options)
+
+
+def build(
+    features: int, libs: Sequence[str], seed: int = 0, norm: str = "max", tol: float = TOL
+) -> dict[str, Optional[nn.Module]]:
+    """The flows, sharing one vector field's weights (zuko's if available); pyro_flows' at tolerance ``tol``."""
     torch.manual_seed(seed)
     models: dict[str, Optional[nn.Module]] = {lib: None for lib in LIBS}
     if "zuko" in libs and available("zuko"):
@@ -139,12 +153,9 @@ def build(features: int, libs: Sequence[str], seed: int = 0, norm: str = "rms") 
         source = z.transform
     else:
         source = ZukoStyleField(features)
-    options = {"norm": max_norm} if norm == "max" else {}
     for lib in ("pyro_flows", "pyro_flows-autograd"):
         if lib in libs:
-            f = SharedField(source, autograd=lib.endswith("autograd"))
-            models[lib] = pf.CNF(features, trace="exact", vector_field=f, t0=1.0, t1=0.0, atol=TOL, rtol=TOL,
-                                 options=options)  # fmt: skip
+            models[lib] = pf_flow(source, features, tol, norm, autograd=lib.endswith("autograd"))
     with torch.no_grad():  # a non-trivial flow: every linear layer (zuko's or torch's) randomised
         for m in source.modules():
             if hasattr(m, "out_features") and getattr(m, "weight", None) is not None:
@@ -172,10 +183,11 @@ class Result:
 
 @dataclass
 class Accuracy:
-    """Largest |log p - reference| and NFE of one solve per library (None: not run)."""
+    """Largest |log p - reference| and NFE of one solve per library (None: not run), and pyro_flows' tolerance."""
 
     error: dict[str, Optional[float]]
     nfe: dict[str, Optional[int]]
+    tol: float = TOL
 
 
 def _counting(model: nn.Module, lib: str) -> Callable[[], int]:
@@ -193,26 +205,71 @@ def _counting(model: nn.Module, lib: str) -> Callable[[], int]:
     return lambda: model.transforms[0].nfe
 
 
-def accuracy(models: dict[str, Optional[nn.Module]], features: int, batch: int = 1024) -> Accuracy:
-    """Each library's log-density of one fixed batch against a float64 reference (tolerance 1e-10)."""
-    x = torch.randn(batch, features, generator=torch.Generator().manual_seed(5))
-    ours = models["pyro_flows"] or models["pyro_flows-autograd"]
+def accuracy_batch(features: int, batch: int = 1024) -> torch.Tensor:
+    """The fixed batch on which every library's log-density is compared with the reference."""
+    return torch.randn(batch, features, generator=torch.Generator().manual_seed(5))
+
+
+def reference_log_prob(source: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """log p of ``x`` under the flow of zuko's field ``source``, solved independently of the timed paths: float64,
+    the autograd trace, torchdiffeq's dopri8 at atol = rtol = REFERENCE_TOL, the max error norm."""
+    flow = pf_flow(copy.deepcopy(source).double(), x.shape[-1], REFERENCE_TOL, "max", autograd=True).double()
+    flow.transforms[0].solver = "dopri8"
+    with torch.no_grad():
+        return _log_prob(flow, x.double())
+
+
+def errors(models: dict[str, Optional[nn.Module]], x: torch.Tensor, expected: torch.Tensor) -> Accuracy:
+    """Each library's largest |log p - expected| on ``x`` and its NFE."""
     error: dict[str, Optional[float]] = {lib: None for lib in LIBS}
     nfe: dict[str, Optional[int]] = {lib: None for lib in LIBS}
-    if ours is None:
-        return Accuracy(error, nfe)
-    reference = copy.deepcopy(ours).double()
-    layer = reference.transforms[0]
-    layer.atol = layer.rtol = REFERENCE_TOL
-    layer.options = {}
     with torch.no_grad():
-        expected = _log_prob(reference, x.double())
         for lib, model in models.items():
             if model is not None:
                 read = _counting(model, lib)
                 error[lib] = (_log_prob(model, x).double() - expected).abs().max().item()
                 nfe[lib] = read()
     return Accuracy(error, nfe)
+
+
+def calibrate(source: nn.Module, x: torch.Tensor, expected: torch.Tensor, target: float, norm: str) -> float:
+    """The largest of TOL, TOL/2, TOL/4, ... (down to TOL/64) at which pyro_flows' largest log p error on ``x`` is
+    at most ``target`` (zuko's): the tolerance at which pyro_flows is timed, for equal log-likelihoods."""
+    tol = TOL
+    for _ in range(7):
+        flow = pf_flow(source, x.shape[-1], tol, norm)
+        with torch.no_grad():
+            if (_log_prob(flow, x).double() - expected).abs().max().item() <= target:
+                return tol
+        tol /= 2
+    return tol * 2
+
+
+def source_of(models: dict[str, Optional[nn.Module]]) -> nn.Module:
+    """The zuko-style field module that all the flows share."""
+    if models.get("zuko") is not None:
+        return models["zuko"].transform
+    ours = models["pyro_flows"] or models["pyro_flows-autograd"]
+    return ours.transforms[0].vector_field.module
+
+
+def accuracy(
+    models: dict[str, Optional[nn.Module]], features: int, norm: str = "max", tol: Optional[float] = None
+) -> Accuracy:
+    """Match pyro_flows' tolerance to zuko's accuracy (``tol=None``; with zuko absent, TOL), rebuild pyro_flows'
+    flows at it (in ``models``), and return every library's error against :func:`reference_log_prob` and its NFE."""
+    x = accuracy_batch(features)
+    source = source_of(models)
+    expected = reference_log_prob(source, x)
+    if tol is None:
+        zuko = errors({"zuko": models.get("zuko")}, x, expected).error["zuko"]
+        tol = TOL if zuko is None else calibrate(source, x, expected, zuko, norm)
+    for lib in ("pyro_flows", "pyro_flows-autograd"):
+        if models.get(lib) is not None:
+            models[lib] = pf_flow(source, features, tol, norm, autograd=lib.endswith("autograd"))
+    result = errors(models, x, expected)
+    result.tol = tol
+    return result
 
 
 def _op(model: nn.Module, metric: str, features: int, batch: int, iterations: int) -> Callable[[], None]:
@@ -240,14 +297,15 @@ def _op(model: nn.Module, metric: str, features: int, batch: int, iterations: in
     return op
 
 
-def bench_cnf(dims, libs, repeats, batch_lp, batch_train, iterations, log=print, norm="rms"):
-    """Samples/s per (D, metric, library) and the accuracy of each library per D."""
+def bench_cnf(dims, libs, repeats, batch_lp, batch_train, iterations, log=print, norm="max", tol=None):
+    """Samples/s per (D, metric, library) and the accuracy of each library per D (pyro_flows at ``tol``; None:
+    the tolerance that matches zuko's accuracy, :func:`calibrate`)."""
     results, accuracies = [], {}
     for d in dims:
         models = build(d, libs, norm=norm)
-        accuracies[d] = accuracy(models, d)
+        accuracies[d] = accuracy(models, d, norm, tol)
         log(
-            f"D={d}: max |log p - reference|: "
+            f"D={d}: pyro_flows at atol = rtol = {accuracies[d].tol:.2g}; max |log p - reference|: "
             + ", ".join(f"{lib} {_fmt_err(e)} ({accuracies[d].nfe[lib]} NFE)" for lib, e in accuracies[d].error.items())
         )
         for metric in METRICS:
@@ -323,7 +381,8 @@ def _fmt_err(v: Optional[float]) -> str:
 
 def table(results: Sequence[Result], accuracies: dict[int, Accuracy]) -> str:
     """Samples/s per library, pyro_flows over zuko, and each library's error and NFE on the reference batch."""
-    header = ["D", "metric", *LIBS, "pyro_flows / zuko", "max error log p (pf / autograd / zuko)", "NFE (same)"]
+    header = ["D", "metric", *LIBS, "pyro_flows / zuko", "pf tol", "max error log p (pf / autograd / zuko)",
+              "NFE (same)"]  # fmt: skip
     rows = []
     keys = sorted({(r.features, r.metric) for r in results}, key=lambda k: (k[0], METRICS.index(k[1])))
     for d, metric in keys:
@@ -332,7 +391,7 @@ def table(results: Sequence[Result], accuracies: dict[int, Accuracy]) -> str:
         acc = accuracies.get(d, Accuracy({}, {}))
         rows.append(
             [d, metric, *(_fmt(by.get(lib)) for lib in LIBS), "n/a" if value is None else f"{value:.2f}",
-             " / ".join(_fmt_err(acc.error.get(lib)) for lib in LIBS),
+             f"{acc.tol:.2g}", " / ".join(_fmt_err(acc.error.get(lib)) for lib in LIBS),
              " / ".join(str(acc.nfe.get(lib, None) or "n/a") for lib in LIBS)]
         )  # fmt: skip
     return markdown_table(header, rows, align="rl" + "r" * (len(header) - 2))
@@ -343,7 +402,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dims", type=int, nargs="+", default=[2, 8])
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--norm", choices=NORMS, default="rms", help="pyro_flows' step-size norm (max: zuko's criterion)")
+    p.add_argument(
+        "--norm",
+        choices=NORMS,
+        default="max",
+        help="pyro_flows' step-size norm (max: its default, zuko's criterion; rms: torchdiffeq's)",
+    )
+    p.add_argument(
+        "--tol", type=float, default=None, help="pyro_flows' atol = rtol (default: the one that matches zuko's error)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="default 5, quick 1")
     p.add_argument("--batch", type=int, default=None, help="log_prob batch (default 1024, quick 64)")
     p.add_argument("--no-fm", action="store_true", help="skip part 2 (flow matching vs MLE)")
@@ -360,7 +427,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(machine_line())
         print(f"zuko {version('zuko')}, torchdiffeq {version('torchdiffeq')}; pyro_flows step-size norm: {a.norm}")
-        results, accuracies = bench_cnf(a.dims, a.libs, repeats, batch, 32 if q else 256, 1 if q else 2, norm=a.norm)
+        results, accuracies = bench_cnf(
+            a.dims, a.libs, repeats, batch, 32 if q else 256, 1 if q else 2, norm=a.norm, tol=a.tol
+        )
         print()
         print(table(results, accuracies))
         print(machine_line())

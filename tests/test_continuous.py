@@ -23,11 +23,18 @@ from pyro_flows.nn import ResidualVectorField, VectorField
 from pyro_flows.nn.vector_field import (
     activation_and_derivative,
     activation_tangents,
+    chain_trace,
     input_tangents,
     sequential_jacobian,
+    sequential_trace,
     tangents_to_jacobian,
 )
-from pyro_flows.transforms.continuous import exact_divergence, hutchinson_divergence, record_regularization
+from pyro_flows.transforms.continuous import (
+    exact_divergence,
+    hutchinson_divergence,
+    record_regularization,
+    state_norm,
+)
 
 F64 = torch.float64
 TIGHT = dict(atol=1e-10, rtol=1e-10)
@@ -81,6 +88,9 @@ def test_linear_field_regularisers_are_the_kinetic_energy_and_frobenius_norm():
     layer = T.ContinuousFlow(3, LinearField(a), t1=t1, **TIGHT)
     z0 = randn(5, 3, seed=2)
     layer.call_and_ladj(z0)
+    assert sorted(layer.regularization) == ["kinetic"]  # F needs the whole Jacobian: only for a recorded solve
+    with record_regularization([layer]):
+        layer.call_and_ladj(z0)
     # ∫ ||A z(t)||^2 dt by Simpson's rule on the analytic trajectory
     ts = torch.linspace(0, t1, 2001, dtype=F64)
     speed = torch.stack([(z0 @ (a @ torch.linalg.matrix_exp(t * a)).T).square().sum(-1) for t in ts])
@@ -91,7 +101,8 @@ def test_linear_field_regularisers_are_the_kinetic_energy_and_frobenius_norm():
     frobenius = torch.full((5,), t1 * a.square().sum().item(), dtype=F64)
     torch.testing.assert_close(layer.regularization["jacobian"], frobenius, atol=1e-8, rtol=0)
     # integrated over |dt|: the backward solve reports the same (positive) values
-    layer.inverse_and_ladj(randn(5, 3, seed=3))
+    with record_regularization([layer]):
+        layer.inverse_and_ladj(randn(5, 3, seed=3))
     assert (layer.regularization["kinetic"] > 0).all()
     torch.testing.assert_close(layer.regularization["jacobian"], frobenius, atol=1e-8, rtol=0)
 
@@ -171,6 +182,62 @@ def test_sequential_jacobian_of_an_mlp_and_its_bad_layers():
         sequential_jacobian([nn.LayerNorm(5).double()], torch.cat([side, z], -1), input_tangents(5, 3, z))
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_chain_trace_is_the_trace_of_the_product(depth):
+    """tr(W_K S_{K-1} ... S_1 W_1[:, start:start + D]) against the product formed, in values and gradients."""
+    widths = [7, 6, 5, 6, 4][: depth - 1]
+    shapes = list(zip([*widths, 3], [9, *widths], strict=True))  # (out, in): 9 inputs, z their entries 4..6
+    weights = [randn(*shape, seed=k).requires_grad_(True) for k, shape in enumerate(shapes)]
+    slopes = [randn(5, w, seed=10 + k).requires_grad_(True) for k, w in enumerate(widths)]
+    jacobian = weights[0][:, 4:7].expand(5, -1, -1)
+    for weight, slope in zip(weights[1:], slopes, strict=True):
+        jacobian = weight @ (slope.unsqueeze(-1) * jacobian)
+    expected = jacobian.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace = chain_trace(weights, slopes, start=4).expand(5)
+    torch.testing.assert_close(trace, expected, atol=1e-12, rtol=1e-12)
+    assert expected.abs().min() > 1e-3  # not vacuous
+    for a, b in zip(torch.autograd.grad(trace.sum(), weights + slopes),
+                    torch.autograd.grad(expected.sum(), weights + slopes), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="K - 1 slopes"):
+        chain_trace(weights, slopes + [slopes[0]] if slopes else [randn(5, 3)])
+    with pytest.raises(ValueError, match="no 3 input columns from 8"):
+        chain_trace(weights, slopes, start=8)
+
+
+def test_sequential_trace_of_an_mlp_and_its_bad_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Identity(), nn.Linear(8, 8), nn.SiLU(),
+                        nn.Softplus(), nn.Linear(8, 3)).double()  # fmt: skip
+    z, side = randn(4, 3), randn(4, 2, seed=1)  # the input is (side, z)
+    y, trace = sequential_trace(net, torch.cat([side, z], -1), 3, start=2)
+    torch.testing.assert_close(y, net(torch.cat([side, z], -1)), atol=1e-14, rtol=0)
+    expected = per_sample_jacobian(lambda v: net(torch.cat([side, v], -1)), z).diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(trace, expected, atol=1e-13, rtol=0)
+    h = torch.cat([side, z], -1)
+    with pytest.raises(ValueError, match="starting with a linear layer, got LayerNorm"):
+        sequential_trace([nn.LayerNorm(5).double()], h, 3)
+    with pytest.raises(ValueError, match="starting with a linear layer, got SiLU"):
+        sequential_trace([nn.SiLU(), *net], h, 3)
+    with pytest.raises(ValueError, match="end with a linear layer of 3 outputs"):
+        sequential_trace([*net, nn.Tanh()], h, 3)
+
+
+@pytest.mark.parametrize("hidden", [(16,), (16, 16), (8, 16, 8)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_forward_and_trace_match_the_field_and_the_autograd_trace(hidden, dtype):
+    torch.manual_seed(0)
+    field = perturb(VectorField(3, hidden=hidden, context_features=2), scale=0.5).to(dtype)
+    z, c = randn(6, 3, dtype=dtype), randn(6, 2, seed=1, dtype=dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == F64 else dict(atol=2e-5, rtol=1e-5)
+    for t in (torch.tensor(0.3, dtype=dtype), 0.7, torch.rand(6, dtype=dtype)):  # one time, a time per sample
+        f, trace = field.forward_and_trace(z, t, c)
+        torch.testing.assert_close(f, field(z, t, c), **tol)
+        expected = per_sample_jacobian(lambda v, t=t: field(v, t, c), z).diagonal(dim1=-2, dim2=-1).sum(-1)
+        assert trace.shape == (6,) and expected.abs().max() > 0.05  # not vacuous
+        torch.testing.assert_close(trace, expected, **tol)
+
+
 class AutogradOnly(nn.Module):
     """The same field without ``forward_and_jacobian``: the layer then takes the trace by autograd."""
 
@@ -201,10 +268,46 @@ def test_forward_jacobian_trace_equals_the_autograd_trace_in_values_and_gradient
     assert values_fast[-1] == values_slow[-1]  # the same steps
     for a, b in zip(values_fast[:-1], values_slow[:-1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    # the adjoint's backward solve is adaptive too (max norm): the two fields' rounding may move a step there
+    grad_tol = dict(atol=1e-8, rtol=1e-7) if adjoint else dict(atol=1e-9, rtol=1e-8)
     for a, b in zip(grads_fast, grads_slow, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+        torch.testing.assert_close(a, b, **grad_tol)
     with torch.no_grad():  # log_prob's path: no graph, the same numbers
         torch.testing.assert_close(fast.inverse_and_ladj(x0, c0)[1], values_slow[1], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])
+def test_trace_only_solve_equals_the_autograd_trace_in_values_and_gradients(adjoint):
+    """Outside record_regularization the exact trace comes from ``forward_and_trace`` (no Jacobian)."""
+    fast = perturbed_layer(T.ConditionalContinuousFlow, seed=4, context_features=2, adjoint=adjoint)
+    slow = copy.deepcopy(fast)
+    slow.vector_field = AutogradOnly(slow.vector_field)
+    x0, c0 = randn(5, 3, seed=5), randn(5, 2, seed=6)
+    calls = []
+    trace = fast.vector_field.forward_and_trace
+    fast.vector_field.forward_and_trace = lambda *args: calls.append(1) or trace(*args)
+
+    def solve(layer):
+        x, c = x0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+        y, ladj = layer.inverse_and_ladj(x, c)
+        loss = y.square().sum() + ladj.sum() + layer.regularization["kinetic"].sum()
+        grads = torch.autograd.grad(loss, [x, c, *layer.parameters()])
+        return (y, ladj, layer.regularization["kinetic"], layer.nfe), grads, sorted(layer.regularization)
+
+    (values_fast, grads_fast, keys), (values_slow, grads_slow, _) = solve(fast), solve(slow)
+    assert calls and keys == ["kinetic"] and values_fast[-1] == values_slow[-1]  # the same steps
+    for a, b in zip(values_fast[:-1], values_slow[:-1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads_fast, grads_slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
+
+
+def test_state_norm_is_the_largest_error_of_z_and_the_log_det_per_element():
+    state = torch.tensor([[0.5, -3.0, 2.0, 9.0], [0.1, 0.2, -2.5, 9.0]])  # [z (D = 2), log-det, kinetic]
+    assert state_norm(state, 2).item() == 3.0  # the regularisation integral does not shrink steps
+    assert state_norm(state[:, [0, 2, 1, 3]], 2).item() == 3.0
+    # one sample's error is held to the tolerance whatever the batch around it (an RMS would dilute it)
+    assert state_norm(torch.cat([state, torch.zeros(1000, 4)]), 2).item() == 3.0
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
@@ -367,10 +470,11 @@ def test_regularized_nll_adds_the_weighted_integrals_of_the_same_solve():
     x = torch.randn(16, 2)
     loss = pf.CNFRegularizedNLL(kinetic=0.5, jacobian=2.0)(flow, x, None)
     (layer,) = flow.transforms
+    regularization = layer.regularization
     nll = -flow().log_prob(x.clone()).mean()
-    expected = nll + 0.5 * layer.regularization["kinetic"].mean() + 2.0 * layer.regularization["jacobian"].mean()
+    expected = nll + 0.5 * regularization["kinetic"].mean() + 2.0 * regularization["jacobian"].mean()
     torch.testing.assert_close(loss, expected)
-    assert layer.regularization["kinetic"].min() > 0 and layer.regularization["jacobian"].min() > 0
+    assert regularization["kinetic"].min() > 0 and regularization["jacobian"].min() > 0
     with pytest.raises(ValueError, match="no ContinuousFlow"):
         pf.CNFRegularizedNLL()(pf.RealNVP(2), x, None)
 

@@ -23,7 +23,8 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
     r"""An elementwise activation :math:`\sigma` and its derivative at ``a``: ``(σ(a), σ'(a))``, same shapes.
 
     Closed forms for ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.Softplus`` (differentiable again, for
-    training through a Jacobian); any other elementwise activation module by forward-mode differentiation
+    training through a Jacobian; without a graph to build, SiLU's slope is torch's fused ``silu_backward``, which
+    has no derivative of its own); any other elementwise activation module by forward-mode differentiation
     (``torch.func.jvp`` with a tangent of ones). Not for activations that mix elements (e.g. softmax).
 
     Example:
@@ -32,9 +33,11 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
         True
     """
     if isinstance(activation, nn.SiLU):
+        if not (torch.is_grad_enabled() and a.requires_grad):  # no graph: two fused kernels, the fewest passes
+            return F.silu(a), torch.ops.aten.silu_backward(a.new_ones(()).expand_as(a), a)
         s = torch.sigmoid(a)
         y = a * s
-        return y, s + y * (1 - s)  # s (1 + a (1 - s))
+        return y, torch.addcmul(s, y, 1 - s)  # s (1 + a (1 - s)): one sigmoid, the costly kernel
     if isinstance(activation, (nn.Tanh, nn.Sigmoid)):
         y = activation(a)
         return y, (1 - y.square()) if isinstance(activation, nn.Tanh) else y * (1 - y)
@@ -48,16 +51,8 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
 
 def activation_tangents(activation: nn.Module, a: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(σ(a), σ'(a) ⊙ T)``: an elementwise activation and its tangents ``tangents`` ``(D, N or 1, H)``
-    pushed through it (``a`` ``(N, H)``; see :func:`sequential_jacobian`).
-
-    Without a graph to build, SiLU's tangents come from one fused kernel (``silu_backward``, which has no
-    gradient of its own); otherwise from :func:`activation_and_derivative`.
-    """
-    if isinstance(activation, nn.SiLU) and not (
-        torch.is_grad_enabled() and (a.requires_grad or tangents.requires_grad)
-    ):
-        shape = torch.broadcast_shapes(tangents.shape, a.shape)
-        return F.silu(a), torch.ops.aten.silu_backward(tangents.expand(shape), a.expand(shape))
+    pushed through it (``a`` ``(N, H)``; see :func:`sequential_jacobian`). The slope is computed once per sample
+    (:func:`activation_and_derivative`) and broadcast over the :math:`D` tangents."""
     y, slope = activation_and_derivative(activation, a)
     return y, tangents * slope
 
@@ -123,6 +118,96 @@ def sequential_jacobian(layers: Iterable[nn.Module], h: Tensor, tangents: Tensor
                 f"sequential_jacobian: only nn.Linear layers and elementwise activations, got {type(layer).__name__}"
             )
     return h, tangents
+
+
+def chain_trace(weights: Sequence[Tensor], slopes: Sequence[Tensor], start: int = 0) -> Tensor:
+    r"""The trace of an MLP's Jacobian with respect to :math:`D` of its inputs, without forming the Jacobian.
+
+    For :math:`K` linear layers :math:`W_1, \dots, W_K` with diagonal slopes :math:`S_k = \operatorname{diag}(s_k)`
+    between them (an activation's derivative, times any elementwise gate),
+
+    .. math:: J = W_K S_{K-1} W_{K-1} \cdots S_1 W_1^{(z)}, \qquad D = \text{rows of } W_K,
+
+    :math:`W_1^{(z)}` the columns ``start, ..., start + D - 1`` of :math:`W_1` (the inputs :math:`z`). The trace
+    contracts the two ends first, by :math:`\operatorname{tr}(AB) = \operatorname{tr}(BA)`:
+
+    - :math:`K = 2`: :math:`\operatorname{tr} J = s_1^\top v`, :math:`v_l = \sum_i (W_2)_{il} (W_1^{(z)})_{li}`;
+    - :math:`K = 3`: :math:`\operatorname{tr} J = s_2^\top M s_1`,
+      :math:`M = W_2 \odot (W_3^\top W_1^{(z)\top})`: one matmul of :math:`N` rows, whatever :math:`D`
+      (the forward tangents of :func:`sequential_jacobian` push :math:`D N` rows through :math:`W_2`);
+    - :math:`K \ge 4`: forward tangents through :math:`W_2, \dots, W_{K-1}`, contracted with :math:`W_K`'s rows;
+    - :math:`K = 1`: the constant :math:`\operatorname{tr} W_1^{(z)}`.
+
+    Shapes: ``weights`` ``(H_k, H_{k-1})``; ``slopes`` ``K - 1`` tensors ``(N, H_k)`` (or broadcastable); output
+    ``(N,)`` (a scalar when ``K = 1``). Differentiable in all inputs.
+
+    Example:
+        >>> w1, w2, w3 = torch.randn(8, 5), torch.randn(8, 8), torch.randn(2, 8)
+        >>> s1, s2 = torch.rand(4, 8), torch.rand(4, 8)
+        >>> jacobian = w3 @ torch.diag_embed(s2) @ w2 @ torch.diag_embed(s1) @ w1[:, 3:]  # (4, 2, 2)
+        >>> torch.allclose(chain_trace([w1, w2, w3], [s1, s2], start=3), jacobian.diagonal(0, -2, -1).sum(-1))
+        True
+    """
+    if len(slopes) != len(weights) - 1 or not weights:
+        raise ValueError(f"chain_trace: K linear layers need K - 1 slopes, got {len(weights)} and {len(slopes)}")
+    d = weights[-1].shape[0]
+    first = weights[0][:, start : start + d]  # W_1^(z): (H_1, D)
+    if first.shape[-1] != d:
+        raise ValueError(
+            f"chain_trace: the first layer has no {d} input columns from {start}: {tuple(weights[0].shape)}"
+        )
+    if len(weights) == 1:
+        return first.diagonal().sum()
+    if len(weights) == 2:
+        return slopes[0] @ (weights[1] * first.T).sum(0)
+    if len(weights) == 3:
+        m = weights[1] * (weights[2].T @ first.T)  # (H_2, H_1)
+        return (F.linear(slopes[0], m) * slopes[1]).sum(-1)
+    tangents = slopes[0] * first.T.unsqueeze(1)  # (D, N, H_1): rows e_i^T of the input pushed through W_1, S_1
+    for weight, slope in zip(weights[1:-1], slopes[1:], strict=True):
+        tangents = F.linear(tangents, weight) * slope
+    return (tangents * weights[-1].unsqueeze(1)).sum((0, -1))
+
+
+def sequential_trace(layers: Iterable[nn.Module], h: Tensor, features: int, start: int = 0) -> tuple[Tensor, Tensor]:
+    r"""An MLP's output and the trace of its Jacobian with respect to the inputs ``start, ..., start + features - 1``
+    (:func:`chain_trace`), for an exact divergence without the :math:`D \times D` Jacobian.
+
+    ``layers``: linear layers (as in :func:`sequential_jacobian`) and elementwise activations, the first and the
+    last linear, with ``features`` outputs. Shapes: ``h`` ``(N, H)``; returns ``(N, features)`` and ``(N,)``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 3))
+        >>> z = torch.randn(5, 3)
+        >>> y, trace = sequential_trace(net, z, 3)
+        >>> jacobian = torch.func.vmap(torch.func.jacrev(net))(z)
+        >>> torch.allclose(trace, jacobian.diagonal(0, -2, -1).sum(-1), atol=1e-6)
+        True
+    """
+    weights: list[Tensor] = []
+    slopes: list[Tensor] = []
+    for layer in layers:
+        if _is_linear(layer):
+            weight = _weight(layer)
+            if len(weights) > len(slopes):  # two linear layers in a row: one linear map
+                weight = weight @ weights.pop()
+            h = layer(h)
+            weights.append(weight)
+        elif isinstance(layer, nn.Identity):
+            continue
+        elif next(layer.parameters(), None) is None and next(layer.children(), None) is None and weights:
+            h, slope = activation_and_derivative(layer, h)
+            if len(slopes) == len(weights):  # two activations in a row: their slopes multiply
+                slope = slope * slopes.pop()
+            slopes.append(slope)
+        else:
+            raise ValueError(
+                "sequential_trace: only nn.Linear layers and elementwise activations, starting with a linear layer, "
+                f"got {type(layer).__name__}"
+            )
+    if len(weights) != len(slopes) + 1 or h.shape[-1] != features:
+        raise ValueError(f"sequential_trace: the network must end with a linear layer of {features} outputs")
+    return h, chain_trace(weights, slopes, start).expand(h.shape[:-1])
 
 
 class ConcatSquashLinear(nn.Module):
@@ -235,6 +320,34 @@ class VectorField(nn.Module):
             h, tangents = activation_tangents(self.activation, h, tangents)
         f, tangents = layers[-1].forward_and_tangents(h, tangents, t)
         return f, tangents_to_jacobian(tangents, f.shape[0])
+
+    def forward_and_trace(
+        self, z: Tensor, t: Tensor | float, context: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(f, tr J)``: the field and the trace of its Jacobian ``(N,)``, exactly, without the Jacobian.
+
+        A concat-squash layer's Jacobian is :math:`\operatorname{diag}(g_k) W_k` (gate :math:`g_k` of the time), so
+        :math:`J = \operatorname{diag}(g_K) W_K S_{K-1} \cdots S_1 W_1^{(z)}` with slopes
+        :math:`S_k = \operatorname{diag}(\sigma'(a_k) \odot g_k)`: :func:`chain_trace` (one extra matmul of
+        :math:`N` rows for two hidden layers, whatever :math:`D`). ``t`` one time for the batch (a number or a
+        scalar tensor; a batch of times takes the trace of :meth:`forward_and_jacobian`)."""
+        h = broadcast_cat(z, context)
+        column = time_column(t, h)
+        if column.numel() != 1:
+            f, jacobian = self.forward_and_jacobian(z, t, context)
+            return f, jacobian.diagonal(dim1=-2, dim2=-1).sum(-1)
+        t = column
+        layers = cast(Sequence[ConcatSquashLinear], self.layers)
+        slopes = []
+        for layer in layers[:-1]:
+            gate = torch.sigmoid(layer.gate(t))
+            h, slope = activation_and_derivative(self.activation, layer.linear(h) * gate + layer.time_bias(t))
+            slopes.append(slope * gate)
+        last = layers[-1]
+        gate = torch.sigmoid(last.gate(t))
+        f = last.linear(h) * gate + last.time_bias(t)
+        weights = [layer.linear.weight for layer in layers[:-1]] + [gate.unsqueeze(-1) * last.linear.weight]
+        return f, chain_trace(weights, slopes).expand(f.shape[:-1])
 
 
 class ResidualVectorField(nn.Module):
