@@ -676,25 +676,29 @@ def test_cnn_in_channels_last_computes_the_nchw_network(context, size):
 @pytest.mark.parametrize("size", [(4, 4), (2, 2), (1, 3), (3, 5)])
 @pytest.mark.parametrize("pixels_first", [(False, False), (False, True), (True, False), (True, True)])
 def test_dense_conv_is_the_zero_padded_convolution(kernel, size, pixels_first):
-    """dense_conv's matmul is F.conv2d (stride 1, zero padding k // 2) in float64, values and the gradients of the
-    input and the kernel, in either entry order (channel-major NCHW or pixel-major NHWC) of input and output."""
+    """dense_conv's matmul is F.conv2d (stride 1, zero padding k // 2) in float64, without a bias, with one per
+    channel or one per image: values and the gradients of the input, the kernel and the bias, in either entry order
+    (channel-major NCHW or pixel-major NHWC) of input and output."""
     from pyro_flows.nn.cnn import dense_conv
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, kernel, padding=kernel // 2).double()
     x = torch.randn(4, 3, *size, dtype=torch.float64, requires_grad=True)
-    expected = F.conv2d(x, conv.weight, padding=kernel // 2)
 
     def flat(images: torch.Tensor, pixels: bool) -> torch.Tensor:
         return (images.movedim(1, -1) if pixels else images).flatten(1)
 
-    out = dense_conv(flat(x, pixels_first[0]), conv, size, pixels_first)
-    torch.testing.assert_close(out, flat(expected, pixels_first[1]), atol=1e-12, rtol=0)
-    g = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, [x, conv.weight], flat(g, pixels_first[1]))
-    expected_grads = torch.autograd.grad(expected, [x, conv.weight], g)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
+    for bias in (None, conv.bias, torch.randn(4, 5, dtype=torch.float64, requires_grad=True)):
+        out = dense_conv(flat(x, pixels_first[0]), conv.weight, size, pixels_first, bias)
+        expected = F.conv2d(x, conv.weight, padding=kernel // 2)
+        expected = expected if bias is None else expected + bias[..., None, None]
+        torch.testing.assert_close(out, flat(expected, pixels_first[1]), atol=1e-12, rtol=0)
+        g = torch.randn_like(expected)
+        inputs = [x, conv.weight] + ([] if bias is None else [bias])
+        grads = torch.autograd.grad(out, inputs, flat(g, pixels_first[1]))
+        expected_grads = torch.autograd.grad(expected, inputs, g)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("aligned", [False, True], ids=["vector-context", "aligned-context"])

@@ -152,56 +152,58 @@ SMALL_IMAGE_PIXELS = 16
 """Images of at most this many pixels (H·W: 4×4, 2×2) are convolved as dense matmuls (:func:`dense_conv`)."""
 
 
-@functools.lru_cache(maxsize=128)
-def _dense_conv_index(
-    kernel: tuple[int, int, int, int], size: tuple[int, int], pixels_first: tuple[bool, bool], device: torch.device
-) -> Tensor:
-    """The entries of a zero-padded ``kernel`` ``(O, C, k, k)`` convolution's matrix (:func:`dense_conv`) as indices
-    into the flat weight, the index ``O·C·k·k`` (one past its end) where the matrix is zero. Rows run over the input
-    entries ``(c, p)`` (``(p, c)`` if ``pixels_first[0]``), columns over the output's ``(o, q)`` (``(q, o)``)."""
-    out_channels, in_channels, k, _ = kernel
+@functools.lru_cache(maxsize=64)
+def _shift_matrices(k: int, size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``S`` ``(k·k, H·W·H·W)``: ``S[t].view(H·W, H·W)[p, q]`` is 1 where kernel tap ``t`` of a zero-padded
+    ``k × k`` convolution reads input pixel ``p`` for output pixel ``q`` (pixels flattened row-major), else 0."""
     height, width = size
-    taps = torch.arange(out_channels * in_channels * k * k).view(out_channels, in_channels, k * k).permute(1, 2, 0)
-    index = torch.full((in_channels, height * width, out_channels, height * width), taps.numel(), dtype=torch.long)
+    shifts = torch.zeros(k * k, height * width, height * width, dtype=dtype)
     rows, cols = torch.arange(height)[:, None].expand(size).flatten(), torch.arange(width).repeat(height)
     for tap in range(k * k):
         dy, dx = tap // k - k // 2, tap % k - k // 2  # output pixel q = (y, x) reads input pixel (y + dy, x + dx)
         inside = (rows + dy >= 0) & (rows + dy < height) & (cols + dx >= 0) & (cols + dx < width)
         q = inside.nonzero().flatten()
-        p = (rows[q] + dy) * width + cols[q] + dx
-        index[:, p, :, q] = taps[:, tap]  # advanced indices first: (len(q), C, O)
-    if pixels_first[0]:
-        index = index.transpose(0, 1)
-    if pixels_first[1]:
-        index = index.transpose(2, 3)
-    return index.reshape(in_channels * height * width, out_channels * height * width).to(device)
+        shifts[tap, (rows[q] + dy) * width + cols[q] + dx, q] = 1
+    return shifts.flatten(1).to(device)
 
 
 def dense_conv(
-    x: Tensor, conv: nn.Conv2d, size: Sequence[int], pixels_first: tuple[bool, bool] = (False, False)
+    x: Tensor,
+    weight: Tensor,
+    size: Sequence[int],
+    pixels_first: tuple[bool, bool] = (False, False),
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""``conv`` (a stride-1, zero-padded ``k × k`` :class:`~torch.nn.Conv2d` whose ``padding`` is ``k // 2``),
-    without its bias, of images of ``size`` ``(H, W)`` given flat, as one matmul: ``x`` ``(N, C·H·W)`` times the
+    r"""A stride-1 convolution of images of ``size`` ``(H, W)`` by a ``k × k`` kernel ``weight`` ``(O, C, k, k)``,
+    zero-padded by ``k // 2`` (an odd ``k``), given flat, as one matmul: ``x`` ``(N, C·H·W)`` times the
     convolution's matrix :math:`M` ``(C·H·W, O·H·W)``,
-    :math:`M_{(c, p), (o, q)} = w_{o, c, p - q + \lfloor k/2 \rfloor}` (zero where the offset leaves the kernel).
-    ``x`` and the output are ordered channel-major as NCHW flattens, or pixel-major (NHWC) per ``pixels_first``
-    (input, output).
+    :math:`M_{(c, p), (o, q)} = w_{o, c, p - q + \lfloor k/2 \rfloor}` (zero where the offset leaves the kernel),
+    plus ``bias`` ``(O,)`` or one per image ``(N, O)``. ``x`` and the output ``(N, O·H·W)`` are ordered
+    channel-major as NCHW flattens, or pixel-major (NHWC) per ``pixels_first`` (input, output).
 
-    On tiny images (:data:`SMALL_IMAGE_PIXELS`) one matmul and a gather of the kernel into :math:`M` beat a
-    convolution's kernels at Glow's sizes (at 4×4 and 2×2, batch 128, one thread: forward and backward 1.4-2.7×
-    faster); the matmul's :math:`H W / k^2` times more multiplications make it slower on larger images.
+    :math:`M` is itself one matmul, of the kernel ``(O·C, k²)`` and the fixed 0/1 shift matrices of the taps
+    ``(k², (HW)²)``, so its gradient is one matmul too. On tiny images (:data:`SMALL_IMAGE_PIXELS`) this beats a
+    convolution's kernels at Glow's sizes (at 4×4 and 2×2, batch 128, one thread); the matmul's :math:`H W / k^2`
+    times more multiplications make it slower on larger images.
 
     Example:
         >>> conv = nn.Conv2d(2, 3, 3, padding=1)
         >>> x = torch.randn(5, 2, 4, 4)
-        >>> out = dense_conv(x.flatten(1), conv, (4, 4)).view(5, 3, 4, 4) + conv.bias[:, None, None]
+        >>> out = dense_conv(x.flatten(1), conv.weight, (4, 4), bias=conv.bias).view(5, 3, 4, 4)
         >>> torch.allclose(out, conv(x), atol=1e-5)
         True
     """
-    weight = conv.weight
-    index = _dense_conv_index(tuple(weight.shape), tuple(size), pixels_first, weight.device)
-    matrix = torch.take(F.pad(weight.flatten(), (0, 1)), index)
-    return x @ matrix
+    out_channels, in_channels, k, _ = weight.shape
+    size = (int(size[0]), int(size[1]))
+    pixels = size[0] * size[1]
+    shifts = _shift_matrices(k, size, weight.dtype, weight.device)
+    matrix = (weight.reshape(out_channels * in_channels, k * k) @ shifts).view(out_channels, in_channels, pixels, -1)
+    rows, cols = (2, 1) if pixels_first[0] else (1, 2), (3, 0) if pixels_first[1] else (0, 3)
+    matrix = matrix.permute(*rows, *cols).reshape(in_channels * pixels, out_channels * pixels)
+    if bias is None:
+        return x @ matrix
+    per_pixel = bias[..., None, :].expand(bias.shape[:-1] + (pixels, out_channels))
+    return torch.addmm((per_pixel if pixels_first[1] else per_pixel.transpose(-1, -2)).flatten(-2), x, matrix)
 
 
 def _small(h: Tensor) -> bool:
@@ -255,8 +257,7 @@ class Conv2dZeros(nn.Module):
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
         if _small(h):  # one matmul (dense_conv)
             n, size = h.shape[0], h.shape[-2:]
-            out = dense_conv(h.reshape(n, -1), self.output, size).view((n, -1) + size)
-            out = out.add_(cast(Tensor, self.output.bias)[:, None, None])
+            out = dense_conv(h.reshape(n, -1), self.output.weight, size, bias=self.output.bias).view((n, -1) + size)
         else:
             out = self.output(conv_layout(h)).contiguous()
         if self.context_bias is not None:
@@ -344,19 +345,19 @@ class CNN(nn.Module):
     def _dense_forward(self, h: Tensor, vector: Optional[Tensor]) -> Tensor:
         """:meth:`forward` on tiny images ``(N, C, H, W)`` by matmuls (:func:`dense_conv`): the hidden activations
         ``(N, H·W, channels)`` pixel-major, so that each 1×1 convolution is one ``linear`` of the channels; the output
-        in NCHW."""
+        in NCHW. (Every in-place op acts on a matmul's whole output, which it does not save: no view is modified.)"""
         n, size = h.shape[0], h.shape[-2:]
         first = cast(nn.Conv2d, self.hidden[0])
-        z = dense_conv(h.reshape(n, -1), first, size, (False, True)).view(n, size.numel(), -1)  # (N, HW, hidden)
-        z = z.add_(cast(Tensor, first.bias))  # in place on a matmul's output, which it does not save
+        bias = cast(Tensor, first.bias)
         if self.context_bias is not None:
             assert vector is not None  # a context_bias comes with vector features
-            z = z.add_(self.context_bias(vector)[:, None, :])
-        z = self.activation(z)
+            bias = self.context_bias(vector) + bias
+        z = self.activation(dense_conv(h.reshape(n, -1), first.weight, size, (False, True), bias))
+        z = z.view(n, size.numel(), -1)  # (N, HW, hidden)
         for layer in cast(list[nn.Conv2d], list(self.hidden)[1:]):
             z = self.activation(F.linear(z, layer.weight.flatten(1), layer.bias))
-        out = dense_conv(z.reshape(n, -1), self.output, size, (True, False)).view((n, -1) + size)
-        return out.add_(cast(Tensor, self.output.bias)[:, None, None])
+        out = dense_conv(z.reshape(n, -1), self.output.weight, size, (True, False), self.output.bias)
+        return out.view((n, -1) + size)
 
 
 class ClassEmbedding(nn.Module):
