@@ -231,17 +231,24 @@ def regression_evidence(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def test_default_guide_gets_as_close_as_auto_multivariate_normal_to_a_gaussian_posterior():
-    # issue 16.14: on a posterior that both families contain, the default flow guide must end as close to it as
-    # the Gaussian does under the same schedule (600 one-draw steps, step size 3e-2 decaying to 3e-3, float64).
+    # issue 16.14: on a posterior that both families contain, the flow guide must end as close to it as the
+    # Gaussian does under the same schedule (600 one-draw steps, step size 3e-2 decaying to 3e-3, float64).
     # KL(q || p) = log p(y) - ELBO exactly (closed-form evidence). With the conditioners' outputs unscaled
     # (output_scale=1, the default before) every flow weight moved by the step size at every step and the last
     # iterate stayed 0.27 (seed 0) and 0.37 (seed 1) nats further from the posterior than AutoMultivariateNormal;
-    # with output_scale=0.1, 0.09 and 0.11.
+    # with output_scale=0.1, 0.09 and 0.11. The path-derivative gradient (on for the affine IAF) has no variance
+    # at q = p: KL 0.012 (seed 0), 0.005 (seed 1) against AutoMultivariateNormal's 0.025, 0.052 and the same
+    # IAF's 0.107 on the total gradient.
     X, y = regression_data()
     X, y = X.double(), y.double()
     log_evidence = float(regression_evidence(X, y))
     kl = {}
-    for name, make in [("flow", pf.infer.AutoFlowGuide), ("mvn", AutoMultivariateNormal)]:
+    guides = [
+        ("nsf", pf.infer.AutoFlowGuide),
+        ("iaf-path", lambda model: pf.infer.AutoFlowGuide(model, flow="iaf", path_gradient=True)),
+        ("mvn", AutoMultivariateNormal),
+    ]
+    for name, make in guides:
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = make(regression)
@@ -252,7 +259,8 @@ def test_default_guide_gets_as_close_as_auto_multivariate_normal_to_a_gaussian_p
         with torch.no_grad():
             kl[name] = log_evidence - float(pf.diagnostics.psis(regression, guide, X, y, num_samples=4000).elbo)
     assert 0 < kl["mvn"] < 0.2, kl
-    assert kl["flow"] < kl["mvn"] + 0.15, kl
+    assert kl["nsf"] < kl["mvn"] + 0.15, kl
+    assert 0 < kl["iaf-path"] < min(0.03, kl["mvn"] + 0.01), kl  # the total gradient: 0.107
     pyro.clear_param_store()
 
 

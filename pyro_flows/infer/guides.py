@@ -386,6 +386,25 @@ class AutoFlowGuide(AutoContinuous):
     Gaussian's. Measured against NUTS under one schedule for all (3000 one-draw steps, step size 1e-2
     decaying to 1e-3): ``benchmarks/README.md``, "VI guides against AutoMultivariateNormal".
 
+    The gradient of the ELBO's :math:`-\log q_\phi(u)` term is, where ``path_gradient`` is on, the
+    path derivative alone (Roeder, Wu & Duvenaud 2017, "sticking the landing"; for flows Agrawal, Sheldon &
+    Domke 2020, Vaitl et al. 2022): with :math:`u = T_\phi(\varepsilon)`,
+
+    .. math::
+        \nabla_\phi \log q_{\bar\phi}(T_\phi(\varepsilon))
+        = \big(J_T(\varepsilon)^{-\top} \nabla_\varepsilon [\log \mathcal{N}(\varepsilon)
+          - \log|\det J_T(\varepsilon)|]\big)^\top \frac{\partial T_\phi(\varepsilon)}{\partial \phi},
+
+    :math:`\bar\phi` held fixed (:class:`PathGradientFlowDistribution`, :func:`path_score`). The dropped score
+    term :math:`\partial_\phi \log q_\phi(u)|_u` has expectation zero, so the gradient stays unbiased, and
+    the estimator's variance vanishes as :math:`q \to p`, where the total gradient's does not: the last iterate
+    stops jittering around a posterior the guide contains. Per draw it costs one more forward and backward pass
+    of :math:`D + 1` copies of the draw and an :math:`O(D^3)` solve. ``path_gradient=None`` (the default) turns it
+    on for flows of at most :data:`PATH_GRADIENT_MAX_FEATURES` dimensions without spline or continuous layers
+    (:data:`NO_PATH_GRADIENT`: on splines it made the guide collapse). On the conjugate regression of the tests
+    (600 one-draw steps) the affine IAF and RealNVP guides end 0.005-0.012 nats (KL) from the posterior with it,
+    0.11-0.19 without, ``AutoMultivariateNormal`` 0.02-0.05.
+
     Sampling uses the flow's one-pass direction (see :func:`named_flow`) and
     ``log q`` of the sample is served by the flow distribution's memo of its last
     sample (never stale: keyed on the parameters' versions): no second pass and no sequential inverse.
@@ -414,6 +433,10 @@ class AutoFlowGuide(AutoContinuous):
             for a module that is no :class:`~pyro_flows.Flow` (used as is).
         output_scale: :math:`c`, the fixed factor of the conditioners' output layers of a named flow (default
             0.1; 1 for none; no effect on CNFs, whose vector fields have no conditioner, or on callables).
+        path_gradient: ``True`` for the path-derivative gradient of ``log q`` (above; needs a
+            :class:`~pyro_flows.Flow`), ``False`` for the total gradient, ``None`` (default) for the path
+            derivative where it is measured better and cheap (see above); the choice made is
+            ``guide.path_gradient`` once the guide is built.
         flow_kwargs: passed to the flow factory (e.g. ``bins``, ``bound``, ``trace``).
 
     Example:
