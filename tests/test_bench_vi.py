@@ -168,3 +168,29 @@ def test_reference_guides_pf_nsf_scales_its_conditioner_outputs_and_pf_nsf_unsca
         counts[name] = sum(isinstance(m, pf.infer.guides.ScaledLinear) for m in guide.flow.modules())
     assert counts == {"pf-NSF": 4, "pf-NSF-unscaled": 0}  # one per spline layer's MADE
     pyro.clear_param_store()
+
+
+def test_reference_guides_take_the_gradient_their_names_say():
+    bench = load_benchmark("bench_vi")
+    model, args = bench.problem("linreg")
+    path = {}
+    for name in bench.REFERENCE_GUIDES:
+        pyro.clear_param_store()
+        guide = bench.make_reference_guide(name, model)
+        guide(*args)
+        path[name] = getattr(guide, "path_gradient", None)
+    assert path == {
+        "AutoNormal": None,
+        "AutoMultivariateNormal": None,
+        "pf-NSF-diagonal": False,
+        "pf-NSF-unscaled": False,
+        "pf-NSF-total": False,
+        "pf-NSF": False,  # the default AutoFlowGuide: splines stay on the total gradient
+        "pf-IAF-total": False,
+        "pf-IAF-path": True,
+        "pf-RealNVP-total": False,
+        "pf-RealNVP-path": True,
+    }
+    with pytest.raises(ValueError, match="unknown guide"):
+        bench.make_reference_guide("pf-IAF-other", model)
+    pyro.clear_param_store()
