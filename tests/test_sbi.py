@@ -15,7 +15,7 @@ from torch import nn
 
 import pyro_flows as pf
 from pyro_flows.diagnostics import c2st, sbc
-from pyro_flows.infer import NPE, AtomicProposalLoss, simulate
+from pyro_flows.infer import NPE, AtomicProposalLoss, NPEPosterior, simulate
 
 A = torch.tensor([[1.0, 0.5], [-0.3, 1.0]])
 NOISE = 0.5
@@ -183,6 +183,13 @@ def test_rejection_matches_an_exact_truncated_posterior_in_1d():
     low, high = exact.cdf(torch.zeros(1)), exact.cdf(torch.ones(1))
     exact_cdf = ((exact.cdf(probe) - low) / (high - low)).double()
     torch.testing.assert_close(model_cdf, exact_cdf, atol=0.15, rtol=0)  # a short training's posterior
+    far = dist.Uniform(torch.full((1,), 50.0), torch.full((1,), 50.001)).to_event(1)  # no flow mass there
+    stranded = NPEPosterior(npe.estimator, x_obs[1], far, reject=True)
+    assert float(stranded.acceptance) == 0.0
+    with pytest.raises(ValueError, match="cannot be normalised"):
+        stranded.log_prob(torch.full((1,), 50.0005))
+    with pytest.raises(ValueError, match="fewer than 10 inside the prior's support"):
+        stranded._reject(10, max_draws=5000)
 
 
 def test_constraint_choice_and_bad_constraints(tmp_path):

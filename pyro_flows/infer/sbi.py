@@ -185,6 +185,7 @@ class NPEPosterior(Distribution):
     """
 
     arg_constraints: dict = {}
+    _DRAWS = 2**20  # draws of the flow at once, over all observations
     acceptance_samples: ClassVar[int] = 2**14
     """The flow draws from which :attr:`acceptance` is estimated (its standard error is at most 0.004)."""
 
@@ -210,9 +211,13 @@ class NPEPosterior(Distribution):
             if not self.reject:
                 self._acceptance = torch.ones(self.batch_shape, dtype=self._inside.dtype, device=self._inside.device)
             else:
+                chunk = max(1, self._DRAWS // self.batch_shape.numel())  # bounded memory for many observations
+                inside = torch.zeros(self.batch_shape, dtype=self._inside.dtype, device=self._inside.device)
                 with torch.no_grad(), seeded_rng(0, self._inside.device):
-                    draws = self.flow_distribution.sample((self.acceptance_samples,))
-                self._acceptance = self.support.check(draws).to(draws.dtype).mean(0)
+                    for start in range(0, self.acceptance_samples, chunk):
+                        draws = self.flow_distribution.sample((min(chunk, self.acceptance_samples - start),))
+                        inside += self.support.check(draws).sum(0)
+                self._acceptance = inside / self.acceptance_samples
         return self._acceptance
 
     def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
@@ -230,33 +235,32 @@ class NPEPosterior(Distribution):
                 return self.flow_distribution.sample(shape)
             return self._reject(shape.numel()).reshape(*shape, *self.batch_shape, *self.event_shape)
 
-    def _reject(self, n: int, max_rounds: int = 100) -> Tensor:
-        """``n`` draws per observation inside the support, shape ``(n, B, D)`` for the flattened batch ``B``."""
+    def _reject(self, n: int, max_draws: int = 2**22) -> Tensor:
+        """``n`` draws per observation inside the support, shape ``(n, B, D)`` for the flattened batch ``B``; a
+        ValueError when an observation's acceptance is so low that ``max_draws`` draws do not give them."""
         batch, dim = self.batch_shape.numel(), self.event_shape.numel()
-        rate = float(self.acceptance.min())
-        if rate == 0.0:
-            raise ValueError(
-                f"NPEPosterior.sample: none of {self.acceptance_samples} draws of the flow lies in the prior's support "
-                f"{self.support} for some observation; the estimator is not trained for it (train longer, or check "
-                "x_obs against the simulations)"
-            )
         out = self._inside.new_empty(n, batch, dim)
         filled = torch.zeros(batch, dtype=torch.long, device=out.device)
-        for _ in range(max_rounds):
+        drawn, rate = 0, 1.0  # the lowest acceptance seen so far among the observations still short of n
+        while int(filled.min()) < n:
+            if drawn >= max_draws:
+                raise ValueError(
+                    f"NPEPosterior.sample: {drawn} draws of the flow gave fewer than {n} inside the prior's support "
+                    f"{self.support} for some observation (acceptance {rate:.1e}); the estimator is not trained for "
+                    "it (train longer, or check x_obs against the simulations)"
+                )
             need = n - int(filled.min())
-            if need == 0:
-                return out
-            draws_needed = min(math.ceil(1.2 * need / rate) + 16, max(need, 2**20 // batch))
-            draws = self.flow_distribution.sample((draws_needed,)).reshape(draws_needed, batch, dim)
-            ok = self.support.check(draws.reshape(draws_needed, *self.batch_shape, dim)).reshape(draws_needed, batch)
+            count = min(math.ceil(1.2 * need / rate) + 16, max(need, self._DRAWS // batch), max_draws - drawn)
+            draws = self.flow_distribution.sample((count,)).reshape(count, batch, dim)
+            ok = self.support.check(draws.reshape(count, *self.batch_shape, dim)).reshape(count, batch)
             slot = filled + ok.long().cumsum(0) - 1  # where each accepted draw goes in its observation's column
             rows, cols = torch.nonzero(ok & (slot < n), as_tuple=True)
             out[slot[rows, cols], cols] = draws[rows, cols]
+            short = filled < n
+            rate = max(float(ok[:, short].double().mean(0).min()), 1.0 / (count + 1))
+            drawn += count
             filled = (filled + ok.long().sum(0)).clamp(max=n)
-        raise ValueError(
-            f"NPEPosterior.sample: {max_rounds} rounds of rejection did not give {n} draws inside the prior's support "
-            f"(acceptance {rate:.2e})"
-        )
+        return out
 
     def sample_and_log_prob(self, sample_shape: Sequence[int] = torch.Size()) -> tuple[Tensor, Tensor]:
         """Samples and their log-densities (in one pass without rejection)."""
@@ -272,6 +276,12 @@ class NPEPosterior(Distribution):
         inside = prior_support(self.prior).check(theta)
         log_prob = self.flow_distribution.log_prob(torch.where(inside.unsqueeze(-1), theta, self._inside))
         if self.reject:
+            if not bool((self.acceptance > 0).all()):
+                raise ValueError(
+                    f"NPEPosterior.log_prob: none of {self.acceptance_samples} draws of the flow lies in the prior's "
+                    f"support {self.support} for some observation, so its density cannot be normalised there; the "
+                    "estimator is not trained for it (train longer, or check x_obs against the simulations)"
+                )
             log_prob = log_prob - self.acceptance.log()
         return log_prob.masked_fill(~inside, -torch.inf)
 
