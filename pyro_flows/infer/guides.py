@@ -256,8 +256,9 @@ def _unbuilt_on_error(setup: Callable) -> Callable:
 
 PATH_GRADIENT_MAX_FEATURES = 64
 """The largest latent dimension for which :class:`AutoFlowGuide` takes the path-derivative gradient by default
-(``path_gradient=None``): there its extra pass of ``D + 1`` rows per draw costs about one to two times the flow's
-own forward and backward pass (``O(D^3)`` solve included); above it the default is the total gradient."""
+(``path_gradient=None``); above it the default is the total gradient. A one-draw step of the flow alone (sample,
+``log q``, backward; 4 IAF layers, float64) took 1.68, 1.93 and 2.18 times as long with it at ``D`` = 10, 32, 64
+(2-core CPU box, load 6, medians of 6 interleaved repeats); a model's own cost comes on top, the same for both."""
 
 NO_PATH_GRADIENT = (T.SplineAutoregressive, T.SplineCoupling, T.ContinuousFlow)
 r"""Layers that keep :class:`AutoFlowGuide` on the total gradient by default. Splines: the path-derivative
