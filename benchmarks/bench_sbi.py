@@ -260,13 +260,15 @@ class Snapshots:
 @dataclass
 class Trained:
     """A trained estimator: its posterior sampler ``sample(x_obs, n) -> (n, D)``, cost and size; pyro_flows' also
-    the copies of its weights during training (:class:`Snapshots`, None when not recorded)."""
+    the copies of its weights during training (:class:`Snapshots`, None when not recorded) and, when its posterior
+    rejects draws outside the prior's support, the acceptance rate of each posterior sampled, in order."""
 
     sample: Callable[[Tensor, int], Tensor]
     seconds: float
     epochs: int
     params: int
     snapshots: Optional[Snapshots] = None
+    acceptance: list[float] = field(default_factory=list)
 
 
 def pyro_flows_npe(flow: str, task: Task, cfg: Config):
@@ -306,11 +308,15 @@ def train_pyro_flows(
 
     def sample(x_obs: Tensor, n: int) -> Tensor:
         with torch.no_grad():
-            return npe.posterior(x_obs).sample((n,))
+            posterior = npe.posterior(x_obs)
+            if posterior.reject:
+                trained.acceptance.append(float(posterior.acceptance))
+            return posterior.sample((n,))
 
     assert npe.history is not None
     params = sum(p.numel() for p in npe.estimator.parameters())
-    return Trained(sample, seconds, len(npe.history.train_loss), params, snapshots)
+    trained = Trained(sample, seconds, len(npe.history.train_loss), params, snapshots)
+    return trained
 
 
 def train_sbi(flow: str, task: Task, theta: Tensor, x: Tensor, cfg: Config, seed: int, record: bool = False) -> Trained:
@@ -521,9 +527,11 @@ def run_flow(
             log(f"{name} repeat {repeat} {flow} {lib:10s} failed: {result.error}")
             continue
         trained[lib] = done
+        accepted = done.acceptance[: len(observations)]  # the final weights' posteriors, scored first
+        rejection = f", acceptance {min(accepted):.3f}-{max(accepted):.3f}" if accepted else ""
         log(
             f"{name} repeat {repeat} {flow} {lib:10s} {done.seconds:6.1f} s, {done.epochs:3d} epochs, "
-            f"C2ST {result.c2st[-1]:.3f}"
+            f"C2ST {result.c2st[-1]:.3f}{rejection}"
         )
     if "pyro_flows" in trained and "sbi" in trained and trained["pyro_flows"].snapshots is not None:
         ours, target = results[name, flow, "pyro_flows"], results[name, flow, "sbi"].c2st[-1]

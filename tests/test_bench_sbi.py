@@ -119,3 +119,20 @@ def test_two_moons_cnf_quick_run_and_table():
     assert 0.5 <= ours[0].accuracy <= 1.0 and ours[0].params > 0
     text = bench.table(results)
     assert "| two_moons | cnf | pyro_flows |" in text and "| two_moons | FMPE | sbi | n/a |" in text
+
+
+def test_two_moons_posterior_rejects_outside_the_box_and_reports_its_acceptance():
+    """On two moons' box prior pyro_flows' NPE rejects the draws outside it (its default there) and the benchmark
+    records the acceptance of each posterior sampled; the real prior of the linear Gaussian has nothing to reject."""
+    bench = load_benchmark("bench_sbi")
+    task = bench.TwoMoonsTask()
+    theta, x = task.simulations(400, seed=0)
+    trained = bench.train_pyro_flows("maf", task, theta, x, bench.QUICK, seed=0)
+    samples = trained.sample(x[0], 300)
+    assert samples.shape == (300, 2) and bool((samples.abs() <= 1).all())
+    assert len(trained.acceptance) == 1 and 0.0 < trained.acceptance[0] <= 1.0
+    linear = bench.LinearGaussianTask(dim=2, noise=0.5)
+    theta, x = linear.simulations(300, seed=0)
+    trained = bench.train_pyro_flows("maf", linear, theta, x, bench.QUICK, seed=0)
+    trained.sample(x[0], 10)
+    assert trained.acceptance == []
