@@ -676,9 +676,9 @@ def test_cnn_in_channels_last_computes_the_nchw_network(context, size):
 @pytest.mark.parametrize("size", [(4, 4), (2, 2), (1, 3), (3, 5)])
 @pytest.mark.parametrize("pixels_first", [(False, False), (False, True), (True, False), (True, True)])
 def test_dense_conv_is_the_zero_padded_convolution(kernel, size, pixels_first):
-    """dense_conv's matmul is F.conv2d (stride 1, zero padding k // 2) in float64, without a bias, with one per
-    channel or one per image: values and the gradients of the input, the kernel and the bias, in either entry order
-    (channel-major NCHW or pixel-major NHWC) of input and output."""
+    """dense_conv's matmul is F.conv2d (stride 1, zero padding k // 2) in float64, with and without a bias: values
+    and the gradients of the input, the kernel and the bias, in either entry order (channel-major NCHW or pixel-major
+    NHWC) of input and output."""
     from pyro_flows.nn.cnn import dense_conv
 
     torch.manual_seed(0)
@@ -688,10 +688,10 @@ def test_dense_conv_is_the_zero_padded_convolution(kernel, size, pixels_first):
     def flat(images: torch.Tensor, pixels: bool) -> torch.Tensor:
         return (images.movedim(1, -1) if pixels else images).flatten(1)
 
-    for bias in (None, conv.bias, torch.randn(4, 5, dtype=torch.float64, requires_grad=True)):
+    for bias in (None, conv.bias):
         out = dense_conv(flat(x, pixels_first[0]), conv.weight, size, pixels_first, bias)
         expected = F.conv2d(x, conv.weight, padding=kernel // 2)
-        expected = expected if bias is None else expected + bias[..., None, None]
+        expected = expected if bias is None else expected + bias[:, None, None]
         torch.testing.assert_close(out, flat(expected, pixels_first[1]), atol=1e-12, rtol=0)
         g = torch.randn_like(expected)
         inputs = [x, conv.weight] + ([] if bias is None else [bias])

@@ -178,7 +178,7 @@ def dense_conv(
     zero-padded by ``k // 2`` (an odd ``k``), given flat, as one matmul: ``x`` ``(N, C·H·W)`` times the
     convolution's matrix :math:`M` ``(C·H·W, O·H·W)``,
     :math:`M_{(c, p), (o, q)} = w_{o, c, p - q + \lfloor k/2 \rfloor}` (zero where the offset leaves the kernel),
-    plus ``bias`` ``(O,)`` or one per image ``(N, O)``. ``x`` and the output ``(N, O·H·W)`` are ordered
+    plus ``bias`` ``(O,)``. ``x`` and the output ``(N, O·H·W)`` are ordered
     channel-major as NCHW flattens, or pixel-major (NHWC) per ``pixels_first`` (input, output).
 
     :math:`M` is itself one matmul, of the kernel ``(O·C, k²)`` and the fixed 0/1 shift matrices of the taps
@@ -202,8 +202,8 @@ def dense_conv(
     matrix = matrix.permute(*rows, *cols).reshape(in_channels * pixels, out_channels * pixels)
     if bias is None:
         return x @ matrix
-    per_pixel = bias[..., None, :].expand(bias.shape[:-1] + (pixels, out_channels))
-    return torch.addmm((per_pixel if pixels_first[1] else per_pixel.transpose(-1, -2)).flatten(-2), x, matrix)
+    per_pixel = bias.expand(pixels, out_channels) if pixels_first[1] else bias[:, None].expand(out_channels, pixels)
+    return torch.addmm(per_pixel.flatten(), x, matrix)
 
 
 def _small(h: Tensor) -> bool:
@@ -348,12 +348,12 @@ class CNN(nn.Module):
         in NCHW. (Every in-place op acts on a matmul's whole output, which it does not save: no view is modified.)"""
         n, size = h.shape[0], h.shape[-2:]
         first = cast(nn.Conv2d, self.hidden[0])
-        bias = cast(Tensor, first.bias)
-        if self.context_bias is not None:
+        z = dense_conv(h.reshape(n, -1), first.weight, size, (False, True), first.bias)
+        if self.context_bias is None:
+            z = self.activation(z).view(n, size.numel(), -1)  # (N, HW, hidden)
+        else:
             assert vector is not None  # a context_bias comes with vector features
-            bias = self.context_bias(vector) + bias
-        z = self.activation(dense_conv(h.reshape(n, -1), first.weight, size, (False, True), bias))
-        z = z.view(n, size.numel(), -1)  # (N, HW, hidden)
+            z = self.activation(z.view(n, size.numel(), -1) + self.context_bias(vector)[:, None, :])
         for layer in cast(list[nn.Conv2d], list(self.hidden)[1:]):
             z = self.activation(F.linear(z, layer.weight.flatten(1), layer.bias))
         out = dense_conv(z.reshape(n, -1), self.output.weight, size, (True, False), self.output.bias)
