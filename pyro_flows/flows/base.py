@@ -135,6 +135,11 @@ class StandardNormal(nn.Module):
         return StandardNormalDistribution(normal, self.loc.dim()).expand(batch_shape)
 
 
+def _accumulate(total: Union[Tensor, float], ladj: Tensor) -> Union[Tensor, float]:
+    """``total + ladj``, the first layer's log-det as it is (no kernel and autograd node adding it to 0)."""
+    return ladj if isinstance(total, float) and total == 0.0 else total + ladj
+
+
 def _fused(t: Transform) -> bool:
     return isinstance(t, (T.FlowTransform, T.ConditionedTransform))
 
@@ -185,7 +190,7 @@ class FlowDistribution(dist.TransformedDistribution):
             else:
                 x = t.inv(y)
                 ladj = -t.log_abs_det_jacobian(x, y)
-            ladj_sum = ladj_sum + _sum_rightmost(ladj, event_dim - t.codomain.event_dim)
+            ladj_sum = _accumulate(ladj_sum, _sum_rightmost(ladj, event_dim - t.codomain.event_dim))
             y = x
         return y, ladj_sum
 
@@ -198,7 +203,7 @@ class FlowDistribution(dist.TransformedDistribution):
             else:
                 y = t(z)
                 ladj = t.log_abs_det_jacobian(z, y)
-            ladj_sum = ladj_sum + _sum_rightmost(ladj, event_dim - t.domain.event_dim)
+            ladj_sum = _accumulate(ladj_sum, _sum_rightmost(ladj, event_dim - t.domain.event_dim))
             z = y
         return z, ladj_sum
 
