@@ -703,7 +703,7 @@ def test_dense_conv_is_the_zero_padded_convolution(kernel, size, pixels_first):
 
 @pytest.mark.parametrize("aligned", [False, True], ids=["vector-context", "aligned-context"])
 def test_networks_on_tiny_images_match_their_convolutions(aligned, monkeypatch):
-    """On tiny images (SMALL_IMAGE_PIXELS) the CNN and Conv2dZeros compute by matmuls what their convolutions compute
+    """On tiny images (dense_pays) the CNN and Conv2dZeros compute by matmuls what their convolutions compute
     on larger ones: the same values and parameter gradients with the dense path switched off, float64."""
     import pyro_flows.nn.cnn as cnn
 
@@ -716,11 +716,27 @@ def test_networks_on_tiny_images_match_their_convolutions(aligned, monkeypatch):
         net = perturb(net, scale=0.3, seed=4).double()
         out = net(x, c)
         grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
-        monkeypatch.setattr(cnn, "SMALL_IMAGE_PIXELS", 0)
+        monkeypatch.setattr(cnn, "DENSE_CONV_ENTRIES", 0)
         expected = net(x, c)
         expected_grads = torch.autograd.grad(expected.square().sum(), list(net.parameters()))
-        monkeypatch.setattr(cnn, "SMALL_IMAGE_PIXELS", 16)
+        monkeypatch.undo()
         assert out.abs().max() > 0.1 and out.is_contiguous()
         torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
         for grad, expected_grad in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(grad, expected_grad, atol=1e-11, rtol=0)
+
+
+def test_dense_convolutions_only_for_tiny_images_with_few_channels():
+    """dense_pays admits Glow's 64-channel networks on 8×8 digits (4×4 and 2×2 levels), not wide networks at 4×4 nor
+    any image over 4×4 pixels; a wide CNN at 4×4 computes the same function by its convolutions."""
+    from pyro_flows.nn.cnn import CNN, dense_pays
+
+    assert dense_pays((4, 4), (2, 64), (64, 4)) and dense_pays((2, 2), (8, 64), (64, 16))
+    assert not dense_pays((4, 4), (8, 64)) and not dense_pays((4, 4), (24, 512), (512, 48))
+    assert dense_pays((2, 2), (64, 64)) and not dense_pays((8, 8), (1, 2)) and not dense_pays((5, 5), (1, 1))
+    net = perturb(CNN(8, 4, hidden=(64, 64)), scale=0.3, seed=5).double()
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    h = F.relu(F.conv2d(x, net.hidden[0].weight, net.hidden[0].bias, padding=1))
+    h = F.relu(F.conv2d(h, net.hidden[1].weight, net.hidden[1].bias))
+    expected = F.conv2d(h, net.output.weight, net.output.bias, padding=1)
+    torch.testing.assert_close(net(x), expected, atol=1e-10, rtol=0)

@@ -148,8 +148,12 @@ def conv_layout(h: Tensor) -> Tensor:
     return h
 
 
-SMALL_IMAGE_PIXELS = 16
-"""Images of at most this many pixels (H·W: 4×4, 2×2) are convolved as dense matmuls (:func:`dense_conv`)."""
+DENSE_CONV_ENTRIES = 65536
+r"""A 3×3 convolution of images ``(C, H, W)`` to ``O`` channels runs as one matmul (:func:`dense_conv`) when its
+matrix has at most this many entries, :math:`C O (HW)^2`, on images of at most 4×4 pixels: at 4×4 that admits
+:math:`C O \le 256` (Glow's 64-channel coupling networks on 8×8 digits), at 2×2 :math:`C O \le 4096`. Measured at
+batch 32 and 128, one CPU thread: inside these bounds the matmul is 1.4-2.9× faster than oneDNN's kernels (forward
+and backward), at 4×4 with :math:`C O \ge 512` it is slower (0.2-0.9×)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,9 +186,9 @@ def dense_conv(
     channel-major as NCHW flattens, or pixel-major (NHWC) per ``pixels_first`` (input, output).
 
     :math:`M` is itself one matmul, of the kernel ``(O·C, k²)`` and the fixed 0/1 shift matrices of the taps
-    ``(k², (HW)²)``, so its gradient is one matmul too. On tiny images (:data:`SMALL_IMAGE_PIXELS`) this beats a
-    convolution's kernels at Glow's sizes (at 4×4 and 2×2, batch 128, one thread); the matmul's :math:`H W / k^2`
-    times more multiplications make it slower on larger images.
+    ``(k², (HW)²)``, so its gradient is one matmul too. On tiny images with few channels (:data:`DENSE_CONV_ENTRIES`)
+    this beats a convolution's kernels; the matmul's :math:`H W / k^2` times more multiplications make it slower on
+    larger images and wider networks.
 
     Example:
         >>> conv = nn.Conv2d(2, 3, 3, padding=1)
@@ -206,8 +210,16 @@ def dense_conv(
     return torch.addmm(per_pixel.flatten(), x, matrix)
 
 
-def _small(h: Tensor) -> bool:
-    return h.shape[-2] * h.shape[-1] <= SMALL_IMAGE_PIXELS
+def dense_pays(size: Sequence[int], *channels: tuple[int, int]) -> bool:
+    """Whether 3×3 convolutions of images of ``size`` ``(H, W)`` with these ``(in, out)`` channels all run faster as
+    matmuls (:func:`dense_conv`, within :data:`DENSE_CONV_ENTRIES`).
+
+    Example:
+        >>> dense_pays((4, 4), (2, 64), (64, 4)), dense_pays((4, 4), (24, 512), (512, 48))
+        (True, False)
+    """
+    pixels = int(size[-2]) * int(size[-1])
+    return pixels <= 16 and all(a * b * pixels**2 <= DENSE_CONV_ENTRIES for a, b in channels)
 
 
 class Conv2dZeros(nn.Module):
@@ -218,7 +230,8 @@ class Conv2dZeros(nn.Module):
     input, which starts at zero (so the prior of a fresh :class:`~pyro_flows.transforms.FactorOut` is standard
     normal). Contexts as in :class:`CNN`: an aligned image (``context_shape``) joins the channels, a vector context
     of ``context_features`` minus the image's features adds a learned (zero-initialised) per-channel bias. It is
-    ``conv2d_zeros`` of Glow's reference code, a fraction of the cost of a :class:`CNN`.
+    ``conv2d_zeros`` of Glow's reference code, a fraction of the cost of a :class:`CNN`. Tiny images
+    with few channels (:func:`dense_pays`) convolve by one matmul (:func:`dense_conv`).
 
     References
     ----------
@@ -255,7 +268,7 @@ class Conv2dZeros(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
-        if _small(h):  # one matmul (dense_conv)
+        if dense_pays(h.shape[-2:], (self.output.in_channels, self.output.out_channels)):  # one matmul
             n, size = h.shape[0], h.shape[-2:]
             out = dense_conv(h.reshape(n, -1), self.output.weight, size, bias=self.output.bias).view((n, -1) + size)
         else:
@@ -280,6 +293,11 @@ class CNN(nn.Module):
     an image, resized to ``H × W`` (:func:`resize`) and concatenated on the channels of ``x`` before the first
     convolution, :math:`h_1 = \sigma(W_1 * [x;\ \mathrm{resize}(c)] + b_1)` (the conditional coupling of
     Ardizzone et al. 2019 and SRFlow, Lugmayr et al. 2020); any features after them are a vector context.
+
+    Computation: float32 CPU images convolve in the channels-last layout (:func:`conv_layout`); tiny images with few
+    channels (:func:`dense_pays`, e.g. the 4×4 and 2×2 levels of an 8×8 Glow of 64 channels) by matmuls instead
+    (:func:`dense_conv`; each 1×1 convolution one ``linear`` of the channels at every pixel). The same function and
+    parameters either way.
 
     References
     ----------
@@ -331,7 +349,8 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h, vector, batch = with_aligned_context(x, context, self.context_shape)
-        if _small(h):
+        first, output = cast(nn.Conv2d, self.hidden[0]), self.output
+        if dense_pays(h.shape[-2:], (first.in_channels, first.out_channels), (output.in_channels, output.out_channels)):
             return unflatten_batch(self._dense_forward(h, vector), batch)
         h = conv_layout(h)
         for i, layer in enumerate(self.hidden):
