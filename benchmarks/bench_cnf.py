@@ -26,7 +26,7 @@ Part 1, pf.CNF(trace="exact") vs ``zuko.flows.CNF`` (exact trace), at D = 2 and 
 * equal log-likelihood: every library's log-density of a fixed batch of 1024 points is
   compared with a reference (:func:`reference_log_prob`: the same field in float64, the
   autograd trace, torchdiffeq's dopri8 at atol = rtol = 1e-10), and pyro_flows is timed
-  at the largest tolerance of 1e-5, 1e-5/2, 1e-5/4, ... at which its largest error is
+  at the largest tolerance of 1e-5, 1e-5/sqrt(2), 1e-5/2, ... at which its largest error is
   at most zuko's (:func:`calibrate`; ``--tol`` fixes it instead). The table prints that
   tolerance, each library's largest error and its number of field evaluations (NFE).
 * metrics: exact ``log_prob`` of a batch (default 1024) under ``torch.no_grad()``,
@@ -233,16 +233,15 @@ def errors(models: dict[str, Optional[nn.Module]], x: torch.Tensor, expected: to
 
 
 def calibrate(source: nn.Module, x: torch.Tensor, expected: torch.Tensor, target: float, norm: str) -> float:
-    """The largest of TOL, TOL/2, TOL/4, ... (down to TOL/64) at which pyro_flows' largest log p error on ``x`` is
-    at most ``target`` (zuko's): the tolerance at which pyro_flows is timed, for equal log-likelihoods."""
-    tol = TOL
-    for _ in range(7):
+    """The largest of TOL, TOL/sqrt(2), TOL/2, ... (down to TOL/64) at which pyro_flows' largest log p error on ``x``
+    is at most ``target`` (zuko's): the tolerance at which pyro_flows is timed, for equal log-likelihoods."""
+    for k in range(13):
+        tol = TOL * 2 ** (-k / 2)
         flow = pf_flow(source, x.shape[-1], tol, norm)
         with torch.no_grad():
             if (_log_prob(flow, x).double() - expected).abs().max().item() <= target:
-                return tol
-        tol /= 2
-    return tol * 2
+                break
+    return tol
 
 
 def source_of(models: dict[str, Optional[nn.Module]]) -> nn.Module:

@@ -302,6 +302,35 @@ def test_trace_only_solve_equals_the_autograd_trace_in_values_and_gradients(adjo
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-8)
 
 
+class TimeRecorder(nn.Module):
+    """f(z, t) = A z, recording the times it is evaluated at."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a, self.times = nn.Parameter(a), []
+
+    def forward(self, z, t, context=None):
+        self.times.append(float(t))
+        return z @ self.a.T
+
+
+@pytest.mark.parametrize("start, end", [(0.0, 1.0), (1.0, 0.0)])
+def test_adaptive_solve_ends_on_a_step_at_t1_not_past_it(start, end):
+    """torchdiffeq's default steps past t1 and interpolates; ContinuousFlow's last step lands on t1."""
+    field = TimeRecorder(matrix(3, seed=2, scale=2.0))
+    layer = T.ContinuousFlow(3, field, t0=start, t1=end, atol=1e-6, rtol=1e-6)
+    y, ladj = layer.call_and_ladj(randn(4, 3))
+    # nothing outside [0, 1] (torchdiffeq evaluates a step's last stage one ulp inside its end)
+    assert len(field.times) > 10 and min(field.times) > -1e-12 and 1 - 1e-12 < max(field.times) <= 1.0
+    torch.testing.assert_close(ladj, torch.full((4,), (end - start) * field.a.trace().item(), dtype=F64))
+    # a user's own step_t is kept (here: none at the end, so the solver may pass it)
+    field.times.clear()
+    T.ContinuousFlow(
+        3, field, t0=start, t1=end, atol=1e-6, rtol=1e-6, options={"step_t": torch.tensor([0.5])}
+    ).call_and_ladj(randn(4, 3))
+    assert any(abs(t - 0.5) < 1e-12 for t in field.times)
+
+
 def test_state_norm_is_the_largest_error_of_z_and_the_log_det_per_element():
     state = torch.tensor([[0.5, -3.0, 2.0, 9.0], [0.1, 0.2, -2.5, 9.0]])  # [z (D = 2), log-det, kinetic]
     assert state_norm(state, 2).item() == 3.0  # the regularisation integral does not shrink steps

@@ -29,6 +29,9 @@ PROBES = ("rademacher", "gaussian")
 REGULARIZERS = ("kinetic", "jacobian")
 FIELDS: dict[str, type[nn.Module]] = {"concatsquash": VectorField, "residual": ResidualVectorField}
 """The default vector fields by name (``ContinuousFlow(field=...)``)."""
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+"""``torchdiffeq``'s adaptive Runge-Kutta methods: a solve with one of them ends on a step at :math:`t_1` (its
+``step_t`` option), so the result is the method's own solution there, not its lower-order dense output past it."""
 FIXED_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 """``torchdiffeq``'s fixed-grid methods: the ones ``steps=`` takes (Euler: 1 evaluation a step; midpoint, Heun: 2;
 Heun3: 3; RK4: 4)."""
@@ -249,7 +252,9 @@ class ContinuousFlow(FlowTransform):
         t0, t1: the time span.
         solver: a ``torchdiffeq`` method (``"dopri5"``, ``"rk4"``, ...).
         atol, rtol: the solver's tolerances (adaptive solvers).
-        options: passed to ``torchdiffeq`` (e.g. ``{"step_size": 0.05}`` for fixed-step solvers).
+        options: passed to ``torchdiffeq`` (e.g. ``{"step_size": 0.05}`` for fixed-step solvers). With an adaptive
+            solver (:data:`ADAPTIVE_SOLVERS`) and no ``step_t``/``jump_t`` of the user's, the last step lands on the
+            end of the span (``step_t``), where torchdiffeq would step past it and interpolate.
         steps: with a fixed-grid ``solver`` (:data:`FIXED_SOLVERS`), integrate in exactly ``steps`` equal
             steps over :math:`[t_0, t_1]` (few-step sampling and likelihoods); None (default) leaves the grid
             to the solver (adaptive, or ``options``). See also :func:`fixed_steps`.
@@ -411,13 +416,18 @@ class ContinuousFlow(FlowTransform):
             steps = self.steps
             options.pop("step_size", None)
             options["grid_constructor"] = lambda func, y0, t: torch.linspace(t[0], t[-1], steps + 1).to(t)
+        elif self.solver in ADAPTIVE_SOLVERS and "step_t" not in options and "jump_t" not in options:
+            options["step_t"] = times[-1:]  # the last step lands on t1 (measured: a smaller log p error, same NFE)
         kwargs = dict(method=self.solver, atol=max(self.atol, floor), rtol=max(self.rtol, floor), options=options)
         if not self.adjoint:
             return odeint(dynamics, state, times, **kwargs)
         params: tuple[Tensor, ...] = tuple(self.vector_field.parameters())
         if context is not None and context.requires_grad:
             params += (context,)
-        return odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs)
+        adjoint_options = {k: v for k, v in options.items() if k != "norm"}  # torchdiffeq's adjoint norm (ours inside)
+        if "step_t" in adjoint_options and "step_t" not in self.options:
+            adjoint_options["step_t"] = times[:1]  # the backward solve lands on t0
+        return odeint_adjoint(dynamics, state, times, adjoint_params=params, adjoint_options=adjoint_options, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()
