@@ -59,13 +59,17 @@ def test_conjugate_regression_matches_the_analytic_posterior():
     train(regression, guide, X, y, steps=400, particles=8)
     with torch.no_grad():
         draws = guide.get_posterior().sample((20000,))
-    assert ((draws.mean(0) - mean) / sd).abs().max() < 0.2
-    assert ((torch.cov(draws.T).diag().sqrt() / sd) - 1).abs().max() < 0.12
-    # the correlations are learned by the unit lower-triangular layer from noisy 8-draw steps: max error 0.061,
-    # 0.017, 0.057 for seeds 1-3 (0.049, 0.017, 0.048 with output_scale=1)
-    assert (torch.corrcoef(draws.T) - cov / sd / sd[:, None]).abs().max() < 0.075
+    # the IAF takes the path-derivative gradient, of no variance at q = p (seeds 1, 2): max mean error 0.013,
+    # 0.014 sd, sd ratio 0.012, 0.015, correlation 0.017, 0.011; on the total gradient 0.12, 0.07 sd, 0.08, 0.04,
+    # 0.061, 0.017 (the correlations then learned by the unit lower-triangular layer from noisy 8-draw steps)
+    assert guide.path_gradient
+    assert ((draws.mean(0) - mean) / sd).abs().max() < 0.05
+    assert ((torch.cov(draws.T).diag().sqrt() / sd) - 1).abs().max() < 0.05
+    assert (torch.corrcoef(draws.T) - cov / sd / sd[:, None]).abs().max() < 0.04
+    # the log importance weights' spread: 0.07, 0.11 (total gradient 0.19, 0.20). Their k-hat says little this
+    # close (it is scale-free): 0.63, 0.67 (total gradient 0.17, 0.87)
     report = pf.diagnostics.psis(regression, guide, X, y, num_samples=4000)
-    assert report.khat < 0.5
+    assert float(report.log_weights.std()) < 0.15 and report.ess > 0.97 * 4000
     # Monte Carlo median and quantiles of a Gaussian posterior: mean and mean + z_q sd.
     median = guide.median(X, y, num_samples=4000)["w"]
     assert ((median - mean) / sd).abs().max() < 0.25
@@ -285,14 +289,18 @@ def _perturbed_flow(name: str, features: int = 3) -> pf.Flow:
 
 
 @pytest.mark.parametrize("name", ["nsf", "iaf", "realnvp"])
-def test_path_gradient_is_the_gradient_through_the_sample_only(name):
+@pytest.mark.parametrize("batch", [(), (4,)])
+def test_path_gradient_is_the_gradient_through_the_sample_only(name, batch):
     # the surrogate's gradient must be d/dphi log q_phibar(T_phi(eps)): computed independently by a frozen copy of
-    # the flow scoring the same sample through its inverse (not its last sample: no memo, no path_score)
+    # the flow scoring the same sample through its inverse (not its last sample: no memo, no path_score); batch
+    # (4,): the distribution expanded, as Pyro's vectorized particles do
     flow = _perturbed_flow(name)
     frozen = copy.deepcopy(flow).requires_grad_(False)
-    q = pf.infer.guides.PathGradientFlowDistribution(*flow.base_and_transforms())
+    q = pf.infer.guides.PathGradientFlowDistribution(*flow.base_and_transforms()).expand(batch)
+    assert isinstance(q, pf.infer.guides.PathGradientFlowDistribution)
     torch.manual_seed(1)
     u = q.rsample((5,))
+    assert u.shape == (5, *batch, 3)
     surrogate = q.log_prob(u)
     exact = frozen().log_prob(u)
     torch.testing.assert_close(surrogate, exact)  # the value is log q
@@ -301,7 +309,7 @@ def test_path_gradient_is_the_gradient_through_the_sample_only(name):
     reference = torch.autograd.grad(exact.sum(), parameters)
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    log_q = flow().rsample_and_log_prob((5,))[1].sum()
+    log_q = flow().rsample_and_log_prob((5, *batch))[1].sum()
     total = torch.autograd.grad(log_q, parameters, allow_unused=True, materialize_grads=True)  # + the score term
     assert any(not torch.allclose(a, b) for a, b in zip(total, reference, strict=True))
     # the score at u against autograd through the inverse

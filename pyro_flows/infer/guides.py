@@ -278,10 +278,10 @@ def path_score(distribution: FlowDistribution, z: Tensor) -> Tensor:
     .. math:: \nabla_u \log q(u) = J_T(z)^{-\top}\, \nabla_z h(z).
 
     :math:`J_T` and :math:`\nabla_z h` come from one forward pass of each draw repeated :math:`D + 1` times
-    and one backward pass (row :math:`i < D` of the gradient of :math:`\sum_i T(z)_i + h(z)` taken on copy
-    :math:`i` is :math:`\partial T_i / \partial z`, the last row :math:`\nabla_z h`): the layers' fused paths,
-    no sequential inverse, no function transform. Shapes: ``z`` ``(..., D)`` -> ``(..., D)``; no gradient
-    flows to ``z`` or to the parameters.
+    (on a new leading axis) and one backward pass (the gradient of :math:`\sum_{i<D} T(z^{(i)})_i + h(z^{(D)})`
+    with respect to copy :math:`i < D` is row :math:`\partial T_i / \partial z`, to the last :math:`\nabla_z h`):
+    the layers' fused paths, no sequential inverse, no function transform. Shapes: ``z`` ``(..., D)`` ->
+    ``(..., D)``; no gradient flows to ``z`` or to the parameters.
 
     Example:
         >>> flow = named_flow("nsf", 2, transforms=1, hidden=(8,))
@@ -293,14 +293,16 @@ def path_score(distribution: FlowDistribution, z: Tensor) -> Tensor:
     """
     features = z.shape[-1]
     with torch.enable_grad():
-        rows = z.detach().unsqueeze(-2).expand(z.shape[:-1] + (features + 1, features)).clone().requires_grad_(True)
+        # the copies on a new leading axis, so that the draws' batch shape still lines up with the distribution's
+        rows = z.detach().expand((features + 1,) + z.shape).clone().requires_grad_(True)
         u, ladj = distribution._from_base(rows)
-        log_density = distribution._base_log_prob(rows) - ladj  # (..., D + 1)
+        log_density = distribution._base_log_prob(rows) - ladj  # (D + 1, ...)
         pick = torch.eye(features + 1, features, dtype=u.dtype, device=u.device)
-        total = (u * pick).sum() + log_density[..., features].sum()
+        pick = pick.reshape((features + 1,) + (1,) * (z.dim() - 1) + (features,))
+        total = (u * pick).sum() + log_density[features].sum()
         (grad,) = torch.autograd.grad(total, rows)
-    jacobian, grad_h = grad[..., :features, :], grad[..., features, :]
-    return torch.linalg.solve(jacobian.transpose(-1, -2), grad_h.unsqueeze(-1)).squeeze(-1)
+    jacobian = grad[:features].movedim(0, -2)  # (..., D, D): row i is dT_i / dz
+    return torch.linalg.solve(jacobian.transpose(-1, -2), grad[features].unsqueeze(-1)).squeeze(-1)
 
 
 class PathGradientFlowDistribution(FlowDistribution):
