@@ -174,9 +174,9 @@ def state_norm(state: Tensor, features: int) -> Tensor:
     regularisation integrals do not shrink steps), as zuko's solver and SciPy's ``max`` norms.
 
     Every sample's :math:`z` and log-det are held to the tolerances, whatever the batch around it (an RMS over
-    the batch, torchdiffeq's default, lets one sample's error grow with the batch size). Measured on zuko's field at
-    D = 2 and 8 (``benchmarks/bench_cnf.py``), it reaches a given log-density error in fewer evaluations than the
-    RMS norm at a tighter tolerance.
+    the batch, torchdiffeq's default, lets one sample's error grow with the batch size). At equal log-density error
+    it costs as many evaluations as the RMS norm at a tighter tolerance (zuko's field at D = 2 and 8,
+    ``benchmarks/bench_cnf.py --norm rms``); at the same tolerance it is the stricter of the two.
 
     ``state`` ``(N, features + k)``: the solver's flat state ``[z, ℓ, E(, F)]`` (or its error ratios).
     Detached: the step sizes are a choice of discretisation, not part of the function being
