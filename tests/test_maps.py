@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyro_flows.transforms import Affine, RationalQuadraticSpline, Shift
+from pyro_flows.transforms import Affine, RationalQuadraticSpline, Shift, maps
 
 B = 3.0
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -109,10 +109,13 @@ def test_affine_is_analytic_with_soft_clamped_log_scale():
     assert (ld.abs() <= c).all() and (ld.abs() > c - 1e-3).all()
 
 
+@pytest.mark.parametrize("recorded", ["function", "plain"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
-def test_affine_gradients_match_the_formula_and_are_twice_differentiable(inverse):
-    """Affine's one-node autograd Function (maps._AffineFunction) against autograd through the plain formulas, with
-    the parameters as a strided view of a conditioner's output (the layout the layers pass), and double backward."""
+def test_affine_gradients_match_the_formula_and_are_twice_differentiable(inverse, recorded, monkeypatch):
+    """Affine's one-node autograd Function (maps._AffineFunction, above maps.FUNCTION_MIN_ELEMENTS elements) and its
+    plain arithmetic (up to it) against autograd through the plain formulas, with the parameters as a strided view
+    of a conditioner's output (the layout the layers pass), and double backward."""
+    monkeypatch.setattr(maps, "FUNCTION_MIN_ELEMENTS", 0 if recorded == "function" else 10**9)
     c = 2.0
     m = Affine(log_scale_bound=c)
     x = draw((5, 3)).requires_grad_(True)
@@ -130,6 +133,8 @@ def test_affine_gradients_match_the_formula_and_are_twice_differentiable(inverse
     weights = draw((5, 3), seed=2), draw((5, 3), seed=3)
     got = torch.autograd.grad(sum((w * v).sum() for w, v in zip(weights, apply(x, out), strict=True)), (x, out))
     want = torch.autograd.grad(sum((w * v).sum() for w, v in zip(weights, formula(x, out), strict=True)), (x, out))
+    nodes = {type(t.grad_fn).__name__ for t in apply(x, out)}
+    assert (nodes == {"_AffineFunctionBackward"}) == (recorded == "function"), nodes
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradgradcheck(apply, (x, out))
