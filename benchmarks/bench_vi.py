@@ -453,23 +453,22 @@ QUICK_REFERENCE = ReferenceConfig(steps=100, repeats=1, eval_samples=200, warmup
 
 
 def make_reference_guide(name: str, model: Callable):
-    """``pf-NSF`` is today's default ``AutoFlowGuide(model)``; ``pf-NSF-diagonal`` the same without its
-    unit lower-triangular layer (``full_rank=False``, the default before issue 16.14); ``pf-NSF-unscaled`` the
-    same with its conditioners' output layers not scaled down (``output_scale=1``, the default before);
-    ``pf-NSF-total`` the same on the total gradient (``path_gradient=False``). ``pf-IAF-*`` and ``pf-RealNVP-*``
-    are ``flow="iaf"`` and ``flow="realnvp"`` on the total or the path-derivative gradient (``path_gradient``)."""
+    """``pf-IAF-path`` is today's default ``AutoFlowGuide(model)`` (``flow="iaf"``, path-derivative gradient);
+    ``pf-NSF`` the default before it (``flow="nsf"``, total gradient; ``pf-NSF-total`` the same);
+    ``pf-NSF-diagonal`` that without its unit lower-triangular layer (``full_rank=False``, the default before issue
+    16.14); ``pf-NSF-unscaled`` with its conditioners' output layers not scaled down (``output_scale=1``, the
+    default before). ``pf-IAF-*`` and ``pf-RealNVP-*`` are ``flow="iaf"`` and ``flow="realnvp"`` on the total or
+    the path-derivative gradient (``path_gradient``)."""
     if name == "AutoNormal":
         return AutoNormal(model)
     if name == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model)
     if name == "pf-NSF-diagonal":
-        return pf.infer.AutoFlowGuide(model, full_rank=False)
+        return pf.infer.AutoFlowGuide(model, flow="nsf", full_rank=False)
     if name == "pf-NSF-unscaled":
-        return pf.infer.AutoFlowGuide(model, output_scale=1.0)
-    if name == "pf-NSF-total":
-        return pf.infer.AutoFlowGuide(model, path_gradient=False)
-    if name == "pf-NSF":
-        return pf.infer.AutoFlowGuide(model)
+        return pf.infer.AutoFlowGuide(model, flow="nsf", output_scale=1.0)
+    if name in ("pf-NSF-total", "pf-NSF"):
+        return pf.infer.AutoFlowGuide(model, flow="nsf", path_gradient=False)
     for prefix, flow in (("pf-IAF-", "iaf"), ("pf-RealNVP-", "realnvp")):
         if name in (prefix + "total", prefix + "path"):
             return pf.infer.AutoFlowGuide(model, flow=flow, path_gradient=name.endswith("path"))

@@ -185,9 +185,9 @@ def test_reference_guides_take_the_gradient_their_names_say():
         "pf-NSF-diagonal": False,
         "pf-NSF-unscaled": False,
         "pf-NSF-total": False,
-        "pf-NSF": False,  # the default AutoFlowGuide: splines stay on the total gradient
+        "pf-NSF": False,  # the default before issue 16.14: splines stay on the total gradient
         "pf-IAF-total": False,
-        "pf-IAF-path": True,
+        "pf-IAF-path": True,  # the default AutoFlowGuide
         "pf-RealNVP-total": False,
         "pf-RealNVP-path": True,
     }

@@ -422,8 +422,9 @@ class AutoFlowGuide(AutoContinuous):
 
     Args:
         model: a Pyro model with continuous latent sites (discrete ones raise a ValueError).
-        flow: ``"nsf"`` (the default: inverse-autoregressive rational-quadratic splines, 8 bins on
-            :math:`[-5, 5]`), ``"maf"``/``"iaf"`` (the same IAF), ``"realnvp"``, ``"nice"``,
+        flow: ``"iaf"`` (the default since issue 16.14: affine inverse-autoregressive layers, Kingma et al.
+            2016; ``"maf"`` is the same IAF), ``"nsf"`` (inverse-autoregressive rational-quadratic splines, 8
+            bins on :math:`[-5, 5]`; the default before, on the total gradient), ``"realnvp"``, ``"nice"``,
             ``"cnf"``, ``"ffjord"``, or a callable ``latent_dim -> module``: a
             :class:`~pyro_flows.Flow` (the affine layer is appended) or any ``nn.Module``
             whose call returns a distribution over ``(latent_dim,)`` (used as is).
@@ -450,7 +451,7 @@ class AutoFlowGuide(AutoContinuous):
     def __init__(
         self,
         model: Callable,
-        flow: FlowSpec = "nsf",
+        flow: FlowSpec = "iaf",
         transforms: int = 4,
         hidden: Optional[Sequence[int]] = None,
         init_loc_fn: Callable = init_to_median,
