@@ -423,6 +423,7 @@ REFERENCE_GUIDES = (
     "pf-NSF",
     "pf-IAF-total",
     "pf-IAF-path",
+    "pf-IAF-path-unscaled",
     "pf-RealNVP-total",
     "pf-RealNVP-path",
 )
@@ -458,7 +459,7 @@ def make_reference_guide(name: str, model: Callable):
     ``pf-NSF-diagonal`` that without its unit lower-triangular layer (``full_rank=False``, the default before issue
     16.14); ``pf-NSF-unscaled`` with its conditioners' output layers not scaled down (``output_scale=1``, the
     default before). ``pf-IAF-*`` and ``pf-RealNVP-*`` are ``flow="iaf"`` and ``flow="realnvp"`` on the total or
-    the path-derivative gradient (``path_gradient``)."""
+    the path-derivative gradient (``path_gradient``); ``pf-IAF-path-unscaled`` the default with ``output_scale=1``."""
     if name == "AutoNormal":
         return AutoNormal(model)
     if name == "AutoMultivariateNormal":
@@ -469,6 +470,8 @@ def make_reference_guide(name: str, model: Callable):
         return pf.infer.AutoFlowGuide(model, flow="nsf", output_scale=1.0)
     if name in ("pf-NSF-total", "pf-NSF"):
         return pf.infer.AutoFlowGuide(model, flow="nsf", path_gradient=False)
+    if name == "pf-IAF-path-unscaled":
+        return pf.infer.AutoFlowGuide(model, flow="iaf", path_gradient=True, output_scale=1.0)
     for prefix, flow in (("pf-IAF-", "iaf"), ("pf-RealNVP-", "realnvp")):
         if name in (prefix + "total", prefix + "path"):
             return pf.infer.AutoFlowGuide(model, flow=flow, path_gradient=name.endswith("path"))

@@ -188,6 +188,7 @@ def test_reference_guides_take_the_gradient_their_names_say():
         "pf-NSF": False,  # the default before issue 16.14: splines stay on the total gradient
         "pf-IAF-total": False,
         "pf-IAF-path": True,  # the default AutoFlowGuide
+        "pf-IAF-path-unscaled": True,
         "pf-RealNVP-total": False,
         "pf-RealNVP-path": True,
     }
