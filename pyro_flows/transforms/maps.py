@@ -117,13 +117,13 @@ def _affine_parts(value: Tensor, params: Tensor, bound: float, inverse: bool) ->
     return torch.addcmul(shift, value, scale), log_derivative, scale, denominator
 
 
-FUNCTION_MIN_ELEMENTS = 16384
+FUNCTION_MIN_ELEMENTS = 8192
 """Up to this many elements per call :class:`Affine` records its plain arithmetic (autograd's own nodes), above it the
-one-node :class:`_AffineFunction`. Measured inside a train step (``bench_transforms.py --gap``-style, 1 thread,
-interleaved, CPU time): on MAF and RealNVP at D = 8 and 32, batch 512 (4096 and 16384 elements), the plain nodes made
-the step 1.4-4.6% faster (the Function's Python forward and backward cost more there than the kernels they save);
-on larger tensors (image couplings, batch 4096 and up) the Function's fewer passes over memory win (1.4-1.8x for
-the map alone, 4096 x 8 to 16384 x 256)."""
+one-node :class:`_AffineFunction`. Measured inside a train step (1 thread, interleaved, CPU time; batch 512): the
+plain nodes made the step 3-5% faster on MAF D = 8 (4096 elements) and RealNVP D = 8 and 32 (2048 and 8192: the
+Function's Python forward and backward cost more there than the kernels they save). Above, the Function keeps fewer
+tensors for backward (MAF D = 32, 16384 elements: 3.82 against 4.27 MiB per step, the plain nodes 1.25x Pyro's
+peak) and makes fewer passes over memory (1.4-1.8x faster for the map alone, 4096 x 8 to 16384 x 256)."""
 
 
 def _affine(value: Tensor, params: Tensor, bound: float, inverse: bool) -> tuple[Tensor, Tensor]:
