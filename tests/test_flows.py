@@ -996,3 +996,15 @@ def test_two_losses_on_one_batch(name):
     second = -flow().log_prob(x).mean()
     second.backward()
     torch.testing.assert_close(first, second)
+
+
+def test_unconditional_distribution_follows_the_validation_default():
+    flow = pf.MAF(3, transforms=1)
+    before = torch.distributions.Distribution._validate_args
+    try:
+        torch.distributions.Distribution.set_default_validate_args(False)
+        assert not flow()._validate_args
+        torch.distributions.Distribution.set_default_validate_args(True)
+        assert flow()._validate_args  # not the template built while validation was off
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)

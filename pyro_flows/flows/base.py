@@ -331,16 +331,19 @@ class Flow(nn.Module):
 
         Building a Pyro ``TransformedDistribution`` asks every layer its domain and shapes, about 0.1 ms a call (2%
         of a MAF D=8 train step); the copy is one dict update. The template is kept while what it is built from
-        is the same: the layer objects and a :class:`StandardNormal` base's buffers (their ids and storage, which
-        ``.to()``, ``.data =`` and a replaced base change; a layer's parameters, buffers and mode are read by the
-        layers at call time, not by the distribution). Each call returns its own object: a sample's stored
+        is the same: the layer objects, a :class:`StandardNormal` base's buffers (their ids and storage, which
+        ``.to()``, ``.data =`` and a replaced base change) and torch.distributions' validation default (which a
+        distribution reads when it is built). A layer's parameters, buffers and mode are read by the
+        layers at call time, not by the distribution. Each call returns its own object: a sample's stored
         pass (``log_prob`` of the last ``rsample``) stays with the distribution that drew it. Any other base is
         built every call (a learned base's parameters enter its distribution's tensors).
         """
         base = self.base
         if type(base) is not StandardNormal:
             return FlowDistribution(*self.base_and_transforms())
-        key, storage = (base.loc, base.scale, *self.transforms), (base.loc.data_ptr(), base.scale.data_ptr())
+        # the storage and torch.distributions' validation default (read by Distribution.__init__) at building
+        storage = (base.loc.data_ptr(), base.scale.data_ptr(), Distribution._validate_args)
+        key = (base.loc, base.scale, *self.transforms)
         cached = self.__dict__.get("_distribution")  # (key, storage, template); the key holds its objects alive
         if (
             cached is None
