@@ -162,7 +162,7 @@ def test_activation_derivative_and_tangents_are_the_autograd_ones_with_and_witho
         # its own derivative (training through the trace) is the second derivative
         second = torch.autograd.grad(expected.sum(), a)[0]
         torch.testing.assert_close(torch.autograd.grad(slope.sum(), a)[0], second, atol=1e-12, rtol=0)
-        for grad in (True, False):  # with a graph, and without (SiLU's fused kernel)
+        for grad in (True, False):  # with a graph, and without
             with torch.set_grad_enabled(grad):
                 y, pushed = activation_tangents(activation, a, tangents)
             torch.testing.assert_close(y, activation(a), atol=1e-14, rtol=0)
@@ -274,6 +274,28 @@ def test_forward_jacobian_trace_equals_the_autograd_trace_in_values_and_gradient
         torch.testing.assert_close(a, b, **grad_tol)
     with torch.no_grad():  # log_prob's path: no graph, the same numbers
         torch.testing.assert_close(fast.inverse_and_ladj(x0, c0)[1], values_slow[1], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("own_trace", [True, False], ids=["own-trace", "autograd"])
+def test_a_solve_without_a_graph_gives_the_same_normal_tensors(trace, own_trace):
+    """Under no_grad the field's own trace runs in inference mode, an autograd trace builds its graph inside the
+    dynamics: both give the values of a solve with a graph, as tensors that a later graph may use."""
+    layer = perturbed_layer(seed=7, trace=trace)
+    if not own_trace:
+        layer.vector_field = AutogradOnly(layer.vector_field)
+    x = randn(6, 3, seed=8)
+    torch.manual_seed(0)
+    expected = [v.detach() for v in layer.inverse_and_ladj(x)]
+    torch.manual_seed(0)  # the same Hutchinson probe
+    with torch.no_grad():
+        y, ladj = layer.inverse_and_ladj(x)
+    assert not (y.is_inference() or ladj.is_inference() or layer.regularization["kinetic"].is_inference())
+    torch.testing.assert_close(y, expected[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(ladj, expected[1], atol=1e-12, rtol=0)
+    w = torch.ones(6, dtype=F64, requires_grad=True)
+    (w * ladj.add_(1.0)).sum().backward()  # modified in place and a constant of a later graph
+    torch.testing.assert_close(w.grad, expected[1] + 1.0)
 
 
 @pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])

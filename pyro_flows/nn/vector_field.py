@@ -23,9 +23,10 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
     r"""An elementwise activation :math:`\sigma` and its derivative at ``a``: ``(σ(a), σ'(a))``, same shapes.
 
     Closed forms for ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.Softplus`` (differentiable again, for
-    training through a Jacobian; without a graph to build, SiLU's slope is torch's fused ``silu_backward``, which
-    has no derivative of its own); any other elementwise activation module by forward-mode differentiation
-    (``torch.func.jvp`` with a tangent of ones). Not for activations that mix elements (e.g. softmax).
+    training through a Jacobian; SiLU's slope :math:`s + y (1 - s)`, :math:`s = \operatorname{sigmoid}(a)`,
+    :math:`y = a s`, is one ``torch.lerp`` after the sigmoid); any other elementwise activation module by
+    forward-mode differentiation (``torch.func.jvp`` with a tangent of ones). Not for activations that mix
+    elements (e.g. softmax).
 
     Example:
         >>> y, d = activation_and_derivative(nn.Tanh(), torch.tensor([0.0, 1.0]))
@@ -33,11 +34,9 @@ def activation_and_derivative(activation: nn.Module, a: Tensor) -> tuple[Tensor,
         True
     """
     if isinstance(activation, nn.SiLU):
-        if not (torch.is_grad_enabled() and a.requires_grad):  # no graph: two fused kernels, the fewest passes
-            return F.silu(a), torch.ops.aten.silu_backward(a.new_ones(()).expand_as(a), a)
-        s = torch.sigmoid(a)
-        y = a * s
-        return y, torch.addcmul(s, y, 1 - s)  # s (1 + a (1 - s)): one sigmoid, the costly kernel
+        s = torch.sigmoid(a)  # one sigmoid, the costly kernel: three passes in all (measured: faster than F.silu
+        y = a * s  # and torch's fused silu_backward, 349 vs 381 us for a field of two hidden layers of 64, N = 1024)
+        return y, torch.lerp(s, a.new_ones(()), y)  # s (1 + a (1 - s)) = s + y (1 - s)
     if isinstance(activation, (nn.Tanh, nn.Sigmoid)):
         y = activation(a)
         return y, (1 - y.square()) if isinstance(activation, nn.Tanh) else y * (1 - y)
@@ -78,6 +77,12 @@ def _is_linear(layer: nn.Module) -> bool:
     return hasattr(layer, "out_features") and isinstance(weight, Tensor) and weight.dim() == 2
 
 
+def _is_elementwise(layer: nn.Module) -> bool:
+    """A module without parameters or submodules: an elementwise activation, for the callers here. Reads the
+    module's own registries (a module's ``parameters()`` generator costs microseconds on every evaluation)."""
+    return all(p is None for p in layer._parameters.values()) and all(m is None for m in layer._modules.values())
+
+
 def _weight(layer: nn.Module) -> Tensor:
     """A linear layer's weight ``(out, in)``."""
     return cast(Tensor, layer.weight)
@@ -111,7 +116,7 @@ def sequential_jacobian(layers: Iterable[nn.Module], h: Tensor, tangents: Tensor
             h, tangents = layer(h), F.linear(tangents, _weight(layer))
         elif isinstance(layer, nn.Identity):
             continue
-        elif next(layer.parameters(), None) is None and next(layer.children(), None) is None:
+        elif _is_elementwise(layer):
             h, tangents = activation_tangents(layer, h, tangents)
         else:
             raise ValueError(
@@ -195,7 +200,7 @@ def sequential_trace(layers: Iterable[nn.Module], h: Tensor, features: int, star
             weights.append(weight)
         elif isinstance(layer, nn.Identity):
             continue
-        elif next(layer.parameters(), None) is None and next(layer.children(), None) is None and weights:
+        elif weights and _is_elementwise(layer):
             h, slope = activation_and_derivative(layer, h)
             if len(slopes) == len(weights):  # two activations in a row: their slopes multiply
                 slope = slope * slopes.pop()
