@@ -351,7 +351,7 @@ class Flow(nn.Module):
             or len(cached[0]) != len(key)
             or any(a is not b for a, b in zip(cached[0], key, strict=True))
         ):
-            template = FlowDistribution(base(), list(self.transforms))
+            template = FlowDistribution(*self.base_and_transforms())
             cached = self.__dict__["_distribution"] = (key, storage, template)
         distribution = FlowDistribution.__new__(FlowDistribution)
         distribution.__dict__.update(cached[2].__dict__)

@@ -193,9 +193,9 @@ class NPEPosterior(Distribution):
         self.flow_distribution = estimator(x)
         self.prior, self.reject = prior, reject
         self.has_rsample = not reject
-        support = prior_support(prior)
-        origin = torch.zeros(biject_to(support).inverse_shape(prior.event_shape), dtype=x.dtype, device=x.device)
-        self._inside = biject_to(support)(origin)  # a point of the support, evaluated in place of θ outside it
+        bijection = biject_to(prior_support(prior))
+        origin = torch.zeros(bijection.inverse_shape(prior.event_shape), dtype=x.dtype, device=x.device)
+        self._inside = bijection(origin)  # a point of the support, evaluated in place of θ outside it
         self._acceptance: Optional[Tensor] = None
         super().__init__(self.flow_distribution.batch_shape, prior.event_shape, validate_args=False)
 
