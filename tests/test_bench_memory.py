@@ -9,9 +9,11 @@ pytestmark = pytest.mark.skipif(not bench.can_reset_peak_rss(), reason="needs Li
 
 
 def test_a_known_allocation_reads_its_size_in_process():
-    mib = bench.peak_memory(lambda: torch.ones(100 * 2**18)) / bench.MIB  # 100 MiB of float32, written
+    # In a long pytest process other threads may free (or allocate) memory during a reading, which can only lower
+    # (raise) it: the largest of three readings of an allocation, the least of three of nothing.
+    mib = max(bench.peak_memory(lambda: torch.ones(100 * 2**18)) for _ in range(3)) / bench.MIB  # 100 MiB, written
     assert 98 <= mib <= 104, mib
-    assert bench.peak_memory(lambda: None) / bench.MIB < 2  # nothing allocated: (nearly) nothing read
+    assert min(bench.peak_memory(lambda: None) for _ in range(3)) / bench.MIB < 2  # nothing allocated: ~nothing read
 
 
 def test_a_known_allocation_reads_its_size_in_a_fresh_process():
