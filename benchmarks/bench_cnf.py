@@ -102,7 +102,8 @@ class SharedField(nn.Module):
 
     ``forward_and_trace`` evaluates the same MLP (``module.ode`` on ``[cos(k pi t), sin(k pi t), z]``) with the exact
     trace of its Jacobian (``pyro_flows.nn.vector_field.sequential_trace``, no autograd), which pf.CNF's exact trace
-    then uses; ``autograd=True`` hides it (the autograd trace).
+    then uses; the time embedding, the same for every row of a solve, enters the first layer's bias
+    (``constant=``). ``autograd=True`` hides it (the autograd trace).
     """
 
     def __init__(self, module: nn.Module, autograd: bool = False) -> None:
@@ -117,7 +118,11 @@ class SharedField(nn.Module):
     def forward_and_trace(self, z, t, context=None):
         from pyro_flows.nn.vector_field import sequential_trace
 
-        angles = self.module.freqs * torch.as_tensor(t, dtype=z.dtype)[..., None]
+        t = torch.as_tensor(t, dtype=z.dtype)
+        angles = self.module.freqs * t[..., None]
+        if t.dim() == 0:  # one time for the batch (every solve): the embedding enters the first layer's bias
+            embedding = torch.cat((angles.cos(), angles.sin()))
+            return sequential_trace(self.module.ode, z, z.shape[-1], start=len(embedding), constant=embedding)
         h = torch.cat((angles.cos().expand(len(z), -1), angles.sin().expand(len(z), -1), z), dim=-1)
         width, d = h.shape[-1], z.shape[-1]
         return sequential_trace(self.module.ode, h, d, start=width - d)

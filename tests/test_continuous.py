@@ -24,6 +24,7 @@ from pyro_flows.nn.vector_field import (
     activation_and_derivative,
     activation_tangents,
     chain_trace,
+    fold_constant_inputs,
     input_tangents,
     sequential_jacobian,
     sequential_trace,
@@ -221,6 +222,33 @@ def test_sequential_trace_of_an_mlp_and_its_bad_layers():
         sequential_trace([nn.SiLU(), *net], h, 3)
     with pytest.raises(ValueError, match="end with a linear layer of 3 outputs"):
         sequential_trace([*net, nn.Tanh()], h, 3)
+
+
+@pytest.mark.parametrize("start", [0, 1, 3])
+def test_sequential_trace_with_constant_inputs_in_the_bias(start):
+    """Inputs [c[:start], z, c[start:]] with c the same for every row: the output, the trace and their gradients
+    (weights and c) equal those of the network on the inputs concatenated."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    z, c = randn(4, 3), randn(3, seed=1).requires_grad_(True)
+    h = torch.cat([c[:start].expand(4, -1), z, c[start:].expand(4, -1)], -1)
+    y, trace = sequential_trace(net, z, 3, start=start, constant=c)
+    expected_y, expected_trace = sequential_trace(net, h, 3, start=start)
+    torch.testing.assert_close(y, net(h), atol=1e-14, rtol=0)
+    cat = lambda v: torch.cat([c[:start].expand(4, -1), v, c[start:].expand(4, -1)], -1)  # noqa: E731
+    expected = per_sample_jacobian(lambda v: net(cat(v)), z).diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(trace, expected, atol=1e-13, rtol=0)
+    inputs = [*net.parameters(), c]
+    grads = torch.autograd.grad(y.square().sum() + trace.sum(), inputs)
+    expected_grads = torch.autograd.grad(expected_y.square().sum() + expected_trace.sum(), inputs)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    weight, bias = fold_constant_inputs(net[0].weight, None, c, start, 3)  # no bias: W^(c) c alone
+    torch.testing.assert_close(bias, net[0].weight[:, [k for k in range(6) if not start <= k < start + 3]] @ c)
+    with pytest.raises(ValueError, match="3 from z .from column 4. and 3 constant ones, got constant"):
+        sequential_trace(net, z, 3, start=4, constant=c)
+    with pytest.raises(ValueError, match="and 3 constant ones, got constant .2,."):
+        sequential_trace(net, z, 3, start=0, constant=c[:2])
 
 
 @pytest.mark.parametrize("hidden", [(16,), (16, 16), (8, 16, 8)])

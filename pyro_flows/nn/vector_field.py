@@ -73,6 +73,8 @@ def _is_linear(layer: nn.Module) -> bool:
     """``nn.Linear``, or a look-alike (``in_features``, ``out_features`` and a 2-D ``weight``: zuko's ``Linear``)."""
     if isinstance(layer, nn.Linear):
         return True
+    if not (layer._parameters or layer._buffers or "weight" in vars(layer) or hasattr(type(layer), "weight")):
+        return False  # an activation: no weight anywhere (getattr would raise and catch an AttributeError, 2 us)
     weight = getattr(layer, "weight", None)
     return hasattr(layer, "out_features") and isinstance(weight, Tensor) and weight.dim() == 2
 
@@ -167,19 +169,27 @@ def chain_trace(weights: Sequence[Tensor], slopes: Sequence[Tensor], start: int 
         return slopes[0] @ (weights[1] * first.T).sum(0)
     if len(weights) == 3:
         m = weights[1] * (weights[2].T @ first.T)  # (H_2, H_1)
-        return (F.linear(slopes[0], m) * slopes[1]).sum(-1)
+        return torch.linalg.vecdot(F.linear(slopes[0], m), slopes[1])
     tangents = slopes[0] * first.T.unsqueeze(1)  # (D, N, H_1): rows e_i^T of the input pushed through W_1, S_1
     for weight, slope in zip(weights[1:-1], slopes[1:], strict=True):
         tangents = F.linear(tangents, weight) * slope
     return (tangents * weights[-1].unsqueeze(1)).sum((0, -1))
 
 
-def sequential_trace(layers: Iterable[nn.Module], h: Tensor, features: int, start: int = 0) -> tuple[Tensor, Tensor]:
+def sequential_trace(
+    layers: Iterable[nn.Module], h: Tensor, features: int, start: int = 0, constant: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     r"""An MLP's output and the trace of its Jacobian with respect to the inputs ``start, ..., start + features - 1``
     (:func:`chain_trace`), for an exact divergence without the :math:`D \times D` Jacobian.
 
-    ``layers``: linear layers (as in :func:`sequential_jacobian`) and elementwise activations, the first and the
-    last linear, with ``features`` outputs. Shapes: ``h`` ``(N, H)``; returns ``(N, features)`` and ``(N,)``.
+    ``layers``: linear layers (as in :func:`sequential_jacobian`; applied as :math:`W h + b` from their ``weight``
+    and ``bias``, without calling the module) and elementwise activations, the first and the last linear, with
+    ``features`` outputs. Shapes: ``h`` ``(N, H)``; returns ``(N, features)`` and ``(N,)``.
+
+    ``constant``: the first layer's other inputs when they are the same for every row (a time embedding), ``(H -
+    features,)``; ``h`` is then only the ``features`` inputs ``(N, features)``, and the input is
+    ``[constant[:start], h, constant[start:]]``. They enter the first layer's bias, :math:`b + W^{(c)} c` (one
+    matrix-vector product instead of :math:`N` rows of them: :func:`fold_constant_inputs`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 3))
@@ -188,15 +198,23 @@ def sequential_trace(layers: Iterable[nn.Module], h: Tensor, features: int, star
         >>> jacobian = torch.func.vmap(torch.func.jacrev(net))(z)
         >>> torch.allclose(trace, jacobian.diagonal(0, -2, -1).sum(-1), atol=1e-6)
         True
+        >>> net = nn.Sequential(nn.Linear(5, 8), nn.SiLU(), nn.Linear(8, 3))  # inputs [c, z], c = (1, 2)
+        >>> c = torch.tensor([1.0, 2.0])
+        >>> y2, trace2 = sequential_trace(net, z, 3, start=2, constant=c)
+        >>> y3, trace3 = sequential_trace(net, torch.cat([c.expand(5, 2), z], -1), 3, start=2)
+        >>> torch.allclose(y2, y3, atol=1e-6) and torch.allclose(trace2, trace3, atol=1e-6)
+        True
     """
     weights: list[Tensor] = []
     slopes: list[Tensor] = []
     for layer in layers:
         if _is_linear(layer):
-            weight = _weight(layer)
+            weight, bias = _weight(layer), getattr(layer, "bias", None)
+            if constant is not None and not weights:  # the first layer: z's columns, the constant inputs in its bias
+                weight, bias = fold_constant_inputs(weight, bias, constant, start, features)
+            h = F.linear(h, weight, bias)  # W h + b, as the trace assumes: no module call (its hooks do not run)
             if len(weights) > len(slopes):  # two linear layers in a row: one linear map
                 weight = weight @ weights.pop()
-            h = layer(h)
             weights.append(weight)
         elif isinstance(layer, nn.Identity):
             continue
@@ -212,7 +230,32 @@ def sequential_trace(layers: Iterable[nn.Module], h: Tensor, features: int, star
             )
     if len(weights) != len(slopes) + 1 or h.shape[-1] != features:
         raise ValueError(f"sequential_trace: the network must end with a linear layer of {features} outputs")
-    return h, chain_trace(weights, slopes, start).expand(h.shape[:-1])
+    return h, chain_trace(weights, slopes, 0 if constant is not None else start).expand(h.shape[:-1])
+
+
+def fold_constant_inputs(
+    weight: Tensor, bias: Optional[Tensor], constant: Tensor, start: int, features: int
+) -> tuple[Tensor, Tensor]:
+    r"""A linear layer :math:`W [c_{<s}, z, c_{\ge s}] + b` on inputs of which all but ``features`` (:math:`z`, the
+    columns ``start, ..., start + features - 1``) are the same for every row: ``(W^{(z)}, b + W^{(c)} c)``, the
+    weight on :math:`z` ``(H, features)`` (a view) and the bias ``(H,)`` with the constant inputs folded in.
+
+    Shapes: ``weight`` ``(H, features + C)``, ``bias`` ``(H,)`` or None, ``constant`` ``(C,)``.
+
+    Example:
+        >>> layer, c, z = nn.Linear(4, 3), torch.randn(2), torch.randn(5, 2)
+        >>> weight, bias = fold_constant_inputs(layer.weight, layer.bias, c, 1, 2)  # inputs [c_0, z, c_1]
+        >>> torch.allclose(F.linear(z, weight, bias), layer(torch.cat([c[:1].expand(5, 1), z, c[1:].expand(5, 1)], -1)))
+        True
+    """
+    end = start + features
+    if constant.dim() != 1 or not 0 <= start <= constant.shape[0] or constant.shape[0] + features != weight.shape[-1]:
+        raise ValueError(
+            f"fold_constant_inputs: a layer of {weight.shape[-1]} inputs takes {features} from z (from column "
+            f"{start}) and {weight.shape[-1] - features} constant ones, got constant {tuple(constant.shape)}"
+        )
+    rest = weight[:, :start] if end == weight.shape[-1] else torch.cat([weight[:, :start], weight[:, end:]], -1)
+    return weight[:, start:end], (rest @ constant if bias is None else torch.addmv(bias, rest, constant))
 
 
 class ConcatSquashLinear(nn.Module):
