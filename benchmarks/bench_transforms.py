@@ -98,6 +98,7 @@ class Model:
     module: nn.Module  # owns every trainable parameter
     log_prob: Callable[[Tensor], Tensor]  # (N, D) -> (N,)
     sample: Callable[[int], Tensor]  # n -> (n, D)
+    loss: Optional[Callable[[Tensor], Tensor]] = None  # the training loss of a batch; default -log_prob(x).mean()
 
 
 def _coupling_mask(features: int, i: int) -> Tensor:
@@ -137,7 +138,8 @@ def build_pyro_flows_compiled(row: str, features: int) -> Model:
 
     flow = build_pyro_flows(row, features).module
     compiled = pf.compile_flow(flow, fullgraph=True)
-    return Model(flow, compiled.log_prob, lambda n: compiled.sample((n,)))
+    # train: the compiled objective that pf.fit(flow, X, objective=compiled.loss) runs (the mean NLL, one graph)
+    return Model(flow, compiled.log_prob, lambda n: compiled.sample((n,)), lambda x: compiled.loss(flow, x))
 
 
 def conditioner_shapes(row: str, features: int) -> tuple[int, int]:
@@ -427,6 +429,7 @@ def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, a
     if metric == "train":
         data = [torch.randn(cfg.train_batch, features, generator=gen).to(cfg.device) for _ in range(cfg.pool)]
         opt = torch.optim.Adam(model.module.parameters(), lr=1e-3)
+        loss_of = model.loss or (lambda x: -model.log_prob(x).mean())
         state = {"i": 0}
         phase = torch.profiler.record_function if annotate else (lambda _: contextlib.nullcontext())
 
@@ -434,7 +437,7 @@ def _make_op(model: Model, metric: str, features: int, cfg: Config, seed: int, a
             x = data[state["i"] % len(data)]
             state["i"] += 1
             with phase("## forward: -log_prob(x).mean()"):
-                loss = -model.log_prob(x).mean()
+                loss = loss_of(x)
             with phase("## backward"):
                 loss.backward()
             with phase("## Adam step"):
@@ -502,7 +505,9 @@ def bench_case(
                 one = _timed(op, 1, cfg.device)
                 if w == 0:
                     results[lib].first_call = one
-                if one > 3 * cfg.min_time:  # a slow call (sequential sampling): its warm-up costs are noise
+                # a slow call (sequential sampling): its warm-up costs are noise; a compiled library's first call
+                # is its compilation, not a slow call (it would leave it timed 3 times, one call each)
+                if one > 3 * cfg.min_time and not (w == 0 and lib == COMPILED):
                     break
             iterations = max(1, math.ceil(cfg.min_time / max(one, 1e-9)))
             # a call slower than cfg.slow (a peer's sequential sampling at D = 32) gets fewer repeats
@@ -562,10 +567,13 @@ def run(
     device: str = "cpu",
     compiled: bool = False,
     floor: bool = False,
+    compile_metrics: Optional[Sequence[str]] = None,
 ) -> list[Result]:
     """Run the benchmark; returns one :class:`Result` per (row, D, metric, lib in ``LIBS``), and per
     (row, D, metric) one of :data:`COMPILED` with ``compiled=True`` (pyro_flows compiled, timed with the others)
     and one of :data:`FLOOR` with ``floor=True`` (the bare conditioners, :func:`build_floor`, timed with the others).
+    ``compile_metrics`` (default: all of ``metrics``) restricts the compiled column to those metrics (compiling an
+    autoregressive sampler unrolls it over D variables: minutes at D = 32).
 
     Libraries not in ``libs`` or not importable get a result without runs (n/a).
     """
@@ -596,18 +604,17 @@ def run(
                         _check_one_pass(row, features, [lib for lib in active if lib in LIBS], log)
                     for metric in metrics:
                         t0 = time.perf_counter()
-                        results = bench_case(row, features, metric, active, cfg, log)
+                        skip = compile_metrics is not None and metric not in compile_metrics
+                        now = [lib for lib in active if not (skip and lib == COMPILED)]
+                        results = bench_case(row, features, metric, now, cfg, log)
                         for lib in columns:
                             r = results.get(lib) or Result(row, features, metric, lib, error="not run")
                             out.append(r)
-                        summary = ", ".join(f"{lib} {_fmt(results[lib].median)}" for lib in active)
+                        summary = ", ".join(f"{lib} {_fmt(results[lib].median)}" for lib in now)
                         gap = floor_gap(list(results.values()))
                         if gap is not None:
                             summary += f"; pyro_flows time / floor {gap:.2f}"
-                        speedup = compile_speedup(list(results.values()))
-                        if speedup is not None:
-                            seconds = results[COMPILED].compile_seconds or 0.0
-                            summary += f"; compiled/eager {speedup:.2f}x (compiled in {seconds:.0f}s)"
+                        summary += _compiled_summary(list(results.values()))
                         took = time.perf_counter() - t0
                         log(f"{row:8s} D={features:<3d} {metric:8s} {summary}  ({took:.1f}s, {load_line()})")
         finally:
@@ -793,10 +800,27 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
-def ratio(results: Sequence[Result], stat: str = "median") -> tuple[Optional[float], Optional[str]]:
-    """pyro_flows / best peer (by ``stat``, "median" or "best", of samples/s) and the best peer's name."""
+def ratio(
+    results: Sequence[Result], stat: str = "median", lib: str = "pyro_flows"
+) -> tuple[Optional[float], Optional[str]]:
+    """``lib`` (pyro_flows or :data:`COMPILED`) / best peer (by ``stat``, "median" or "best", of samples/s) and the
+    best peer's name."""
     by_lib = {r.lib: getattr(r, stat) for r in results}
-    return best_ratio(by_lib.get("pyro_flows"), {lib: v for lib, v in by_lib.items() if lib in PEERS})
+    return best_ratio(by_lib.get(lib), {name: v for name, v in by_lib.items() if name in PEERS})
+
+
+def _compiled_summary(results: Sequence[Result]) -> str:
+    """The progress line's compiled figures: over eager, over the best peer, time over the floor, compile seconds."""
+    speedup = compile_speedup(results)
+    if speedup is None:
+        return ""
+    compiled = next(r for r in results if r.lib == COMPILED)
+    line = f"; compiled/eager {speedup:.2f}x"
+    rate, best = ratio(results, lib=COMPILED)
+    line += "" if rate is None else f", compiled/best peer {rate:.2f}x ({best})"
+    gap = floor_gap(results, lib=COMPILED)
+    line += "" if gap is None else f", compiled time/floor {gap:.2f}"
+    return line + f" (compiled in {compiled.compile_seconds or 0.0:.0f}s)"
 
 
 def compile_speedup(results: Sequence[Result], stat: str = "median") -> Optional[float]:
@@ -806,21 +830,23 @@ def compile_speedup(results: Sequence[Result], stat: str = "median") -> Optional
     return None if eager is None or compiled is None else compiled / eager
 
 
-def floor_gap(results: Sequence[Result], stat: str = "median") -> Optional[float]:
-    """pyro_flows' time per sample over the :data:`FLOOR`'s (>= 1; 1 is the bare conditioners' speed)."""
+def floor_gap(results: Sequence[Result], stat: str = "median", lib: str = "pyro_flows") -> Optional[float]:
+    """``lib``'s (pyro_flows or :data:`COMPILED`) time per sample over the :data:`FLOOR`'s (1 is the bare
+    conditioners' speed)."""
     by_lib = {r.lib: getattr(r, stat) for r in results}
-    ours, floor = by_lib.get("pyro_flows"), by_lib.get(FLOOR)
+    ours, floor = by_lib.get(lib), by_lib.get(FLOOR)
     return None if not ours or floor is None else floor / ours
 
 
 def table(results: Sequence[Result], stat: str = "median") -> str:
     """A Markdown table: row, D, metric, samples/s (``stat`` of the repeats) per library, pyro_flows / best peer;
-    with :data:`COMPILED` results, also its samples/s, the speed-up over eager and the compilation time; with
-    :data:`FLOOR` results, the floor's samples/s and pyro_flows' time over the floor's."""
+    with :data:`COMPILED` results, also its samples/s, the speed-up over eager, over the best peer and the compilation
+    time; with :data:`FLOOR` results, the floor's samples/s and pyro_flows' (and the compiled) time over the floor's."""
     compiled = any(r.lib == COMPILED for r in results)
     floored = any(r.lib == FLOOR for r in results)
-    extra = [COMPILED, "compiled / eager", "compile s"] if compiled else []
+    extra = [COMPILED, "compiled / eager", "compiled / best peer", "compile s"] if compiled else []
     extra += [FLOOR, "pyro_flows time / floor"] if floored else []
+    extra += ["compiled time / floor"] if compiled and floored else []
     header = ["row", "D", "metric", *LIBS, "pyro_flows / best peer", *extra]
     rows = []
     groups: dict[tuple, list[Result]] = {}
@@ -836,10 +862,15 @@ def table(results: Sequence[Result], stat: str = "median") -> str:
             speedup, seconds = compile_speedup(group, stat), None if ours is None else ours.compile_seconds
             cells.append(_fmt(None if ours is None else getattr(ours, stat)))
             cells.append("n/a" if speedup is None else f"{speedup:.2f}")
+            rate, best = ratio(group, stat, COMPILED)
+            cells.append("n/a" if rate is None else f"{rate:.2f} ({best})")
             cells.append("n/a" if seconds is None else f"{seconds:.0f}")
         if floored:
             gap = floor_gap(group, stat)
             cells.append(_fmt(getattr(by_lib[FLOOR], stat)) if FLOOR in by_lib else "n/a")
+            cells.append("n/a" if gap is None else f"{gap:.2f}")
+        if compiled and floored:
+            gap = floor_gap(group, stat, COMPILED)
             cells.append("n/a" if gap is None else f"{gap:.2f}")
         rows.append([row, features, metric, *cells])
     return markdown_table(header, rows, align="lll" + "r" * (len(header) - 3))
@@ -1051,6 +1082,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--no-floor", action="store_true", help=f"skip the {FLOOR} (bare conditioner networks of each row)")
     p.add_argument("--compile", action="store_true", help=f"add pyro_flows compiled (pf.compile_flow) as {COMPILED}")
+    p.add_argument(
+        "--compile-metrics",
+        nargs="+",
+        default=None,
+        choices=METRICS,
+        help="with --compile: the metrics that get the compiled column (default all; MAF sample unrolls D steps)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the models and data (cpu, cuda, cuda:1, ...)")
     p.add_argument(
         "--memory", action="store_true", help="peak extra memory of a train step and a 4096 log_prob (MiB) instead"
@@ -1101,6 +1139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device=args.device,
         compiled=args.compile,
         floor=not args.no_floor,
+        compile_metrics=args.compile_metrics,
     )
     print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S')}, {load_line()}")
     print("\nsamples/s (median of repeats; higher is better)\n")

@@ -9,6 +9,7 @@ one graph each (``fullgraph=True`` works): no layer reads a tensor on the host o
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -17,6 +18,7 @@ from torch.distributions import Distribution
 
 from .flows import Flow
 from .objectives import NegativeLogLikelihood
+from .transforms.base import FlowTransform
 
 Objective = Callable[[nn.Module, Tensor, Optional[Tensor]], Tensor]
 
@@ -70,10 +72,12 @@ class CompiledFlow:
         self.flow = flow
         self.objective = NegativeLogLikelihood() if objective is None else objective
         self.compile_options = dict(compile_options)
+        options = {"dynamic": False, **compile_options}  # static shapes unless asked: see the class notes
+        _constraints_of(flow)
         with _validation(Distribution._validate_args):  # torch.compile turns it off for good: restored
-            self._log_prob = torch.compile(self._eager_log_prob, **compile_options)
-            self._rsample = torch.compile(self._eager_rsample, **compile_options)
-            self._loss = torch.compile(self._eager_loss, **compile_options)
+            self._log_prob = torch.compile(_own_code(self._eager_log_prob), **options)
+            self._rsample = torch.compile(_own_code(self._eager_rsample), **options)
+            self._loss = torch.compile(_own_code(self._eager_loss), **options)
 
     # the eager functions that are compiled (one graph each for the vector presets)
     def _eager_log_prob(self, value: Tensor, context: Optional[Tensor]) -> Tensor:
@@ -126,6 +130,27 @@ def _validation(enabled: bool) -> Iterator[None]:
         yield
     finally:
         Distribution.set_default_validate_args(previous)
+
+
+def _own_code(method: Any) -> Callable[..., Tensor]:
+    """A bound ``method``, bound to a copy of its function that has a code object of its own.
+
+    ``torch.compile`` keeps its compiled graphs, their guards, the recompilation limit (8) and the shapes it has seen
+    (from which it makes dimensions dynamic) per code object: with the class's one code object, every
+    :class:`CompiledFlow` of a process would share them, so that one flow's batch size made another's graph
+    dynamic-shaped and a few flows exhausted the limit (calls then run eager).
+    """
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
+def _constraints_of(flow: Flow) -> None:
+    """Build the layers' constraint objects once, eagerly: they are cached on first use in a module-level dict, and a
+    graph traced while that dict was still empty would be guarded on it being empty (compiled twice on first use)."""
+    for layer in flow.modules():
+        if isinstance(layer, FlowTransform):
+            _ = (layer.domain, layer.codomain)
 
 
 def _shape(sample_shape: Union[int, tuple]) -> torch.Size:

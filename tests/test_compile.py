@@ -132,3 +132,41 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="not the compiled flow"):
         compiled.loss(pf.MAF(**SMALL), torch.randn(4, 4))
     assert "CompiledFlow(Flow, backend='eager')" == repr(compiled)
+
+
+def _graph_recorder(graphs: list):
+    """A torch.compile backend that records each graph's example inputs and runs the graph as traced."""
+
+    def backend(gm, example_inputs):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    return backend
+
+
+def _symbolic(example_inputs) -> bool:
+    return any(
+        isinstance(s, torch.SymInt) for t in example_inputs for s in (t.shape if isinstance(t, torch.Tensor) else (t,))
+    )
+
+
+def test_flows_keep_their_own_static_graphs(monkeypatch):
+    from pyro_flows.transforms import base
+
+    monkeypatch.setattr(base, "_REAL_EVENTS", {})  # as in a fresh process: the constraint cache starts empty
+    graphs: list = []
+    first, second = _trained_a_little("MAF"), _trained_a_little("RealNVP")
+    compiled = [pf.compile_flow(flow, backend=_graph_recorder(graphs), fullgraph=True) for flow in (first, second)]
+    x = torch.randn(16, 4)
+    for _ in range(3):  # the first call compiles once (not again once the constraint cache is filled)
+        compiled[0].log_prob(x)
+    assert len(graphs) == 1
+    compiled[1].log_prob(torch.randn(32, 4))  # another flow, another batch size: its own graph, static shapes
+    compiled[0].log_prob(torch.randn(48, 4))  # a new batch size recompiles with static shapes (dynamic=False)
+    assert len(graphs) == 3 and not any(_symbolic(g) for g in graphs)
+    torch.testing.assert_close(compiled[1].log_prob(x), second().log_prob(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 4  # RealNVP at batch 16: its own cache, not the MAF's graph for 16
+
+    dynamic: list = []
+    pf.compile_flow(first, backend=_graph_recorder(dynamic), dynamic=True).log_prob(x)  # asked for: symbolic
+    assert _symbolic(dynamic[0])
