@@ -31,6 +31,7 @@ from pyro_flows.nn.vector_field import (
     tangents_to_jacobian,
 )
 from pyro_flows.transforms.continuous import (
+    SAFETY,
     exact_divergence,
     hutchinson_divergence,
     record_regularization,
@@ -465,6 +466,24 @@ def test_nfe_and_solver_options_pass_through():
     layer.atol = layer.rtol = 1e-8
     layer.call_and_ladj(randn(4, 3))
     assert layer.nfe > loose
+
+
+def test_adaptive_solvers_get_the_safety_factor_unless_given(monkeypatch):
+    """dopri5 gets SAFETY (0.8), an explicit ``options["safety"]`` wins, a fixed-grid solver gets none."""
+    import torchdiffeq
+
+    seen = []
+    odeint = torchdiffeq.odeint
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["options"])
+        return odeint(*args, **kwargs)
+
+    monkeypatch.setattr(torchdiffeq, "odeint", recording)
+    x = randn(4, 3)
+    for layer in (perturbed_layer(), perturbed_layer(options={"safety": 0.9}), perturbed_layer(solver="rk4", steps=4)):
+        layer.call_and_ladj(x)
+    assert [o.get("safety") for o in seen] == [SAFETY, 0.9, None] and SAFETY == 0.8
 
 
 def test_bad_arguments_raise():
