@@ -20,7 +20,8 @@ Part 1, pf.CNF(trace="exact") vs ``zuko.flows.CNF`` (exact trace), at D = 2 and 
   vector-Jacobian products.
 * solver: dopri5 in all. zuko's own (adaptive checkpoint adjoint; atol = rtol =
   1e-5; error ratio: the largest over the elements of the state, the log-det scaled
-  by 1e-2) vs torchdiffeq's in pyro_flows (``--norm max``, the default, pyro_flows' own:
+  by 1e-2) vs torchdiffeq's in pyro_flows (pyro_flows' default step-size safety factor 0.8,
+  ``pyro_flows.transforms.continuous.SAFETY``; ``--norm max``, the default, pyro_flows' own:
   the largest error ratio over the elements of z and the log-det; ``--norm rms``:
   torchdiffeq's, the RMS over the batch of z and of the log-det, the larger of the two).
 * equal log-likelihood: every library's log-density of a fixed batch of 1024 points is
