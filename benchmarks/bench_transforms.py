@@ -1117,6 +1117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    if args.compile:  # inductor compiles in as many worker processes as cores by default: as many as the timings'
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(args.threads))
     print(machine_line(args.device))
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if busy > 1.0:
