@@ -27,7 +27,10 @@ class CompiledFlow:
     r"""A :class:`~pyro_flows.Flow` whose density, sampler and training loss run through ``torch.compile``.
 
     The same computations as the eager flow, compiled on their first call (which takes seconds; later calls
-    with the same shapes, dtypes, grad mode and train/eval mode reuse the compiled code):
+    with the same shapes, dtypes, grad mode and train/eval mode reuse the compiled code). Each compiled flow keeps
+    its own graphs, with static shapes unless ``dynamic`` is passed (static graphs train ~4% faster on CPU): a new
+    batch shape compiles once more, up to ``torch._dynamo.config.recompile_limit`` shapes per method (8 by default;
+    past it calls run eager, or raise with ``fullgraph=True``); for many shapes pass ``dynamic=True`` or ``None``:
 
     .. math:: \log p(y \mid c) = \log p_0(f^{-1}(y)) + \log|\det J_{f^{-1}}(y)|, \qquad
               y = f(z),\ z \sim p_0, \qquad \mathcal{L} = \texttt{objective}(\text{flow}, x, c).
