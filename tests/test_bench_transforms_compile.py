@@ -64,7 +64,8 @@ def test_a_compiled_first_call_is_not_a_slow_call(monkeypatch):
         return bench.Model(model.module, log_prob, model.sample)
 
     monkeypatch.setitem(bench.BUILDERS, bench.COMPILED, build)
-    cfg = bench.Config(train_batch=16, eval_batch=16, repeats=4, warmup=2, min_time=0.01, pool=2)
+    # a call over cfg.slow would be timed cfg.slow_repeats (3) times: the 0.1 s compilation must not count as one
+    cfg = bench.Config(train_batch=16, eval_batch=16, repeats=4, warmup=2, min_time=0.01, pool=2, slow=0.05)
     torch.set_num_threads(1)
     results = bench.bench_case("MAF", 4, "log_prob", ["pyro_flows", bench.COMPILED], cfg, log=lambda _: None)
     assert len(results[bench.COMPILED].runs) == cfg.repeats  # not cfg.slow_repeats: the warm-up went on
