@@ -451,28 +451,113 @@ def test_class_embedding_rejects_bad_arguments():
         ClassEmbedding(5, 0)
 
 
-def test_relu_in_place_gives_the_out_of_place_values_and_gradients():
-    """MLP and MADE rectify each layer's fresh output in place (nn.mlp.activate): the same outputs and gradients
-    as out-of-place ReLU, and the layer's input is untouched."""
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
+def test_activation_in_place_gives_the_out_of_place_values_and_gradients(activation):
+    """MLP and MADE apply ReLU and Tanh to each layer's fresh output in place (nn.mlp.activate): the same outputs
+    and gradients as out of place, and the layer's input is untouched; other activations are not in place."""
     from pyro_flows.nn.mlp import activate
 
     h = torch.randn(7, 5)
     kept = h.clone()
-    assert torch.equal(activate(torch.nn.ReLU(), h.clone()), F.relu(kept))
-    assert torch.equal(activate(torch.nn.Tanh(), h), torch.tanh(kept)) and torch.equal(h, kept)  # others: not in place
+    assert torch.equal(activate(activation(), h.clone()), activation()(kept))
+    assert torch.equal(activate(torch.nn.SiLU(), h), F.silu(kept)) and torch.equal(h, kept)  # others: not in place
     torch.manual_seed(0)
-    for net in (MLP(3, 4, hidden=(8, 8), zero_init=False), MADE(3, 2, hidden=(8, 8))):
+    for net in (
+        MLP(3, 4, hidden=(8, 8), zero_init=False, activation=activation),
+        MADE(3, 2, hidden=(8, 8), activation=activation),
+    ):
         torch.nn.init.normal_(net.output.weight)
         x = torch.randn(6, 3, requires_grad=True)
         out = net(x)
         (grad_x,) = torch.autograd.grad(out.square().sum(), x)
         h = x
-        for layer in net.hidden:  # the same network with out-of-place ReLU
-            h = F.relu(layer(h))
+        for layer in net.hidden:  # the same network, activations out of place
+            h = activation()(layer(h))
         reference = net.output(h)
         reference = reference.unflatten(-1, out.shape[-2:]) if isinstance(net, MADE) else reference
         (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
         assert torch.equal(out, reference) and torch.equal(grad_x, grad_reference)
+
+
+def _networks():
+    torch.manual_seed(0)
+    nets = [
+        MLP(3, 4, hidden=(8, 8), context_features=2, zero_init=False),
+        MLP(3, 4, hidden=(8, 8, 8), zero_init=False, residual=True, activation=nn.Tanh),
+        MADE(3, 2, hidden=(8, 6, 8), context_features=2, activation=nn.Tanh),
+        MADE(3, 2, hidden=(16,)),
+    ]
+    for net in nets:
+        torch.nn.init.normal_(net.output.weight)
+    return nets
+
+
+def _call(net, x, c):
+    return net(x, c if net.context_features else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hidden_layers_without_gradients_reuse_buffers_and_give_the_graph_values(dtype):
+    """Without gradients the hidden activations go to the thread's workspace (nn.mlp.hidden_layers): the values
+    of the graph-recording path, in batches of any shape, under no_grad and inference_mode alike; an earlier
+    result is not overwritten by a later call; past WORKSPACE_BYTES the layers allocate as before."""
+    from pyro_flows.nn import mlp
+
+    x, c = torch.randn(2, 5, 3, dtype=dtype), torch.randn(5, 2, dtype=dtype)
+    for net in _networks():
+        net.to(dtype)
+        expected = _call(net, x, c)  # recorded graph: no workspace
+        with torch.no_grad():
+            first = _call(net, x, c)
+            kept = first.clone()
+            _call(net, 2 * x, c)  # the same buffers again
+        with torch.inference_mode():
+            in_inference = _call(net, x, c)
+        with torch.no_grad():  # the buffers made under inference_mode are ordinary tensors: writable here
+            again = _call(net, x, c)
+        torch.testing.assert_close(first, expected)
+        assert torch.equal(first, kept) and torch.equal(in_inference, first) and torch.equal(again, first)
+    assert any(key[2] == dtype for key in mlp._WORKSPACE.buffers)  # the no-grad calls used the workspace
+    small = mlp.WORKSPACE_BYTES
+    try:
+        mlp.WORKSPACE_BYTES = 16  # nothing fits: fresh tensors
+        mlp.clear_workspace()
+        with torch.no_grad():
+            assert torch.equal(_call(_networks()[0].to(dtype), x, c), _call(_networks()[0].to(dtype), x, c))
+        assert not mlp._WORKSPACE.buffers
+    finally:
+        mlp.WORKSPACE_BYTES = small
+
+
+def test_hidden_layers_workspace_is_per_thread_and_respects_hooks():
+    """Threads evaluating one network at once each get their own buffers (the serial values); a forward hook on a
+    hidden layer still runs without gradients (the layers are then called as modules)."""
+    import threading
+
+    net = _networks()[2]
+    inputs = [torch.randn(64, 3) for _ in range(4)]
+    c = torch.randn(2)
+    with torch.no_grad():
+        serial = [net(x, c) for x in inputs]
+    results: dict[int, list] = {}
+
+    def work(i):
+        with torch.no_grad():
+            results[i] = [net(inputs[(i + k) % 4], c) for k in range(50)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        assert all(torch.equal(out, serial[(i + k) % 4]) for k, out in enumerate(outs))
+    seen = []
+    handle = net.hidden[1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.equal(net(inputs[0], c), serial[0])
+    handle.remove()
+    assert seen == [torch.Size([64, 6])]
 
 
 def test_soft_clamp_derivative_under_autograd_and_torch_func():

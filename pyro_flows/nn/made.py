@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import activate, broadcast_cat, check_hidden, check_input_bound, soft_clamp
+from .mlp import broadcast_cat, check_hidden, check_input_bound, hidden_layers, soft_clamp
 
 
 class MaskedLinear(nn.Linear):
@@ -26,8 +26,12 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype), persistent=False)  # rebuilt by the constructor
 
+    def effective_weight(self) -> Tensor:
+        """The weight times the mask: the matrix the layer multiplies by."""
+        return self.weight * self.mask
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.effective_weight(), self.bias)
 
 
 def _sorted_degrees(units: int, low: int, high: int) -> Tensor:
@@ -122,9 +126,7 @@ class MADE(nn.Module):
         return x if self.input_bound is None else soft_clamp(x, self.input_bound)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        h = broadcast_cat(self._squash(x), context)
-        for layer in self.hidden:
-            h = activate(self.activation, layer(h))
+        h = hidden_layers(list(self.hidden), self.activation, broadcast_cat(self._squash(x), context))
         return self.output(h).unflatten(-1, (self.params_per_feature, self.features))
 
     def sequential(

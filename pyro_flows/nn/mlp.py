@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence
+import threading
+from typing import Optional, Sequence, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils import function_transformed
@@ -62,14 +64,115 @@ class _SoftClamp(torch.autograd.Function):
 
 
 def activate(activation: nn.Module, h: Tensor) -> Tensor:
-    """``activation(h)`` for a fresh ``h`` (a layer's output, referenced nowhere else): ``nn.ReLU`` in place.
+    """``activation(h)`` for a fresh ``h`` (a layer's output, referenced nowhere else): ``nn.ReLU`` and ``nn.Tanh``
+    in place.
 
-    A ReLU's backward reads its output, and a linear layer's backward does not read its own output, so the
-    rectified values can overwrite it: no new (batch, width) tensor per hidden layer. Without gradients this
+    Their backward reads their output, and a linear layer's backward does not read its own output, so the
+    activated values can overwrite it: no new (batch, width) tensor per hidden layer. Without gradients this
     made a (4096, 8) -> 128 -> 128 -> 16 network 1.8x faster (2.44 -> 1.38 ms, 1 thread: a fresh 2 MiB tensor is
     a fresh mapping whose pages fault in), with them a (512, 8) forward and backward 4% faster.
     """
-    return torch.relu_(h) if type(activation) is nn.ReLU else activation(h)
+    kind = type(activation)
+    if kind is nn.ReLU:
+        return torch.relu_(h)
+    return torch.tanh_(h) if kind is nn.Tanh else activation(h)
+
+
+WORKSPACE_BYTES = 32 * 2**20
+"""Most bytes of hidden activations a thread keeps between calls of :func:`hidden_layers` without gradients (a
+batch whose buffers would not fit allocates as usual)."""
+
+
+class _Workspace(threading.local):
+    """One thread's buffers for hidden activations without gradients, ``(rows, width, dtype, device, slot) ->
+    tensor``: reused from call to call, so that their pages are not faulted in again every call."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+        self.bytes = 0
+
+    def buffer(self, rows: int, width: int, like: Tensor, slot: int) -> Optional[Tensor]:
+        """The ``(rows, width)`` buffer of ``slot`` (None past :data:`WORKSPACE_BYTES`: the caller allocates)."""
+        key = (rows, width, like.dtype, like.device, slot)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            size = rows * width * like.element_size()
+            if self.bytes + size > WORKSPACE_BYTES:  # another batch size: start over
+                clear_workspace()
+                if size > WORKSPACE_BYTES:
+                    return None
+            with torch.inference_mode(False):  # an ordinary tensor, writable inside and outside inference mode
+                buffer = self.buffers[key] = like.new_empty(rows, width)
+            self.bytes += size
+        return buffer
+
+
+_WORKSPACE = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free this thread's buffers of hidden activations (:func:`hidden_layers`); the next call without gradients
+    allocates them again.
+
+    Example:
+        >>> clear_workspace()
+    """
+    _WORKSPACE.buffers.clear()
+    _WORKSPACE.bytes = 0
+
+
+def _reuses_buffers(h: Tensor, layers: Sequence[nn.Module]) -> bool:
+    """Whether :func:`hidden_layers` may write into the thread's workspace: no autograd graph, a CPU tensor (CUDA's
+    caching allocator already reuses memory), neither ``torch.compile`` nor ``torch.func`` tracing, no module hooks
+    (the layers are not called as modules there)."""
+    return (
+        not torch.is_grad_enabled()
+        and h.device.type == "cpu"
+        and h.dim() >= 2
+        and not torch.compiler.is_compiling()
+        and not function_transformed(h)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    )
+
+
+def _linear_in_workspace(layer: nn.Module, h: Tensor, slot: int) -> Tensor:
+    """``layer(h)`` written into the thread's workspace buffer ``slot`` (a fresh tensor past its size)."""
+    masked = getattr(layer, "effective_weight", None)
+    weight = cast(Tensor, layer.weight if masked is None else masked())
+    bias = cast(Optional[Tensor], layer.bias)
+    flat = h.reshape(-1, h.shape[-1])
+    out = _WORKSPACE.buffer(flat.shape[0], weight.shape[0], flat, slot)
+    if out is None:
+        return F.linear(h, weight, bias)
+    torch.addmm(weight.new_zeros(()) if bias is None else bias, flat, weight.t(), out=out)
+    return out.view(*h.shape[:-1], weight.shape[0])
+
+
+def hidden_layers(layers: Sequence[nn.Module], activation: nn.Module, h: Tensor, residual: bool = False) -> Tensor:
+    r"""An MLP's hidden layers, :math:`h_k = \sigma(W_k h_{k-1} + b_k)` (:func:`activate`), plus :math:`h_{k-1}`
+    where ``residual`` and the widths agree (not for the first). ``layers`` are ``nn.Linear`` whose
+    :meth:`effective_weight` (a :class:`~.made.MaskedLinear`'s masked weight) or ``weight`` is :math:`W_k`.
+
+    Without gradients on the CPU each hidden activation is written into a buffer of the thread's workspace (two
+    alternating slots, at most :data:`WORKSPACE_BYTES` in all), reused by the next call: a fresh
+    (4096, 128) float tensor is 2 MiB whose pages fault in on first touch, which cost as much as the matmul
+    writing it (one (4096, 32) -> 128 -> 128 -> 64 MADE without gradients, 1 thread: 2.84 -> 2.07 ms). The result
+    then lives in the workspace until the next call of this thread: the caller feeds it to its output layer and
+    does not keep it. :func:`clear_workspace` frees the buffers.
+
+    Example:
+        >>> layers, x = [nn.Linear(3, 8), nn.Linear(8, 8)], torch.randn(5, 3)
+        >>> with torch.no_grad():
+        ...     h = hidden_layers(layers, nn.ReLU(), x)
+        ...     torch.allclose(h, layers[1](layers[0](x).relu()).relu())
+        True
+    """
+    reuse = _reuses_buffers(h, layers)
+    for i, layer in enumerate(layers):
+        out = activate(activation, _linear_in_workspace(layer, h, i % 2) if reuse else layer(h))
+        h = h + out if residual and i > 0 and out.shape[-1] == h.shape[-1] else out
+    return h
 
 
 def check_input_bound(input_bound: Optional[float], name: str) -> Optional[float]:
@@ -140,9 +243,4 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         h = broadcast_cat(x if self.input_bound is None else soft_clamp(x, self.input_bound), context)
-        for i, layer in enumerate(self.hidden):
-            if self.residual and i > 0 and layer.out_features == h.shape[-1]:
-                h = h + activate(self.activation, layer(h))
-            else:
-                h = activate(self.activation, layer(h))
-        return self.output(h)
+        return self.output(hidden_layers(list(self.hidden), self.activation, h, self.residual))
