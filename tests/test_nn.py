@@ -529,6 +529,19 @@ def test_hidden_layers_without_gradients_reuse_buffers_and_give_the_graph_values
         mlp.WORKSPACE_BYTES = small
 
 
+def test_hidden_layers_without_gradients_keep_forward_mode_tangents():
+    """Forward-mode AD under no_grad (a dual level entered) takes the layers' own calls, not the workspace's out=
+    matmuls, which carry no tangent: the tangent is the Jacobian-vector product of autograd's reverse mode."""
+    import torch.autograd.forward_ad as forward_ad
+
+    net = _networks()[0].double()
+    x, c, v = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3).double()
+    with torch.no_grad(), forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(net(forward_ad.make_dual(x, v), c)).tangent
+    expected = torch.autograd.functional.jvp(lambda x: net(x, c), x, v)[1]
+    torch.testing.assert_close(tangent, expected)
+
+
 def test_hidden_layers_workspace_is_per_thread_and_respects_hooks():
     """Threads evaluating one network at once each get their own buffers (the serial values); a forward hook on a
     hidden layer still runs without gradients (the layers are then called as modules)."""

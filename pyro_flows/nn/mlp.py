@@ -7,6 +7,7 @@ import threading
 from typing import Optional, Sequence, cast
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -122,11 +123,13 @@ def clear_workspace() -> None:
 
 
 def _reuses_buffers(h: Tensor, layers: Sequence[nn.Module]) -> bool:
-    """Whether :func:`hidden_layers` may write into the thread's workspace: no autograd graph, a CPU tensor (CUDA's
-    caching allocator already reuses memory), neither ``torch.compile`` nor ``torch.func`` tracing, no module hooks
-    (the layers are not called as modules there)."""
+    """Whether :func:`hidden_layers` may write into the thread's workspace: no autograd graph, reverse or forward
+    mode (``out=`` functions carry no tangents), a CPU tensor (CUDA's caching allocator already reuses memory),
+    neither ``torch.compile`` nor ``torch.func`` tracing, no module hooks (the layers are not called as modules
+    there)."""
     return (
         not torch.is_grad_enabled()
+        and forward_ad._current_level < 0  # no dual level entered (torch has no public query for it)
         and h.device.type == "cpu"
         and h.dim() >= 2
         and not torch.compiler.is_compiling()
