@@ -156,19 +156,32 @@ batch 32 and 128, one CPU thread: inside these bounds the matmul is 1.4-2.9× fa
 and backward), at 4×4 with :math:`C O \ge 512` it is slower (0.2-0.9×)."""
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_matrices(k: int, size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+def shift_matrices(k: int, size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``S`` ``(k·k, H·W·H·W)``: ``S[t].view(H·W, H·W)[p, q]`` is 1 where kernel tap ``t`` of a zero-padded
-    ``k × k`` convolution reads input pixel ``p`` for output pixel ``q`` (pixels flattened row-major), else 0."""
+    ``k × k`` convolution reads input pixel ``p`` for output pixel ``q`` (pixels flattened row-major), else 0.
+
+    Built from comparisons only (no data-dependent shapes), so that ``torch.compile`` traces it into one graph.
+
+    Example:
+        >>> shift_matrices(3, (2, 2), torch.float32, torch.device("cpu"))[4].view(4, 4)  # the centre tap: identity
+        tensor([[1., 0., 0., 0.],
+                [0., 1., 0., 0.],
+                [0., 0., 1., 0.],
+                [0., 0., 0., 1.]])
+    """
     height, width = size
-    shifts = torch.zeros(k * k, height * width, height * width, dtype=dtype)
-    rows, cols = torch.arange(height)[:, None].expand(size).flatten(), torch.arange(width).repeat(height)
+    rows, cols = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    pixels = torch.arange(height * width, device=device)
+    taps = []
     for tap in range(k * k):
         dy, dx = tap // k - k // 2, tap % k - k // 2  # output pixel q = (y, x) reads input pixel (y + dy, x + dx)
         inside = (rows + dy >= 0) & (rows + dy < height) & (cols + dx >= 0) & (cols + dx < width)
-        q = inside.nonzero().flatten()
-        shifts[tap, (rows[q] + dy) * width + cols[q] + dx, q] = 1
-    return shifts.flatten(1).to(device)
+        source = ((rows + dy) * width + cols + dx).to(device)
+        taps.append((pixels[:, None] == source[None, :]) & inside.to(device)[None, :])
+    return torch.stack(taps).flatten(1).to(dtype)
+
+
+_cached_shift_matrices = functools.lru_cache(maxsize=64)(shift_matrices)
 
 
 def dense_conv(
@@ -200,7 +213,9 @@ def dense_conv(
     out_channels, in_channels, k, _ = weight.shape
     size = (int(size[0]), int(size[1]))
     pixels = size[0] * size[1]
-    shifts = _shift_matrices(k, size, weight.dtype, weight.device)
+    # cached in eager; traced into the graph (constants) under torch.compile, which does not use lru_cache
+    build = shift_matrices if torch.compiler.is_compiling() else _cached_shift_matrices
+    shifts = build(k, size, weight.dtype, weight.device)
     matrix = (weight.reshape(out_channels * in_channels, k * k) @ shifts).view(out_channels, in_channels, pixels, -1)
     rows, cols = (2, 1) if pixels_first[0] else (1, 2), (3, 0) if pixels_first[1] else (0, 3)
     matrix = matrix.permute(*rows, *cols).reshape(in_channels * pixels, out_channels * pixels)
