@@ -49,6 +49,16 @@ def train(model, guide, *args, steps: int, lr: float = 3e-2, particles: int = 1,
     return [svi.step(*args) for _ in range(steps)]
 
 
+def small_trained_guide(flow: str, steps: int) -> tuple[pf.infer.AutoFlowGuide, torch.Tensor, torch.Tensor]:
+    """A two-layer AutoFlowGuide of ``flow`` trained ``steps`` steps on the regression (a fresh param store, seed 0)."""
+    X, y = regression_data()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = pf.infer.AutoFlowGuide(regression, flow=flow, transforms=2, hidden=(8,))
+    train(regression, guide, X, y, steps=steps)
+    return guide, X, y
+
+
 def test_conjugate_regression_matches_the_analytic_posterior():
     X, y = regression_data()
     mean, cov = regression_posterior(X, y)
@@ -365,11 +375,7 @@ class _NormalModule(nn.Module):
 
 
 def test_trained_guide_pickles_with_torch_save(tmp_path):
-    X, y = regression_data()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = pf.infer.AutoFlowGuide(regression, flow="iaf", transforms=2, hidden=(8,))
-    train(regression, guide, X, y, steps=3)
+    guide, _, _ = small_trained_guide("iaf", steps=3)
     torch.save(guide, tmp_path / "guide.pt")
     loaded = torch.load(tmp_path / "guide.pt", weights_only=False)
     z = torch.randn(4, 3)
@@ -415,11 +421,7 @@ def test_scaled_linear_and_conditioner_outputs():
 
 
 def test_param_store_save_load_round_trips(tmp_path):
-    X, y = regression_data()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = pf.infer.AutoFlowGuide(regression, flow="nsf", transforms=2, hidden=(8,))
-    train(regression, guide, X, y, steps=5)
+    guide, X, y = small_trained_guide("nsf", steps=5)
     pyro.set_rng_seed(7)
     before = guide(X, y)["w"]
     pyro.get_param_store().save(tmp_path / "params.pt")
