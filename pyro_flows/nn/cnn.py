@@ -170,14 +170,14 @@ def shift_matrices(k: int, size: tuple[int, int], dtype: torch.dtype, device: to
                 [0., 0., 0., 1.]])
     """
     height, width = size
-    rows, cols = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
     pixels = torch.arange(height * width, device=device)
+    rows, cols = pixels // width, pixels % width
     taps = []
     for tap in range(k * k):
         dy, dx = tap // k - k // 2, tap % k - k // 2  # output pixel q = (y, x) reads input pixel (y + dy, x + dx)
         inside = (rows + dy >= 0) & (rows + dy < height) & (cols + dx >= 0) & (cols + dx < width)
-        source = ((rows + dy) * width + cols + dx).to(device)
-        taps.append((pixels[:, None] == source[None, :]) & inside.to(device)[None, :])
+        source = (rows + dy) * width + cols + dx
+        taps.append((pixels[:, None] == source[None, :]) & inside[None, :])
     return torch.stack(taps).flatten(1).to(dtype)
 
 

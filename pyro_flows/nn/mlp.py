@@ -90,7 +90,6 @@ class _Workspace(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, Tensor] = {}
-        self.bytes = 0
 
     def buffer(self, rows: int, width: int, like: Tensor, slot: int) -> Optional[Tensor]:
         """The ``(rows, width)`` buffer of ``slot`` (None past :data:`WORKSPACE_BYTES`: the caller allocates)."""
@@ -98,13 +97,12 @@ class _Workspace(threading.local):
         buffer = self.buffers.get(key)
         if buffer is None:
             size = rows * width * like.element_size()
-            if self.bytes + size > WORKSPACE_BYTES:  # another batch size: start over
-                clear_workspace()
+            if sum(b.nbytes for b in self.buffers.values()) + size > WORKSPACE_BYTES:  # another batch size
+                self.buffers.clear()
                 if size > WORKSPACE_BYTES:
                     return None
             with torch.inference_mode(False):  # an ordinary tensor, writable inside and outside inference mode
                 buffer = self.buffers[key] = like.new_empty(rows, width)
-            self.bytes += size
         return buffer
 
 
@@ -119,7 +117,6 @@ def clear_workspace() -> None:
         >>> clear_workspace()
     """
     _WORKSPACE.buffers.clear()
-    _WORKSPACE.bytes = 0
 
 
 def _reuses_buffers(h: Tensor, layers: Sequence[nn.Module]) -> bool:
